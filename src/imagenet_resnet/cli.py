@@ -1,0 +1,159 @@
+"""The `imagenet-resnet` command: train, evaluate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from . import bench
+from .config import Config, ConfigError, load_config
+
+DEMO_DATA_DEFAULT = Path.home() / ".cache" / "imagenet-resnet" / "shapes"
+
+# The demo: a narrow ResNet-18 on 64 px shapes, sized to finish in about two minutes on two CPU cores.
+DEMO_SETTINGS = [
+    "model.name=resnet18", "model.width=16", "model.channels_last=false",
+    "data.train_size=56", "data.eval_size=56", "data.crop_scale=[0.35, 1.0]", "data.workers=2",
+    "optim.lr=0.8", "optim.weight_decay=5e-5", "optim.label_smoothing=0.1",
+    "schedule.name=onecycle", "schedule.pct_start=0.25",
+    "train.epochs=16", "train.batch_size=64", "train.device=cpu", "train.deterministic=true",
+    "train.log_every_steps=0",
+]
+
+
+def _train_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train a ResNet on a class-folder dataset")
+    p.add_argument("--data", help="folder with train/<class>/ and val/<class>/ (default: the built-in shapes dataset)")
+    p.add_argument("--out", help="run folder (default: runs/<date-time>)")
+    p.add_argument("--recipe", help="YAML recipe, e.g. recipes/resnet50_step90.yaml")
+    p.add_argument("--model", help="resnet18 | resnet34 | resnet50 | resnet101 | resnet152")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="images per process per forward pass")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt if there is one")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config value, e.g. --set optim.lr=0.2 (repeatable)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagenet-resnet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5 of a checkpoint on a validation set (JSON on stdout)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="folder with val/<class>/ (and train/ for the class list)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=-1)
+    p.add_argument("--device", default="auto")
+
+    bench.add_parser(sub)
+
+    p = sub.add_parser("demo", help="generate a small shapes dataset, train a small ResNet on CPU, evaluate")
+    p.add_argument("--out", default="demo-run", help="run folder (default: ./demo-run)")
+    p.add_argument("--data", default=str(DEMO_DATA_DEFAULT), help=f"where to write the dataset (default: {DEMO_DATA_DEFAULT})")
+    return parser
+
+
+def _config_for_train(args) -> Config:
+    overrides = [] if args.recipe else list(DEMO_SETTINGS) if not args.data else []
+    overrides += [f"data.path={args.data}"] if args.data else []
+    for flag, key in (("model", "model.name"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    return load_config(args.recipe, overrides + args.overrides)
+
+
+def cmd_train(args) -> int:
+    from .data.synthetic import make_shapes_dataset
+    from .engine import RunStopped, train
+
+    if not args.data:
+        args.data = str(make_shapes_dataset(DEMO_DATA_DEFAULT))
+        print(f"no --data given: training on the built-in shapes dataset in {args.data}"
+              + ("" if args.recipe else " with the demo's settings"), flush=True)
+    cfg = _config_for_train(args)
+    out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        metrics = train(cfg, out, resume=args.resume)
+    except RunStopped as stop:
+        return stop.exit_code
+    print(json.dumps({"run": str(out), **{k: metrics.get(k) for k in ("epoch", "val_top1", "val_top5")}}))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import torch
+
+    from . import checkpoint
+    from .data.folder import find_split, scan_class_folders
+    from .data.loader import DeviceNormalize, EpochBatchSampler, ImageDataset, SkippedImages, build_loader
+    from .data.presets import EvalPreset
+    from .engine import evaluate, resolve_device, resolve_precision
+    from .models import build_model, clean_state_dict
+
+    device = resolve_device(args.device)
+    state = checkpoint.load(args.checkpoint, map_location=device)
+    cfg = Config.from_dict(state["config"], source=args.checkpoint)
+    classes = state["classes"]
+    val_index = scan_class_folders(find_split(args.data, "val"), classes=classes)
+    model = build_model(cfg.model.name, len(classes), cfg.model.width)
+    model.load_state_dict(clean_state_dict(state["model"]))
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    dataset = ImageDataset(val_index, EvalPreset(cfg.data.eval_size, cfg.data.eval_crop_ratio))
+    sampler = EpochBatchSampler(len(dataset), args.batch_size, shuffle=False, drop_last=False)
+    loader = build_loader(dataset, sampler, args.workers, device.type == "cuda")
+    skipped = SkippedImages()
+    result = evaluate(model, loader, DeviceNormalize(device, cfg.model.channels_last),
+                      resolve_precision(cfg.train.precision, device), skipped)
+    print(json.dumps({"top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
+                      "images": result["images"], "skipped_images": skipped.count,
+                      "checkpoint": str(args.checkpoint), "data": str(val_index.root)}))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .data.synthetic import make_shapes_dataset
+    from .engine import train
+
+    started = time.perf_counter()
+    out = Path(args.out)
+    if (out / "last.pt").exists():
+        print(f"{out} already holds a demo run; pass another --out or delete it", file=sys.stderr)
+        return 2
+    print(f"generating the shapes dataset (10 classes) in {args.data} ...", flush=True)
+    data = make_shapes_dataset(args.data)
+    cfg = load_config(None, DEMO_SETTINGS + [f"data.path={data}"])
+    metrics = train(cfg, out)
+    minutes = (time.perf_counter() - started) / 60
+    print(f"""
+demo finished in {minutes:.1f} min: val top-1 {metrics['val_top1']:.1%}, top-5 {metrics['val_top5']:.1%}
+
+  dataset      {data}/{{train,val}}/<class>/*.jpg
+  run folder   {out}/  (config.yaml, metrics.jsonl, train.log, last.pt, best.pt)
+
+next:
+  imagenet-resnet evaluate --checkpoint {out}/best.pt --data {data}
+  imagenet-resnet train --data /path/to/imagenet --recipe recipes/resnet50_step90.yaml --out runs/r50
+""")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
+    try:
+        commands = {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "bench": bench.main}
+        return commands[args.command](args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        print(f"imagenet-resnet {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,194 @@
+"""Run configuration: plain dataclasses, loaded from a YAML recipe, overridden from the command line.
+
+The resolved config is saved as YAML in the run folder and as a plain dict inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"
+    width: int = 64  # channels of the first stage; 64 is the paper's ResNet
+    zero_init_residual: bool = True  # last BN of each block starts at zero
+    channels_last: bool = True  # NHWC memory layout on the GPU (faster convs with tensor cores)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # folder holding train/ and val/
+    train_size: int = 224  # side of the random-resized crop
+    eval_size: int = 224  # side of the centre crop
+    eval_crop_ratio: float = 0.875  # crop / resized short side (224/256)
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # area fraction of the crop
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # aspect ratio of the crop
+    hflip: bool = True
+    color_jitter: float = 0.0  # brightness/contrast/saturation factors drawn from [1-j, 1+j]; 0 = off
+    workers: int = -1  # data-loading processes; -1 = one per CPU core, at most 16
+    prefetch_batches: int = 4  # batches each worker prepares ahead
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.1  # per 256 images: the LR used is lr * global_batch / 256
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    decay_bn_and_bias: bool = False  # weight decay on BN parameters and biases too (usually hurts)
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "step"  # step | cosine | onecycle | linear | constant
+    warmup_epochs: float = 0.0  # linear warm-up from warmup_start_factor * lr (step, cosine)
+    warmup_start_factor: float = 0.1
+    milestones: list[float] = field(default_factory=lambda: [30.0, 60.0, 80.0])  # epochs (step)
+    gamma: float = 0.1  # LR factor at each milestone (step)
+    min_lr_factor: float = 0.0  # floor of the cosine, as a fraction of lr
+    pct_start: float = 0.25  # fraction of the run spent rising (onecycle)
+    div_factor: float = 25.0  # onecycle starts at lr / div_factor
+    final_div_factor: float = 1e4  # onecycle ends at lr / div_factor / final_div_factor
+    peak_epoch: float = 2.0  # linear: ramps from start_factor to lr at this epoch, then down
+    start_factor: float = 0.0  # linear: LR factor at step 0
+    end_factor: float = 0.0  # linear: LR factor at the last step
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 90
+    batch_size: int = 256  # images per process per forward pass (a micro-batch)
+    accumulation_steps: int = 1  # micro-batches per optimizer step: global batch = batch_size * this * world size
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    deterministic: bool = False  # bitwise-reproducible kernels (slower on GPU)
+    eval_every: int = 1  # epochs between validations; the last epoch is always evaluated
+    checkpoint_every_steps: int = 0  # also write last.pt every N optimizer steps; 0 = epoch ends only
+    log_every_steps: int = 50
+    stop_at_step: int = 0  # checkpoint and stop after this many optimizer steps (a time-boxed session); 0 = off
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "Config":
+        cfg = cls()
+        apply_dict(cfg, raw, source)
+        return cfg
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, current: Any, where: str) -> Any:
+    """Check a value against the type of the default it replaces (YAML gives ints where floats are meant)."""
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(current, float) and not isinstance(value, bool):
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if isinstance(current, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list like [1, 2], got {value!r}")
+        return [float(v) if isinstance(v, int) and current and isinstance(current[0], float) else v for v in value]
+    if current is not None and not isinstance(value, type(current)):
+        raise ConfigError(f"{where}: expected {type(current).__name__}, got {value!r}")
+    return value
+
+
+def apply_dict(cfg: Config, raw: dict[str, Any], source: str) -> None:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (model, data, optim, schedule, train)")
+    for section_name, values in raw.items():
+        section = getattr(cfg, section_name, None)
+        if section is None or not dataclasses.is_dataclass(section):
+            raise ConfigError(f"{source}: unknown section {section_name!r}; sections are {', '.join(_sections())}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section_name!r} must be a mapping of key: value")
+        known = {f.name for f in dataclasses.fields(section)}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(
+                    f"{source}: unknown key {section_name}.{key}; known keys: {', '.join(sorted(known))}"
+                )
+            where = f"{source}: {section_name}.{key}"
+            setattr(section, key, _coerce(value, getattr(section, key), where))
+
+
+def _sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`section.key=value` -> {section: {key: value}}, the value read as YAML (numbers, lists, booleans)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set optim.lr=0.2")
+    dotted, value = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    return {section.strip(): {key.strip(): yaml.safe_load(value)}}
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {path} not found; the shipped recipes are in the recipes/ folder")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"recipe {path} is not valid YAML: {e}".replace("\n", " ")) from None
+        apply_dict(cfg, raw, str(path))
+    for text in overrides or []:
+        apply_dict(cfg, parse_override(text), f"--set {text}")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    t, s = cfg.train, cfg.schedule
+    if t.batch_size < 1 or t.accumulation_steps < 1 or t.epochs < 1:
+        raise ConfigError("train.batch_size, train.accumulation_steps and train.epochs must be >= 1")
+    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision={t.precision!r}: choose auto, fp32, bf16 or fp16")
+    if s.name not in ("step", "cosine", "onecycle", "linear", "constant"):
+        raise ConfigError(f"schedule.name={s.name!r}: choose step, cosine, onecycle, linear or constant")
+    if cfg.optim.name != "sgd":
+        raise ConfigError(f"optim.name={cfg.optim.name!r}: only sgd is available")
+    lo, hi = cfg.data.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"data.crop_scale={cfg.data.crop_scale}: need 0 < min <= max <= 1")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

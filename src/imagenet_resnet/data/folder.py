@@ -1,0 +1,72 @@
+"""An index over a class-folder tree (`train/<class>/*.JPEG`, `val/<class>/*`), held in numpy arrays.
+
+Paths live in one numpy byte-string array, not a list of Python strings: data-loader workers fork with
+the index, and numpy arrays are shared copy-on-write without reference counts touching every page.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
+SPLIT_NAMES = {"train": ("train",), "val": ("val", "valid", "validation")}
+
+
+@dataclass
+class ImageIndex:
+    root: Path  # the split folder
+    paths: np.ndarray  # relative paths "class/file", dtype bytes
+    labels: np.ndarray  # int32 label per image
+    classes: list[str]  # folder names, in label order
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.root, self.paths[i].decode())
+
+
+def find_split(root: str | Path, split: str) -> Path:
+    root = Path(root)
+    for name in SPLIT_NAMES[split]:
+        if (root / name).is_dir():
+            return root / name
+    wanted = "/".join(SPLIT_NAMES[split])
+    raise FileNotFoundError(f"{root}: no {wanted}/ folder; expected {root}/{SPLIT_NAMES[split][0]}/<class>/<image>")
+
+
+def _list_images(folder: Path) -> list[str]:
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
+
+
+def scan_class_folders(split_dir: str | Path, classes: list[str] | None = None, workers: int = 16) -> ImageIndex:
+    """Index `split_dir/<class>/<image>`. With `classes` given (the training classes), a folder not among
+    them is an error, so train and val labels can never disagree."""
+    split_dir = Path(split_dir)
+    found = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    if not found:
+        raise FileNotFoundError(f"{split_dir}: no class folders; expected {split_dir}/<class>/<image>")
+    if classes is None:
+        classes = found
+    else:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ValueError(
+                f"{split_dir}: class folders {unknown[:5]} are not among the {len(classes)} training classes; "
+                "train and val must use the same class folders"
+            )
+    label_of = {c: i for i, c in enumerate(classes)}
+    # Listing 1,000 folders one by one is slow on network disks; threads overlap the waits.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        listings = list(pool.map(_list_images, [split_dir / c for c in found]))
+    paths = [f"{c}/{name}" for c, names in zip(found, listings) for name in names]
+    labels = np.fromiter((label_of[c] for c, names in zip(found, listings) for _ in names), dtype=np.int32)
+    if not paths:
+        raise FileNotFoundError(f"{split_dir}: the class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return ImageIndex(split_dir, np.array(paths, dtype=np.bytes_), labels, list(classes))

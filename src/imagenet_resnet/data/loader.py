@@ -1,0 +1,131 @@
+"""Dataset, sampler and loader: uint8 NHWC batches in a reproducible order, normalised on the device.
+
+Every random choice for a sample is drawn from a generator seeded by (seed, epoch, index), and the order
+of an epoch by (seed, epoch): augmentations and order then do not depend on the number of workers, and a
+run resumed mid-epoch sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .folder import ImageIndex
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items are keyed by (epoch, index); an unreadable image comes back as None with the reason."""
+
+    def __init__(self, index: ImageIndex, preset, seed: int = 0):
+        self.index, self.preset, self.seed = index, preset, seed
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        rng = np.random.default_rng((self.seed, epoch, i))
+        path = self.index.path(i)
+        try:
+            with Image.open(path) as img:
+                pixels = self.preset(img, rng)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return None, int(self.index.labels[i]), f"{path}: {type(e).__name__}: {e}"
+        return pixels, int(self.index.labels[i]), None
+
+
+def collate(samples):
+    """Stack the readable images as one uint8 NHWC tensor; pass on the reasons for the unreadable ones."""
+    good = [s for s in samples if s[0] is not None]
+    problems = [s[2] for s in samples if s[0] is None]
+    if not good:
+        return torch.empty(0, 0, 0, 3, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), problems
+    images = torch.from_numpy(np.stack([s[0] for s in good]))
+    labels = torch.tensor([s[1] for s in good], dtype=torch.int64)
+    return images, labels, problems
+
+
+class EpochBatchSampler:
+    """Batches of (epoch, index) keys: a fresh permutation per epoch, this rank's share of it, and a start
+    batch so a resumed run skips what it already trained on."""
+
+    def __init__(self, size: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.size, self.batch_size, self.shuffle, self.drop_last = size, batch_size, shuffle, drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _order(self) -> np.ndarray:
+        if self.shuffle:
+            order = np.random.default_rng((self.seed, self.epoch, 0xDA7A)).permutation(self.size)
+        else:
+            order = np.arange(self.size)
+        if self.drop_last:  # every rank gets the same number of images
+            order = order[: len(order) - len(order) % self.world_size]
+        return order[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        per_rank = self.size // self.world_size if self.drop_last else -(-(self.size - self.rank) // self.world_size)
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def __iter__(self):
+        order = self._order()
+        for b in range(self.start_batch, len(self)):
+            chunk = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield [(self.epoch, int(i)) for i in chunk]
+
+
+def default_workers() -> int:
+    return min(len(os.sched_getaffinity(0)), 16)
+
+
+def build_loader(dataset: ImageDataset, sampler: EpochBatchSampler, workers: int, pin_memory: bool,
+                 prefetch_batches: int = 4) -> torch.utils.data.DataLoader:
+    workers = default_workers() if workers < 0 else workers
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_batches if workers > 0 else None,
+        persistent_workers=workers > 0,
+    )
+
+
+class SkippedImages:
+    """Warns once per unreadable image, naming it, and counts them."""
+
+    def __init__(self):
+        self.count = 0
+
+    def add(self, problems: list[str]) -> None:
+        for problem in problems:
+            self.count += 1
+            warnings.warn(f"skipped unreadable image {problem}", stacklevel=2)
+
+
+class DeviceNormalize:
+    """uint8 NHWC batch -> normalised float NCHW on the device. NHWC uint8 permuted to NCHW is already in
+    channels_last layout, so the model gets that layout for free; the copy moves a quarter of the bytes."""
+
+    def __init__(self, device: torch.device, channels_last: bool):
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.device, self.channels_last = device, channels_last
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        if not self.channels_last:
+            x = x.contiguous()
+        return (x - self.mean) / self.std

@@ -1,0 +1,353 @@
+"""The training loop, evaluation, and what they are built from. `train` reads top to bottom."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint
+from .config import Config, save_config
+from .data.classes import display_name
+from .data.folder import ImageIndex, find_split, scan_class_folders
+from .data.loader import DeviceNormalize, EpochBatchSampler, ImageDataset, SkippedImages, build_loader
+from .data.presets import EvalPreset, TrainPreset
+from .models import build_model, clean_state_dict
+from .schedules import LRSchedule
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but PyTorch sees no CUDA GPU; use --set train.device=cpu")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True  # picks the fastest conv kernels for the fixed input shapes
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
+    """SGD with weight decay on conv and linear weights only, unless optim.decay_bn_and_bias is set."""
+    o = cfg.optim
+    decay = [p for p in model.parameters() if p.ndim > 1 or o.decay_bn_and_bias]
+    no_decay = [p for p in model.parameters() if not (p.ndim > 1 or o.decay_bn_and_bias)]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov)
+
+
+@torch.no_grad()
+def evaluate(model, loader, normalize: DeviceNormalize, precision: str, skipped: SkippedImages | None = None):
+    """Top-1, top-5 and mean cross-entropy over every readable image of the loader."""
+    model.eval()
+    device = normalize.device
+    correct1 = torch.zeros((), device=device, dtype=torch.int64)
+    correct5 = torch.zeros((), device=device, dtype=torch.int64)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    images = 0
+    for batch, labels, problems in loader:
+        if skipped is not None:
+            skipped.add(problems)
+        if len(labels) == 0:
+            continue
+        labels = labels.to(device, non_blocking=True)
+        with autocast(precision, device):
+            logits = model(normalize(batch))
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == labels[:, None]
+        correct1 += hits[:, 0].sum()
+        correct5 += hits.any(dim=1).sum()
+        images += len(labels)
+    n = max(images, 1)
+    return {"top1": correct1.item() / n, "top5": correct5.item() / n, "loss": loss_sum.item() / n, "images": images}
+
+
+def train_step(model, optimizer, scaler, micro_batches, normalize: DeviceNormalize, precision: str,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """One optimizer step over one or more micro-batches (gradient accumulation). Each micro-batch's mean
+    loss is weighted by its share of the step's images, so the gradient equals that of one big batch even
+    when unreadable images made the micro-batches unequal. Returns the summed loss (on the device) and images."""
+    device = normalize.device
+    step_images = sum(len(labels) for _, labels, _ in micro_batches)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    for batch, labels, _ in micro_batches:
+        if len(labels) == 0:
+            continue
+        labels = labels.to(device, non_blocking=True)
+        with autocast(precision, device):
+            logits = model(normalize(batch))
+            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        scaler.scale(loss * (len(labels) / step_images)).backward()
+        loss_sum += loss.detach() * len(labels)
+    if step_images:
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, step_images
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs finished
+    step_in_epoch: int = 0  # optimizer steps finished within the current epoch
+    global_step: int = 0
+    best_top1: float = -1.0
+    epoch_loss_sum: float = 0.0  # running training sums of the current epoch, so a mid-epoch resume
+    epoch_images: int = 0  # reports the whole epoch
+    epoch_seconds: float = 0.0
+    skipped_images: int = 0
+
+
+class StopRequest:
+    """SIGTERM (a spot instance being reclaimed) or Ctrl-C: finish the step, checkpoint, exit."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class RunStopped(Exception):
+    """The run checkpointed and stopped early (a signal, or train.stop_at_step); --resume continues it."""
+
+    def __init__(self, reason: str, exit_code: int):
+        super().__init__(reason)
+        self.exit_code = exit_code
+
+
+def load_datasets(cfg: Config) -> tuple[ImageIndex, ImageIndex]:
+    root = Path(cfg.data.path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {root}: no such folder; expected {root}/train/<class>/ and {root}/val/<class>/")
+    train_index = scan_class_folders(find_split(root, "train"))
+    val_index = scan_class_folders(find_split(root, "val"), classes=train_index.classes)
+    return train_index, val_index
+
+
+class RunLog:
+    """Prints to stdout and appends the same lines to RUN/train.log."""
+
+    def __init__(self, out_dir: Path):
+        self.file = open(out_dir / "train.log", "a", buffering=1)
+
+    def __call__(self, message: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {message}"
+        print(line, flush=True)
+        self.file.write(line + "\n")
+
+
+def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path, metrics_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "metrics.jsonl"
+    if last_path.exists() and not resume:
+        raise FileExistsError(f"{out_dir} already holds a run; add --resume to continue it, or pick another --out")
+    log = RunLog(out_dir)
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    set_determinism(cfg.train.seed, cfg.train.deterministic)
+    save_config(cfg, out_dir / "config.yaml")
+
+    # Data: index, presets, loaders. The train sampler drops the last partial batch; validation sees every image.
+    train_index, val_index = load_datasets(cfg)
+    d, t = cfg.data, cfg.train
+    train_set = ImageDataset(train_index, TrainPreset(d.train_size, d.crop_scale, d.crop_ratio, d.hflip, d.color_jitter), t.seed)
+    val_set = ImageDataset(val_index, EvalPreset(d.eval_size, d.eval_crop_ratio), t.seed)
+    train_sampler = EpochBatchSampler(len(train_set), t.batch_size, shuffle=True, drop_last=True, seed=t.seed)
+    val_sampler = EpochBatchSampler(len(val_set), t.batch_size, shuffle=False, drop_last=False)
+    pin = device.type == "cuda"
+    train_loader = build_loader(train_set, train_sampler, d.workers, pin, d.prefetch_batches)
+    val_loader = build_loader(val_set, val_sampler, d.workers, pin, d.prefetch_batches)
+    steps_per_epoch = len(train_sampler) // t.accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"{train_index.root}: {len(train_set)} images are fewer than one optimizer step "
+                         f"({t.batch_size} x {t.accumulation_steps}); lower --batch-size")
+
+    # Model, optimizer, schedule. The LR in the config is per 256 images, scaled to the global batch.
+    model = build_model(cfg.model.name, len(train_index.classes), cfg.model.width, cfg.model.zero_init_residual)
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    global_batch = t.batch_size * t.accumulation_steps
+    peak_lr = cfg.optim.lr * global_batch / 256
+    optimizer = build_optimizer(model, cfg, peak_lr)
+    schedule = LRSchedule(cfg.schedule, peak_lr, t.epochs, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    normalize = DeviceNormalize(device, cfg.model.channels_last)
+    skipped = SkippedImages()
+    progress = Progress()
+
+    if resume and last_path.exists():
+        state = checkpoint.load(last_path, map_location=device)
+        model.load_state_dict(clean_state_dict(state["model"]))
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        progress = Progress(**state["progress"])
+        skipped.count = progress.skipped_images
+        _drop_metrics_after(metrics_path, progress.epoch)
+        log(f"resumed {last_path} at epoch {progress.epoch} step {progress.step_in_epoch} (global step {progress.global_step})")
+    elif resume:
+        log(f"--resume: no {last_path} yet, starting a new run")
+
+    def save(path: Path) -> None:
+        progress.skipped_images = skipped.count
+        checkpoint.save_atomic({
+            "model": clean_state_dict(model.state_dict()), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "progress": asdict(progress), "rng": checkpoint.rng_state(),
+            "data_order": {"seed": t.seed, "epoch": progress.epoch, "batches_done": progress.step_in_epoch * t.accumulation_steps},
+            "config": cfg.to_dict(), "classes": train_index.classes,
+            "class_names": [display_name(c) for c in train_index.classes],
+        }, path)
+
+    log(f"{cfg.model.name} | {len(train_index.classes)} classes | train {len(train_set)} / val {len(val_set)} images | "
+        f"{device} {precision} | global batch {global_batch} ({t.batch_size} x {t.accumulation_steps} accumulation) | "
+        f"peak LR {peak_lr:.4g} ({cfg.optim.lr} per 256) | {steps_per_epoch} steps/epoch x {t.epochs} epochs")
+    last_metrics: dict[str, Any] = {}
+    with StopRequest() as stop:
+        for epoch in range(progress.epoch, t.epochs):
+            model.train()
+            train_sampler.set_epoch(epoch, start_batch=progress.step_in_epoch * t.accumulation_steps)
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            started, images = time.perf_counter(), 0
+            micro_batches = iter(train_loader)
+            lr = schedule(progress.global_step)
+            for step in range(progress.step_in_epoch, steps_per_epoch):
+                lr = schedule(progress.global_step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                step_batches = [next(micro_batches) for _ in range(t.accumulation_steps)]
+                for _, _, problems in step_batches:
+                    skipped.add(problems)
+                step_loss, step_images = train_step(model, optimizer, scaler, step_batches, normalize, precision,
+                                                    cfg.optim.label_smoothing)
+                loss_sum += step_loss
+                images += step_images
+                progress.global_step += 1
+                progress.step_in_epoch = step + 1
+                if t.log_every_steps and progress.global_step % t.log_every_steps == 0:
+                    seen = progress.epoch_images + images
+                    running = (progress.epoch_loss_sum + loss_sum.item()) / max(seen, 1)
+                    rate = images / (time.perf_counter() - started)
+                    log(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {running:.4f} lr {lr:.4g} {rate:.0f} img/s")
+                stop_at = t.stop_at_step and progress.global_step >= t.stop_at_step
+                periodic = t.checkpoint_every_steps and progress.global_step % t.checkpoint_every_steps == 0
+                if stop.signal is not None or stop_at or (periodic and step + 1 < steps_per_epoch):
+                    _fold_epoch_sums(progress, loss_sum, images, started)
+                    loss_sum.zero_()
+                    started, images = time.perf_counter(), 0
+                    save(last_path)
+                    if stop.signal is not None:
+                        log(f"received {signal.Signals(stop.signal).name}: saved {last_path} at global step "
+                            f"{progress.global_step}; run the same command with --resume to continue")
+                        raise RunStopped("signal", 128 + stop.signal)
+                    if stop_at:
+                        log(f"reached train.stop_at_step={t.stop_at_step}: saved {last_path}; --resume continues")
+                        raise RunStopped("stop_at_step", 0)
+            _fold_epoch_sums(progress, loss_sum, images, started)
+            del micro_batches
+
+            # End of epoch: validate when due, log one metrics line, checkpoint.
+            epoch_record = _finish_epoch(progress, epoch, steps_per_epoch, lr)
+            if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+                val = evaluate(model, val_loader, normalize, precision, skipped)
+                epoch_record.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"], val_images=val["images"])
+                log(f"epoch {epoch + 1}/{t.epochs} train loss {epoch_record['train_loss']:.4f} | val loss {val['loss']:.4f} "
+                    f"top-1 {val['top1']:.4f} top-5 {val['top5']:.4f} | {epoch_record['images_per_sec']:.0f} img/s "
+                    f"{epoch_record['epoch_seconds']:.1f} s")
+            else:
+                epoch_record.update(val_loss=None, val_top1=None, val_top5=None, val_images=0)
+                log(f"epoch {epoch + 1}/{t.epochs} train loss {epoch_record['train_loss']:.4f} | {epoch_record['images_per_sec']:.0f} img/s")
+            epoch_record["skipped_images"] = skipped.count
+            is_best = epoch_record["val_top1"] is not None and epoch_record["val_top1"] > progress.best_top1
+            if is_best:
+                progress.best_top1 = epoch_record["val_top1"]
+            save(last_path)
+            if is_best:
+                save(best_path)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(epoch_record) + "\n")
+            last_metrics = epoch_record
+    if skipped.count:
+        log(f"{skipped.count} unreadable images were skipped (named in the warnings above)")
+    return last_metrics
+
+
+def _fold_epoch_sums(progress: Progress, loss_sum: torch.Tensor, images: int, started: float) -> None:
+    """Move the in-flight training sums into `progress`, which a checkpoint carries across a restart."""
+    progress.epoch_loss_sum += loss_sum.item()  # .item() waits for the GPU, so the time below is real
+    progress.epoch_images += images
+    progress.epoch_seconds += time.perf_counter() - started
+
+
+def _finish_epoch(progress: Progress, epoch: int, steps_per_epoch: int, lr: float) -> dict[str, Any]:
+    record = {
+        "epoch": epoch + 1,
+        "step": progress.global_step,
+        "train_loss": progress.epoch_loss_sum / max(progress.epoch_images, 1),
+        "lr": lr,
+        "images_per_sec": progress.epoch_images / max(progress.epoch_seconds, 1e-9),
+        "epoch_seconds": progress.epoch_seconds,
+        "time": time.time(),
+    }
+    progress.epoch, progress.step_in_epoch = epoch + 1, 0
+    progress.epoch_loss_sum, progress.epoch_images, progress.epoch_seconds = 0.0, 0, 0.0
+    if not math.isfinite(record["train_loss"]):
+        raise FloatingPointError(f"training loss became {record['train_loss']} in epoch {epoch + 1}; lower optim.lr")
+    return record
+
+
+def _drop_metrics_after(metrics_path: Path, epochs_done: int) -> None:
+    """A crash between the metrics line and the checkpoint would repeat an epoch: drop its old line."""
+    if not metrics_path.exists():
+        return
+    lines = [l for l in metrics_path.read_text().splitlines() if l.strip()]
+    kept = [l for l in lines if json.loads(l)["epoch"] <= epochs_done]
+    if len(kept) != len(lines):
+        metrics_path.write_text("".join(l + "\n" for l in kept))

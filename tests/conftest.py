@@ -1,0 +1,41 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imagenet_resnet.data.synthetic import make_shapes_dataset
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# A few seconds per run on two CPU cores: a narrow ResNet-18 on 32 px shapes.
+TINY_SETTINGS = [
+    "model.name=resnet18", "model.width=8", "model.channels_last=false",
+    "data.train_size=32", "data.eval_size=32", "data.workers=1",
+    "optim.lr=0.4", "schedule.name=cosine", "schedule.warmup_epochs=0.5",
+    "train.batch_size=16", "train.device=cpu", "train.deterministic=true", "train.log_every_steps=1",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """10 classes x 12 train / 4 val images of 40 px."""
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), train_per_class=12, val_per_class=4, size=40)
+
+
+def run_cli(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m imagenet_resnet ...` in a fresh process, as a user's shell would."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "imagenet_resnet", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def tiny_train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    args = ["train", "--data", str(data), "--out", str(out)]
+    for setting in TINY_SETTINGS:
+        args += ["--set", setting]
+    return args + list(extra)

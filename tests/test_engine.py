@@ -1,0 +1,56 @@
+import torch
+from torch import nn
+
+from imagenet_resnet.config import load_config
+from imagenet_resnet.data.loader import DeviceNormalize
+from imagenet_resnet.engine import build_optimizer, train_step
+from imagenet_resnet.models import build_model
+
+
+def _no_bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 5))
+
+
+def _run(model, batches, accumulation):
+    cfg = load_config(None, ["optim.weight_decay=1e-3", "optim.nesterov=true"])
+    optimizer = build_optimizer(model, cfg, lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    normalize = DeviceNormalize(torch.device("cpu"), channels_last=False)
+    for i in range(0, len(batches), accumulation):
+        train_step(model, optimizer, scaler, batches[i:i + accumulation], normalize, "fp32", label_smoothing=0.1)
+    return model
+
+
+def test_accumulating_4x8_equals_one_batch_of_32():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (3, 32, 16, 16, 3), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 5, (3, 32), generator=g)
+    big = [(images[s], labels[s], []) for s in range(3)]
+    small = [(images[s, k * 8:(k + 1) * 8], labels[s, k * 8:(k + 1) * 8], []) for s in range(3) for k in range(4)]
+    a = _run(_no_bn_model(), big, accumulation=1)
+    b = _run(_no_bn_model(), small, accumulation=4)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(a[0].weight, _no_bn_model()[0].weight)  # it did train
+
+
+def test_unequal_micro_batches_are_weighted_by_images():
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (12, 16, 16, 3), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 5, (12,), generator=g)
+    a = _run(_no_bn_model(), [(images, labels, [])], accumulation=1)
+    b = _run(_no_bn_model(), [(images[:9], labels[:9], []), (images[9:], labels[9:], ["x.jpg: skipped"])], accumulation=2)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_no_weight_decay_on_bn_and_bias():
+    model = build_model("resnet18", width=8)
+    optimizer = build_optimizer(model, load_config(None, ["optim.weight_decay=1e-4"]), lr=0.1)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    bn_and_bias = sum(1 for n, p in model.named_parameters() if "bn" in n or "bias" in n or "downsample.1" in n)
+    assert len(no_decay["params"]) == bn_and_bias

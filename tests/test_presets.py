@@ -1,0 +1,89 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagenet_resnet.data.presets import EvalPreset, TrainPreset, random_resized_crop_box
+
+
+def _jpeg(width, height, mode="RGB", seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buf, format="JPEG", quality=90)
+    buf.seek(0)
+    return Image.open(buf)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_train_preset_shape_dtype_and_modes(mode):
+    out = TrainPreset(size=96, jitter=0.4)(_jpeg(500, 375, mode), np.random.default_rng(0))
+    assert out.shape == (96, 96, 3) and out.dtype == np.uint8
+
+
+def test_png_with_alpha_and_palette():
+    for mode in ("RGBA", "P", "I;16"):
+        img = Image.new(mode, (80, 60))
+        out = EvalPreset(size=32)(img)
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+def test_train_preset_is_deterministic_under_a_seed():
+    preset = TrainPreset(size=64, jitter=0.3)
+    a = preset(_jpeg(320, 240), np.random.default_rng(7))
+    b = preset(_jpeg(320, 240), np.random.default_rng(7))
+    c = preset(_jpeg(320, 240), np.random.default_rng(8))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_crop_box_respects_scale_and_ratio():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        x0, y0, x1, y1 = random_resized_crop_box(500, 375, (0.08, 1.0), (3 / 4, 4 / 3), rng)
+        w, h = x1 - x0, y1 - y0
+        assert 0 <= x0 < x1 <= 500 and 0 <= y0 < y1 <= 375
+        assert 0.07 * 500 * 375 <= w * h <= 500 * 375
+        assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
+
+
+def test_crop_box_falls_back_to_centre_for_extreme_aspect():
+    # A 1000x10 strip: no crop of ratio in [3/4, 4/3] and half the area fits, so the centre 13x10 is taken.
+    box = random_resized_crop_box(1000, 10, (0.5, 1.0), (3 / 4, 4 / 3), np.random.default_rng(0))
+    assert box == (493, 0, 506, 10)
+
+
+def test_eval_preset_takes_the_centre():
+    # Left half black, right half white, with a red square in the middle.
+    pixels = np.zeros((300, 400, 3), dtype=np.uint8)
+    pixels[:, 200:] = 255
+    pixels[130:170, 180:220] = (255, 0, 0)
+    out = EvalPreset(size=100, crop_ratio=0.875)(Image.fromarray(pixels))
+    assert out.shape == (100, 100, 3)
+    assert tuple(out[50, 50]) == pytest.approx((255, 0, 0), abs=30)
+    # The centre crop is 262.5 px of the 400 wide image: still both halves, split down the middle.
+    assert out[5, 5].max() < 30 and out[5, 94].min() > 225
+
+
+def test_flip_happens_about_half_the_time():
+    pixels = np.zeros((64, 64, 3), dtype=np.uint8)
+    pixels[:, :32] = 255  # bright left half
+    preset = TrainPreset(size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    flipped = sum(preset(Image.fromarray(pixels), np.random.default_rng(s))[:, 0].mean() < 128 for s in range(200))
+    assert 70 < flipped < 130
+
+
+def test_reduced_size_decode_is_used_for_large_jpegs():
+    img = _jpeg(2000, 1600)
+    out = EvalPreset(size=224)(img)
+    assert out.shape == (224, 224, 3)
+    assert img.size[0] < 2000  # draft() asked libjpeg for a DCT-scaled decode
+
+
+def test_output_range_and_colour_jitter_changes_pixels():
+    img = _jpeg(200, 200)
+    plain = TrainPreset(size=64)(img, np.random.default_rng(1))
+    jittered = TrainPreset(size=64, jitter=0.4)(_jpeg(200, 200), np.random.default_rng(1))
+    assert plain.min() >= 0 and plain.max() <= 255
+    assert not np.array_equal(plain, jittered)

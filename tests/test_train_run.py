@@ -1,0 +1,112 @@
+"""End-to-end runs of `imagenet-resnet train` in fresh processes, as a user (or a spot instance) runs it."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import run_cli, tiny_train_args
+from imagenet_resnet import checkpoint
+
+STEPS_PER_EPOCH = 7  # 120 images // batch 16
+
+
+def _weights(path):
+    return checkpoint.load(path)["model"]
+
+
+def _assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    run_cli(*tiny_train_args(tiny_data, out, "--epochs", "2"))
+    return out
+
+
+def test_run_folder_contract(straight_run):
+    names = {p.name for p in straight_run.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "train.log"} <= names
+    lines = [json.loads(l) for l in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2]
+    for line in lines:
+        for key in ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_sec", "epoch_seconds"):
+            assert isinstance(line[key], float), key
+        assert 0 <= line["val_top1"] <= line["val_top5"] <= 1
+        assert line["val_images"] == 40
+    state = checkpoint.load(straight_run / "last.pt")
+    assert state["progress"]["epoch"] == 2 and state["progress"]["global_step"] == 2 * STEPS_PER_EPOCH
+    assert state["config"]["train"]["epochs"] == 2 and state["classes"][0] == "checkerboard"
+    assert {"model", "optimizer", "scaler", "rng", "data_order"} <= state.keys()
+
+
+@pytest.mark.parametrize("stop_at", [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 3], ids=["epoch-end", "mid-epoch"])
+def test_restart_and_resume_give_bitwise_identical_weights(tiny_data, tmp_path, straight_run, stop_at):
+    out = tmp_path / "run"
+    run_cli(*tiny_train_args(tiny_data, out, "--epochs", "2", "--set", f"train.stop_at_step={stop_at}"))
+    assert checkpoint.load(out / "last.pt")["progress"]["global_step"] == stop_at
+    resumed = run_cli(*tiny_train_args(tiny_data, out, "--epochs", "2", "--resume"))
+    assert f"resumed {out / 'last.pt'}" in resumed.stdout
+    _assert_bitwise_equal(_weights(out / "last.pt"), _weights(straight_run / "last.pt"))
+    epochs = [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+
+def test_existing_run_without_resume_is_refused(straight_run, tiny_data):
+    proc = run_cli(*tiny_train_args(tiny_data, straight_run, "--epochs", "2"), check=False)
+    assert proc.returncode == 2 and "add --resume" in proc.stderr
+
+
+def test_sigterm_checkpoints_exits_and_resumes(tiny_data, tmp_path):
+    out = tmp_path / "spot"
+    args = tiny_train_args(tiny_data, out, "--epochs", "50")
+    proc = subprocess.Popen([sys.executable, "-m", "imagenet_resnet", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # wait until training has taken a few steps
+        if " step 3/" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    output = proc.stdout.read()
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, output
+    assert "received SIGTERM" in output
+    state = checkpoint.load(out / "last.pt")
+    steps = state["progress"]["global_step"]
+    assert 3 <= steps < 50 * STEPS_PER_EPOCH
+    # The next start resumes where it stopped and finishes a shortened run.
+    done = run_cli(*tiny_train_args(tiny_data, out, "--epochs", str(state["progress"]["epoch"] + 1), "--resume"))
+    assert f"global step {steps})" in done.stdout
+    assert checkpoint.load(out / "last.pt")["progress"]["global_step"] > steps
+
+
+def test_corrupt_images_are_skipped_and_counted(tiny_data, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "train" / "circle" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50)
+    (data / "val" / "star" / "empty.jpg").write_bytes(b"")
+    proc = run_cli(*tiny_train_args(data, tmp_path / "run", "--epochs", "1"))
+    assert "broken.jpg" in proc.stderr and "empty.jpg" in proc.stderr
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert record["skipped_images"] >= 2 and record["val_images"] == 40
+
+
+def test_evaluate_reports_the_checkpoint_accuracy(straight_run, tiny_data):
+    proc = run_cli("evaluate", "--checkpoint", str(straight_run / "last.pt"), "--data", str(tiny_data), "--workers", "0")
+    result = json.loads(proc.stdout)
+    last = json.loads((straight_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert result["images"] == 40
+    assert result["top1"] == pytest.approx(last["val_top1"]) and result["top5"] == pytest.approx(last["val_top5"])
+
+
+def test_bad_data_folder_is_a_one_line_error(tmp_path):
+    proc = run_cli("train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "missing" in proc.stderr
