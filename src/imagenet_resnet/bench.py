@@ -7,6 +7,7 @@ versions so a figure can be traced to how it was made.
 
 from __future__ import annotations
 
+import itertools
 import json
 import platform
 import subprocess
@@ -55,14 +56,14 @@ def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> flo
 
 
 def bench_train(model_name: str = "resnet50", res: int = 224, batch_size: int = 256, precision: str = "bf16",
-                compile_mode: str | None = None, channels_last: bool = True, steps: int = 50, warmup: int = 15,
-                device_name: str = "auto") -> dict:
+                compile_mode: str | None = None, channels_last: bool = True, fused: bool = False, steps: int = 50,
+                warmup: int = 15, device_name: str = "auto") -> dict:
     device = resolve_device(device_name)
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model = build_model(model_name, zero_init_residual=True)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    cfg = load_config(None, ["optim.weight_decay=5e-5"])
+    cfg = load_config(None, ["optim.weight_decay=5e-5", f"optim.fused={str(fused).lower()}"])
     optimizer = build_optimizer(model, cfg, lr=0.1)
     runner = torch.compile(model, mode=compile_mode if compile_mode != "default" else None) if compile_mode else model
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -94,7 +95,7 @@ def bench_train(model_name: str = "resnet50", res: int = 224, batch_size: int = 
     train_flops_per_image = 3 * 2 * FORWARD_GMACS_224[model_name] * 1e9 * (res / 224) ** 2  # fwd + 2x bwd
     result = {
         "model": model_name, "res": res, "batch_size": batch_size, "precision": precision,
-        "compile": compile_mode or "none", "channels_last": channels_last, "steps": steps, "warmup_steps": warmup,
+        "compile": compile_mode or "none", "channels_last": channels_last, "fused_sgd": fused, "steps": steps, "warmup_steps": warmup,
         "images_per_sec": round(imgs, 1), "step_ms": round(step_ms, 2), "warmup_seconds": round(warmup_seconds, 1),
         "achieved_tflops": round(imgs * train_flops_per_image / 1e12, 1),
     }
@@ -108,17 +109,17 @@ def main(args) -> int:
     record = {"command": " ".join(["imagenet-resnet"] + sys.argv[1:]), "environment": environment(), "results": []}
     if device.type == "cuda":
         record["bf16_matmul_tflops"] = round(matmul_tflops(device), 1)
-    for res in args.res:
-        for compile_mode in ([None] if args.compile is None else args.compile or ["default"]):
-            result = bench_train(args.model, res, args.batch_size, args.precision, compile_mode,
-                                 not args.no_channels_last, args.steps, args.warmup, args.device)
-            if "bf16_matmul_tflops" in record:
-                result["share_of_matmul_rate"] = round(result["achieved_tflops"] / record["bf16_matmul_tflops"], 3)
-            record["results"].append(result)
-            print(json.dumps(result), flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    compile_modes = [None] if args.compile is None else args.compile or ["default"]
+    for res, batch_size, compile_mode in itertools.product(args.res, args.batch_size, compile_modes):
+        result = bench_train(args.model, res, batch_size, args.precision, compile_mode, not args.no_channels_last,
+                             args.fused, args.steps, args.warmup, args.device)
+        if "bf16_matmul_tflops" in record:
+            result["share_of_matmul_rate"] = round(result["achieved_tflops"] / record["bf16_matmul_tflops"], 3)
+        record["results"].append(result)
+        print(json.dumps(result), flush=True)
+        if args.json:  # after every result, so a run cut short keeps what it measured
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 
@@ -128,11 +129,12 @@ def add_parser(sub) -> None:
     t = bench_sub.add_parser("train", help="training-step throughput on synthetic data already on the device")
     t.add_argument("--model", default="resnet50")
     t.add_argument("--res", type=int, nargs="+", default=[224])
-    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--batch-size", type=int, nargs="+", default=[256])
     t.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     t.add_argument("--compile", nargs="*", metavar="MODE",
                    help="torch.compile modes to try (default, max-autotune, max-autotune-no-cudagraphs, ...)")
     t.add_argument("--no-channels-last", action="store_true")
+    t.add_argument("--fused", action="store_true", help="fused CUDA SGD kernel instead of the foreach one")
     t.add_argument("--steps", type=int, default=50)
     t.add_argument("--warmup", type=int, default=15)
     t.add_argument("--device", default="auto")

@@ -44,6 +44,7 @@ class OptimConfig:
     weight_decay: float = 1e-4
     decay_bn_and_bias: bool = False  # weight decay on BN parameters and biases too (usually hurts)
     label_smoothing: float = 0.0
+    fused: bool = False  # one fused CUDA kernel for the whole SGD update (CUDA only)
 
 
 @dataclass

@@ -65,7 +65,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float) -> torch.opt
     decay = [p for p in model.parameters() if p.ndim > 1 or o.decay_bn_and_bias]
     no_decay = [p for p in model.parameters() if not (p.ndim > 1 or o.decay_bn_and_bias)]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov)
+    fused = o.fused and next(model.parameters()).is_cuda
+    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov, fused=fused or None)
 
 
 @torch.no_grad()
@@ -232,6 +233,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
         progress = Progress(**state["progress"])
         skipped.count = progress.skipped_images
         _drop_metrics_after(metrics_path, progress.epoch)
+        changed = _changed_settings(state["config"], cfg.to_dict())
+        if changed:
+            log(f"resuming with settings changed since the checkpoint: {', '.join(changed)}")
         log(f"resumed {last_path} at epoch {progress.epoch} step {progress.step_in_epoch} (global step {progress.global_step})")
     elif resume:
         log(f"--resume: no {last_path} yet, starting a new run")
@@ -341,6 +345,12 @@ def _finish_epoch(progress: Progress, epoch: int, steps_per_epoch: int, lr: floa
     if not math.isfinite(record["train_loss"]):
         raise FloatingPointError(f"training loss became {record['train_loss']} in epoch {epoch + 1}; lower optim.lr")
     return record
+
+
+def _changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return [f"{section}.{key}: {saved[section].get(key)} -> {value}"
+            for section, values in current.items() for key, value in values.items()
+            if saved.get(section, {}).get(key) != value]
 
 
 def _drop_metrics_after(metrics_path: Path, epochs_done: int) -> None:
