@@ -24,8 +24,8 @@ def test_index_is_numpy_sorted_and_labelled(tmp_path):
     (tmp_path / "train" / "n01" / "notes.txt").write_text("not an image")
     index = scan_class_folders(tmp_path / "train")
     assert index.classes == ["n01", "n02", "n03"]
-    assert isinstance(index.paths, np.ndarray) and isinstance(index.labels, np.ndarray)
-    assert index.paths.dtype.kind == "S" and len(index) == 9
+    assert isinstance(index.names, np.ndarray) and isinstance(index.labels, np.ndarray)
+    assert index.names.dtype.kind == "S" and len(index) == 9
     assert index.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert index.path(0).endswith("train/n01/0.JPEG")
 

@@ -4,16 +4,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imagenet_resnet.data import presets
 from imagenet_resnet.data.presets import EvalPreset, TrainPreset, random_resized_crop_box
 
 
-def _jpeg(width, height, mode="RGB", seed=0) -> Image.Image:
+def _encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def _jpeg(width, height, mode="RGB", seed=0) -> bytes:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).convert(mode).save(buf, format="JPEG", quality=90)
-    buf.seek(0)
-    return Image.open(buf)
+    return _encode(Image.fromarray(pixels).convert(mode))
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
@@ -24,8 +28,7 @@ def test_train_preset_shape_dtype_and_modes(mode):
 
 def test_png_with_alpha_and_palette():
     for mode in ("RGBA", "P", "I;16"):
-        img = Image.new(mode, (80, 60))
-        out = EvalPreset(size=32)(img)
+        out = EvalPreset(size=32)(_encode(Image.new(mode, (80, 60)), "PNG"))
         assert out.shape == (32, 32, 3) and out.dtype == np.uint8
 
 
@@ -59,7 +62,7 @@ def test_eval_preset_takes_the_centre():
     pixels = np.zeros((300, 400, 3), dtype=np.uint8)
     pixels[:, 200:] = 255
     pixels[130:170, 180:220] = (255, 0, 0)
-    out = EvalPreset(size=100, crop_ratio=0.875)(Image.fromarray(pixels))
+    out = EvalPreset(size=100, crop_ratio=0.875)(_encode(Image.fromarray(pixels), "PNG"))
     assert out.shape == (100, 100, 3)
     assert tuple(out[50, 50]) == pytest.approx((255, 0, 0), abs=30)
     # The centre crop is 262.5 px of the 400 wide image: still both halves, split down the middle.
@@ -70,15 +73,33 @@ def test_flip_happens_about_half_the_time():
     pixels = np.zeros((64, 64, 3), dtype=np.uint8)
     pixels[:, :32] = 255  # bright left half
     preset = TrainPreset(size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    flipped = sum(preset(Image.fromarray(pixels), np.random.default_rng(s))[:, 0].mean() < 128 for s in range(200))
+    png = _encode(Image.fromarray(pixels), "PNG")
+    flipped = sum(preset(png, np.random.default_rng(s))[:, 0].mean() < 128 for s in range(200))
     assert 70 < flipped < 130
 
 
-def test_reduced_size_decode_is_used_for_large_jpegs():
-    img = _jpeg(2000, 1600)
-    out = EvalPreset(size=224)(img)
+def test_reduced_size_decode_is_used_for_large_jpegs_and_matches_a_full_decode(monkeypatch):
+    # A smooth 2000x1600 image: the centre crop is 1400 px, so a 1/4-size decode still gives >= 224 px.
+    y, x = np.mgrid[0:1600, 0:2000]
+    pixels = np.stack([x % 256, y % 256, (x + y) // 16 % 256], axis=-1).astype(np.uint8)
+    data = _encode(Image.fromarray(pixels))
+    decoded_shapes = []
+    real_decode = presets._decode
+    monkeypatch.setattr(presets, "_decode", lambda *a: decoded_shapes.append(real_decode(*a).shape) or real_decode(*a))
+    out = EvalPreset(size=224)(data)
     assert out.shape == (224, 224, 3)
-    assert img.size[0] < 2000  # draft() asked libjpeg for a DCT-scaled decode
+    assert decoded_shapes == [(400, 500, 3)]  # libjpeg-turbo decoded at 1/4 scale
+    monkeypatch.setattr(presets, "_scale_factor", lambda *a: 1)
+    full = EvalPreset(size=224)(data)
+    assert np.abs(out.astype(int) - full.astype(int)).mean() < 6
+
+
+def test_cmyk_and_png_named_jpeg_decode_like_rgb():
+    rgb = Image.fromarray(np.full((60, 80, 3), (200, 40, 40), np.uint8))
+    for data in (_encode(rgb.convert("CMYK")), _encode(rgb, "PNG")):
+        out = EvalPreset(size=32)(data)
+        assert out.shape == (32, 32, 3)
+        assert np.abs(out.reshape(-1, 3).mean(0) - (200, 40, 40)).max() < 12
 
 
 def test_output_range_and_colour_jitter_changes_pixels():

@@ -105,6 +105,10 @@ def bench_train(model_name: str = "resnet50", res: int = 224, batch_size: int = 
 
 
 def main(args) -> int:
+    if args.bench == "data":
+        from . import bench_data
+
+        return bench_data.main(args)
     device = resolve_device(args.device)
     record = {"command": " ".join(["imagenet-resnet"] + sys.argv[1:]), "environment": environment(), "results": []}
     if device.type == "cuda":
@@ -124,8 +128,11 @@ def main(args) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (bench train: the training step on synthetic data)")
+    from . import bench_data
+
+    p = sub.add_parser("bench", help="benchmarks: train (the training step on synthetic data), data (the loader)")
     bench_sub = p.add_subparsers(dest="bench", required=True)
+    bench_data.add_parser(bench_sub)
     t = bench_sub.add_parser("train", help="training-step throughput on synthetic data already on the device")
     t.add_argument("--model", default="resnet50")
     t.add_argument("--res", type=int, nargs="+", default=[224])

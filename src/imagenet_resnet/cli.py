@@ -1,4 +1,4 @@
-"""The `imagenet-resnet` command: train, evaluate, demo."""
+"""The `imagenet-resnet` command: prepare, train, evaluate, bench, demo."""
 
 from __future__ import annotations
 
@@ -51,6 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=-1)
     p.add_argument("--device", default="auto")
 
+    p = sub.add_parser("prepare", help="check an ImageNet source and index it; --pack writes a fast packed copy")
+    p.add_argument("source", nargs="?", help="ILSVRC2012 tars + devkit, Kaggle layout, HF parquet shards, "
+                   "tiny-imagenet-200, or train/<class>/ + val/<class>/")
+    p.add_argument("--out", help="the prepared folder to write (train with --data OUT)")
+    p.add_argument("--pack", action="store_true", help="also write a packed copy (JPEG shards with an offset index)")
+    p.add_argument("--short-side", type=int, default=256,
+                   help="packed images' short side cap in px (0: keep; default 256, as the resize-256-crop-224 eval)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    p.add_argument("--shard-images", type=int, default=4096, help="images per packed shard file (default 4096)")
+    p.add_argument("--limit-per-class", type=int, default=0, metavar="N", help="only the first N images of each class")
+    p.add_argument("--workers", type=int, default=-1, help="processes (default: one per core)")
+    p.add_argument("--verify", metavar="DATA", help="re-check a prepared folder instead")
+
     bench.add_parser(sub)
 
     p = sub.add_parser("demo", help="generate a small shapes dataset, train a small ResNet on CPU, evaluate")
@@ -90,7 +103,7 @@ def cmd_evaluate(args) -> int:
     import torch
 
     from . import checkpoint
-    from .data.folder import find_split, scan_class_folders
+    from .data.prepared import open_split
     from .data.loader import DeviceNormalize, EpochBatchSampler, ImageDataset, SkippedImages, build_loader
     from .data.presets import EvalPreset
     from .engine import evaluate, resolve_device, resolve_precision
@@ -100,7 +113,7 @@ def cmd_evaluate(args) -> int:
     state = checkpoint.load(args.checkpoint, map_location=device)
     cfg = Config.from_dict(state["config"], source=args.checkpoint)
     classes = state["classes"]
-    val_index = scan_class_folders(find_split(args.data, "val"), classes=classes)
+    val_index = open_split(args.data, "val", classes=classes)
     model = build_model(cfg.model.name, len(classes), cfg.model.width)
     model.load_state_dict(clean_state_dict(state["model"]))
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
@@ -113,7 +126,24 @@ def cmd_evaluate(args) -> int:
                       resolve_precision(cfg.train.precision, device), skipped)
     print(json.dumps({"top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
                       "images": result["images"], "skipped_images": skipped.count,
-                      "checkpoint": str(args.checkpoint), "data": str(val_index.root)}))
+                      "checkpoint": str(args.checkpoint), "data": str(args.data)}))
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .data.prepare import PackSettings, prepare, verify
+
+    if args.verify:
+        found = verify(args.verify, args.workers)
+        for line in found:
+            print(line)
+        print(f"{args.verify}: {'OK' if not found else f'{len(found)} problems'}", file=sys.stderr)
+        return 0 if not found else 1
+    if not args.source or not args.out:
+        raise ValueError("give SOURCE and --out DATA (or --verify DATA)")
+    settings = PackSettings(args.short_side, args.quality, args.shard_images)
+    prepare(args.source, args.out, pack=args.pack, settings=settings, limit=args.limit_per_class, workers=args.workers)
+    print(f"next: imagenet-resnet train --data {args.out} --recipe recipes/resnet50_onecycle40.yaml --out runs/r50")
     return 0
 
 
@@ -148,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     try:
-        commands = {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "bench": bench.main}
+        commands = {"train": cmd_train, "evaluate": cmd_evaluate, "prepare": cmd_prepare, "demo": cmd_demo,
+                    "bench": bench.main}
         return commands[args.command](args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         print(f"imagenet-resnet {args.command}: {e}", file=sys.stderr)

@@ -23,7 +23,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # folder holding train/ and val/
+    path: str = ""  # a folder made by `imagenet-resnet prepare`, or any folder holding train/ and val/
+    packed: bool = True  # read the packed copy when the prepared folder has one
     train_size: int = 224  # side of the random-resized crop
     eval_size: int = 224  # side of the centre crop
     eval_crop_ratio: float = 0.875  # crop / resized short side (224/256)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from . import checkpoint
 from .config import Config, save_config
 from .data.classes import display_name
-from .data.folder import ImageIndex, find_split, scan_class_folders
+from .data.index import ImageIndex
+from .data.prepared import open_splits
 from .data.loader import DeviceNormalize, EpochBatchSampler, ImageDataset, SkippedImages, build_loader
 from .data.presets import EvalPreset, TrainPreset
 from .models import build_model, clean_state_dict
@@ -164,12 +165,7 @@ class RunStopped(Exception):
 
 
 def load_datasets(cfg: Config) -> tuple[ImageIndex, ImageIndex]:
-    root = Path(cfg.data.path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--data {root}: no such folder; expected {root}/train/<class>/ and {root}/val/<class>/")
-    train_index = scan_class_folders(find_split(root, "train"))
-    val_index = scan_class_folders(find_split(root, "val"), classes=train_index.classes)
-    return train_index, val_index
+    return open_splits(cfg.data.path, packed=cfg.data.packed)
 
 
 class RunLog:

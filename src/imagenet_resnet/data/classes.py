@@ -17,3 +17,9 @@ def display_name(class_id: str) -> str:
     """A short readable name: the first lemma for a WordNet ID ("goldfish"), else the folder name itself."""
     description = imagenet_classes().get(class_id)
     return description.split(",")[0].strip() if description else class_id
+
+
+@lru_cache(maxsize=1)
+def ilsvrc2012_ids() -> list[str]:
+    """WordNet IDs in ILSVRC2012_ID order (id k at position k - 1): the devkit's ground-truth numbering."""
+    return resources.files(__package__).joinpath("ilsvrc2012_ids.txt").read_text().split()

@@ -1,34 +1,17 @@
-"""An index over a class-folder tree (`train/<class>/*.JPEG`, `val/<class>/*`), held in numpy arrays.
-
-Paths live in one numpy byte-string array, not a list of Python strings: data-loader workers fork with
-the index, and numpy arrays are shared copy-on-write without reference counts touching every page.
-"""
+"""Scanning a class-folder tree (`train/<class>/*.JPEG`, `val/<class>/*`) into an ImageIndex."""
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .index import ImageIndex
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "valid", "validation")}
-
-
-@dataclass
-class ImageIndex:
-    root: Path  # the split folder
-    paths: np.ndarray  # relative paths "class/file", dtype bytes
-    labels: np.ndarray  # int32 label per image
-    classes: list[str]  # folder names, in label order
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def path(self, i: int) -> str:
-        return os.path.join(self.root, self.paths[i].decode())
 
 
 def find_split(root: str | Path, split: str) -> Path:
@@ -69,4 +52,4 @@ def scan_class_folders(split_dir: str | Path, classes: list[str] | None = None, 
     labels = np.fromiter((label_of[c] for c, names in zip(found, listings) for _ in names), dtype=np.int32)
     if not paths:
         raise FileNotFoundError(f"{split_dir}: the class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return ImageIndex(split_dir, np.array(paths, dtype=np.bytes_), labels, list(classes))
+    return ImageIndex("files", split_dir, np.array(paths, dtype=np.bytes_), labels, list(classes))

@@ -1,0 +1,389 @@
+"""`imagenet-resnet prepare`: any ImageNet source -> a checked index, and optionally a packed copy.
+
+1. The source is recognised and listed (sources.py), labels in sorted class-ID order.
+2. Every image is checked in parallel: read, header parsed, fully decoded at 1/8 scale (libjpeg still reads
+   every byte, so truncation shows) and classified. Empty, truncated and unreadable files are left out of
+   the index; PNGs named .JPEG, CMYK, grayscale and other modes stay in and are converted when loaded (or
+   when packed). Nothing is dropped silently: each one is in problems.tsv and the summary.
+3. With --pack: images are re-encoded once as RGB JPEG with the short side capped, into shard files of
+   consecutive JPEGs plus an offset index (random access with one pread, exact shuffling). Shards are
+   written in parallel, each atomically, so an interrupted run resumes at the first unfinished shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .index import ImageIndex
+from .prepared import FORMAT, MANIFEST, SPLITS, index_path, read_manifest
+from .sources import Source, SourceError, open_source
+
+# Problem kinds: those that leave an image out of the index, and those fixed by conversion.
+EXCLUDED = ("empty", "truncated", "unreadable")
+CONVERTED = ("not_jpeg", "cmyk", "grayscale", "other_mode")
+KINDS = (None,) + EXCLUDED + CONVERTED  # position = the code stored per image
+
+
+@dataclass
+class PackSettings:
+    short_side: int = 256  # cap on the shorter side, in pixels; 0 keeps every size
+    quality: int = 90
+    shard_images: int = 4096  # images per shard file
+
+    def as_dict(self) -> dict:
+        return {"short_side": self.short_side, "quality": self.quality, "shard_images": self.shard_images}
+
+
+def inspect(data: bytes, name: str) -> tuple[str | None, str, int, int]:
+    """(problem kind or None, detail, width, height) of one encoded image."""
+    if not data:
+        return "empty", "zero bytes", 0, 0
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            fmt, mode = img.format, img.mode
+            if fmt == "JPEG":
+                img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+            img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        kind = "truncated" if "truncated" in str(e) else "unreadable"
+        return kind, f"{type(e).__name__}: {e}", 0, 0
+    if fmt != "JPEG" and name.lower().endswith((".jpeg", ".jpg")):
+        return "not_jpeg", f"a {fmt} file named .JPEG", width, height
+    if mode == "CMYK":
+        return "cmyk", "CMYK colours", width, height
+    if mode in ("L", "LA", "I;16", "I", "1"):
+        return "grayscale", f"mode {mode}", width, height
+    if mode != "RGB":
+        return "other_mode", f"mode {mode}", width, height
+    return None, "", width, height
+
+
+# --- worker side: the index is handed over once per process ------------------------------------------------
+
+_worker: dict = {}
+
+
+def _init_worker(index: ImageIndex, counter, settings: PackSettings | None, out_dir: Path | None, split: str):
+    _worker.update(index=index, counter=counter, settings=settings, out_dir=out_dir, split=split)
+
+
+def _count(n: int) -> None:
+    with _worker["counter"].get_lock():
+        _worker["counter"].value += n
+
+
+def _check_chunk(bounds: tuple[int, int]):
+    index, start, stop = _worker["index"], bounds[0], bounds[1]
+    codes = np.zeros(stop - start, np.uint8)
+    sizes = np.zeros((stop - start, 2), np.int32)
+    details = {}
+    for k, i in enumerate(range(start, stop)):
+        try:
+            data = index.read(i)
+        except OSError as e:
+            kind, detail, w, h = "unreadable", f"{type(e).__name__}: {e}", 0, 0
+        else:
+            kind, detail, w, h = inspect(data, index.names[i].decode())
+        codes[k], sizes[k] = KINDS.index(kind), (w, h)
+        if kind:
+            details[i] = detail
+        if k % 32 == 31:
+            _count(32)
+    _count((stop - start) % 32)
+    return start, codes, sizes, details
+
+
+def encode_for_pack(data: bytes, kind: str | None, settings: PackSettings) -> bytes:
+    """The bytes to store: the original when it is already a clean RGB JPEG within the size cap (no second
+    generation of JPEG loss), else a re-encode as RGB JPEG with the short side capped."""
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+        cap = settings.short_side
+        scale = cap / min(width, height) if cap and min(width, height) > cap else 1.0
+        if kind is None and img.format == "JPEG" and scale == 1.0:
+            return data
+        target = (max(1, round(width * scale)), max(1, round(height * scale)))
+        if img.format == "JPEG" and scale < 0.5:
+            img.draft("RGB", target)  # DCT-scaled decode to at least the target size: far less work
+        img = img.convert("RGB")
+        if img.size != target:
+            img = img.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        out = io.BytesIO()
+        img.save(out, format="JPEG", quality=settings.quality)
+        return out.getvalue()
+
+
+def shard_path(out_dir: Path, split: str, shard: int, suffix: str) -> Path:
+    return out_dir / f"{split}-{shard:05d}{suffix}"
+
+
+def _pack_shard(shard: int):
+    index, settings, out_dir, split = _worker["index"], _worker["settings"], _worker["out_dir"], _worker["split"]
+    start = shard * settings.shard_images
+    stop = min(start + settings.shard_images, len(index))
+    bin_path, part_path = shard_path(out_dir, split, shard, ".bin"), shard_path(out_dir, split, shard, ".bin.part")
+    sizes = np.zeros(stop - start, np.int64)
+    failed = {}
+    with open(part_path, "wb") as f:
+        for k, i in enumerate(range(start, stop)):
+            try:
+                blob = encode_for_pack(index.read(i), _worker["kinds"][i], settings)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                failed[i] = f"{type(e).__name__}: {e}"  # passed the check, failed now: reported, left out
+                blob = b""
+            f.write(blob)
+            sizes[k] = len(blob)
+            if k % 32 == 31:
+                _count(32)
+        f.flush()
+        os.fsync(f.fileno())
+    _count((stop - start) % 32)
+    with open(shard_path(out_dir, split, shard, ".sizes.npz.part"), "wb") as f:
+        np.savez(f, sizes=sizes, failed=np.array(json.dumps({str(k): v for k, v in failed.items()})))
+    os.replace(part_path, bin_path)
+    # The sizes file is renamed last: its presence marks the shard complete.
+    os.replace(shard_path(out_dir, split, shard, ".sizes.npz.part"), shard_path(out_dir, split, shard, ".sizes.npz"))
+    return shard
+
+
+def _init_pack_worker(index, counter, settings, out_dir, split, kinds):
+    _init_worker(index, counter, settings, out_dir, split)
+    _worker["kinds"] = kinds
+
+
+def _run_parallel(fn, tasks, total: int, workers: int, init, init_args, desc: str):
+    """Run fn over tasks in `workers` processes; a progress bar counts images, with rate and ETA."""
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    counter = context.Value("q", 0)
+    results = []
+    with tqdm(total=total, desc=desc, unit="img", smoothing=0.1, mininterval=0.5 if sys.stderr.isatty() else 30,
+              file=sys.stderr) as bar:
+        if workers <= 1:
+            init(*init_args(counter))
+            for task in tasks:
+                results.append(fn(task))
+                bar.update(counter.value - bar.n)
+            return results
+        with context.Pool(workers, initializer=init, initargs=init_args(counter)) as pool:
+            pending = pool.map_async(fn, tasks, chunksize=1)
+            while not pending.ready():
+                pending.wait(0.5)
+                bar.update(counter.value - bar.n)
+            results = pending.get()
+            bar.update(counter.value - bar.n)
+    return results
+
+
+# --- the driver ---------------------------------------------------------------------------------------------
+
+def limit_per_class(index: ImageIndex, n: int) -> ImageIndex:
+    """The first n images of each class, in index order."""
+    order = np.argsort(index.labels, kind="stable")
+    starts = np.searchsorted(index.labels[order], np.arange(len(index.classes)))
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order)) - starts[index.labels[order]]
+    return index.subset(np.flatnonzero(rank < n))
+
+
+def check_split(index: ImageIndex, workers: int, desc: str):
+    """(codes, sizes, details) for every image, checked in parallel."""
+    chunk = 1024 if index.storage == "parquet" else 256  # parquet: fewer re-reads of one row group
+    tasks = [(s, min(s + chunk, len(index))) for s in range(0, len(index), chunk)]
+    results = _run_parallel(_check_chunk, tasks, len(index), workers, _init_worker,
+                            lambda counter: (index, counter, None, None, ""), desc)
+    codes, sizes, details = np.zeros(len(index), np.uint8), np.zeros((len(index), 2), np.int32), {}
+    for start, c, s, d in results:
+        codes[start : start + len(c)], sizes[start : start + len(c)] = c, s
+        details.update(d)
+    return codes, sizes, details
+
+
+def estimate_pack(index: ImageIndex, kinds: list, settings: PackSettings, samples: int = 200) -> tuple[float, float]:
+    """(bytes per image, seconds per image on one core), from packing an even sample."""
+    if index.storage == "parquet":  # rows are read a row group at a time: sample the first ones
+        picks = np.arange(min(samples, len(index)))
+    else:
+        picks = np.unique(np.linspace(0, len(index) - 1, min(samples, len(index))).astype(np.int64))
+    started, total = time.perf_counter(), 0
+    for i in picks:
+        try:
+            total += len(encode_for_pack(index.read(int(i)), kinds[i], settings))
+        except (OSError, ValueError, SyntaxError):
+            pass
+    return total / len(picks), (time.perf_counter() - started) / len(picks)
+
+
+def pack_split(index: ImageIndex, kinds: list, settings: PackSettings, out_dir: Path, split: str, workers: int):
+    """Write the shards not yet complete, then the packed index over all of them."""
+    shards = -(-len(index) // settings.shard_images)
+    todo = [k for k in range(shards) if not shard_path(out_dir, split, k, ".sizes.npz").exists()]
+    if len(todo) < shards:
+        print(f"  {split}: {shards - len(todo)} of {shards} shards already written; resuming", file=sys.stderr)
+    images_todo = sum(min(settings.shard_images, len(index) - k * settings.shard_images) for k in todo)
+    _run_parallel(_pack_shard, todo, images_todo, workers, _init_pack_worker,
+                  lambda counter: (index, counter, settings, out_dir, split, kinds), f"pack {split}")
+    sizes, failed = [], {}
+    for k in range(shards):
+        with np.load(shard_path(out_dir, split, k, ".sizes.npz")) as z:
+            sizes.append(z["sizes"])
+            failed.update({int(i): v for i, v in json.loads(str(z["failed"])).items()})
+    sizes = np.concatenate(sizes)
+    file_ids = np.arange(len(index)) // settings.shard_images
+    starts = np.zeros(len(index), np.int64)
+    for k in range(shards):
+        in_shard = file_ids == k
+        starts[in_shard] = np.concatenate([[0], np.cumsum(sizes[in_shard])[:-1]])
+    packed = ImageIndex("ranges", out_dir, index.names, index.labels, index.classes,
+                        files=[shard_path(out_dir, split, k, ".bin").name for k in range(shards)],
+                        file_ids=file_ids.astype(np.int32), offsets=starts, sizes=sizes)
+    keep = sizes > 0
+    packed = packed.subset(keep) if not keep.all() else packed
+    packed.save(out_dir / f"{split}.index.npz")
+    return packed, failed
+
+
+def _print_summary(source: Source, counts: dict, problems: list, out: Path, packed_bytes: int | None) -> None:
+    lines = [f"prepared {source.kind} source {source.path} -> {out}"]
+    for split in SPLITS:
+        c = counts[split]
+        lines.append(f"  {split}: {c['images']:,} images in {len(source.classes)} classes"
+                     + (f", {c['excluded']} left out" if c["excluded"] else ""))
+    if packed_bytes is not None:
+        lines.append(f"  packed: {packed_bytes / 1e9:.2f} GB in {out / 'packed'}")
+    if problems:
+        by_kind: dict = {}
+        for row in problems:
+            by_kind.setdefault((row[2], row[3]), []).append(row[1])
+        lines.append(f"  {len(problems)} files needed attention (all listed in {out / 'problems.tsv'}):")
+        for (kind, action), where in sorted(by_kind.items()):
+            lines.append(f"    {len(where):6d} {kind:11s} {action}: {', '.join(Path(w).name for w in where[:3])}"
+                         + (", ..." if len(where) > 3 else ""))
+    else:
+        lines.append("  no bad files found")
+    print("\n".join(lines))
+
+
+def prepare(source_path: str | Path, out: str | Path, pack: bool = False, settings: PackSettings | None = None,
+            limit: int = 0, workers: int = -1) -> dict:
+    out = Path(out)
+    settings = settings or PackSettings()
+    workers = workers if workers > 0 else min(len(os.sched_getaffinity(0)), 32)
+    source = open_source(source_path)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{source_path}: {source.kind} layout, {len(source.classes)} classes", file=sys.stderr)
+
+    problems, counts, indexes, kinds_of = [], {}, {}, {}
+    for split in SPLITS:
+        index = source.splits[split]
+        if limit:
+            index = limit_per_class(index, limit)
+        codes, _, details = check_split(index, workers, f"check {split}")
+        kinds = [KINDS[c] for c in codes]
+        for i in np.flatnonzero(codes):
+            action = "left out" if kinds[i] in EXCLUDED else ("re-encoded as RGB JPEG" if pack else "converted to RGB when loaded")
+            problems.append((split, index.describe(int(i)), kinds[i], action, details[int(i)]))
+        keep = np.array([k not in EXCLUDED for k in kinds], dtype=bool)
+        indexes[split] = index.subset(keep)
+        kinds_of[split] = [k for k in kinds if k not in EXCLUDED]
+        counts[split] = {"images": int(keep.sum()), "excluded": int((~keep).sum())}
+        if counts[split]["images"] == 0:
+            raise SourceError(f"{source.path}: no readable {split} images")
+        indexes[split].save(index_path(out, split))
+
+    packed_info, packed_bytes = None, None
+    if pack:
+        packed_dir = out / "packed"
+        packed_dir.mkdir(exist_ok=True)
+        settings_file = packed_dir / "settings.json"
+        wanted = {**settings.as_dict(), "source": str(Path(source_path).resolve()), "limit_per_class": limit,
+                  "images": {s: counts[s]["images"] for s in SPLITS}}
+        if settings_file.exists() and json.loads(settings_file.read_text()) != wanted:
+            raise SourceError(f"{packed_dir}: a packed copy with other settings or source is there; "
+                              "delete that folder or pack with the same settings")
+        settings_file.write_text(json.dumps(wanted, indent=1))
+        per_image, seconds = estimate_pack(indexes["train"], kinds_of["train"], settings)
+        total_images = sum(counts[s]["images"] for s in SPLITS)
+        estimate, free = per_image * total_images, shutil.disk_usage(packed_dir).free
+        print(f"packing {total_images:,} images, short side <= {settings.short_side or 'any'} px, quality "
+              f"{settings.quality}: about {estimate / 1e9:.2f} GB on disk ({free / 1e9:.1f} GB free), about "
+              f"{seconds * total_images / workers / 60:.1f} min with {workers} processes", file=sys.stderr)
+        if estimate > free * 0.95:
+            raise SourceError(f"{packed_dir}: about {estimate / 1e9:.1f} GB needed but {free / 1e9:.1f} GB free; "
+                              "free space, lower --short-side, or pack elsewhere with --out")
+        packed_bytes, splits_info = 0, {}
+        for split in SPLITS:
+            packed, failed = pack_split(indexes[split], kinds_of[split], settings, packed_dir, split, workers)
+            for i, detail in failed.items():
+                problems.append((split, indexes[split].describe(i), "unreadable", "left out", detail))
+            packed_bytes += int(packed.sizes.sum())
+            splits_info[split] = {"images": len(packed), "bytes": int(packed.sizes.sum()), "shards": len(packed.files)}
+        packed_info = {**settings.as_dict(), "splits": splits_info}
+
+    with open(out / "problems.tsv", "w") as f:
+        f.write("split\twhere\tkind\taction\tdetail\n")
+        f.writelines("\t".join(str(x).replace("\t", " ").replace("\n", " ") for x in row) + "\n" for row in problems)
+    manifest = {
+        "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "source": {"kind": source.kind, "path": str(Path(source_path).resolve())},
+        "classes": source.classes, "class_names": source.names, "limit_per_class": limit,
+        "splits": counts, "problems": {k: sum(1 for p in problems if p[2] == k) for k in EXCLUDED + CONVERTED},
+        "packed": packed_info,
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    _print_summary(source, counts, problems, out, packed_bytes)
+    return manifest
+
+
+def verify(data: str | Path, workers: int = -1) -> list[str]:
+    """Re-check a prepared folder: indexes load and agree with the manifest, every byte range lies inside
+    its file, and every image decodes. Returns the problems found (empty when all is well)."""
+    data = Path(data)
+    workers = workers if workers > 0 else min(len(os.sched_getaffinity(0)), 32)
+    manifest = read_manifest(data)
+    if manifest is None:
+        raise FileNotFoundError(f"{data}: no {MANIFEST}; this folder was not made by `imagenet-resnet prepare`")
+    found = []
+    variants = [False] + ([True] if manifest.get("packed") else [])
+    for split in SPLITS:
+        for packed in variants:
+            label = f"{split}{' (packed)' if packed else ''}"
+            path = index_path(data, split, packed)
+            if not path.exists():
+                found.append(f"{path}: missing")
+                continue
+            index = ImageIndex.load(path)
+            if index.classes != manifest["classes"]:
+                found.append(f"{path}: its class list differs from {MANIFEST}'s")
+            expected = manifest["packed"]["splits"][split]["images"] if packed else manifest["splits"][split]["images"]
+            if len(index) != expected:
+                found.append(f"{path}: {len(index)} images, {MANIFEST} says {expected}")
+            if index.storage == "ranges":
+                for k, name in enumerate(index.files):
+                    file = index.root / name
+                    if not file.exists():
+                        found.append(f"{file}: missing")
+                        continue
+                    ends = index.offsets[index.file_ids == k] + index.sizes[index.file_ids == k]
+                    if len(ends) and ends.max() > file.stat().st_size:
+                        found.append(f"{file}: shorter than its index says ({file.stat().st_size} < {ends.max()} bytes)")
+            if any(f.endswith("missing") or "shorter" in f for f in found):
+                continue
+            codes, _, details = check_split(index, workers, f"verify {label}")
+            for i in np.flatnonzero(np.isin(codes, [KINDS.index(k) for k in EXCLUDED])):
+                found.append(f"{index.describe(int(i))}: {KINDS[codes[i]]} ({details[int(i)]})")
+    return found

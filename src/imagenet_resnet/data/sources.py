@@ -1,0 +1,320 @@
+"""Every form ImageNet comes in, recognised by its files and listed as unchecked ImageIndexes.
+
+Labels always follow the sorted class-ID order (torchvision's and timm's), whatever order the source
+uses, so weights trained from any source are interchangeable. Anything that does not add up (a class
+missing, an unknown ID, a label file that disagrees with the images) is an error naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .classes import ilsvrc2012_ids, imagenet_classes
+from .folder import IMAGE_EXTENSIONS, SPLIT_NAMES, find_split, scan_class_folders
+from .index import ImageIndex
+
+OFFICIAL_TRAIN, OFFICIAL_VAL, OFFICIAL_DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
+VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})\.")
+
+
+class SourceError(ValueError):
+    """The source is incomplete or inconsistent; the message names the file and the fix."""
+
+
+@dataclass
+class Source:
+    kind: str  # official | kaggle | parquet | tiny | folders
+    path: Path
+    classes: list[str]  # class ids in label order
+    names: list[str]  # a description per class ("goldfish, Carassius auratus"), or the id itself
+    splits: dict[str, ImageIndex]
+
+
+def detect(path: Path) -> str:
+    if not path.is_dir():
+        raise SourceError(f"{path}: not a folder; give the folder holding the ImageNet files")
+    if (path / OFFICIAL_TRAIN).exists() or (path / OFFICIAL_VAL).exists():
+        return "official"
+    if (path / "LOC_synset_mapping.txt").exists() or (path / "ILSVRC" / "Data" / "CLS-LOC").is_dir():
+        return "kaggle"
+    if (path / "wnids.txt").exists() and (path / "val" / "val_annotations.txt").exists():
+        return "tiny"
+    if any(path.glob("*.parquet")) or any(path.glob("*/*.parquet")):
+        return "parquet"
+    if any((path / name).is_dir() for name in SPLIT_NAMES["train"] + SPLIT_NAMES["val"]):
+        return "folders"
+    raise SourceError(
+        f"{path}: not an ImageNet layout this tool knows: expected the ILSVRC2012 tars + devkit, the Kaggle "
+        "ILSVRC/Data/CLS-LOC tree, Hugging Face *.parquet shards, tiny-imagenet-200, or train/<class>/ + val/<class>/")
+
+
+def open_source(path: str | Path) -> Source:
+    path = Path(path)
+    kind = detect(path)
+    return {"official": _official, "kaggle": _kaggle, "parquet": _parquet, "tiny": _tiny, "folders": _folders}[kind](path)
+
+
+def _imagenet_names(classes: list[str]) -> list[str]:
+    known = imagenet_classes()
+    return [known.get(c, c) for c in classes]
+
+
+def _require_every_class(index: ImageIndex, where: Path, split: str) -> None:
+    counts = np.bincount(index.labels, minlength=len(index.classes))
+    missing = [index.classes[k] for k in np.flatnonzero(counts == 0)]
+    if missing:
+        raise SourceError(f"{where}: {len(missing)} of {len(index.classes)} classes have no {split} images "
+                          f"({', '.join(missing[:3])}, ...); the copy is incomplete: download it again")
+
+
+def _sorted_by_label(index: ImageIndex) -> ImageIndex:
+    order = np.lexsort((index.names, index.labels))
+    return index.subset(order)
+
+
+# --- a class-folder tree ---------------------------------------------------------------------------------
+
+def _folders(path: Path) -> Source:
+    train = scan_class_folders(find_split(path, "train"))
+    val = scan_class_folders(find_split(path, "val"), classes=train.classes)
+    return Source("folders", path, train.classes, _imagenet_names(train.classes), {"train": train, "val": val})
+
+
+# --- Kaggle: ILSVRC/Data/CLS-LOC/{train/<wnid>/, val/}, LOC_synset_mapping.txt, LOC_val_solution.csv -----
+
+def _kaggle(path: Path) -> Source:
+    mapping, solution = path / "LOC_synset_mapping.txt", path / "LOC_val_solution.csv"
+    images = path / "ILSVRC" / "Data" / "CLS-LOC"
+    for needed in (mapping, solution, images / "train", images / "val"):
+        if not needed.exists():
+            raise SourceError(f"{needed}: missing from the Kaggle layout; download the whole competition archive")
+    rows = [line.split(" ", 1) for line in mapping.read_text().splitlines() if line.strip()]
+    classes, names = [r[0] for r in rows], [r[1].strip() if len(r) > 1 else r[0] for r in rows]
+    if classes != sorted(classes):
+        raise SourceError(f"{mapping}: the WordNet IDs are not in sorted order; this is not the file Kaggle ships")
+    train = scan_class_folders(images / "train", classes=classes)
+    _require_every_class(train, images / "train", "train")
+
+    label_of = {c: k for k, c in enumerate(classes)}
+    val_labels = {}
+    with open(solution, newline="") as f:
+        for row in csv.DictReader(f):
+            wnid = row["PredictionString"].split()[0]
+            if wnid not in label_of:
+                raise SourceError(f"{solution}: {row['ImageId']} has the unknown class {wnid}")
+            val_labels[row["ImageId"]] = label_of[wnid]
+    files = sorted(e.name for e in os.scandir(images / "val") if e.name.lower().endswith(IMAGE_EXTENSIONS))
+    unlabelled = [f for f in files if Path(f).stem not in val_labels]
+    if unlabelled:
+        raise SourceError(f"{solution}: no label for {len(unlabelled)} validation images ({unlabelled[0]}, ...)")
+    if len(files) != len(val_labels):
+        raise SourceError(f"{images / 'val'}: {len(files)} images but {solution.name} labels {len(val_labels)}; "
+                          "the validation folder is incomplete")
+    val = ImageIndex("files", images / "val", np.array(files, dtype=np.bytes_),
+                     np.array([val_labels[Path(f).stem] for f in files], dtype=np.int32), classes)
+    return Source("kaggle", path, classes, names, {"train": train, "val": _sorted_by_label(val)})
+
+
+# --- Tiny-ImageNet-200: wnids.txt, words.txt, train/<wnid>/images/, val/images/ + val_annotations.txt -----
+
+def _tiny(path: Path) -> Source:
+    classes = sorted(path.joinpath("wnids.txt").read_text().split())
+    words = {}
+    if (path / "words.txt").exists():
+        for line in (path / "words.txt").read_text().splitlines():
+            wnid, _, text = line.partition("\t")
+            words[wnid] = text.strip()
+    label_of = {c: k for k, c in enumerate(classes)}
+    splits = {}
+    if (path / "train").is_dir():
+        unknown = sorted(set(os.listdir(path / "train")) - set(classes))
+        if unknown:
+            raise SourceError(f"{path / 'train'}: folders {unknown[:3]} are not in wnids.txt")
+        names, labels = [], []
+        for c in classes:
+            folder = path / "train" / c / "images"
+            if not folder.is_dir():
+                raise SourceError(f"{folder}: missing; every class in wnids.txt needs its train/<wnid>/images/")
+            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+            names += [f"train/{c}/images/{f}" for f in files]
+            labels += [label_of[c]] * len(files)
+        splits["train"] = ImageIndex("files", path, np.array(names, dtype=np.bytes_), np.array(labels, dtype=np.int32), classes)
+    annotations = path / "val" / "val_annotations.txt"
+    names, labels = [], []
+    for line in annotations.read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) < 2:
+            continue
+        if fields[1] not in label_of:
+            raise SourceError(f"{annotations}: {fields[0]} has the class {fields[1]}, which is not in wnids.txt")
+        if not (path / "val" / "images" / fields[0]).exists():
+            raise SourceError(f"{annotations}: {fields[0]} is listed but missing from val/images/")
+        names.append(f"val/images/{fields[0]}")
+        labels.append(label_of[fields[1]])
+    val = ImageIndex("files", path, np.array(names, dtype=np.bytes_), np.array(labels, dtype=np.int32), classes)
+    splits["val"] = _sorted_by_label(val)
+    return Source("tiny", path, classes, [words.get(c, c) for c in classes], splits)
+
+
+# --- The official ILSVRC2012 tars, read in place: no second copy on disk ----------------------------------
+
+def _devkit_ids(devkit: Path) -> tuple[list[str], list[int]]:
+    """(WordNet ID per ILSVRC2012_ID, the validation ground truth as ILSVRC2012_IDs), streamed from the tar.gz."""
+    meta, truth = None, None
+    with tarfile.open(devkit, "r:gz") as tar:
+        for member in tar:
+            if member.name.endswith("data/meta.mat"):
+                meta = tar.extractfile(member).read()
+            elif member.name.endswith("data/ILSVRC2012_validation_ground_truth.txt"):
+                truth = [int(x) for x in tar.extractfile(member).read().split()]
+    if truth is None:
+        raise SourceError(f"{devkit}: no data/ILSVRC2012_validation_ground_truth.txt inside; is this the t12 devkit?")
+    ids = ilsvrc2012_ids()
+    if meta is not None:
+        try:
+            from scipy.io import loadmat
+        except ImportError:
+            loadmat = None  # the packaged table (the same 1,000 rows) stands in for meta.mat
+        if loadmat is not None:
+            synsets = loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
+            from_meta = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+            listed = [from_meta.get(k) for k in range(1, 1001)]
+            if listed != ids:
+                raise SourceError(f"{devkit}: meta.mat's ILSVRC2012_ID -> WordNet ID table is not ImageNet-1k's")
+    return ids, truth
+
+
+def _tar_members(tar_path: Path, start: int = 0, size: int | None = None):
+    """(name, data offset, size) of each regular file in a tar, or in a tar stored inside another at `start`."""
+    with open(tar_path, "rb") as f:
+        f.seek(start)
+        window = io.BufferedReader(_Window(f, start, size)) if size is not None else f
+        try:
+            with tarfile.open(fileobj=window, mode="r:") as tar:
+                return [(m.name, start + m.offset_data, m.size) for m in tar if m.isfile()]
+        except tarfile.ReadError as e:
+            raise SourceError(f"{tar_path}: not a readable uncompressed tar ({e}); if it is compressed, "
+                              "decompress it first") from e
+
+
+class _Window(io.RawIOBase):
+    """A read-only view of bytes [start, start + size) of an open file, for tarfile to read a nested tar."""
+
+    def __init__(self, f, start: int, size: int):
+        self.f, self.start, self.size, self.pos = f, start, size, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, pos, whence=0):
+        self.pos = {0: pos, 1: self.pos + pos, 2: self.size + pos}[whence]
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+    def readinto(self, buffer):
+        n = max(0, min(len(buffer), self.size - self.pos))
+        data = os.pread(self.f.fileno(), n, self.start + self.pos)
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def _official(path: Path) -> Source:
+    train_tar, val_tar, devkit = path / OFFICIAL_TRAIN, path / OFFICIAL_VAL, path / OFFICIAL_DEVKIT
+    for needed in (train_tar, val_tar, devkit):
+        if not needed.exists():
+            raise SourceError(f"{needed}: missing; the official layout needs {OFFICIAL_TRAIN}, {OFFICIAL_VAL} "
+                              f"and {OFFICIAL_DEVKIT} side by side")
+    ids, truth = _devkit_ids(devkit)
+    classes = sorted(ids)
+    label_of = {c: k for k, c in enumerate(classes)}
+
+    # The train tar holds one uncompressed tar per class: index each inner tar in place, in parallel.
+    outer = _tar_members(train_tar)
+    unknown = [n for n, _, _ in outer if n.removesuffix(".tar") not in label_of]
+    if unknown:
+        raise SourceError(f"{train_tar}: {unknown[0]} is not an ImageNet-1k class tar")
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        inner = list(pool.map(lambda m: _tar_members(train_tar, m[1], m[2]), outer))
+    names, labels, offsets, sizes = [], [], [], []
+    for (tar_name, _, _), members in zip(outer, inner):
+        wnid = tar_name.removesuffix(".tar")
+        for name, offset, size in members:
+            names.append(f"{wnid}/{name}")
+            labels.append(label_of[wnid])
+            offsets.append(offset)
+            sizes.append(size)
+    train = ImageIndex("ranges", path, np.array(names, dtype=np.bytes_), np.array(labels, dtype=np.int32), classes,
+                       files=[OFFICIAL_TRAIN], file_ids=np.zeros(len(names), np.int32),
+                       offsets=np.array(offsets, np.int64), sizes=np.array(sizes, np.int64))
+    _require_every_class(train, train_tar, "train")
+
+    members = _tar_members(val_tar)
+    val_labels = []
+    for name, _, _ in members:
+        number = VAL_NUMBER.search(name)
+        if not number or not 1 <= int(number.group(1)) <= len(truth):
+            raise SourceError(f"{val_tar}: {name} has no line in the devkit's ground truth ({len(truth)} lines)")
+        val_labels.append(label_of[ids[truth[int(number.group(1)) - 1] - 1]])
+    val = ImageIndex("ranges", path, np.array([m[0] for m in members], dtype=np.bytes_),
+                     np.array(val_labels, dtype=np.int32), classes, files=[OFFICIAL_VAL],
+                     file_ids=np.zeros(len(members), np.int32), offsets=np.array([m[1] for m in members], np.int64),
+                     sizes=np.array([m[2] for m in members], np.int64))
+    return Source("official", path, classes, _imagenet_names(classes),
+                  {"train": _sorted_by_label(train), "val": _sorted_by_label(val)})
+
+
+# --- Hugging Face ILSVRC/imagenet-1k parquet shards -------------------------------------------------------
+
+PARQUET_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid")}
+
+
+def _parquet(path: Path) -> Source:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise SourceError(f"{path}: reading parquet shards needs pyarrow: pip install 'imagenet-resnet[parquet]'") from e
+    shards = sorted(p for p in list(path.glob("*.parquet")) + list(path.glob("*/*.parquet")))
+    classes = list(imagenet_classes())  # Hugging Face numbers the classes in sorted WordNet-ID order
+    splits = {}
+    for split, prefixes in PARQUET_SPLITS.items():
+        files = [p for p in shards if p.name.split("-")[0].split(".")[0] in prefixes]
+        if not files:
+            raise SourceError(f"{path}: no {prefixes[0]}-*.parquet shards found")
+        file_ids, rows, labels, names = [], [], [], []
+        for k, file in enumerate(files):
+            try:
+                table = pq.read_table(file, columns=["label", "image.path"])
+            except Exception as e:  # pyarrow raises its own error types for bad files
+                raise SourceError(f"{file}: not a readable imagenet-1k parquet shard with image and label columns ({e})") from e
+            shard_labels = table.column("label").to_numpy()
+            bad = np.flatnonzero((shard_labels < 0) | (shard_labels >= len(classes)))
+            if len(bad):
+                raise SourceError(f"{file}: row {bad[0]} has label {shard_labels[bad[0]]}, outside 0..999 "
+                                  "(the test split has no labels; use train and validation)")
+            paths = table.column(table.column_names[-1]).to_pylist()  # image.path, read without the image bytes
+            file_ids.append(np.full(len(shard_labels), k, np.int32))
+            rows.append(np.arange(len(shard_labels), dtype=np.int64))
+            labels.append(shard_labels.astype(np.int32))
+            names += [p or f"{file.name}:{r}" for r, p in enumerate(paths)]
+        index = ImageIndex("parquet", path, np.array(names, dtype=np.bytes_), np.concatenate(labels), classes,
+                           files=[str(f.relative_to(path)) for f in files], file_ids=np.concatenate(file_ids),
+                           offsets=np.concatenate(rows))
+        if split == "train":
+            _require_every_class(index, path, "train")
+        splits[split] = index
+    return Source("parquet", path, classes, _imagenet_names(classes), splits)

@@ -1,0 +1,263 @@
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SHARED_DATA, run_cli, tiny_train_args
+from imagenet_fixtures import ImageNetLike, prepared_pairs, tiny_jpeg
+from imagenet_resnet.data.index import ImageIndex
+from imagenet_resnet.data.prepare import prepare, verify
+from imagenet_resnet.data.prepared import index_path, open_splits
+from imagenet_resnet.data.sources import SourceError, detect, open_source
+
+
+@pytest.fixture(scope="module")
+def imagenet_like():
+    return ImageNetLike()
+
+
+@pytest.mark.parametrize("layout", ["folders", "official", "kaggle", "parquet"])
+def test_every_source_gives_the_same_index_and_labels(tmp_path, imagenet_like, layout):
+    source = getattr(imagenet_like, layout)(tmp_path / layout)
+    assert detect(source) == layout
+    manifest = prepare(source, tmp_path / "out", pack=layout == "parquet", workers=2)
+    assert manifest["classes"] == imagenet_like.classes
+    assert manifest["class_names"][1].startswith("goldfish")
+    expected = imagenet_like.expected()
+    if layout == "parquet":  # parquet is only trained from its packed copy
+        assert prepared_pairs(tmp_path / "out", packed=True) == expected
+    else:
+        assert prepared_pairs(tmp_path / "out") == expected
+
+
+def test_official_tars_are_indexed_in_place_without_extracting(tmp_path, imagenet_like):
+    source = imagenet_like.official(tmp_path / "src")
+    before = sorted(os.listdir(source))
+    prepare(source, tmp_path / "out", workers=1)
+    train = ImageIndex.load(index_path(tmp_path / "out", "train"))
+    assert train.storage == "ranges" and train.files == ["ILSVRC2012_img_train.tar"]
+    assert train.names[0].decode() == "n01440764/n01440764_1.JPEG"
+    assert sorted(os.listdir(source)) == before  # nothing written beside the tars
+    written = sum(f.stat().st_size for f in (tmp_path / "out").iterdir())
+    assert written < (source / "ILSVRC2012_img_train.tar").stat().st_size / 4  # an index, not a copy
+
+
+def test_devkit_without_meta_mat_uses_the_packaged_id_table(tmp_path, imagenet_like):
+    source = imagenet_like.official(tmp_path / "src", meta_mat=False)
+    val = open_source(source).splits["val"]
+    assert sorted(val.labels.tolist()) == sorted(imagenet_like.classes.index(w) for _, w, _ in imagenet_like.val)
+
+
+def test_mismatched_sources_are_clear_errors(tmp_path, imagenet_like):
+    kaggle = imagenet_like.kaggle(tmp_path / "k1", solution_rows=[("ILSVRC2012_val_00000001", "n99999999")])
+    with pytest.raises(SourceError, match="LOC_val_solution.csv: ILSVRC2012_val_00000001 has the unknown class n99999999"):
+        open_source(kaggle)
+    kaggle = imagenet_like.kaggle(tmp_path / "k2", solution_rows=[("ILSVRC2012_val_00000001", "n01440764")])
+    with pytest.raises(SourceError, match="no label for 29 validation images"):
+        open_source(kaggle)
+    folders = imagenet_like.folders(tmp_path / "f")
+    shutil.rmtree(folders / "train" / "n01443537")
+    official_like = ImageNetLike()
+    del official_like.train["n01443537"]
+    with pytest.raises(SourceError, match="1 of 1000 classes have no train images .n01443537"):
+        open_source(official_like.official(tmp_path / "o"))
+    with pytest.raises(SourceError, match="not an ImageNet layout"):
+        detect((tmp_path / "empty").mkdir() or tmp_path / "empty")
+
+
+def _bad_files_tree(root):
+    """A class-folder tree with one file of each bad kind ImageNet is known for, plus good ones."""
+    for c in ("a", "b"):
+        for split in ("train", "val"):
+            (root / split / c).mkdir(parents=True)
+            for k in range(3):
+                (root / split / c / f"good{k}.JPEG").write_bytes(tiny_jpeg(k + (c == "b") * 10, size=40))
+    rgb = Image.fromarray(np.full((40, 50, 3), (200, 30, 30), np.uint8))
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG")
+    (root / "train" / "a" / "png_named.JPEG").write_bytes(buf.getvalue())
+    buf = io.BytesIO()
+    rgb.convert("CMYK").save(buf, format="JPEG")
+    (root / "train" / "a" / "cmyk.JPEG").write_bytes(buf.getvalue())
+    buf = io.BytesIO()
+    rgb.convert("L").save(buf, format="JPEG")
+    (root / "train" / "b" / "gray.JPEG").write_bytes(buf.getvalue())
+    whole = tiny_jpeg(99, size=64)
+    (root / "train" / "b" / "truncated.JPEG").write_bytes(whole[: len(whole) // 2])
+    (root / "val" / "b" / "empty.JPEG").write_bytes(b"")
+    return root
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_bad_files_are_fixed_or_reported_never_silently_dropped(tmp_path, pack):
+    source = _bad_files_tree(tmp_path / "src")
+    manifest = prepare(source, tmp_path / "out", pack=pack, workers=2)
+    rows = [line.split("\t") for line in (tmp_path / "out" / "problems.tsv").read_text().splitlines()[1:]]
+    found = {os.path.basename(r[1]): (r[2], r[3]) for r in rows}
+    fixed = "re-encoded as RGB JPEG" if pack else "converted to RGB when loaded"
+    assert found == {"png_named.JPEG": ("not_jpeg", fixed), "cmyk.JPEG": ("cmyk", fixed),
+                     "gray.JPEG": ("grayscale", fixed), "truncated.JPEG": ("truncated", "left out"),
+                     "empty.JPEG": ("empty", "left out")}
+    assert manifest["splits"] == {"train": {"images": 9, "excluded": 1}, "val": {"images": 6, "excluded": 1}}
+    assert manifest["problems"] == {"empty": 1, "truncated": 1, "unreadable": 0, "not_jpeg": 1, "cmyk": 1,
+                                    "grayscale": 1, "other_mode": 0}
+    train, val = open_splits(tmp_path / "out")
+    assert len(train) == 9 and len(val) == 6
+    names = [n.decode().split("/")[-1] for n in train.names]
+    assert "truncated.JPEG" not in names and "png_named.JPEG" in names
+    if pack:
+        assert train.storage == "ranges"
+        for i in range(len(train)):
+            with Image.open(io.BytesIO(train.read(i))) as img:
+                assert (img.format, img.mode) == ("JPEG", "RGB")
+        red = train.read(names.index("png_named.JPEG"))
+        assert np.abs(np.asarray(Image.open(io.BytesIO(red))).reshape(-1, 3).mean(0) - (200, 30, 30)).max() < 10
+
+
+def test_pack_caps_the_short_side_and_keeps_small_jpegs_byte_for_byte(tmp_path):
+    root = tmp_path / "src"
+    for split in ("train", "val"):
+        (root / split / "c").mkdir(parents=True)
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 900, 3), np.uint8)).save(root / split / "c" / "big.JPEG")
+        (root / split / "c" / "small.JPEG").write_bytes(tiny_jpeg(1, size=100))
+    prepare(root, tmp_path / "out", pack=True, workers=1)
+    packed = ImageIndex.load(index_path(tmp_path / "out", "train", packed=True))
+    sizes = {n.decode(): Image.open(io.BytesIO(packed.read(i))).size for i, n in enumerate(packed.names)}
+    assert sizes == {"c/big.JPEG": (384, 256), "c/small.JPEG": (100, 100)}
+    assert packed.read(list(packed.names).index(b"c/small.JPEG")) == tiny_jpeg(1, size=100)
+
+
+def test_interrupted_pack_resumes_at_the_unfinished_shard(tmp_path, imagenet_like):
+    source = imagenet_like.folders(tmp_path / "src")
+    out = tmp_path / "out"
+    prepare(source, out, pack=True, workers=2, settings=_settings(shard_images=300))
+    first = prepared_pairs(out, packed=True)
+    shards = sorted((out / "packed").glob("train-*.bin"))
+    assert len(shards) == 4
+    stamps = {p.name: p.stat().st_mtime_ns for p in shards}
+    # As if killed while writing shard 2: its completion mark is gone and its data half written.
+    (out / "packed" / "train-00002.sizes.npz").unlink()
+    shards[2].rename(out / "packed" / "train-00002.bin.part")
+    (out / "packed" / "train-00002.bin.part").write_bytes(b"partial")
+    prepare(source, out, pack=True, workers=2, settings=_settings(shard_images=300))
+    assert prepared_pairs(out, packed=True) == first
+    after = {p.name: p.stat().st_mtime_ns for p in sorted((out / "packed").glob("train-*.bin"))}
+    assert [name for name in after if after[name] != stamps[name]] == ["train-00002.bin"]
+    with pytest.raises(SourceError, match="other settings"):
+        prepare(source, out, pack=True, workers=1, settings=_settings(shard_images=300, quality=80))
+
+
+def _settings(**kw):
+    from imagenet_resnet.data.prepare import PackSettings
+
+    return PackSettings(**kw)
+
+
+def test_verify_finds_a_damaged_shard(tmp_path):
+    source = _bad_files_tree(tmp_path / "src")
+    prepare(source, tmp_path / "out", pack=True, workers=1)
+    assert verify(tmp_path / "out", workers=1) == []
+    proc = run_cli("prepare", "--verify", str(tmp_path / "out"))
+    assert "OK" in proc.stderr
+    shard = tmp_path / "out" / "packed" / "train-00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    problems = verify(tmp_path / "out", workers=1)
+    assert len(problems) == 1 and "shorter than its index says" in problems[0]
+    assert run_cli("prepare", "--verify", str(tmp_path / "out"), check=False).returncode == 1
+
+
+def test_limit_per_class_keeps_the_first_n_of_each_class(tmp_path):
+    root = tmp_path / "src"
+    for split in ("train", "val"):
+        for c in ("a", "b", "c"):
+            (root / split / c).mkdir(parents=True)
+            for k in range(5):
+                (root / split / c / f"{k}.JPEG").write_bytes(tiny_jpeg(k))
+    manifest = prepare(root, tmp_path / "out", limit=2, workers=1)
+    train = ImageIndex.load(index_path(tmp_path / "out", "train"))
+    assert [n.decode() for n in train.names] == ["a/0.JPEG", "a/1.JPEG", "b/0.JPEG", "b/1.JPEG", "c/0.JPEG", "c/1.JPEG"]
+    assert manifest["splits"]["val"]["images"] == 6
+
+
+def test_index_of_imagenet_size_is_compact_and_round_trips(tmp_path):
+    n = 1_281_167
+    index = ImageIndex("ranges", tmp_path, np.array([f"n{k % 1000:08d}/n{k % 1000:08d}_{k}.JPEG" for k in range(n)], dtype=np.bytes_),
+                       (np.arange(n) % 1000).astype(np.int32), [f"n{k:08d}" for k in range(1000)],
+                       files=["a.bin"], file_ids=np.zeros(n, np.int32), offsets=np.arange(n, dtype=np.int64) * 1000,
+                       sizes=np.full(n, 1000, np.int64))
+    index.save(tmp_path / "train.index.npz")
+    loaded = ImageIndex.load(tmp_path / "train.index.npz")
+    assert np.array_equal(loaded.names, index.names) and np.array_equal(loaded.offsets, index.offsets)
+    per_image = sum(a.nbytes for a in (loaded.names, loaded.labels, loaded.file_ids, loaded.offsets, loaded.sizes)) / n
+    assert per_image < 64, per_image  # about 80 MB for all of ImageNet's training set
+
+
+def test_train_runs_on_a_packed_folder(tmp_path, tiny_data):
+    proc = run_cli("prepare", str(tiny_data), "--out", str(tmp_path / "prepared"), "--pack", "--short-side", "32")
+    assert "next: imagenet-resnet train --data" in proc.stdout
+    run = tmp_path / "run"
+    run_cli(*tiny_train_args(tmp_path / "prepared", run, "--epochs", "1"))
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["epoch"] == 1 and metrics[-1]["val_images"] == 40
+
+
+def test_bench_data_prints_both_rates_and_their_ratio(tmp_path, tiny_data):
+    run_cli("prepare", str(tiny_data), "--out", str(tmp_path / "prepared"), "--pack", "--short-side", "32")
+    proc = run_cli("bench", "data", "--data", str(tmp_path / "prepared"), "--size", "32", "--images", "50",
+                   "--seconds", "0.2", "--workers", "1", "--batch-size", "16", "--json", str(tmp_path / "b.json"))
+    record = json.loads(proc.stdout)
+    assert record == json.loads((tmp_path / "b.json").read_text())
+    assert record["baseline_images_per_s_per_core"] > 0 and record["ours_images_per_s_per_core"] > 0
+    assert record["ratio"] == pytest.approx(record["ours_images_per_s_per_core"] / record["baseline_images_per_s_per_core"], rel=0.01)
+    assert record["loader_images_per_s"] > 0 and record["packed_short_side"] == 32
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "imagenet-meta").exists(), reason="needs ../shared/data/imagenet-meta")
+def test_real_devkit_and_kaggle_label_files_agree_on_all_50000_val_images(tmp_path):
+    meta = SHARED_DATA / "imagenet-meta"
+    mapping = dict(line.split()[:2][::-1] for line in (meta / "map_clsloc.txt").read_text().splitlines())  # id -> wnid
+    truth = [mapping[x] for x in (meta / "ILSVRC2012_validation_ground_truth.txt").read_text().split()]
+    classes = (meta / "imagenet_synsets.txt").read_text().split()
+    like = ImageNetLike(val_labels=[classes.index(w) for w in truth])
+    official = open_source(like.official(tmp_path / "official"))
+    rows = [line.split(",")[:2] for line in (meta / "LOC_val_solution.csv").read_text().splitlines()[1:]]
+    kaggle_like = ImageNetLike(val_labels=[])
+    kaggle_like.val = like.val
+    kaggle_dir = kaggle_like.kaggle(tmp_path / "kaggle", solution_rows=[(i, p.split()[0]) for i, p in rows])
+    shutil.copy(meta / "LOC_synset_mapping.txt", kaggle_dir / "LOC_synset_mapping.txt")
+    kaggle = open_source(kaggle_dir)
+    assert official.classes == kaggle.classes == classes
+    by_name = lambda index: {n.decode().rsplit("/", 1)[-1]: int(lb) for n, lb in zip(index.names, index.labels)}
+    official_val, kaggle_val = by_name(official.splits["val"]), by_name(kaggle.splits["val"])
+    assert len(official_val) == 50_000 and official_val == kaggle_val
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "tiny-imagenet-200").exists(), reason="needs ../shared/data/tiny-imagenet-200")
+def test_real_tiny_imagenet(tmp_path):
+    real = SHARED_DATA / "tiny-imagenet-200"
+    root = tmp_path / "tiny-imagenet-200"
+    (root / "val").mkdir(parents=True)
+    for name in ("wnids.txt", "words.txt"):
+        shutil.copy(real / name, root / name)
+    shutil.copy(real / "val" / "val_annotations.txt", root / "val" / "val_annotations.txt")
+    (root / "val" / "images").symlink_to(real / "val" / "images")
+    # The shared copy has no train split: give each class its first five val images as training images.
+    annotations = [line.split("\t")[:2] for line in (real / "val" / "val_annotations.txt").read_text().splitlines()]
+    for file, wnid in annotations:
+        folder = root / "train" / wnid / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        if len(os.listdir(folder)) < 5:
+            (folder / file).symlink_to(real / "val" / "images" / file)
+    source = open_source(root)
+    assert source.kind == "tiny" and len(source.classes) == 200 and source.classes == sorted(source.classes)
+    label_of = dict(annotations)
+    val = source.splits["val"]
+    assert len(val) == 10_000
+    assert all(source.classes[val.labels[i]] == label_of[val.names[i].decode().split("/")[-1]] for i in range(len(val)))
+    assert source.names[source.classes.index("n01443537")] == "goldfish, Carassius auratus"
+    manifest = prepare(root, tmp_path / "out", pack=True, limit=3, workers=2)
+    assert manifest["splits"]["train"]["images"] == 600 and manifest["packed"]["splits"]["val"]["images"] == 600
