@@ -1,15 +1,16 @@
-"""The `imagenet-resnet` command: prepare, train, evaluate, bench, demo."""
+"""The `imagenet-resnet` command: prepare, train, find-lr, evaluate, bench, demo."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from . import bench
+from . import bench, distributed
 from .config import Config, ConfigError, load_config
 
 DEMO_DATA_DEFAULT = Path.home() / ".cache" / "imagenet-resnet" / "shapes"
@@ -25,15 +26,20 @@ DEMO_SETTINGS = [
 ]
 
 
-def _train_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="train a ResNet on a class-folder dataset")
-    p.add_argument("--data", help="folder with train/<class>/ and val/<class>/ (default: the built-in shapes dataset)")
-    p.add_argument("--out", help="run folder (default: runs/<date-time>)")
+def _train_parser(sub, name: str = "train", help: str = "train a ResNet") -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--data", help="a prepared folder, or one with train/<class>/ and val/<class>/ "
+                   "(default: the built-in shapes dataset)")
+    if name == "train":
+        p.add_argument("--out", help="run folder (default: runs/<date-time>)")
     p.add_argument("--recipe", help="YAML recipe, e.g. recipes/resnet50_step90.yaml")
     p.add_argument("--model", help="resnet18 | resnet34 | resnet50 | resnet101 | resnet152")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per process per forward pass")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt if there is one")
+    if name == "train":
+        p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt if there is one")
+        p.add_argument("--init-from", help="start from these weights (torchvision/timm ResNet state dict or one of "
+                       "our checkpoints); a head for another number of classes is replaced")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set optim.lr=0.2 (repeatable)")
     return p
@@ -64,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=-1, help="processes (default: one per core)")
     p.add_argument("--verify", metavar="DATA", help="re-check a prepared folder instead")
 
+    p = _train_parser(sub, "find-lr", "LR range test: sweep the LR exponentially, plot loss vs LR, suggest a peak LR")
+    p.add_argument("--plot", default="lr_find.png", help="where to write the plot (and its numbers as .json)")
+    p.add_argument("--start-lr", type=float, default=1e-5)
+    p.add_argument("--end-lr", type=float, default=10.0)
+    p.add_argument("--steps", type=int, default=200, help="steps of the sweep (it stops early once the loss explodes)")
+
     bench.add_parser(sub)
 
     p = sub.add_parser("demo", help="generate a small shapes dataset, train a small ResNet on CPU, evaluate")
@@ -75,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_for_train(args) -> Config:
     overrides = [] if args.recipe else list(DEMO_SETTINGS) if not args.data else []
     overrides += [f"data.path={args.data}"] if args.data else []
-    for flag, key in (("model", "model.name"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size")):
-        if getattr(args, flag) is not None:
+    for flag, key in (("model", "model.name"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
+                      ("init_from", "train.init_from")):
+        if getattr(args, flag, None) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     return load_config(args.recipe, overrides + args.overrides)
 
@@ -85,6 +98,8 @@ def cmd_train(args) -> int:
     from .data.synthetic import make_shapes_dataset
     from .engine import RunStopped, train
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (args.data and args.out):
+        raise ValueError("under torchrun give --data and --out, so that every process uses the same folders")
     if not args.data:
         args.data = str(make_shapes_dataset(DEMO_DATA_DEFAULT))
         print(f"no --data given: training on the built-in shapes dataset in {args.data}"
@@ -95,7 +110,28 @@ def cmd_train(args) -> int:
         metrics = train(cfg, out, resume=args.resume)
     except RunStopped as stop:
         return stop.exit_code
-    print(json.dumps({"run": str(out), **{k: metrics.get(k) for k in ("epoch", "val_top1", "val_top5")}}))
+    finally:
+        distributed.shutdown()
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({"run": str(out), **{k: metrics.get(k) for k in ("epoch", "val_top1", "val_top5")}}))
+    return 0
+
+
+def cmd_find_lr(args) -> int:
+    from .data.synthetic import make_shapes_dataset
+    from .engine import find_lr
+
+    if not args.data:
+        args.data = str(make_shapes_dataset(DEMO_DATA_DEFAULT))
+    try:
+        picks = find_lr(_config_for_train(args), args.plot, args.start_lr, args.end_lr, args.steps)
+    finally:
+        distributed.shutdown()
+    if os.environ.get("RANK", "0") == "0":
+        print(f"suggested peak LR {picks['suggested_lr']:.3g} at global batch {picks['global_batch']}: "
+              f"--set optim.lr={picks['suggested_optim_lr_per_256']:.4g} (per 256 images); plot in {args.plot}",
+              file=sys.stderr)
+        print(json.dumps({**picks, "plot": str(args.plot)}))
     return 0
 
 
@@ -178,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     try:
-        commands = {"train": cmd_train, "evaluate": cmd_evaluate, "prepare": cmd_prepare, "demo": cmd_demo,
-                    "bench": bench.main}
+        commands = {"train": cmd_train, "evaluate": cmd_evaluate, "prepare": cmd_prepare, "find-lr": cmd_find_lr,
+                    "demo": cmd_demo, "bench": bench.main}
         return commands[args.command](args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         print(f"imagenet-resnet {args.command}: {e}", file=sys.stderr)

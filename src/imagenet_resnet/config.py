@@ -19,18 +19,25 @@ class ModelConfig:
     width: int = 64  # channels of the first stage; 64 is the paper's ResNet
     zero_init_residual: bool = True  # last BN of each block starts at zero
     channels_last: bool = True  # NHWC memory layout on the GPU (faster convs with tensor cores)
+    blurpool: bool = False  # low-pass before every strided conv (FFCV's ResNet-50 recipes); same weights' names
 
 
 @dataclass
 class DataConfig:
     path: str = ""  # a folder made by `imagenet-resnet prepare`, or any folder holding train/ and val/
     packed: bool = True  # read the packed copy when the prepared folder has one
-    train_size: int = 224  # side of the random-resized crop
+    train_size: int = 224  # side of the random-resized crop (the final one with progressive resizing)
+    progressive_start_size: int = 0  # 0 = off; else train at this side up to progressive_start_epoch, then
+    progressive_start_epoch: int = 0  # ramp linearly to train_size by progressive_end_epoch, in steps of 32
+    progressive_end_epoch: int = 0  # (FFCV's min_res, start_ramp, end_ramp; epochs counted from 0)
     eval_size: int = 224  # side of the centre crop
     eval_crop_ratio: float = 0.875  # crop / resized short side (224/256)
+    eval_flip: bool = False  # test-time augmentation: average the logits of each image and its mirror image
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # area fraction of the crop
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # aspect ratio of the crop
     hflip: bool = True
+    mixup_alpha: float = 0.0  # Mixup, lambda ~ Beta(a, a); 0 = off (0.2 is common)
+    cutmix_alpha: float = 0.0  # CutMix; 0 = off (1.0 is common); with both on, one of the two per batch
     color_jitter: float = 0.0  # brightness/contrast/saturation factors drawn from [1-j, 1+j]; 0 = off
     workers: int = -1  # data-loading processes; -1 = one per CPU core, at most 16
     prefetch_batches: int = 4  # batches each worker prepares ahead
@@ -38,13 +45,16 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"
+    name: str = "sgd"  # sgd | adamw | lamb
     lr: float = 0.1  # per 256 images: the LR used is lr * global_batch / 256
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw, lamb
+    weight_decay: float = 1e-4  # decoupled (AdamW-style) for adamw and lamb
+    clip_grad_norm: float = 0.0  # clip the global gradient norm to this; 0 = off
     decay_bn_and_bias: bool = False  # weight decay on BN parameters and biases too (usually hurts)
     label_smoothing: float = 0.0
+    find_lr: bool = False  # run the LR range test first and train with its suggestion instead of `lr`
     fused: bool = False  # one fused CUDA kernel for the whole SGD update (CUDA only)
 
 
@@ -67,16 +77,21 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 90
-    batch_size: int = 256  # images per process per forward pass (a micro-batch)
+    batch_size: int = 256  # images per process (per GPU) per forward pass: a micro-batch, not the global batch
     accumulation_steps: int = 1  # micro-batches per optimizer step: global batch = batch_size * this * world size
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
+    sync_bn: bool = False  # under torchrun, BatchNorm statistics over the global batch (slower; for small per-GPU batches)
     deterministic: bool = False  # bitwise-reproducible kernels (slower on GPU)
     eval_every: int = 1  # epochs between validations; the last epoch is always evaluated
     checkpoint_every_steps: int = 0  # also write last.pt every N optimizer steps; 0 = epoch ends only
     log_every_steps: int = 50
     stop_at_step: int = 0  # checkpoint and stop after this many optimizer steps (a time-boxed session); 0 = off
+    ema_decay: float = 0.0  # keep an exponential moving average of the weights (e.g. 0.9999), evaluated too; 0 = off
+    compile: str = ""  # torch.compile mode: "" = off, default, reduce-overhead, max-autotune, ...
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no C++ compiler needed)
+    init_from: str = ""  # start from these weights (torchvision/timm format or our checkpoint); a different head is replaced
 
 
 @dataclass
@@ -184,8 +199,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.precision={t.precision!r}: choose auto, fp32, bf16 or fp16")
     if s.name not in ("step", "cosine", "onecycle", "linear", "constant"):
         raise ConfigError(f"schedule.name={s.name!r}: choose step, cosine, onecycle, linear or constant")
-    if cfg.optim.name != "sgd":
-        raise ConfigError(f"optim.name={cfg.optim.name!r}: only sgd is available")
+    if cfg.optim.name not in ("sgd", "adamw", "lamb"):
+        raise ConfigError(f"optim.name={cfg.optim.name!r}: choose sgd, adamw or lamb")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay={t.ema_decay}: need 0 <= decay < 1 (0 turns it off)")
     lo, hi = cfg.data.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"data.crop_scale={cfg.data.crop_scale}: need 0 < min <= max <= 1")

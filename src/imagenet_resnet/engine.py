@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -15,14 +16,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import Config, save_config
 from .data.classes import display_name
 from .data.index import ImageIndex
 from .data.prepared import open_splits
 from .data.loader import DeviceNormalize, EpochBatchSampler, ImageDataset, SkippedImages, build_loader
-from .data.presets import EvalPreset, TrainPreset
-from .models import build_model, clean_state_dict
+from .data.presets import EvalPreset, TrainPreset, progressive_size
+from .augment import MixAugment
+from .models import build_model, clean_state_dict, load_weights
+from .optim import Lamb
 from .schedules import LRSchedule
 
 
@@ -61,18 +64,24 @@ def set_determinism(seed: int, deterministic: bool) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
-    """SGD with weight decay on conv and linear weights only, unless optim.decay_bn_and_bias is set."""
+    """SGD, AdamW or LAMB, with weight decay on conv and linear weights only unless optim.decay_bn_and_bias."""
     o = cfg.optim
     decay = [p for p in model.parameters() if p.ndim > 1 or o.decay_bn_and_bias]
     no_decay = [p for p in model.parameters() if not (p.ndim > 1 or o.decay_bn_and_bias)]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = o.fused and next(model.parameters()).is_cuda
-    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov, fused=fused or None)
+    fused = (o.fused and next(model.parameters()).is_cuda) or None
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), fused=fused)
+    if o.name == "lamb":
+        return Lamb(groups, lr=lr, betas=o.betas)
+    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov, fused=fused)
 
 
 @torch.no_grad()
-def evaluate(model, loader, normalize: DeviceNormalize, precision: str, skipped: SkippedImages | None = None):
-    """Top-1, top-5 and mean cross-entropy over every readable image of the loader."""
+def evaluate(model, loader, normalize: DeviceNormalize, precision: str, skipped: SkippedImages | None = None,
+             flip: bool = False):
+    """Top-1, top-5 and mean cross-entropy over every readable image of the loader; with `flip`, of the
+    mean logits of each image and its mirror image (test-time augmentation)."""
     model.eval()
     device = normalize.device
     correct1 = torch.zeros((), device=device, dtype=torch.int64)
@@ -86,36 +95,53 @@ def evaluate(model, loader, normalize: DeviceNormalize, precision: str, skipped:
             continue
         labels = labels.to(device, non_blocking=True)
         with autocast(precision, device):
-            logits = model(normalize(batch))
-        logits = logits.float()
+            images_in = normalize(batch)
+            logits = model(images_in).float()
+            if flip:
+                logits = (logits + model(images_in.flip(3)).float()) / 2
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
         correct1 += hits[:, 0].sum()
         correct5 += hits.any(dim=1).sum()
         images += len(labels)
+    # Under torchrun each process saw its own share of the images (each image exactly once): add them up.
+    c1, c5, loss, images = distributed.all_sum([correct1.item(), correct5.item(), loss_sum.item(), images], device)
     n = max(images, 1)
-    return {"top1": correct1.item() / n, "top5": correct5.item() / n, "loss": loss_sum.item() / n, "images": images}
+    return {"top1": c1 / n, "top5": c5 / n, "loss": loss / n, "images": int(images)}
 
 
 def train_step(model, optimizer, scaler, micro_batches, normalize: DeviceNormalize, precision: str,
-               label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+               label_smoothing: float = 0.0, clip_grad_norm: float = 0.0, mix: MixAugment | None = None,
+               step: int = 0) -> tuple[torch.Tensor, int]:
     """One optimizer step over one or more micro-batches (gradient accumulation). Each micro-batch's mean
     loss is weighted by its share of the step's images, so the gradient equals that of one big batch even
     when unreadable images made the micro-batches unequal. Returns the summed loss (on the device) and images."""
     device = normalize.device
     step_images = sum(len(labels) for _, labels, _ in micro_batches)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    for batch, labels, _ in micro_batches:
+    last = max((k for k, (_, labels, _) in enumerate(micro_batches) if len(labels)), default=-1)
+    for k, (batch, labels, _) in enumerate(micro_batches):
         if len(labels) == 0:
             continue
         labels = labels.to(device, non_blocking=True)
-        with autocast(precision, device):
-            logits = model(normalize(batch))
-            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-        scaler.scale(loss * (len(labels) / step_images)).backward()
+        # Under DDP, gradients are all-reduced once per step, on the last micro-batch, not on every one.
+        skip_sync = k != last and hasattr(model, "no_sync")
+        with model.no_sync() if skip_sync else contextlib.nullcontext():
+            images = normalize(batch)
+            if mix is not None:
+                images, other_labels, lam = mix(images, labels, step, k)
+            with autocast(precision, device):
+                logits = model(images)
+                loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+                if mix is not None:
+                    loss = lam * loss + (1 - lam) * F.cross_entropy(logits, other_labels, label_smoothing=label_smoothing)
+            scaler.scale(loss * (len(labels) / step_images)).backward()
         loss_sum += loss.detach() * len(labels)
     if step_images:
+        if clip_grad_norm:
+            scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -164,41 +190,55 @@ class RunStopped(Exception):
         self.exit_code = exit_code
 
 
-def load_datasets(cfg: Config) -> tuple[ImageIndex, ImageIndex]:
-    return open_splits(cfg.data.path, packed=cfg.data.packed)
-
-
 class RunLog:
-    """Prints to stdout and appends the same lines to RUN/train.log."""
+    """Prints to stdout and appends the same lines to RUN/train.log; silent on ranks other than 0."""
 
-    def __init__(self, out_dir: Path):
-        self.file = open(out_dir / "train.log", "a", buffering=1)
+    def __init__(self, out_dir: Path, enabled: bool = True):
+        self.file = open(out_dir / "train.log", "a", buffering=1) if enabled else None
 
     def __call__(self, message: str) -> None:
+        if self.file is None:
+            return
         line = f"{time.strftime('%H:%M:%S')} {message}"
         print(line, flush=True)
         self.file.write(line + "\n")
 
 
-def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path, metrics_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "metrics.jsonl"
-    if last_path.exists() and not resume:
-        raise FileExistsError(f"{out_dir} already holds a run; add --resume to continue it, or pick another --out")
-    log = RunLog(out_dir)
-    device = resolve_device(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, device)
-    set_determinism(cfg.train.seed, cfg.train.deterministic)
-    save_config(cfg, out_dir / "config.yaml")
+@dataclass
+class RunParts:
+    """What a run trains with: data, model, optimizer, built from the config for this process."""
 
-    # Data: index, presets, loaders. The train sampler drops the last partial batch; validation sees every image.
-    train_index, val_index = load_datasets(cfg)
+    train_index: ImageIndex
+    train_set: ImageDataset
+    val_set: ImageDataset
+    train_sampler: EpochBatchSampler
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    steps_per_epoch: int
+    model: torch.nn.Module  # the bare network: saved and evaluated
+    runner: torch.nn.Module  # the one trained: the model, wrapped in DDP under torchrun
+    global_batch: int
+    peak_lr: float
+    optimizer: torch.optim.Optimizer
+    normalize: DeviceNormalize
+
+
+def build_run(cfg: Config, world: distributed.Dist, device: torch.device) -> RunParts:
+    # Data: index, presets, loaders. Under torchrun each process takes its block of every global batch; the
+    # train sampler drops the last partial batch; validation sees every image exactly once, over all ranks.
+    train_index, val_index = open_splits(cfg.data.path, packed=cfg.data.packed)
     d, t = cfg.data, cfg.train
-    train_set = ImageDataset(train_index, TrainPreset(d.train_size, d.crop_scale, d.crop_ratio, d.hflip, d.color_jitter), t.seed)
+    size_at_epoch = None
+    if d.progressive_start_size:
+        size_at_epoch = functools.partial(progressive_size, start_size=d.progressive_start_size, end_size=d.train_size,
+                                          start_epoch=d.progressive_start_epoch, end_epoch=d.progressive_end_epoch)
+    train_preset = TrainPreset(d.train_size, d.crop_scale, d.crop_ratio, d.hflip, d.color_jitter, size_at_epoch)
+    train_set = ImageDataset(train_index, train_preset, t.seed)
     val_set = ImageDataset(val_index, EvalPreset(d.eval_size, d.eval_crop_ratio), t.seed)
-    train_sampler = EpochBatchSampler(len(train_set), t.batch_size, shuffle=True, drop_last=True, seed=t.seed)
-    val_sampler = EpochBatchSampler(len(val_set), t.batch_size, shuffle=False, drop_last=False)
+    train_sampler = EpochBatchSampler(len(train_set), t.batch_size, shuffle=True, drop_last=True, seed=t.seed,
+                                      rank=world.rank, world_size=world.world_size)
+    val_sampler = EpochBatchSampler(len(val_set), t.batch_size, shuffle=False, drop_last=False,
+                                    rank=world.rank, world_size=world.world_size)
     pin = device.type == "cuda"
     train_loader = build_loader(train_set, train_sampler, d.workers, pin, d.prefetch_batches)
     val_loader = build_loader(val_set, val_sampler, d.workers, pin, d.prefetch_batches)
@@ -207,16 +247,100 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
         raise ValueError(f"{train_index.root}: {len(train_set)} images are fewer than one optimizer step "
                          f"({t.batch_size} x {t.accumulation_steps}); lower --batch-size")
 
-    # Model, optimizer, schedule. The LR in the config is per 256 images, scaled to the global batch.
-    model = build_model(cfg.model.name, len(train_index.classes), cfg.model.width, cfg.model.zero_init_residual)
+    # Model and optimizer. The LR in the config is per 256 images, scaled to the global batch.
+    model = build_model(cfg.model.name, len(train_index.classes), cfg.model.width, cfg.model.zero_init_residual,
+                        cfg.model.blurpool)
+    if t.init_from:
+        replaced = load_weights(model, t.init_from)
+        if world.is_main:
+            print(f"initialised from {t.init_from}" + (" (new classifier head)" if replaced else ""), flush=True)
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    if t.sync_bn and world.enabled:
+        if device.type != "cuda":
+            raise ValueError("train.sync_bn needs CUDA GPUs: PyTorch's SyncBatchNorm has no CPU kernel")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format)
-    global_batch = t.batch_size * t.accumulation_steps
+    runner = model
+    if world.enabled:
+        runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if t.compile:  # the bare `model` is what is saved, so no `_orig_mod.` prefix reaches a checkpoint
+        runner = torch.compile(runner, mode=None if t.compile == "default" else t.compile, backend=t.compile_backend)
+    global_batch = t.batch_size * t.accumulation_steps * world.world_size
     peak_lr = cfg.optim.lr * global_batch / 256
     optimizer = build_optimizer(model, cfg, peak_lr)
+    normalize = DeviceNormalize(device, cfg.model.channels_last)
+    return RunParts(train_index, train_set, val_set, train_sampler, train_loader, val_loader, steps_per_epoch,
+                    model, runner, global_batch, peak_lr, optimizer, normalize)
+
+
+def _sweep(parts: RunParts, cfg: Config, precision: str, start_lr: float = 1e-5, end_lr: float = 10.0,
+           steps: int = 200):
+    """The LR range test on copies of this run's model and optimizer, fed by its training loader."""
+    from .lr_finder import sweep
+
+    def batches():
+        epoch = 0
+        while True:  # a small dataset may need several passes
+            parts.train_sampler.set_epoch(10_000 + epoch)  # epochs the run itself never uses
+            yield from parts.train_loader
+            epoch += 1
+
+    return sweep(parts.model, parts.optimizer, batches(), parts.normalize, precision, cfg.optim.label_smoothing,
+                 start_lr, end_lr, steps)
+
+
+def find_lr(cfg: Config, out_png: str | Path, start_lr: float = 1e-5, end_lr: float = 10.0,
+            steps: int = 200) -> dict[str, float]:
+    """`imagenet-resnet find-lr`: sweep, plot on rank 0, and return the suggestion."""
+    from .lr_finder import save_plot
+
+    world, device = distributed.init(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    set_determinism(cfg.train.seed, cfg.train.deterministic)
+    parts = build_run(cfg, world, device)
+    result = _sweep(parts, cfg, precision, start_lr, end_lr, steps)
+    picks = result.suggestion()
+    if world.is_main:
+        save_plot(result, out_png, parts.global_batch)
+    return {**picks, "suggested_optim_lr_per_256": picks["suggested_lr"] * 256 / parts.global_batch,
+            "global_batch": parts.global_batch, "steps": len(result.lrs), "diverged": result.diverged}
+
+
+def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path, metrics_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "metrics.jsonl"
+    if last_path.exists() and not resume:
+        raise FileExistsError(f"{out_dir} already holds a run; add --resume to continue it, or pick another --out")
+    world, device = distributed.init(cfg.train.device)
+    log = RunLog(out_dir, enabled=world.is_main)
+    precision = resolve_precision(cfg.train.precision, device)
+    set_determinism(cfg.train.seed, cfg.train.deterministic)
+
+    parts = build_run(cfg, world, device)
+    t = cfg.train
+    if cfg.optim.find_lr and not (resume and last_path.exists()):
+        found = _sweep(parts, cfg, precision)
+        picks = found.suggestion()
+        cfg.optim.lr = picks["suggested_lr"] * 256 / parts.global_batch  # per 256 images, as configs give it
+        parts.peak_lr = picks["suggested_lr"]
+        for group in parts.optimizer.param_groups:
+            group["lr"] = parts.peak_lr
+        log(f"LR finder: lowest smoothed loss at {picks['min_loss_lr']:.3g}; training with peak LR "
+            f"{parts.peak_lr:.3g} (optim.lr={cfg.optim.lr:.4g} per 256 images)")
+    train_index, train_set, val_set = parts.train_index, parts.train_set, parts.val_set
+    train_sampler, train_loader, val_loader = parts.train_sampler, parts.train_loader, parts.val_loader
+    model, runner, optimizer, normalize = parts.model, parts.runner, parts.optimizer, parts.normalize
+    steps_per_epoch, global_batch, peak_lr = parts.steps_per_epoch, parts.global_batch, parts.peak_lr
     schedule = LRSchedule(cfg.schedule, peak_lr, t.epochs, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    normalize = DeviceNormalize(device, cfg.model.channels_last)
+    mix = None
+    if cfg.data.mixup_alpha or cfg.data.cutmix_alpha:
+        mix = MixAugment(cfg.data.mixup_alpha, cfg.data.cutmix_alpha, t.seed)
+    ema = None
+    if t.ema_decay:  # weights and BatchNorm statistics both averaged
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
     skipped = SkippedImages()
     progress = Progress()
 
@@ -225,10 +349,17 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
         model.load_state_dict(clean_state_dict(state["model"]))
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("model_ema"):
+            ema.load_state_dict(state["model_ema"])
         checkpoint.set_rng_state(state["rng"])
+        if cfg.optim.find_lr:  # keep the LR the finder chose when the run started
+            cfg.optim.lr = state["config"]["optim"]["lr"]
+            peak_lr = cfg.optim.lr * global_batch / 256
+            schedule = LRSchedule(cfg.schedule, peak_lr, t.epochs, steps_per_epoch)
         progress = Progress(**state["progress"])
         skipped.count = progress.skipped_images
-        _drop_metrics_after(metrics_path, progress.epoch)
+        if world.is_main:
+            _drop_metrics_after(metrics_path, progress.epoch)
         changed = _changed_settings(state["config"], cfg.to_dict())
         if changed:
             log(f"resuming with settings changed since the checkpoint: {', '.join(changed)}")
@@ -238,16 +369,22 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
 
     def save(path: Path) -> None:
         progress.skipped_images = skipped.count
+        if not world.is_main:
+            return
         checkpoint.save_atomic({
             "model": clean_state_dict(model.state_dict()), "optimizer": optimizer.state_dict(),
+            "model_ema": ema.state_dict() if ema is not None else None,
             "scaler": scaler.state_dict(), "progress": asdict(progress), "rng": checkpoint.rng_state(),
             "data_order": {"seed": t.seed, "epoch": progress.epoch, "batches_done": progress.step_in_epoch * t.accumulation_steps},
             "config": cfg.to_dict(), "classes": train_index.classes,
             "class_names": [display_name(c) for c in train_index.classes],
         }, path)
 
+    if world.is_main:  # resolved: with the LR the finder chose, if it ran
+        save_config(cfg, out_dir / "config.yaml")
     log(f"{cfg.model.name} | {len(train_index.classes)} classes | train {len(train_set)} / val {len(val_set)} images | "
-        f"{device} {precision} | global batch {global_batch} ({t.batch_size} x {t.accumulation_steps} accumulation) | "
+        f"{device} {precision} | {world.world_size} process(es) | global batch {global_batch} "
+        f"({t.batch_size} per process x {t.accumulation_steps} accumulation x {world.world_size}) | "
         f"peak LR {peak_lr:.4g} ({cfg.optim.lr} per 256) | {steps_per_epoch} steps/epoch x {t.epochs} epochs")
     last_metrics: dict[str, Any] = {}
     with StopRequest() as stop:
@@ -265,8 +402,11 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
                 step_batches = [next(micro_batches) for _ in range(t.accumulation_steps)]
                 for _, _, problems in step_batches:
                     skipped.add(problems)
-                step_loss, step_images = train_step(model, optimizer, scaler, step_batches, normalize, precision,
-                                                    cfg.optim.label_smoothing)
+                step_loss, step_images = train_step(runner, optimizer, scaler, step_batches, normalize, precision,
+                                                    cfg.optim.label_smoothing, cfg.optim.clip_grad_norm, mix,
+                                                    progress.global_step)
+                if ema is not None:
+                    ema.update_parameters(model)
                 loss_sum += step_loss
                 images += step_images
                 progress.global_step += 1
@@ -274,55 +414,69 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
                 if t.log_every_steps and progress.global_step % t.log_every_steps == 0:
                     seen = progress.epoch_images + images
                     running = (progress.epoch_loss_sum + loss_sum.item()) / max(seen, 1)
-                    rate = images / (time.perf_counter() - started)
+                    rate = images * world.world_size / (time.perf_counter() - started)
                     log(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {running:.4f} lr {lr:.4g} {rate:.0f} img/s")
                 stop_at = t.stop_at_step and progress.global_step >= t.stop_at_step
                 periodic = t.checkpoint_every_steps and progress.global_step % t.checkpoint_every_steps == 0
-                if stop.signal is not None or stop_at or (periodic and step + 1 < steps_per_epoch):
-                    _fold_epoch_sums(progress, loss_sum, images, started)
+                stop_signal = distributed.any_rank(stop.signal or 0, device)  # all ranks stop at the same step
+                if stop_signal or stop_at or (periodic and step + 1 < steps_per_epoch):
+                    _fold_epoch_sums(progress, loss_sum, images, started, device)
                     loss_sum.zero_()
                     started, images = time.perf_counter(), 0
                     save(last_path)
-                    if stop.signal is not None:
-                        log(f"received {signal.Signals(stop.signal).name}: saved {last_path} at global step "
+                    distributed.barrier()  # nobody exits while rank 0 is still writing
+                    if stop_signal:
+                        log(f"received {signal.Signals(stop_signal).name}: saved {last_path} at global step "
                             f"{progress.global_step}; run the same command with --resume to continue")
-                        raise RunStopped("signal", 128 + stop.signal)
+                        raise RunStopped("signal", 128 + stop_signal)
                     if stop_at:
                         log(f"reached train.stop_at_step={t.stop_at_step}: saved {last_path}; --resume continues")
                         raise RunStopped("stop_at_step", 0)
-            _fold_epoch_sums(progress, loss_sum, images, started)
+            _fold_epoch_sums(progress, loss_sum, images, started, device)
             del micro_batches
 
             # End of epoch: validate when due, log one metrics line, checkpoint.
             epoch_record = _finish_epoch(progress, epoch, steps_per_epoch, lr)
+            epoch_record["train_size"] = train_set.preset.side(epoch)
+            distributed.broadcast_buffers(model)
             if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
-                val = evaluate(model, val_loader, normalize, precision, skipped)
+                val = evaluate(model, val_loader, normalize, precision, skipped, cfg.data.eval_flip)
                 epoch_record.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"], val_images=val["images"])
+                if ema is not None:
+                    distributed.broadcast_buffers(ema.module)
+                    val_ema = evaluate(ema.module, val_loader, normalize, precision, None, cfg.data.eval_flip)
+                    epoch_record.update(val_loss_ema=val_ema["loss"], val_top1_ema=val_ema["top1"], val_top5_ema=val_ema["top5"])
+                    log(f"epoch {epoch + 1}/{t.epochs} EMA weights: val top-1 {val_ema['top1']:.4f} top-5 {val_ema['top5']:.4f}")
                 log(f"epoch {epoch + 1}/{t.epochs} train loss {epoch_record['train_loss']:.4f} | val loss {val['loss']:.4f} "
                     f"top-1 {val['top1']:.4f} top-5 {val['top5']:.4f} | {epoch_record['images_per_sec']:.0f} img/s "
                     f"{epoch_record['epoch_seconds']:.1f} s")
             else:
                 epoch_record.update(val_loss=None, val_top1=None, val_top5=None, val_images=0)
                 log(f"epoch {epoch + 1}/{t.epochs} train loss {epoch_record['train_loss']:.4f} | {epoch_record['images_per_sec']:.0f} img/s")
-            epoch_record["skipped_images"] = skipped.count
+            epoch_record["skipped_images"] = int(distributed.all_sum([skipped.count], device)[0])
             is_best = epoch_record["val_top1"] is not None and epoch_record["val_top1"] > progress.best_top1
             if is_best:
                 progress.best_top1 = epoch_record["val_top1"]
             save(last_path)
             if is_best:
                 save(best_path)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(epoch_record) + "\n")
+            if world.is_main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(epoch_record) + "\n")
+            distributed.barrier()
             last_metrics = epoch_record
     if skipped.count:
         log(f"{skipped.count} unreadable images were skipped (named in the warnings above)")
     return last_metrics
 
 
-def _fold_epoch_sums(progress: Progress, loss_sum: torch.Tensor, images: int, started: float) -> None:
-    """Move the in-flight training sums into `progress`, which a checkpoint carries across a restart."""
-    progress.epoch_loss_sum += loss_sum.item()  # .item() waits for the GPU, so the time below is real
-    progress.epoch_images += images
+def _fold_epoch_sums(progress: Progress, loss_sum: torch.Tensor, images: int, started: float,
+                     device: torch.device) -> None:
+    """Move the in-flight training sums, added up over all ranks, into `progress`, which a checkpoint
+    carries across a restart."""
+    loss, images = distributed.all_sum([loss_sum.item(), images], device)  # waits for the GPU: the time is real
+    progress.epoch_loss_sum += loss
+    progress.epoch_images += int(images)
     progress.epoch_seconds += time.perf_counter() - started
 
 

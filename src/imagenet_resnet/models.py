@@ -129,12 +129,67 @@ ARCHITECTURES: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, i
 }
 
 
-def build_model(name: str, num_classes: int = 1000, width: int = 64, zero_init_residual: bool = False) -> ResNet:
+def build_model(name: str, num_classes: int = 1000, width: int = 64, zero_init_residual: bool = False,
+                blurpool: bool = False) -> ResNet:
     """Build a ResNet by name; `width` (64 in the paper) scales every stage, for small demo models."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
     block, layers = ARCHITECTURES[name]
-    return ResNet(block, layers, num_classes=num_classes, width=width, zero_init_residual=zero_init_residual)
+    model = ResNet(block, layers, num_classes=num_classes, width=width, zero_init_residual=zero_init_residual)
+    return apply_blurpool(model) if blurpool else model
+
+
+class BlurConv2d(nn.Conv2d):
+    """A strided conv that first low-passes its input with a 3x3 binomial filter (Zhang 2019, "Making
+    Convolutional Networks Shift-Invariant Again"; as FFCV's ResNet-50 recipes use it). A subclass rather
+    than a wrapper, and the filter a non-persistent buffer, so parameter names and state dicts stay
+    torchvision's."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        kernel = torch.tensor([1.0, 2.0, 1.0])
+        kernel = (kernel[:, None] * kernel[None, :]) / 16
+        self.register_buffer("blur", kernel.expand(self.in_channels, 1, 3, 3).clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blurred = nn.functional.conv2d(x, self.blur.to(x.dtype), padding=1, groups=self.in_channels)
+        return super().forward(blurred)
+
+
+def apply_blurpool(model: nn.Module) -> nn.Module:
+    """Replace every strided conv with at least 16 input channels (FFCV's rule: not the stem) by a BlurConv2d."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.Conv2d and max(child.stride) > 1 and child.in_channels >= 16:
+                blur = BlurConv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                                  child.padding, bias=child.bias is not None)
+                blur.weight = child.weight
+                setattr(parent, name, blur)
+    return model
+
+
+def load_weights(model: nn.Module, path: str) -> bool:
+    """Load a torchvision/timm ResNet state dict, or one of our checkpoints, into `model` to fine-tune it.
+    A classifier head of another shape (another number of classes) is left freshly initialised; any other
+    mismatch is an error. Returns whether the head was replaced."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for unreadable or unsafe files
+        raise ValueError(f"{path}: not a loadable weights file ({type(e).__name__}: {e})") from e
+    for key in ("model", "state_dict"):  # our checkpoints; training scripts' {"state_dict": ...}
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    state = clean_state_dict(state)
+    own = model.state_dict()
+    head = [k for k in ("fc.weight", "fc.bias") if k in state and state[k].shape != own[k].shape]
+    for key in head:
+        del state[key]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in head]
+    if missing or unexpected:
+        raise ValueError(f"{path}: not weights of this architecture (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}); check model.name and model.width")
+    return bool(head)
 
 
 def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -46,7 +46,7 @@ class ImageDataset(torch.utils.data.Dataset):
         epoch, i = key
         rng = SampleRandom(self.seed, epoch, i)
         try:
-            pixels = self.preset(self.index.read(i), rng)
+            pixels = self.preset(self.index.read(i), rng, epoch)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             return None, int(self.index.labels[i]), f"{self.index.describe(i)}: {type(e).__name__}: {e}"
         return pixels, int(self.index.labels[i]), None
@@ -81,13 +81,18 @@ class EpochBatchSampler:
             order = np.random.default_rng((self.seed, self.epoch, 0xDA7A)).permutation(self.size)
         else:
             order = np.arange(self.size)
-        if self.drop_last:  # every rank gets the same number of images
-            order = order[: len(order) - len(order) % self.world_size]
-        return order[self.rank :: self.world_size]
+        if not self.drop_last:  # validation: every image exactly once over all ranks, no padding
+            return order[self.rank :: self.world_size]
+        # Training: global batch g is order[g*B*W : (g+1)*B*W] and rank r takes its r-th block of B, so
+        # W processes at batch B see exactly what one process at batch B with W-step accumulation sees.
+        block = self.batch_size * self.world_size
+        order = order[: len(order) - len(order) % block].reshape(-1, self.world_size, self.batch_size)
+        return order[:, self.rank].reshape(-1)
 
     def __len__(self) -> int:
-        per_rank = self.size // self.world_size if self.drop_last else -(-(self.size - self.rank) // self.world_size)
-        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+        if self.drop_last:
+            return self.size // (self.batch_size * self.world_size)
+        return -(-len(range(self.rank, self.size, self.world_size)) // self.batch_size)
 
     def __iter__(self):
         order = self._order()

@@ -118,6 +118,17 @@ def color_jitter(pixels: np.ndarray, strength: float, rng) -> np.ndarray:
     return np.clip(x + 0.5, 0, 255).astype(np.uint8)
 
 
+def progressive_size(epoch: int, start_size: int, end_size: int, start_epoch: int, end_epoch: int) -> int:
+    """FFCV's progressive resizing: start_size up to start_epoch, end_size from end_epoch, and in between
+    the linear ramp rounded to a multiple of 32 (epochs counted from 0)."""
+    if epoch <= start_epoch:
+        return start_size
+    if epoch >= end_epoch:
+        return end_size
+    ramp = start_size + (end_size - start_size) * (epoch - start_epoch) / (end_epoch - start_epoch)
+    return int(round(ramp / 32)) * 32
+
+
 class TrainPreset:
     def __init__(
         self,
@@ -126,16 +137,23 @@ class TrainPreset:
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: bool = True,
         jitter: float = 0.0,
+        size_at_epoch=None,
     ):
+        """`size_at_epoch`: a picklable callable epoch -> side (progressive resizing), else always `size`."""
         self.size, self.scale, self.ratio, self.hflip, self.jitter = size, tuple(scale), tuple(ratio), hflip, jitter
+        self.size_at_epoch = size_at_epoch
 
-    def __call__(self, data: bytes, rng) -> np.ndarray:
+    def side(self, epoch: int) -> int:
+        return self.size_at_epoch(epoch) if self.size_at_epoch else self.size
+
+    def __call__(self, data: bytes, rng, epoch: int = 0) -> np.ndarray:
         """`rng`: numpy's Generator or loader.SampleRandom (uniform, integers, random)."""
+        side = self.side(epoch)
         size = image_size(data)
         box = random_resized_crop_box(*size, self.scale, self.ratio, rng)
         # The fast IDCT and chroma upsampling cost a little accuracy that random augmentation drowns out.
         flip = self.hflip and rng.random() < 0.5
-        pixels = decode_region(data, size, box, self.size, self.size, fast=True, flip=flip)
+        pixels = decode_region(data, size, box, side, side, fast=True, flip=flip)
         if self.jitter > 0:
             pixels = color_jitter(pixels, self.jitter, rng)
         return pixels
@@ -147,7 +165,7 @@ class EvalPreset:
     def __init__(self, size: int = 224, crop_ratio: float = 0.875):
         self.size, self.crop_ratio = size, crop_ratio
 
-    def __call__(self, data: bytes, rng=None) -> np.ndarray:
+    def __call__(self, data: bytes, rng=None, epoch: int = 0) -> np.ndarray:
         width, height = size = image_size(data)
         side = min(width, height) * self.crop_ratio  # the crop's side in full-size pixels
         x0, y0 = (width - side) / 2, (height - side) / 2

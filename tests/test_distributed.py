@@ -1,0 +1,168 @@
+"""torchrun on CPU with gloo: the same training as one process, multi-node rendezvous, elastic restarts,
+distributed evaluation. Each test starts real processes through torchrun, as a user would."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import TINY_SETTINGS, run_cli
+from imagenet_resnet import checkpoint
+from imagenet_resnet.data.loader import DeviceNormalize, EpochBatchSampler
+from imagenet_resnet.engine import train_step
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _settings(*extra: str) -> list[str]:
+    args = []
+    for setting in [s for s in TINY_SETTINGS if not s.startswith("data.workers")] + ["data.workers=0", *extra]:
+        args += ["--set", setting]
+    return args
+
+
+def _torchrun(*args: str, nproc: int = 2, launcher: list[str] | None = None) -> subprocess.Popen:
+    launcher = launcher or [f"--nproc-per-node={nproc}", f"--master-port={_free_port()}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "imagenet_resnet", *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers: nothing left hanging
+        raise
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ranks_take_blocks_of_the_global_batch_like_accumulation():
+    one = EpochBatchSampler(50, 4, shuffle=True, drop_last=True, seed=3)
+    ranks = [EpochBatchSampler(50, 4, shuffle=True, drop_last=True, seed=3, rank=r, world_size=2) for r in range(2)]
+    single = list(one)
+    assert len(ranks[0]) == len(ranks[1]) == 6
+    for step, (b0, b1) in enumerate(zip(*ranks)):
+        assert b0 == single[2 * step] and b1 == single[2 * step + 1]
+
+
+def test_validation_shards_cover_every_image_once():
+    shards = [EpochBatchSampler(41, 8, shuffle=False, drop_last=False, rank=r, world_size=3) for r in range(3)]
+    seen = sorted(i for s in shards for batch in s for _, i in batch)
+    assert seen == list(range(41))
+    assert [len(s) for s in shards] == [2, 2, 2]
+
+
+def test_accumulation_all_reduces_only_on_the_last_micro_batch(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))
+        model(torch.zeros(1, 3, 8, 8))
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        calls = []
+
+        def counting_hook(state, bucket):
+            calls.append(bucket.index())
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        ddp.register_comm_hook(None, counting_hook)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        micro = [(torch.randint(0, 255, (2, 8, 8, 3), dtype=torch.uint8), torch.tensor([0, 1]), []) for _ in range(3)]
+        train_step(ddp, optimizer, scaler, micro, DeviceNormalize(torch.device("cpu"), False), "fp32")
+        assert len(calls) == 1  # one bucket, reduced once for three micro-batches
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_path, tiny_data):
+    common = _settings("train.batch_size=8", "schedule.warmup_epochs=0", "optim.lr=1.6")
+    two = _torchrun("train", "--data", str(tiny_data), "--out", str(tmp_path / "two"), "--epochs", "2", *common)
+    out = _finish(two)
+    assert "2 process(es) | global batch 16 (8 per process x 1 accumulation x 2)" in out
+    run_cli("train", "--data", str(tiny_data), "--out", str(tmp_path / "one"), "--epochs", "2", *common,
+            "--set", "train.accumulation_steps=2")
+    one_metrics, two_metrics = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    for a, b in zip(one_metrics, two_metrics):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)  # the stated tolerance
+    one = checkpoint.load(tmp_path / "one" / "last.pt")["model"]
+    two = checkpoint.load(tmp_path / "two" / "last.pt")["model"]
+    assert not any(k.startswith("module.") for k in two)
+    weights = [k for k in one if "running" not in k and "num_batches" not in k]
+    assert max((one[k] - two[k]).abs().max().item() for k in weights) < 1e-4
+    # BatchNorm statistics differ: rank 0 kept only its own half of each step's images.
+
+
+def test_distributed_evaluation_counts_each_image_once(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    out = _finish(_torchrun("train", "--data", str(tiny_data), "--out", str(run), "--epochs", "1",
+                            *_settings("train.batch_size=4"), nproc=3))
+    assert "3 process(es)" in out
+    record = _metrics(run)[-1]
+    assert record["val_images"] == 40  # 40 images over 3 ranks: 14 + 13 + 13, no padded duplicates
+    alone = json.loads(run_cli("evaluate", "--checkpoint", str(run / "last.pt"), "--data", str(tiny_data),
+                               "--workers", "0", "--device", "cpu").stdout)
+    assert alone["images"] == 40 and alone["top1"] == record["val_top1"]
+    assert alone["loss"] == pytest.approx(record["val_loss"], rel=1e-4)
+
+
+def test_two_nodes_meet_through_c10d_rendezvous(tmp_path, tiny_data):
+    port = _free_port()
+    launcher = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=test-two-nodes"]
+    args = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--epochs", "2", *_settings()]
+    nodes = [_torchrun(*args, launcher=launcher) for _ in range(2)]
+    outputs = [_finish(node) for node in nodes]
+    assert sum("2 process(es)" in out for out in outputs) == 1  # rank 0 logs, on whichever node it is
+    assert [m["epoch"] for m in _metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_a_killed_worker_restarts_the_job_which_resumes_and_finishes(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    job = _torchrun("train", "--data", str(tiny_data), "--out", str(run), "--epochs", "6", "--resume",
+                    *_settings("train.checkpoint_every_steps=2", "train.batch_size=4"),
+                    launcher=["--nproc-per-node=2", "--max-restarts=1", f"--master-port={_free_port()}"])
+    try:
+        deadline = time.time() + 120
+        while not (run / "last.pt").exists():
+            assert job.poll() is None and time.time() < deadline, "the job ended before its first checkpoint"
+            time.sleep(0.05)
+        workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+        os.kill(int(max(workers, key=int)), signal.SIGKILL)  # a worker dies mid-epoch
+        out = _finish(job)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert "resumed" in (run / "train.log").read_text()
+    assert [m["epoch"] for m in _metrics(run)] == [1, 2, 3, 4, 5, 6]
+    state = checkpoint.load(run / "last.pt")
+    assert state["progress"]["epoch"] == 6 and state["progress"]["step_in_epoch"] == 0
+    assert "2 process(es)" in out
+
+
+def test_find_lr_under_torchrun(tmp_path, tiny_data):
+    out = _finish(_torchrun("find-lr", "--data", str(tiny_data), "--plot", str(tmp_path / "lr.png"), "--steps", "30",
+                            *_settings("train.batch_size=8")))
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(records) == 1 and records[0]["global_batch"] == 16  # printed once, by rank 0
+    assert (tmp_path / "lr.png").exists() and (tmp_path / "lr.json").exists()

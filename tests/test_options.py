@@ -1,0 +1,103 @@
+"""Training options: AdamW/LAMB, gradient clipping, EMA, Mixup/CutMix, torch.compile, --init-from."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli, tiny_train_args
+from imagenet_resnet import checkpoint
+from imagenet_resnet.augment import MixAugment
+from imagenet_resnet.config import load_config
+from imagenet_resnet.data.loader import DeviceNormalize
+from imagenet_resnet.distributed import Dist
+from imagenet_resnet.engine import build_run, train_step
+from imagenet_resnet.models import build_model
+from imagenet_resnet.optim import Lamb
+
+
+def test_lamb_moves_each_tensor_by_lr_times_its_norm():
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # norm 5
+    optimizer = Lamb([w], lr=0.01)
+    w.grad = torch.tensor([0.5, -2.0])
+    before = w.detach().clone()
+    optimizer.step()
+    assert (w.detach() - before).norm().item() == pytest.approx(0.01 * 5, rel=1e-5)  # the trust ratio at work
+    loss = lambda: ((w - 1) ** 2).sum()
+    start = loss().item()
+    for _ in range(200):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    assert loss().item() < start / 10
+
+
+def test_gradient_clipping_bounds_the_update():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    batch = (torch.randint(0, 256, (4, 4, 4, 3), dtype=torch.uint8), torch.tensor([0, 1, 2, 3]), [])
+    train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), [batch],
+               DeviceNormalize(torch.device("cpu"), False), "fp32", clip_grad_norm=0.01)
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    assert moved.norm().item() == pytest.approx(0.01, rel=1e-4)
+
+
+def test_mixup_blends_and_cutmix_pastes_with_the_weight_they_report():
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
+    labels = torch.arange(4)
+    mixed, other, lam = MixAugment(0.2, 0.0, seed=1)(x, labels, step=5, micro=0)
+    torch.testing.assert_close(mixed[:, 0, 0, 0], lam * labels.float() + (1 - lam) * other.float())
+    again = MixAugment(0.2, 0.0, seed=1)(x, labels, step=5, micro=0)
+    assert torch.equal(again[0], mixed) and again[2] == lam  # seeded by (seed, step, micro-batch)
+    cut, other, lam = MixAugment(0.0, 1.0, seed=1)(x, labels, step=6, micro=0)
+    kept = (cut[:, 0] == labels.float().view(4, 1, 1)).float().mean((1, 2))
+    swapped = labels != other
+    assert torch.allclose(kept[swapped], torch.full_like(kept[swapped], lam))
+
+
+def test_ema_is_evaluated_saved_and_resumed_exactly(tmp_path, tiny_data):
+    extra = ["--set", "train.ema_decay=0.9", "--set", "data.mixup_alpha=0.2", "--set", "data.cutmix_alpha=1.0",
+             "--set", "optim.name=adamw", "--set", "optim.lr=0.002", "--set", "optim.clip_grad_norm=1.0"]
+    run_cli(*tiny_train_args(tiny_data, tmp_path / "straight", "--epochs", "2", *extra))
+    run_cli(*tiny_train_args(tiny_data, tmp_path / "resumed", "--epochs", "2", "--set", "train.stop_at_step=10", *extra))
+    run_cli(*tiny_train_args(tiny_data, tmp_path / "resumed", "--epochs", "2", "--resume", *extra))
+    metrics = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= m["val_top1_ema"] <= 1 for m in metrics)
+    a = checkpoint.load(tmp_path / "straight" / "last.pt")
+    b = checkpoint.load(tmp_path / "resumed" / "last.pt")
+    assert a["model_ema"]["n_averaged"].item() == 2 * 7
+    assert all(torch.equal(a["model_ema"][k], b["model_ema"][k]) for k in a["model_ema"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_lamb_trains(tmp_path, tiny_data):
+    run_cli(*tiny_train_args(tiny_data, tmp_path / "run", "--epochs", "1", "--set", "optim.name=lamb",
+                             "--set", "optim.lr=0.01"))
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["train_loss"] < 5
+
+
+def test_compiled_training_saves_plain_names(tmp_path, tiny_data):
+    run_cli(*tiny_train_args(tiny_data, tmp_path / "run", "--epochs", "1", "--set", "train.compile=default",
+                             "--set", "train.compile_backend=aot_eager", "--set", "train.deterministic=false"),
+            timeout=600)
+    state = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in state["model"])
+
+
+def test_init_from_torchvision_format_weights_replaces_the_head(tmp_path, tiny_data):
+    source = build_model("resnet18", num_classes=1000, width=8)
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "imagenet.pth")
+    cfg = load_config(None, [f"data.path={tiny_data}", "model.name=resnet18", "model.width=8", "data.workers=0",
+                             f"train.init_from={tmp_path / 'imagenet.pth'}", "train.batch_size=8"])
+    model = build_run(cfg, Dist(), torch.device("cpu")).model
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert torch.equal(model.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+    assert model.fc.weight.shape == (10, 64)
+    torch.save(build_model("resnet34", width=8).state_dict(), tmp_path / "r34.pth")
+    cfg.train.init_from = str(tmp_path / "r34.pth")
+    with pytest.raises(ValueError, match="not weights of this architecture"):
+        build_run(cfg, Dist(), torch.device("cpu"))
+    proc = run_cli(*tiny_train_args(tiny_data, tmp_path / "run", "--epochs", "1", "--init-from", str(tmp_path / "imagenet.pth")))
+    assert "initialised from" in proc.stdout and "(new classifier head)" in proc.stdout
