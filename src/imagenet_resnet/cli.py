@@ -1,4 +1,4 @@
-"""The `imagenet-resnet` command: prepare, train, find-lr, evaluate, bench, demo."""
+"""The `imagenet-resnet` command: prepare, train, find-lr, evaluate, report, predict, explain, bench, demo."""
 
 from __future__ import annotations
 
@@ -50,11 +50,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
 
-    p = sub.add_parser("evaluate", help="top-1/top-5 of a checkpoint on a validation set (JSON on stdout)")
+    p = sub.add_parser("evaluate", help="top-1/top-5, most confused classes, per-class accuracy (JSON on stdout)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="folder with val/<class>/ (and train/ for the class list)")
+    p.add_argument("--data", required=True, help="a prepared folder, or one with val/<class>/")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=-1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--size", type=int, help="evaluation resolution (default: the run's data.eval_size)")
+    p.add_argument("--flip", action="store_true", help="average each image's logits with its mirror image's")
+    p.add_argument("--per-class-csv", help="write accuracy per class (with names) to this CSV")
+
+    p = sub.add_parser("report", help="plots (loss, accuracy, LR, speed) and training_log.md for a run folder")
+    p.add_argument("run", help="the run folder (finished, still going, or resumed)")
+    p.add_argument("--out", help="folder for the plots (default: RUN/report)")
+
+    p = sub.add_parser("predict", help="top-k classes with names and probabilities for images")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE|DIR")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("explain", help="Grad-CAM: a gallery of misclassified validation images, or of given images")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("inputs", nargs="*", metavar="IMAGE|DIR", help="images to explain (else --data)")
+    p.add_argument("--data", help="a prepared folder or class-folder tree: its misclassified val images")
+    p.add_argument("--num-show", type=int, default=20)
+    p.add_argument("--layer", default="layer4", help="module to explain at (default: layer4, the last stage)")
+    p.add_argument("--out", default="gradcam.png")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("prepare", help="check an ImageNet source and index it; --pack writes a fast packed copy")
@@ -136,33 +159,86 @@ def cmd_find_lr(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    import csv
+
     import torch
 
-    from . import checkpoint
+    from .data.loader import EpochBatchSampler, ImageDataset, SkippedImages, build_loader
     from .data.prepared import open_split
-    from .data.loader import DeviceNormalize, EpochBatchSampler, ImageDataset, SkippedImages, build_loader
-    from .data.presets import EvalPreset
-    from .engine import evaluate, resolve_device, resolve_precision
-    from .models import build_model, clean_state_dict
+    from .engine import evaluate
+    from .inference import load_model
 
-    device = resolve_device(args.device)
-    state = checkpoint.load(args.checkpoint, map_location=device)
-    cfg = Config.from_dict(state["config"], source=args.checkpoint)
-    classes = state["classes"]
-    val_index = open_split(args.data, "val", classes=classes)
-    model = build_model(cfg.model.name, len(classes), cfg.model.width)
-    model.load_state_dict(clean_state_dict(state["model"]))
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    dataset = ImageDataset(val_index, EvalPreset(cfg.data.eval_size, cfg.data.eval_crop_ratio))
+    loaded = load_model(args.checkpoint, args.device)
+    val_index = open_split(args.data, "val", classes=loaded.classes)
+    size = args.size or loaded.cfg.data.eval_size
+    dataset = ImageDataset(val_index, loaded.preset(size))
     sampler = EpochBatchSampler(len(dataset), args.batch_size, shuffle=False, drop_last=False)
-    loader = build_loader(dataset, sampler, args.workers, device.type == "cuda")
-    skipped = SkippedImages()
-    result = evaluate(model, loader, DeviceNormalize(device, cfg.model.channels_last),
-                      resolve_precision(cfg.train.precision, device), skipped)
-    print(json.dumps({"top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
-                      "images": result["images"], "skipped_images": skipped.count,
-                      "checkpoint": str(args.checkpoint), "data": str(args.data)}))
+    loader = build_loader(dataset, sampler, args.workers, loaded.device.type == "cuda")
+    skipped, n = SkippedImages(), len(loaded.classes)
+    confusion = torch.zeros(n, n, dtype=torch.int64, device=loaded.device)
+    result = evaluate(loaded.model, loader, loaded.normalize, loaded.precision, skipped, args.flip, confusion)
+    confusion = confusion.cpu()
+    per_class = confusion.sum(1)
+    off_diagonal = confusion - torch.diag(torch.diag(confusion))
+    counts, flat = off_diagonal.flatten().topk(min(10, n * n))
+    confused = [{"true": loaded.names[int(k) // n], "predicted": loaded.names[int(k) % n], "images": int(c)}
+                for c, k in zip(counts, flat) if c > 0]
+    report = {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"], "images": result["images"],
+              "skipped_images": skipped.count, "size": size, "flip": args.flip, "most_confused": confused,
+              "checkpoint": str(args.checkpoint), "data": str(args.data)}
+    if args.per_class_csv:
+        with open(args.per_class_csv, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["label", "class", "name", "images", "correct", "accuracy"])
+            for k in range(n):
+                total, right = int(per_class[k]), int(confusion[k, k])
+                writer.writerow([k, loaded.classes[k], loaded.names[k], total, right,
+                                 f"{right / total:.4f}" if total else ""])
+        report["per_class_csv"] = str(args.per_class_csv)
+    print(json.dumps(report))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import make_report
+
+    print(json.dumps(make_report(args.run, args.out)))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .inference import image_files, load_model, predict
+
+    loaded = load_model(args.checkpoint, args.device)
+    results = predict(loaded, image_files(args.inputs), args.top_k)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        for record in results:
+            print(record["file"])
+            if "error" in record:
+                print(f"  cannot read it: {record['error']}")
+            for rank, top in enumerate(record.get("top", []), 1):
+                print(f"  {rank}. {top['probability']:7.2%}  {top['name']}  ({top['class']})")
+    return 0 if all("error" not in r for r in results) else 1
+
+
+def cmd_explain(args) -> int:
+    from .gradcam import explain_images, explain_mistakes
+    from .inference import image_files, load_model
+
+    loaded = load_model(args.checkpoint, args.device)
+    if args.inputs:
+        results = explain_images(loaded, image_files(args.inputs), args.out, args.layer)
+        summary = {"images": len(results), "unreadable": [r["file"] for r in results if "error" in r]}
+    elif args.data:
+        from .data.prepared import open_split
+
+        summary = explain_mistakes(loaded, open_split(args.data, "val", classes=loaded.classes), args.out,
+                                   args.num_show, args.layer)
+    else:
+        raise ValueError("give IMAGE... to explain, or --data DIR for a gallery of misclassified validation images")
+    print(json.dumps({**summary, "gallery": str(args.out)}))
     return 0
 
 
@@ -204,8 +280,11 @@ demo finished in {minutes:.1f} min: val top-1 {metrics['val_top1']:.1%}, top-5 {
   run folder   {out}/  (config.yaml, metrics.jsonl, train.log, last.pt, best.pt)
 
 next:
+  imagenet-resnet report {out}                       plots and training_log.md
   imagenet-resnet evaluate --checkpoint {out}/best.pt --data {data}
-  imagenet-resnet train --data /path/to/imagenet --recipe recipes/resnet50_step90.yaml --out runs/r50
+  imagenet-resnet explain --checkpoint {out}/best.pt --data {data} --out {out}/gradcam.png
+  imagenet-resnet prepare /path/to/imagenet --out /data/imagenet-prepared --pack
+  imagenet-resnet train --data /data/imagenet-prepared --recipe recipes/resnet50_ffcv32.yaml --out runs/r50
 """)
     return 0
 
@@ -215,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     try:
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "prepare": cmd_prepare, "find-lr": cmd_find_lr,
-                    "demo": cmd_demo, "bench": bench.main}
+                    "report": cmd_report, "predict": cmd_predict, "explain": cmd_explain, "demo": cmd_demo,
+                    "bench": bench.main}
         return commands[args.command](args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         print(f"imagenet-resnet {args.command}: {e}", file=sys.stderr)

@@ -25,6 +25,7 @@ from .data.loader import DeviceNormalize, EpochBatchSampler, ImageDataset, Skipp
 from .data.presets import EvalPreset, TrainPreset, progressive_size
 from .augment import MixAugment
 from .models import build_model, clean_state_dict, load_weights
+from .monitor import StepReporter, drop_records_after, write_metrics_csv
 from .optim import Lamb
 from .schedules import LRSchedule
 
@@ -79,9 +80,10 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float) -> torch.opt
 
 @torch.no_grad()
 def evaluate(model, loader, normalize: DeviceNormalize, precision: str, skipped: SkippedImages | None = None,
-             flip: bool = False):
+             flip: bool = False, confusion: torch.Tensor | None = None):
     """Top-1, top-5 and mean cross-entropy over every readable image of the loader; with `flip`, of the
-    mean logits of each image and its mirror image (test-time augmentation)."""
+    mean logits of each image and its mirror image (test-time augmentation). `confusion` (classes x
+    classes, int64, on the device), if given, counts (true, predicted) pairs."""
     model.eval()
     device = normalize.device
     correct1 = torch.zeros((), device=device, dtype=torch.int64)
@@ -104,6 +106,8 @@ def evaluate(model, loader, normalize: DeviceNormalize, precision: str, skipped:
         hits = top5 == labels[:, None]
         correct1 += hits[:, 0].sum()
         correct5 += hits.any(dim=1).sum()
+        if confusion is not None:
+            confusion.view(-1).index_add_(0, labels * confusion.shape[1] + top5[:, 0], torch.ones_like(labels))
         images += len(labels)
     # Under torchrun each process saw its own share of the images (each image exactly once): add them up.
     c1, c5, loss, images = distributed.all_sum([correct1.item(), correct5.item(), loss_sum.item(), images], device)
@@ -159,6 +163,7 @@ class Progress:
     epoch_loss_sum: float = 0.0  # running training sums of the current epoch, so a mid-epoch resume
     epoch_images: int = 0  # reports the whole epoch
     epoch_seconds: float = 0.0
+    epoch_data_wait: float = 0.0  # seconds this epoch spent waiting for the loader (rank 0)
     skipped_images: int = 0
 
 
@@ -359,7 +364,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
         progress = Progress(**state["progress"])
         skipped.count = progress.skipped_images
         if world.is_main:
-            _drop_metrics_after(metrics_path, progress.epoch)
+            drop_records_after(metrics_path, "epoch", progress.epoch)
+            drop_records_after(out_dir / "steps.jsonl", "step", progress.global_step)
         changed = _changed_settings(state["config"], cfg.to_dict())
         if changed:
             log(f"resuming with settings changed since the checkpoint: {', '.join(changed)}")
@@ -387,6 +393,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
         f"({t.batch_size} per process x {t.accumulation_steps} accumulation x {world.world_size}) | "
         f"peak LR {peak_lr:.4g} ({cfg.optim.lr} per 256) | {steps_per_epoch} steps/epoch x {t.epochs} epochs")
     last_metrics: dict[str, Any] = {}
+    reporter = StepReporter(out_dir, world.is_main, log, steps_per_epoch, steps_per_epoch * t.epochs, t.log_every_steps)
     with StopRequest() as stop:
         for epoch in range(progress.epoch, t.epochs):
             model.train()
@@ -395,11 +402,14 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
             started, images = time.perf_counter(), 0
             micro_batches = iter(train_loader)
             lr = schedule(progress.global_step)
+            reporter.start_epoch(epoch, t.epochs, progress.step_in_epoch)
             for step in range(progress.step_in_epoch, steps_per_epoch):
                 lr = schedule(progress.global_step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                waiting = time.perf_counter()
                 step_batches = [next(micro_batches) for _ in range(t.accumulation_steps)]
+                progress.epoch_data_wait += time.perf_counter() - waiting
                 for _, _, problems in step_batches:
                     skipped.add(problems)
                 step_loss, step_images = train_step(runner, optimizer, scaler, step_batches, normalize, precision,
@@ -411,11 +421,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
                 images += step_images
                 progress.global_step += 1
                 progress.step_in_epoch = step + 1
-                if t.log_every_steps and progress.global_step % t.log_every_steps == 0:
-                    seen = progress.epoch_images + images
-                    running = (progress.epoch_loss_sum + loss_sum.item()) / max(seen, 1)
-                    rate = images * world.world_size / (time.perf_counter() - started)
-                    log(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {running:.4f} lr {lr:.4g} {rate:.0f} img/s")
+                reporter.step(epoch, step, progress.global_step,
+                              lambda: (progress.epoch_loss_sum + loss_sum.item()) / max(progress.epoch_images + images, 1),
+                              lr, images * world.world_size / (time.perf_counter() - started))
                 stop_at = t.stop_at_step and progress.global_step >= t.stop_at_step
                 periodic = t.checkpoint_every_steps and progress.global_step % t.checkpoint_every_steps == 0
                 stop_signal = distributed.any_rank(stop.signal or 0, device)  # all ranks stop at the same step
@@ -433,6 +441,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
                         log(f"reached train.stop_at_step={t.stop_at_step}: saved {last_path}; --resume continues")
                         raise RunStopped("stop_at_step", 0)
             _fold_epoch_sums(progress, loss_sum, images, started, device)
+            reporter.end_epoch()
             del micro_batches
 
             # End of epoch: validate when due, log one metrics line, checkpoint.
@@ -463,6 +472,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
             if world.is_main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(epoch_record) + "\n")
+                write_metrics_csv(metrics_path)
             distributed.barrier()
             last_metrics = epoch_record
     if skipped.count:
@@ -488,10 +498,12 @@ def _finish_epoch(progress: Progress, epoch: int, steps_per_epoch: int, lr: floa
         "lr": lr,
         "images_per_sec": progress.epoch_images / max(progress.epoch_seconds, 1e-9),
         "epoch_seconds": progress.epoch_seconds,
+        "data_wait_seconds": progress.epoch_data_wait,
+        "data_wait_share": progress.epoch_data_wait / max(progress.epoch_seconds, 1e-9),
         "time": time.time(),
     }
     progress.epoch, progress.step_in_epoch = epoch + 1, 0
-    progress.epoch_loss_sum, progress.epoch_images, progress.epoch_seconds = 0.0, 0, 0.0
+    progress.epoch_loss_sum, progress.epoch_images, progress.epoch_seconds, progress.epoch_data_wait = 0.0, 0, 0.0, 0.0
     if not math.isfinite(record["train_loss"]):
         raise FloatingPointError(f"training loss became {record['train_loss']} in epoch {epoch + 1}; lower optim.lr")
     return record
@@ -501,13 +513,3 @@ def _changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     return [f"{section}.{key}: {saved[section].get(key)} -> {value}"
             for section, values in current.items() for key, value in values.items()
             if saved.get(section, {}).get(key) != value]
-
-
-def _drop_metrics_after(metrics_path: Path, epochs_done: int) -> None:
-    """A crash between the metrics line and the checkpoint would repeat an epoch: drop its old line."""
-    if not metrics_path.exists():
-        return
-    lines = [l for l in metrics_path.read_text().splitlines() if l.strip()]
-    kept = [l for l in lines if json.loads(l)["epoch"] <= epochs_done]
-    if len(kept) != len(lines):
-        metrics_path.write_text("".join(l + "\n" for l in kept))

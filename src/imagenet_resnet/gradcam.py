@@ -1,0 +1,130 @@
+"""Grad-CAM (Selvaraju et al. 2017): where in the image the evidence for a class lies, and galleries of it.
+
+Written here in a few dozen lines because the common package pulls in torchvision and OpenCV. The class
+score's gradient with respect to a layer's activations, averaged over space, weights the activation
+channels; their ReLU'd sum, upsampled to the input, is the map.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def grad_cam(model: torch.nn.Module, images: torch.Tensor, classes: torch.Tensor, layer: str = "layer4") -> torch.Tensor:
+    """Maps (N, H, W) in [0, 1] for `classes` (N,) on normalised `images` (N, 3, H, W), at `layer` (a
+    module name, e.g. "layer4" (the last stage, the default), "layer3.5", "layer4.2.conv3")."""
+    target = model.get_submodule(layer)
+    captured = {}
+    handle = target.register_forward_hook(lambda module, inputs, output: captured.update(activations=output))
+    try:
+        with torch.enable_grad():
+            logits = model(images)
+            score = logits.gather(1, classes.view(-1, 1).to(logits.device)).sum()
+            activations = captured["activations"]
+            (gradients,) = torch.autograd.grad(score, activations)
+    finally:
+        handle.remove()
+    weights = gradients.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * activations).sum(dim=1, keepdim=True)).detach().float()
+    cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+    return cam / peak
+
+
+def save_gallery(entries: list[dict], path: str | Path, title: str) -> None:
+    """entries: {"image": HxWx3 uint8, "panels": [(caption, cam HxW or None), ...], "label": str}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = max(len(e["panels"]) for e in entries)
+    per_row = 2 if panels > 1 else 4
+    rows = -(-len(entries) // per_row)
+    fig, axes = plt.subplots(rows, per_row * panels, figsize=(2.6 * per_row * panels, 2.9 * rows), dpi=100,
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, entry in enumerate(entries):
+        row, col = divmod(k, per_row)
+        for p, (caption, cam) in enumerate(entry["panels"]):
+            ax = axes[row, col * panels + p]
+            ax.imshow(entry["image"])
+            if cam is not None:
+                ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            ax.set_title(caption, fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def explain_images(loaded, files: list[Path], out: str | Path, layer: str = "layer4") -> list[dict]:
+    """For any images: each with its Grad-CAM for the top prediction, in one gallery PNG."""
+    from .inference import predict
+
+    preset, entries, results = loaded.preset(), [], predict(loaded, files, top_k=1)
+    for record in results:
+        if "error" in record:
+            continue
+        pixels = preset(Path(record["file"]).read_bytes())
+        top = record["top"][0]
+        cam = grad_cam(loaded.model, loaded.normalize(torch.from_numpy(pixels[None])),
+                       torch.tensor([loaded.classes.index(top["class"])]), layer)[0].cpu().numpy()
+        entries.append({"image": pixels, "panels": [(f"{Path(record['file']).name}", None),
+                                                    (f"{top['name']} {top['probability']:.0%}", cam)]})
+    if entries:
+        save_gallery(entries, out, f"Grad-CAM ({layer}) for the top prediction")
+    return results
+
+
+@torch.no_grad()
+def _scores(loaded, pixels: np.ndarray) -> torch.Tensor:
+    return loaded.model(loaded.normalize(torch.from_numpy(pixels))).float().softmax(1)
+
+
+def explain_mistakes(loaded, index, out: str | Path, num_show: int = 20, layer: str = "layer4",
+                     batch_size: int = 64) -> dict:
+    """A gallery of misclassified validation images, the most confident mistakes first: each with its
+    Grad-CAM for the predicted class and for the true class, names and probabilities."""
+    preset = loaded.preset()
+    mistakes, seen = [], 0
+    for start in range(0, len(index), batch_size):
+        ids = range(start, min(start + batch_size, len(index)))
+        pixels, labels, kept = [], [], []
+        for i in ids:
+            try:
+                pixels.append(preset(index.read(i)))
+            except (OSError, ValueError, SyntaxError):
+                continue
+            labels.append(int(index.labels[i]))
+            kept.append(i)
+        if not pixels:
+            continue
+        pixels = np.stack(pixels)
+        probs = _scores(loaded, pixels)
+        predicted = probs.argmax(1).cpu()
+        seen += len(kept)
+        for k, (i, label) in enumerate(zip(kept, labels)):
+            if predicted[k] != label:
+                mistakes.append({"i": i, "pixels": pixels[k], "label": label, "predicted": int(predicted[k]),
+                                 "p_pred": float(probs[k, predicted[k]]), "p_true": float(probs[k, label])})
+    mistakes.sort(key=lambda m: -m["p_pred"])
+    shown = mistakes[:num_show]
+    entries = []
+    for m in shown:
+        x = loaded.normalize(torch.from_numpy(np.stack([m["pixels"], m["pixels"]])))
+        cams = grad_cam(loaded.model, x, torch.tensor([m["predicted"], m["label"]]), layer).cpu().numpy()
+        entries.append({"image": m["pixels"], "panels": [
+            (index.names[m["i"]].decode().rsplit("/", 1)[-1][:28], None),
+            (f"said {loaded.names[m['predicted']][:18]} {m['p_pred']:.0%}", cams[0]),
+            (f"is {loaded.names[m['label']][:18]} {m['p_true']:.0%}", cams[1]),
+        ]})
+    if entries:
+        save_gallery(entries, out, f"{len(mistakes)} of {seen} validation images misclassified; "
+                                   f"the {len(entries)} most confident mistakes, Grad-CAM at {layer}")
+    return {"images": seen, "misclassified": len(mistakes), "shown": len(entries), "gallery": str(out) if entries else None}

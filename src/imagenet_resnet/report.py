@@ -1,0 +1,102 @@
+"""`imagenet-resnet report RUN`: plots and an epoch-by-epoch Markdown log from a run folder's metrics.
+
+Reads only metrics.jsonl and steps.jsonl, so it works on a run that is still going (it shows what has been
+written) and on a resumed one (a resume drops the records past its checkpoint before writing new ones).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def training_log_markdown(epochs: list[dict]) -> str:
+    def pct(x):
+        return f"{x:.2%}" if x is not None else ""
+
+    rows = ["| epoch | train loss | val loss | top-1 | top-5 | LR at end | images/s | epoch time | waiting for data |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in epochs:
+        val_loss = f"{r['val_loss']:.4f}" if r.get("val_loss") is not None else ""
+        rows.append(f"| {r['epoch']} | {r['train_loss']:.4f} | {val_loss} | {pct(r.get('val_top1'))} | "
+                    f"{pct(r.get('val_top5'))} | {r['lr']:.4g} | {r['images_per_sec']:,.0f} | "
+                    f"{r['epoch_seconds']:.1f} s | {pct(r.get('data_wait_share'))} |")
+    best = max((r for r in epochs if r.get("val_top1") is not None), key=lambda r: r["val_top1"], default=None)
+    summary = f"\nBest validation top-1: {best['val_top1']:.2%} at epoch {best['epoch']}.\n" if best else "\n"
+    return "# Training log\n\n" + "\n".join(rows) + "\n" + summary
+
+
+def make_report(run: str | Path, out: str | Path | None = None) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(run)
+    epochs, steps = _records(run / "metrics.jsonl"), _records(run / "steps.jsonl")
+    if not epochs and not steps:
+        raise FileNotFoundError(f"{run}: no metrics.jsonl or steps.jsonl yet; is this a run folder?")
+    out = Path(out) if out else run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    steps_per_epoch = epochs[0]["step"] / epochs[0]["epoch"] if epochs else max(s["step"] for s in steps) / max(s["epoch"] for s in steps)
+    x_epoch = [r["epoch"] for r in epochs]
+    x_step = [s["step"] / steps_per_epoch for s in steps]
+    written = []
+
+    def figure(name: str, title: str, ylabel: str, draw) -> None:
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        draw(ax)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+        written.append(str(out / name))
+
+    def losses(ax):
+        if steps:
+            ax.plot(x_step, [s["loss"] for s in steps], color="#bbbbbb", linewidth=0.8, label="train (running, sampled steps)")
+        ax.plot(x_epoch, [r["train_loss"] for r in epochs], "o-", label="train (epoch)")
+        val = [(r["epoch"], r["val_loss"]) for r in epochs if r.get("val_loss") is not None]
+        if val:
+            ax.plot(*zip(*val), "s-", label="validation")
+
+    def accuracy(ax):
+        for key, label, style in (("val_top1", "top-1", "o-"), ("val_top5", "top-5", "s-"),
+                                  ("val_top1_ema", "top-1, EMA weights", "^--")):
+            points = [(r["epoch"], 100 * r[key]) for r in epochs if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), style, label=label)
+
+    def learning_rate(ax):
+        if steps:
+            ax.plot(x_step, [s["lr"] for s in steps], label="sampled steps")
+        ax.plot(x_epoch, [r["lr"] for r in epochs], "o", label="end of epoch")
+
+    def speed(ax):
+        ax.plot(x_epoch, [r["images_per_sec"] for r in epochs], "o-", color="#1f77b4", label="images/s")
+        if any("data_wait_share" in r for r in epochs):
+            twin = ax.twinx()
+            twin.plot(x_epoch, [100 * r.get("data_wait_share", 0) for r in epochs], "s--", color="#d62728")
+            twin.set_ylabel("% of the epoch waiting for data", color="#d62728")
+            twin.set_ylim(0, 100)
+
+    figure("loss.png", "Loss", "cross-entropy", losses)
+    if any(r.get("val_top1") is not None for r in epochs):
+        figure("accuracy.png", "Validation accuracy", "%", accuracy)
+    figure("lr.png", "Learning rate", "LR", learning_rate)
+    if epochs:
+        figure("speed.png", "Throughput and data-loader wait", "images/s", speed)
+        (run / "training_log.md").write_text(training_log_markdown(epochs))
+        written.append(str(run / "training_log.md"))
+    return {"run": str(run), "epochs": len(epochs), "sampled_steps": len(steps), "files": written}

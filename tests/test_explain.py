@@ -1,0 +1,105 @@
+"""Grad-CAM, predict, explain and the extended evaluate."""
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli, tiny_train_args
+from imagenet_resnet.gradcam import grad_cam
+from imagenet_resnet.models import build_model
+
+
+class _ColourDetector(torch.nn.Module):
+    """Class 0 = how red the image is, class 1 = how green, through a named 1x1-conv feature layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Conv2d(3, 2, 1, bias=False)
+        self.features.weight.data = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).view(2, 3, 1, 1)
+        self.fc = torch.nn.Linear(2, 2, bias=False)
+        self.fc.weight.data = torch.eye(2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.features(x)).mean(dim=(2, 3)))
+
+
+def test_grad_cam_peaks_where_the_class_evidence_is():
+    image = torch.zeros(1, 3, 32, 32)
+    image[:, 1] = 1.0  # green everywhere ...
+    image[:, 1, 4:12, 20:28] = 0.0
+    image[:, 0, 4:12, 20:28] = 1.0  # ... but one red square, top right
+    model = _ColourDetector()
+    red = grad_cam(model, image, torch.tensor([0]), layer="features")[0]
+    inside, outside = red[4:12, 20:28], torch.cat([red[16:].flatten(), red[:, :16].flatten()])
+    assert red.max() == pytest.approx(1.0) and inside.min() > 0.9 and outside.max() < 0.1
+    green = grad_cam(model, image, torch.tensor([1]), layer="features")[0]
+    assert green[4:12, 20:28].max() < 0.1 and green[20:, :10].min() > 0.9
+
+
+def test_grad_cam_on_a_resnet_at_any_layer():
+    model = build_model("resnet18", num_classes=5, width=8).eval()
+    x = torch.randn(2, 3, 64, 64)
+    for layer in ("layer4", "layer3.1", "layer4.1.conv2"):
+        cams = grad_cam(model, x, torch.tensor([0, 3]), layer=layer)
+        peaks = cams.amax(dim=(1, 2))
+        assert cams.shape == (2, 64, 64) and cams.min() >= 0
+        assert all(p.item() == pytest.approx(1.0) or p.item() == 0.0 for p in peaks)  # 0: no positive evidence
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_data):
+    run = tmp_path_factory.mktemp("explain") / "run"
+    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "2"))
+    return run / "last.pt"
+
+
+def _write(path, img, fmt):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def test_predict_reads_png_grayscale_and_cmyk(tmp_path, trained, tiny_data):
+    source = Image.open(next((tiny_data / "val").glob("*/*"))).convert("RGB")
+    files = [_write(tmp_path / "a.png", source.convert("RGBA"), "PNG"), _write(tmp_path / "b.jpg", source.convert("L"), "JPEG"),
+             _write(tmp_path / "c.jpg", source.convert("CMYK"), "JPEG")]
+    results = json.loads(run_cli("predict", "--checkpoint", str(trained), "--json", "--device", "cpu",
+                                 *map(str, files)).stdout)
+    assert [r["file"] for r in results] == [str(f) for f in files]
+    for r in results:
+        assert len(r["top"]) == 5 and sum(t["probability"] for t in r["top"]) <= 1.0001
+        assert r["top"][0]["probability"] >= r["top"][1]["probability"] and r["top"][0]["name"]
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    proc = run_cli("predict", "--checkpoint", str(trained), "--device", "cpu", str(tmp_path), check=False)
+    assert proc.returncode == 1 and "empty.jpg\n  cannot read it" in proc.stdout and "1. " in proc.stdout
+
+
+def test_evaluate_per_class_counts_add_up(tmp_path, trained, tiny_data):
+    out = json.loads(run_cli("evaluate", "--checkpoint", str(trained), "--data", str(tiny_data), "--workers", "0",
+                             "--device", "cpu", "--flip", "--size", "40", "--per-class-csv",
+                             str(tmp_path / "classes.csv")).stdout)
+    rows = list(csv.DictReader(open(tmp_path / "classes.csv")))
+    assert len(rows) == 10 and sum(int(r["images"]) for r in rows) == out["images"] == 40
+    assert sum(int(r["correct"]) for r in rows) / out["images"] == pytest.approx(out["top1"])
+    assert out["flip"] and out["size"] == 40
+    wrong = sum(int(r["images"]) - int(r["correct"]) for r in rows)
+    assert sum(p["images"] for p in out["most_confused"]) <= wrong
+
+
+def test_explain_gallery_of_mistakes_and_of_any_image(tmp_path, trained, tiny_data):
+    out = json.loads(run_cli("explain", "--checkpoint", str(trained), "--data", str(tiny_data), "--num-show", "6",
+                             "--out", str(tmp_path / "mistakes.png"), "--device", "cpu").stdout)
+    assert out["images"] == 40 and out["shown"] == min(6, out["misclassified"])
+    if out["shown"]:
+        assert Image.open(tmp_path / "mistakes.png").format == "PNG"
+    image = next((tiny_data / "val").glob("*/*"))
+    out = json.loads(run_cli("explain", "--checkpoint", str(trained), str(image), "--out", str(tmp_path / "one.png"),
+                             "--device", "cpu").stdout)
+    assert out["images"] == 1 and Image.open(tmp_path / "one.png").size[0] > 200

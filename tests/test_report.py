@@ -1,0 +1,84 @@
+"""steps.jsonl, metrics.csv, data-wait figures, and `imagenet-resnet report` on finished, running and resumed runs."""
+
+import csv
+import json
+import shutil
+
+from PIL import Image
+
+from conftest import run_cli, tiny_train_args
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_report_on_a_finished_run(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "2", "--set", "train.log_every_steps=2"))
+    epochs, steps = _lines(run / "metrics.jsonl"), _lines(run / "steps.jsonl")
+    assert [s["step"] for s in steps] == list(range(2, 15, 2))
+    assert all(0 <= e["data_wait_share"] <= 1 and e["data_wait_seconds"] >= 0 for e in epochs)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and float(rows[1]["val_top1"]) == epochs[1]["val_top1"]
+    out = json.loads(run_cli("report", str(run)).stdout)
+    names = sorted(p.rsplit("/", 1)[-1] for p in out["files"])
+    assert names == ["accuracy.png", "loss.png", "lr.png", "speed.png", "training_log.md"]
+    for png in (run / "report").glob("*.png"):
+        assert Image.open(png).size[0] >= 600
+    table = (run / "training_log.md").read_text()
+    assert table.count("\n| 1 |") == 1 and table.count("\n| 2 |") == 1 and "Best validation top-1" in table
+
+
+def test_report_on_a_running_run(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "2"))
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines()[0] + "\n")  # epoch 2 not done
+    (live / "steps.jsonl").write_text("".join(line + "\n" for line in (run / "steps.jsonl").read_text().splitlines()[:10]))
+    out = json.loads(run_cli("report", str(live)).stdout)
+    assert out["epochs"] == 1 and out["sampled_steps"] == 10
+    steps_only = tmp_path / "first-epoch"
+    steps_only.mkdir()
+    shutil.copy(live / "steps.jsonl", steps_only / "steps.jsonl")
+    assert json.loads(run_cli("report", str(steps_only)).stdout)["files"]  # not one epoch finished yet
+
+
+def test_resumed_run_keeps_one_record_per_step(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "2", "--set", "train.checkpoint_every_steps=3",
+                             "--set", "train.stop_at_step=10"))
+    # As after a crash: steps past the last checkpoint (step 10) were logged, then lost.
+    with open(run / "steps.jsonl", "a") as f:
+        f.write(json.dumps({"step": 11, "epoch": 2, "loss": 9.9, "lr": 0.1, "images_per_sec": 1.0, "time": 0}) + "\n")
+    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "2", "--resume"))
+    steps = [s["step"] for s in _lines(run / "steps.jsonl")]
+    assert steps == list(range(1, 15)) and 9.9 not in [s["loss"] for s in _lines(run / "steps.jsonl")]
+    assert [e["epoch"] for e in _lines(run / "metrics.jsonl")] == [1, 2]
+    assert json.loads(run_cli("report", str(run)).stdout)["epochs"] == 2
+
+
+def test_progress_bar_on_a_terminal_and_log_lines_elsewhere(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    from imagenet_resnet.monitor import StepReporter
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stdout, expect_bar in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stdout", stdout)
+        logged = []
+        reporter = StepReporter(tmp_path, True, logged.append, steps_per_epoch=10, total_steps=20, every=5)
+        reporter.start_epoch(0, 2, first_step=0)
+        for step in range(10):
+            reporter.step(0, step, step + 1, lambda: 1.5, 0.1, 100.0)
+        reporter.end_epoch()
+        if expect_bar:
+            assert "epoch 1/2" in stdout.getvalue() and "loss 1.5000 lr 0.1 100 img/s run ETA" in stdout.getvalue()
+            assert logged == []
+        else:
+            assert stdout.getvalue() == "" and len(logged) == 2 and "run ETA" in logged[0]
