@@ -19,6 +19,7 @@ def test_report_on_a_finished_run(tmp_path, tiny_data):
     epochs, steps = _lines(run / "metrics.jsonl"), _lines(run / "steps.jsonl")
     assert [s["step"] for s in steps] == list(range(2, 15, 2))
     assert all(0 <= e["data_wait_share"] <= 1 and e["data_wait_seconds"] >= 0 for e in epochs)
+    assert all(0 <= s["train_top1"] <= 1 for s in steps) and steps[-1]["train_top1"] == epochs[-1]["train_top1"]
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2] and float(rows[1]["val_top1"]) == epochs[1]["val_top1"]
     out = json.loads(run_cli("report", str(run)).stdout)
@@ -75,10 +76,10 @@ def test_progress_bar_on_a_terminal_and_log_lines_elsewhere(tmp_path, monkeypatc
         reporter = StepReporter(tmp_path, True, logged.append, steps_per_epoch=10, total_steps=20, every=5)
         reporter.start_epoch(0, 2, first_step=0)
         for step in range(10):
-            reporter.step(0, step, step + 1, lambda: 1.5, 0.1, 100.0)
+            reporter.step(0, step, step + 1, lambda: (1.5, 0.25), 0.1, 100.0)
         reporter.end_epoch()
         if expect_bar:
-            assert "epoch 1/2" in stdout.getvalue() and "loss 1.5000 lr 0.1 100 img/s run ETA" in stdout.getvalue()
+            assert "epoch 1/2" in stdout.getvalue() and "loss 1.5000 acc 25.0% lr 0.1 100 img/s run ETA" in stdout.getvalue()
             assert logged == []
         else:
             assert stdout.getvalue() == "" and len(logged) == 2 and "run ETA" in logged[0]

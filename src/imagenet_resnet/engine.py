@@ -117,7 +117,7 @@ def evaluate(model, loader, normalize: DeviceNormalize, precision: str, skipped:
 
 def train_step(model, optimizer, scaler, micro_batches, normalize: DeviceNormalize, precision: str,
                label_smoothing: float = 0.0, clip_grad_norm: float = 0.0, mix: MixAugment | None = None,
-               step: int = 0) -> tuple[torch.Tensor, int]:
+               step: int = 0, correct: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """One optimizer step over one or more micro-batches (gradient accumulation). Each micro-batch's mean
     loss is weighted by its share of the step's images, so the gradient equals that of one big batch even
     when unreadable images made the micro-batches unequal. Returns the summed loss (on the device) and images."""
@@ -142,6 +142,8 @@ def train_step(model, optimizer, scaler, micro_batches, normalize: DeviceNormali
                     loss = lam * loss + (1 - lam) * F.cross_entropy(logits, other_labels, label_smoothing=label_smoothing)
             scaler.scale(loss * (len(labels) / step_images)).backward()
         loss_sum += loss.detach() * len(labels)
+        if correct is not None:  # top-1 hits on the training batch (the first label, when mixed), no sync
+            correct += (logits.detach().argmax(1) == labels).sum()
     if step_images:
         if clip_grad_norm:
             scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
@@ -162,6 +164,7 @@ class Progress:
     best_top1: float = -1.0
     epoch_loss_sum: float = 0.0  # running training sums of the current epoch, so a mid-epoch resume
     epoch_images: int = 0  # reports the whole epoch
+    epoch_correct: int = 0  # training top-1 hits
     epoch_seconds: float = 0.0
     epoch_data_wait: float = 0.0  # seconds this epoch spent waiting for the loader (rank 0)
     skipped_images: int = 0
@@ -399,6 +402,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
             model.train()
             train_sampler.set_epoch(epoch, start_batch=progress.step_in_epoch * t.accumulation_steps)
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            correct = torch.zeros((), device=device, dtype=torch.int64)
             started, images = time.perf_counter(), 0
             micro_batches = iter(train_loader)
             lr = schedule(progress.global_step)
@@ -414,7 +418,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
                     skipped.add(problems)
                 step_loss, step_images = train_step(runner, optimizer, scaler, step_batches, normalize, precision,
                                                     cfg.optim.label_smoothing, cfg.optim.clip_grad_norm, mix,
-                                                    progress.global_step)
+                                                    progress.global_step, correct)
                 if ema is not None:
                     ema.update_parameters(model)
                 loss_sum += step_loss
@@ -422,14 +426,16 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
                 progress.global_step += 1
                 progress.step_in_epoch = step + 1
                 reporter.step(epoch, step, progress.global_step,
-                              lambda: (progress.epoch_loss_sum + loss_sum.item()) / max(progress.epoch_images + images, 1),
+                              lambda: ((progress.epoch_loss_sum + loss_sum.item()) / max(progress.epoch_images + images, 1),
+                                       (progress.epoch_correct + correct.item()) / max(progress.epoch_images + images, 1)),
                               lr, images * world.world_size / (time.perf_counter() - started))
                 stop_at = t.stop_at_step and progress.global_step >= t.stop_at_step
                 periodic = t.checkpoint_every_steps and progress.global_step % t.checkpoint_every_steps == 0
                 stop_signal = distributed.any_rank(stop.signal or 0, device)  # all ranks stop at the same step
                 if stop_signal or stop_at or (periodic and step + 1 < steps_per_epoch):
-                    _fold_epoch_sums(progress, loss_sum, images, started, device)
+                    _fold_epoch_sums(progress, loss_sum, correct, images, started, device)
                     loss_sum.zero_()
+                    correct.zero_()
                     started, images = time.perf_counter(), 0
                     save(last_path)
                     distributed.barrier()  # nobody exits while rank 0 is still writing
@@ -440,7 +446,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
                     if stop_at:
                         log(f"reached train.stop_at_step={t.stop_at_step}: saved {last_path}; --resume continues")
                         raise RunStopped("stop_at_step", 0)
-            _fold_epoch_sums(progress, loss_sum, images, started, device)
+            _fold_epoch_sums(progress, loss_sum, correct, images, started, device)
             reporter.end_epoch()
             del micro_batches
 
@@ -480,12 +486,13 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
     return last_metrics
 
 
-def _fold_epoch_sums(progress: Progress, loss_sum: torch.Tensor, images: int, started: float,
+def _fold_epoch_sums(progress: Progress, loss_sum: torch.Tensor, correct: torch.Tensor, images: int, started: float,
                      device: torch.device) -> None:
     """Move the in-flight training sums, added up over all ranks, into `progress`, which a checkpoint
     carries across a restart."""
-    loss, images = distributed.all_sum([loss_sum.item(), images], device)  # waits for the GPU: the time is real
+    loss, hits, images = distributed.all_sum([loss_sum.item(), correct.item(), images], device)  # waits for the GPU
     progress.epoch_loss_sum += loss
+    progress.epoch_correct += int(hits)
     progress.epoch_images += int(images)
     progress.epoch_seconds += time.perf_counter() - started
 
@@ -495,6 +502,7 @@ def _finish_epoch(progress: Progress, epoch: int, steps_per_epoch: int, lr: floa
         "epoch": epoch + 1,
         "step": progress.global_step,
         "train_loss": progress.epoch_loss_sum / max(progress.epoch_images, 1),
+        "train_top1": progress.epoch_correct / max(progress.epoch_images, 1),
         "lr": lr,
         "images_per_sec": progress.epoch_images / max(progress.epoch_seconds, 1e-9),
         "epoch_seconds": progress.epoch_seconds,
@@ -504,6 +512,7 @@ def _finish_epoch(progress: Progress, epoch: int, steps_per_epoch: int, lr: floa
     }
     progress.epoch, progress.step_in_epoch = epoch + 1, 0
     progress.epoch_loss_sum, progress.epoch_images, progress.epoch_seconds, progress.epoch_data_wait = 0.0, 0, 0.0, 0.0
+    progress.epoch_correct = 0
     if not math.isfinite(record["train_loss"]):
         raise FloatingPointError(f"training loss became {record['train_loss']} in epoch {epoch + 1}; lower optim.lr")
     return record

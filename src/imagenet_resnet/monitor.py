@@ -34,7 +34,8 @@ class StepReporter:
             self.bar = tqdm(total=self.steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{epochs}",
                             unit="step", dynamic_ncols=True, leave=False, file=sys.stdout)
 
-    def step(self, epoch: int, step: int, global_step: int, running_loss, lr: float, images_per_sec: float) -> None:
+    def step(self, epoch: int, step: int, global_step: int, running, lr: float, images_per_sec: float) -> None:
+        """`running`: a callable giving the epoch's (running loss, running training top-1) so far."""
         if not self.enabled:
             return
         if self.session_first is None:
@@ -43,18 +44,18 @@ class StepReporter:
             self.bar.update(1)
         if not self.every or global_step % self.every:
             return
-        loss = running_loss()
+        loss, top1 = running()
         done, since = global_step - self.session_first[0], time.perf_counter() - self.session_first[1]
         eta = _duration((self.total_steps - global_step) * since / done) if done else "?"
-        record = {"step": global_step, "epoch": epoch + 1, "loss": loss, "lr": lr, "images_per_sec": images_per_sec,
-                  "time": time.time()}
+        record = {"step": global_step, "epoch": epoch + 1, "loss": loss, "train_top1": top1, "lr": lr,
+                  "images_per_sec": images_per_sec, "time": time.time()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.3g} {images_per_sec:.0f} img/s run ETA {eta}")
+            self.bar.set_postfix_str(f"loss {loss:.4f} acc {top1:.1%} lr {lr:.3g} {images_per_sec:.0f} img/s run ETA {eta}")
         else:
-            self.log(f"epoch {epoch + 1} step {step + 1}/{self.steps_per_epoch} loss {loss:.4f} lr {lr:.4g} "
-                     f"{images_per_sec:.0f} img/s | run ETA {eta}")
+            self.log(f"epoch {epoch + 1} step {step + 1}/{self.steps_per_epoch} loss {loss:.4f} acc {top1:.1%} "
+                     f"lr {lr:.4g} {images_per_sec:.0f} img/s | run ETA {eta}")
 
     def end_epoch(self) -> None:
         if self.bar is not None:

@@ -72,6 +72,9 @@ def make_report(run: str | Path, out: str | Path | None = None) -> dict:
             ax.plot(*zip(*val), "s-", label="validation")
 
     def accuracy(ax):
+        if any("train_top1" in st for st in steps):
+            ax.plot(x_step, [100 * st.get("train_top1", 0) for st in steps], color="#bbbbbb", linewidth=0.8,
+                    label="train top-1 (running, sampled steps)")
         for key, label, style in (("val_top1", "top-1", "o-"), ("val_top5", "top-5", "s-"),
                                   ("val_top1_ema", "top-1, EMA weights", "^--")):
             points = [(r["epoch"], 100 * r[key]) for r in epochs if r.get(key) is not None]
@@ -92,8 +95,8 @@ def make_report(run: str | Path, out: str | Path | None = None) -> dict:
             twin.set_ylim(0, 100)
 
     figure("loss.png", "Loss", "cross-entropy", losses)
-    if any(r.get("val_top1") is not None for r in epochs):
-        figure("accuracy.png", "Validation accuracy", "%", accuracy)
+    if any(r.get("val_top1") is not None for r in epochs) or any("train_top1" in st for st in steps):
+        figure("accuracy.png", "Accuracy", "%", accuracy)
     figure("lr.png", "Learning rate", "LR", learning_rate)
     if epochs:
         figure("speed.png", "Throughput and data-loader wait", "images/s", speed)
