@@ -190,6 +190,9 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+STOP_CHECK_STEPS = 10  # a SIGTERM is acted on within this many steps under torchrun (well inside a spot notice)
+
+
 class RunStopped(Exception):
     """The run checkpointed and stopped early (a signal, or train.stop_at_step); --resume continues it."""
 
@@ -226,7 +229,6 @@ class RunParts:
     model: torch.nn.Module  # the bare network: saved and evaluated
     runner: torch.nn.Module  # the one trained: the model, wrapped in DDP under torchrun
     global_batch: int
-    peak_lr: float
     optimizer: torch.optim.Optimizer
     normalize: DeviceNormalize
 
@@ -274,11 +276,10 @@ def build_run(cfg: Config, world: distributed.Dist, device: torch.device) -> Run
     if t.compile:  # the bare `model` is what is saved, so no `_orig_mod.` prefix reaches a checkpoint
         runner = torch.compile(runner, mode=None if t.compile == "default" else t.compile, backend=t.compile_backend)
     global_batch = t.batch_size * t.accumulation_steps * world.world_size
-    peak_lr = cfg.optim.lr * global_batch / 256
-    optimizer = build_optimizer(model, cfg, peak_lr)
+    optimizer = build_optimizer(model, cfg, cfg.optim.lr * global_batch / 256)  # the schedule sets it each step
     normalize = DeviceNormalize(device, cfg.model.channels_last)
     return RunParts(train_index, train_set, val_set, train_sampler, train_loader, val_loader, steps_per_epoch,
-                    model, runner, global_batch, peak_lr, optimizer, normalize)
+                    model, runner, global_batch, optimizer, normalize)
 
 
 def _sweep(parts: RunParts, cfg: Config, precision: str, start_lr: float = 1e-5, end_lr: float = 10.0,
@@ -331,16 +332,12 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
         found = _sweep(parts, cfg, precision)
         picks = found.suggestion()
         cfg.optim.lr = picks["suggested_lr"] * 256 / parts.global_batch  # per 256 images, as configs give it
-        parts.peak_lr = picks["suggested_lr"]
-        for group in parts.optimizer.param_groups:
-            group["lr"] = parts.peak_lr
         log(f"LR finder: lowest smoothed loss at {picks['min_loss_lr']:.3g}; training with peak LR "
-            f"{parts.peak_lr:.3g} (optim.lr={cfg.optim.lr:.4g} per 256 images)")
+            f"{picks['suggested_lr']:.3g} (optim.lr={cfg.optim.lr:.4g} per 256 images)")
     train_index, train_set, val_set = parts.train_index, parts.train_set, parts.val_set
     train_sampler, train_loader, val_loader = parts.train_sampler, parts.train_loader, parts.val_loader
     model, runner, optimizer, normalize = parts.model, parts.runner, parts.optimizer, parts.normalize
-    steps_per_epoch, global_batch, peak_lr = parts.steps_per_epoch, parts.global_batch, parts.peak_lr
-    schedule = LRSchedule(cfg.schedule, peak_lr, t.epochs, steps_per_epoch)
+    steps_per_epoch, global_batch = parts.steps_per_epoch, parts.global_batch
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     mix = None
     if cfg.data.mixup_alpha or cfg.data.cutmix_alpha:
@@ -362,8 +359,6 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
         checkpoint.set_rng_state(state["rng"])
         if cfg.optim.find_lr:  # keep the LR the finder chose when the run started
             cfg.optim.lr = state["config"]["optim"]["lr"]
-            peak_lr = cfg.optim.lr * global_batch / 256
-            schedule = LRSchedule(cfg.schedule, peak_lr, t.epochs, steps_per_epoch)
         progress = Progress(**state["progress"])
         skipped.count = progress.skipped_images
         if world.is_main:
@@ -389,6 +384,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
             "class_names": [display_name(c) for c in train_index.classes],
         }, path)
 
+    peak_lr = cfg.optim.lr * global_batch / 256  # the LR in the config is per 256 images
+    schedule = LRSchedule(cfg.schedule, peak_lr, t.epochs, steps_per_epoch)
     if world.is_main:  # resolved: with the LR the finder chose, if it ran
         save_config(cfg, out_dir / "config.yaml")
     log(f"{cfg.model.name} | {len(train_index.classes)} classes | train {len(train_set)} / val {len(val_set)} images | "
@@ -431,7 +428,10 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
                               lr, images * world.world_size / (time.perf_counter() - started))
                 stop_at = t.stop_at_step and progress.global_step >= t.stop_at_step
                 periodic = t.checkpoint_every_steps and progress.global_step % t.checkpoint_every_steps == 0
-                stop_signal = distributed.any_rank(stop.signal or 0, device)  # all ranks stop at the same step
+                # All ranks must stop at the same step. Agreeing costs a collective and a GPU sync, so under
+                # torchrun it happens every STOP_CHECK_STEPS steps (and at checkpoints), not on every step.
+                agree = not world.enabled or stop_at or periodic or progress.global_step % STOP_CHECK_STEPS == 0
+                stop_signal = distributed.any_rank(stop.signal or 0, device) if agree else 0
                 if stop_signal or stop_at or (periodic and step + 1 < steps_per_epoch):
                     _fold_epoch_sums(progress, loss_sum, correct, images, started, device)
                     loss_sum.zero_()

@@ -64,19 +64,21 @@ def save_gallery(entries: list[dict], path: str | Path, title: str) -> None:
 
 
 def explain_images(loaded, files: list[Path], out: str | Path, layer: str = "layer4") -> list[dict]:
-    """For any images: each with its Grad-CAM for the top prediction, in one gallery PNG."""
-    from .inference import predict
-
-    preset, entries, results = loaded.preset(), [], predict(loaded, files, top_k=1)
-    for record in results:
-        if "error" in record:
+    """For any images: each with its Grad-CAM for the top prediction, in one gallery PNG. Returns a
+    record per file; an unreadable one has an `error`."""
+    preset, entries, results = loaded.preset(), [], []
+    for file in files:
+        try:
+            pixels = preset(file.read_bytes())
+        except (OSError, ValueError, SyntaxError) as e:
+            results.append({"file": str(file), "error": f"{type(e).__name__}: {e}"})
             continue
-        pixels = preset(Path(record["file"]).read_bytes())
-        top = record["top"][0]
-        cam = grad_cam(loaded.model, loaded.normalize(torch.from_numpy(pixels[None])),
-                       torch.tensor([loaded.classes.index(top["class"])]), layer)[0].cpu().numpy()
-        entries.append({"image": pixels, "panels": [(f"{Path(record['file']).name}", None),
-                                                    (f"{top['name']} {top['probability']:.0%}", cam)]})
+        probs = _scores(loaded, pixels[None])[0]
+        top = int(probs.argmax())
+        cam = grad_cam(loaded.model, loaded.normalize(torch.from_numpy(pixels[None])), torch.tensor([top]), layer)
+        entries.append({"image": pixels, "panels": [(file.name, None),
+                                                    (f"{loaded.names[top]} {float(probs[top]):.0%}", cam[0].cpu().numpy())]})
+        results.append({"file": str(file), "class": loaded.classes[top], "probability": float(probs[top])})
     if entries:
         save_gallery(entries, out, f"Grad-CAM ({layer}) for the top prediction")
     return results

@@ -71,15 +71,20 @@ class ImageIndex:
     def _parquet_row(self, file_id: int, row: int) -> bytes:
         import pyarrow.parquet as pq
 
-        cached = self._handles.get(("parquet", os.getpid()))
-        if cached is None or cached[0] != file_id or not cached[1] <= row < cached[1] + len(cached[2]):
+        # Per process: the open file with its row-group starts, and the last row group read (rows are read in order).
+        key = ("parquet", os.getpid(), file_id)
+        if key not in self._handles:
             parquet = pq.ParquetFile(self.root / self.files[file_id])
-            starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
-            group = int(np.searchsorted(starts, row, side="right") - 1)
+            sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+            self._handles[key] = (parquet, np.cumsum([0] + sizes))
+        parquet, starts = self._handles[key]
+        group = int(np.searchsorted(starts, row, side="right") - 1)
+        cached = self._handles.get(("parquet-group", os.getpid()))
+        if cached is None or cached[:2] != (file_id, group):
             column = parquet.read_row_group(group, columns=["image"]).column("image").combine_chunks()
-            cached = (file_id, int(starts[group]), column.field("bytes").to_pylist())
-            self._handles[("parquet", os.getpid())] = cached
-        return cached[2][row - cached[1]]
+            cached = (file_id, group, column.field("bytes").to_pylist())
+            self._handles[("parquet-group", os.getpid())] = cached
+        return cached[2][row - int(starts[group])]
 
     def __getstate__(self):  # open descriptors stay in the process that opened them
         return {k: v for k, v in self.__dict__.items() if k != "_handles"}

@@ -76,8 +76,8 @@ def inspect(data: bytes, name: str) -> tuple[str | None, str, int, int]:
 _worker: dict = {}
 
 
-def _init_worker(index: ImageIndex, counter, settings: PackSettings | None, out_dir: Path | None, split: str):
-    _worker.update(index=index, counter=counter, settings=settings, out_dir=out_dir, split=split)
+def _init_worker(state: dict, counter) -> None:
+    _worker.update(state, counter=counter)
 
 
 def _count(n: int) -> None:
@@ -159,25 +159,21 @@ def _pack_shard(shard: int):
     return shard
 
 
-def _init_pack_worker(index, counter, settings, out_dir, split, kinds):
-    _init_worker(index, counter, settings, out_dir, split)
-    _worker["kinds"] = kinds
-
-
-def _run_parallel(fn, tasks, total: int, workers: int, init, init_args, desc: str):
-    """Run fn over tasks in `workers` processes; a progress bar counts images, with rate and ETA."""
+def _run_parallel(fn, tasks, total: int, workers: int, state: dict, desc: str):
+    """Run fn over tasks in `workers` processes, each given `state` once; a progress bar counts images,
+    with rate and ETA."""
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     counter = context.Value("q", 0)
     results = []
     with tqdm(total=total, desc=desc, unit="img", smoothing=0.1, mininterval=0.5 if sys.stderr.isatty() else 30,
               file=sys.stderr) as bar:
         if workers <= 1:
-            init(*init_args(counter))
+            _init_worker(state, counter)
             for task in tasks:
                 results.append(fn(task))
                 bar.update(counter.value - bar.n)
             return results
-        with context.Pool(workers, initializer=init, initargs=init_args(counter)) as pool:
+        with context.Pool(workers, initializer=_init_worker, initargs=(state, counter)) as pool:
             pending = pool.map_async(fn, tasks, chunksize=1)
             while not pending.ready():
                 pending.wait(0.5)
@@ -202,8 +198,7 @@ def check_split(index: ImageIndex, workers: int, desc: str):
     """(codes, sizes, details) for every image, checked in parallel."""
     chunk = 1024 if index.storage == "parquet" else 256  # parquet: fewer re-reads of one row group
     tasks = [(s, min(s + chunk, len(index))) for s in range(0, len(index), chunk)]
-    results = _run_parallel(_check_chunk, tasks, len(index), workers, _init_worker,
-                            lambda counter: (index, counter, None, None, ""), desc)
+    results = _run_parallel(_check_chunk, tasks, len(index), workers, {"index": index}, desc)
     codes, sizes, details = np.zeros(len(index), np.uint8), np.zeros((len(index), 2), np.int32), {}
     for start, c, s, d in results:
         codes[start : start + len(c)], sizes[start : start + len(c)] = c, s
@@ -233,8 +228,8 @@ def pack_split(index: ImageIndex, kinds: list, settings: PackSettings, out_dir: 
     if len(todo) < shards:
         print(f"  {split}: {shards - len(todo)} of {shards} shards already written; resuming", file=sys.stderr)
     images_todo = sum(min(settings.shard_images, len(index) - k * settings.shard_images) for k in todo)
-    _run_parallel(_pack_shard, todo, images_todo, workers, _init_pack_worker,
-                  lambda counter: (index, counter, settings, out_dir, split, kinds), f"pack {split}")
+    state = {"index": index, "settings": settings, "out_dir": out_dir, "split": split, "kinds": kinds}
+    _run_parallel(_pack_shard, todo, images_todo, workers, state, f"pack {split}")
     sizes, failed = [], {}
     for k in range(shards):
         with np.load(shard_path(out_dir, split, k, ".sizes.npz")) as z:
