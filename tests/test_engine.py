@@ -54,3 +54,18 @@ def test_no_weight_decay_on_bn_and_bias():
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     bn_and_bias = sum(1 for n, p in model.named_parameters() if "bn" in n or "bias" in n or "downsample.1" in n)
     assert len(no_decay["params"]) == bn_and_bias
+
+
+def test_a_micro_batch_left_with_one_image_is_dropped_not_fatal_to_batchnorm():
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (5, 16, 16, 3), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 5, (5,), generator=g)
+
+    def resnet():
+        torch.manual_seed(0)
+        return build_model("resnet18", num_classes=5, width=8)
+
+    a = _run(resnet(), [(images[1:], labels[1:], [])], accumulation=1)
+    b = _run(resnet(), [(images[:1], labels[:1], ["3 unreadable"]), (images[1:], labels[1:], [])], accumulation=2)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)

@@ -3,6 +3,9 @@
 import csv
 import json
 import shutil
+import time
+
+import pytest
 
 from PIL import Image
 
@@ -15,8 +18,12 @@ def _lines(path):
 
 def test_report_on_a_finished_run(tmp_path, tiny_data):
     run = tmp_path / "run"
-    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "2", "--set", "train.log_every_steps=2"))
+    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "2", "--set", "train.log_every_steps=2",
+                             "--set", "train.sample_system_seconds=0.05"))
     epochs, steps = _lines(run / "metrics.jsonl"), _lines(run / "steps.jsonl")
+    # CPU use sampled in the background, per epoch and per sampled step; no GPU figures on a CPU run
+    assert all(0 <= e["cpu_util"] <= 100 for e in epochs) and any("cpu_util" in s for s in steps)
+    assert not any(key.startswith("gpu") for record in epochs + steps for key in record)
     assert [s["step"] for s in steps] == list(range(2, 15, 2))
     assert all(0 <= e["data_wait_share"] <= 1 and e["data_wait_seconds"] >= 0 for e in epochs)
     assert all(0 <= s["train_top1"] <= 1 for s in steps) and steps[-1]["train_top1"] == epochs[-1]["train_top1"]
@@ -24,7 +31,7 @@ def test_report_on_a_finished_run(tmp_path, tiny_data):
     assert [int(r["epoch"]) for r in rows] == [1, 2] and float(rows[1]["val_top1"]) == epochs[1]["val_top1"]
     out = json.loads(run_cli("report", str(run)).stdout)
     names = sorted(p.rsplit("/", 1)[-1] for p in out["files"])
-    assert names == ["accuracy.png", "loss.png", "lr.png", "speed.png", "training_log.md"]
+    assert names == ["accuracy.png", "loss.png", "lr.png", "speed.png", "system.png", "training_log.md"]
     for png in (run / "report").glob("*.png"):
         assert Image.open(png).size[0] >= 600
     table = (run / "training_log.md").read_text()
@@ -83,3 +90,43 @@ def test_progress_bar_on_a_terminal_and_log_lines_elsewhere(tmp_path, monkeypatc
             assert logged == []
         else:
             assert stdout.getvalue() == "" and len(logged) == 2 and "run ETA" in logged[0]
+
+
+def test_tensorboard_events_follow_the_metrics_and_a_resume(tmp_path, tiny_data):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run = tmp_path / "run"
+    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "2", "--set", "train.checkpoint_every_steps=3",
+                             "--set", "train.stop_at_step=10"))
+    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "2", "--resume"))
+    events = event_accumulator.EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 15))  # one point per step, none repeated by the resume
+    by_step = {s["step"]: s["loss"] for s in _lines(run / "steps.jsonl")}
+    assert all(e.value == pytest.approx(by_step[e.step], rel=1e-5) for e in loss)
+    val = events.Scalars("epoch/val_top1")
+    assert [e.value for e in val] == pytest.approx([m["val_top1"] for m in _lines(run / "metrics.jsonl")])
+
+
+def test_no_tensorboard_files_when_turned_off(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "1", "--set", "train.tensorboard=false"))
+    assert (run / "metrics.jsonl").exists() and not (run / "tensorboard").exists()
+
+
+def test_system_sampler_means_per_window():
+    import threading
+
+    import torch
+
+    from imagenet_resnet.monitor import SystemSampler
+
+    with SystemSampler(torch.device("cpu"), interval=0.02) as sampler:
+        busy_until = time.perf_counter() + 0.5
+        spin = threading.Thread(target=lambda: [None for _ in iter(lambda: time.perf_counter() < busy_until, False)])
+        spin.start()
+        spin.join()
+        during = sampler.take("epoch")
+        assert sampler.take("epoch") == {} or sampler.take("epoch").keys() <= {"cpu_util"}
+    assert set(during) == {"cpu_util"} and 0 < during["cpu_util"] <= 100
+    assert not sampler.thread.is_alive()

@@ -87,6 +87,8 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validations; the last epoch is always evaluated
     checkpoint_every_steps: int = 0  # also write last.pt every N optimizer steps; 0 = epoch ends only
     log_every_steps: int = 50
+    sample_system_seconds: float = 2.0  # CPU (and GPU, through NVML) use sampled this often in the background; 0 = off
+    tensorboard: bool = True  # event files in RUN/tensorboard when the tensorboard package is installed
     stop_at_step: int = 0  # checkpoint and stop after this many optimizer steps (a time-boxed session); 0 = off
     ema_decay: float = 0.0  # keep an exponential moving average of the weights (e.g. 0.9999), evaluated too; 0 = off
     compile: str = ""  # torch.compile mode: "" = off, default, reduce-overhead, max-autotune, ...

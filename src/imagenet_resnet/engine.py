@@ -25,7 +25,7 @@ from .data.loader import DeviceNormalize, EpochBatchSampler, ImageDataset, Skipp
 from .data.presets import EvalPreset, TrainPreset, progressive_size
 from .augment import MixAugment
 from .models import build_model, clean_state_dict, load_weights
-from .monitor import StepReporter, drop_records_after, write_metrics_csv
+from .monitor import StepReporter, SystemSampler, TensorBoardLog, drop_records_after, write_metrics_csv
 from .optim import Lamb
 from .schedules import LRSchedule
 
@@ -122,12 +122,12 @@ def train_step(model, optimizer, scaler, micro_batches, normalize: DeviceNormali
     loss is weighted by its share of the step's images, so the gradient equals that of one big batch even
     when unreadable images made the micro-batches unequal. Returns the summed loss (on the device) and images."""
     device = normalize.device
+    # BatchNorm cannot train on a single image: a micro-batch left with fewer than two readable ones is dropped.
+    micro_batches = [micro_batch for micro_batch in micro_batches if len(micro_batch[1]) >= 2]
     step_images = sum(len(labels) for _, labels, _ in micro_batches)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    last = max((k for k, (_, labels, _) in enumerate(micro_batches) if len(labels)), default=-1)
+    last = len(micro_batches) - 1
     for k, (batch, labels, _) in enumerate(micro_batches):
-        if len(labels) == 0:
-            continue
         labels = labels.to(device, non_blocking=True)
         # Under DDP, gradients are all-reduced once per step, on the last micro-batch, not on every one.
         skip_sync = k != last and hasattr(model, "no_sync")
@@ -348,6 +348,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
     skipped = SkippedImages()
     progress = Progress()
+    last_metrics: dict[str, Any] = {}  # the latest epoch's record, also saved in checkpoints
 
     if resume and last_path.exists():
         state = checkpoint.load(last_path, map_location=device)
@@ -360,6 +361,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
         if cfg.optim.find_lr:  # keep the LR the finder chose when the run started
             cfg.optim.lr = state["config"]["optim"]["lr"]
         progress = Progress(**state["progress"])
+        last_metrics = state.get("metrics") or {}
         skipped.count = progress.skipped_images
         if world.is_main:
             drop_records_after(metrics_path, "epoch", progress.epoch)
@@ -382,6 +384,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
             "data_order": {"seed": t.seed, "epoch": progress.epoch, "batches_done": progress.step_in_epoch * t.accumulation_steps},
             "config": cfg.to_dict(), "classes": train_index.classes,
             "class_names": [display_name(c) for c in train_index.classes],
+            "metrics": last_metrics, "saved_at": time.time(),  # the model card: accuracy, epochs, when
         }, path)
 
     peak_lr = cfg.optim.lr * global_batch / 256  # the LR in the config is per 256 images
@@ -392,9 +395,11 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
         f"{device} {precision} | {world.world_size} process(es) | global batch {global_batch} "
         f"({t.batch_size} per process x {t.accumulation_steps} accumulation x {world.world_size}) | "
         f"peak LR {peak_lr:.4g} ({cfg.optim.lr} per 256) | {steps_per_epoch} steps/epoch x {t.epochs} epochs")
-    last_metrics: dict[str, Any] = {}
-    reporter = StepReporter(out_dir, world.is_main, log, steps_per_epoch, steps_per_epoch * t.epochs, t.log_every_steps)
-    with StopRequest() as stop:
+    system = SystemSampler(device, t.sample_system_seconds) if world.is_main and t.sample_system_seconds > 0 else None
+    tensorboard = TensorBoardLog(out_dir, world.is_main and t.tensorboard, progress.global_step)
+    reporter = StepReporter(out_dir, world.is_main, log, steps_per_epoch, steps_per_epoch * t.epochs, t.log_every_steps,
+                            system, tensorboard)
+    with StopRequest() as stop, tensorboard, system or contextlib.nullcontext():
         for epoch in range(progress.epoch, t.epochs):
             model.train()
             train_sampler.set_epoch(epoch, start_batch=progress.step_in_epoch * t.accumulation_steps)
@@ -453,6 +458,11 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
             # End of epoch: validate when due, log one metrics line, checkpoint.
             epoch_record = _finish_epoch(progress, epoch, steps_per_epoch, lr)
             epoch_record["train_size"] = train_set.preset.side(epoch)
+            if system is not None:
+                epoch_record.update(system.take("epoch"))
+            if device.type == "cuda":  # the most the tensors needed, against the GPU memory NVML sees in use
+                epoch_record["gpu_peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                torch.cuda.reset_peak_memory_stats(device)
             distributed.broadcast_buffers(model)
             if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
                 val = evaluate(model, val_loader, normalize, precision, skipped, cfg.data.eval_flip)
@@ -472,6 +482,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
             is_best = epoch_record["val_top1"] is not None and epoch_record["val_top1"] > progress.best_top1
             if is_best:
                 progress.best_top1 = epoch_record["val_top1"]
+            last_metrics = epoch_record
             save(last_path)
             if is_best:
                 save(best_path)
@@ -479,8 +490,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(epoch_record) + "\n")
                 write_metrics_csv(metrics_path)
+                tensorboard.add("epoch", epoch_record, progress.global_step)
             distributed.barrier()
-            last_metrics = epoch_record
     if skipped.count:
         log(f"{skipped.count} unreadable images were skipped (named in the warnings above)")
     return last_metrics

@@ -1,13 +1,18 @@
 """Seeing a run while it trains: a progress bar (or plain log lines off a terminal), sampled per-step
-metrics in steps.jsonl, and the epoch metrics mirrored as metrics.csv."""
+metrics in steps.jsonl, the epoch metrics mirrored as metrics.csv, TensorBoard event files, and CPU / GPU
+use sampled in the background."""
 
 from __future__ import annotations
 
 import csv
 import json
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
+
+import torch
 
 from tqdm import tqdm
 
@@ -22,8 +27,10 @@ class StepReporter:
     shows them: on the bar's postfix on a terminal, as a log line otherwise. The loss is read from the
     device only then, so the bar costs no synchronisation on other steps."""
 
-    def __init__(self, out_dir: Path, enabled: bool, log, steps_per_epoch: int, total_steps: int, every: int):
+    def __init__(self, out_dir: Path, enabled: bool, log, steps_per_epoch: int, total_steps: int, every: int,
+                 system: "SystemSampler | None" = None, tensorboard: "TensorBoardLog | None" = None):
         self.path, self.enabled, self.log = out_dir / "steps.jsonl", enabled, log
+        self.system, self.tensorboard = system, tensorboard
         self.steps_per_epoch, self.total_steps, self.every = steps_per_epoch, total_steps, every
         self.tty = enabled and sys.stdout.isatty()
         self.bar = None
@@ -49,6 +56,10 @@ class StepReporter:
         eta = _duration((self.total_steps - global_step) * since / done) if done else "?"
         record = {"step": global_step, "epoch": epoch + 1, "loss": loss, "train_top1": top1, "lr": lr,
                   "images_per_sec": images_per_sec, "time": time.time()}
+        if self.system is not None:
+            record.update(self.system.take("steps"))
+        if self.tensorboard is not None:
+            self.tensorboard.add("train", record, global_step)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.bar is not None:
@@ -81,3 +92,128 @@ def drop_records_after(path: Path, key: str, last: int) -> None:
     kept = [line for line in lines if json.loads(line)[key] <= last]
     if len(kept) != len(lines):
         path.write_text("".join(line + "\n" for line in kept))
+
+
+class TensorBoardLog:
+    """Event files in RUN/tensorboard (`tensorboard --logdir RUN`), written only when the tensorboard package
+    is installed (`pip install "imagenet-resnet[tensorboard]"`): the JSON and CSV files are the record."""
+
+    SKIP = {"step", "epoch", "time"}
+
+    def __init__(self, out_dir: Path, enabled: bool, resume_step: int = 0):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        # purge_step: a resumed run hides the events past its checkpoint, which it is about to write again
+        self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+    def add(self, group: str, record: dict, step: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if key not in self.SKIP and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{group}/{key}", value, step)
+        self.writer.flush()
+
+    def __enter__(self) -> "TensorBoardLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class _Mean:
+    def __init__(self):
+        self.sums, self.peaks, self.count = {}, {}, 0
+
+    def add(self, sample: dict) -> None:
+        self.count += 1
+        for key, value in sample.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.peaks[key] = max(self.peaks.get(key, value), value)
+
+
+class SystemSampler:
+    """A daemon thread that samples, every `interval` seconds, the machine's CPU use (all cores, from
+    /proc/stat on Linux) and, on a CUDA device with nvidia-ml-py installed, the GPU's utilisation, memory in
+    use and power draw through NVML. So "is the GPU starving?" has an answer beside the loader wait time.
+
+    `take(window)` gives the means (and the peak GPU memory) since that window was last taken: the engine
+    takes "epoch" at each epoch's end and the step reporter "steps" at each sampled step."""
+
+    def __init__(self, device: torch.device, interval: float):
+        self.device, self.interval = device, interval
+        self.windows: dict[str, _Mean] = {}
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.gpu = device.type == "cuda" and self._nvml_works()
+        self._cpu_before = self._cpu_times()
+        self.thread = threading.Thread(target=self._run, name="system-sampler", daemon=True)
+
+    def _nvml_works(self) -> bool:
+        try:
+            torch.cuda.utilization(self.device)
+            return True
+        except Exception as e:  # no nvidia-ml-py, no driver access (some containers): sample the CPU only
+            warnings.warn(f"GPU use is not sampled ({type(e).__name__}: {e}); pip install nvidia-ml-py to see it")
+            return False
+
+    @staticmethod
+    def _cpu_times() -> tuple[int, int] | None:
+        """(busy, total) jiffies over all cores since boot, or None where /proc/stat does not exist."""
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    def sample(self) -> dict[str, float]:
+        found = {}
+        cpu = self._cpu_times()
+        if cpu is not None and self._cpu_before is not None and cpu[1] > self._cpu_before[1]:
+            found["cpu_util"] = 100.0 * (cpu[0] - self._cpu_before[0]) / (cpu[1] - self._cpu_before[1])
+        self._cpu_before = cpu
+        if self.gpu:
+            try:
+                found["gpu_util"] = float(torch.cuda.utilization(self.device))
+                found["gpu_memory_gb"] = torch.cuda.device_memory_used(self.device) / 2**30
+                found["gpu_power_w"] = torch.cuda.power_draw(self.device) / 1000  # NVML reports milliwatts
+            except Exception:  # a transient NVML error must not stop training
+                pass
+        return found
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            found = self.sample()
+            with self.lock:
+                for window in self.windows.values():
+                    window.add(found)
+
+    def take(self, window: str) -> dict[str, float]:
+        """Means since the last take of `window` (the first take starts it and returns {})."""
+        with self.lock:
+            mean = self.windows.get(window)
+            self.windows[window] = _Mean()
+        if mean is None or not mean.count:
+            return {}
+        found = {key: total / mean.count for key, total in mean.sums.items()}
+        if "gpu_memory_gb" in mean.peaks:
+            found["gpu_memory_gb_peak"] = mean.peaks["gpu_memory_gb"]
+        return found
+
+    def __enter__(self) -> "SystemSampler":
+        self.take("epoch")
+        self.take("steps")
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)

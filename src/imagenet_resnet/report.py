@@ -20,13 +20,16 @@ def training_log_markdown(epochs: list[dict]) -> str:
     def pct(x):
         return f"{x:.2%}" if x is not None else ""
 
-    rows = ["| epoch | train loss | val loss | top-1 | top-5 | LR at end | images/s | epoch time | waiting for data |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    gpu = any("gpu_util" in r for r in epochs)
+    rows = ["| epoch | train loss | val loss | top-1 | top-5 | LR at end | images/s | epoch time | waiting for data |"
+            + (" GPU use | GPU memory |" if gpu else ""),
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if gpu else "")]
     for r in epochs:
         val_loss = f"{r['val_loss']:.4f}" if r.get("val_loss") is not None else ""
         rows.append(f"| {r['epoch']} | {r['train_loss']:.4f} | {val_loss} | {pct(r.get('val_top1'))} | "
                     f"{pct(r.get('val_top5'))} | {r['lr']:.4g} | {r['images_per_sec']:,.0f} | "
-                    f"{r['epoch_seconds']:.1f} s | {pct(r.get('data_wait_share'))} |")
+                    f"{r['epoch_seconds']:.1f} s | {pct(r.get('data_wait_share'))} |"
+                    + (f" {r.get('gpu_util', 0):.0f}% | {r.get('gpu_memory_gb_peak', 0):.1f} GiB |" if gpu else ""))
     best = max((r for r in epochs if r.get("val_top1") is not None), key=lambda r: r["val_top1"], default=None)
     summary = f"\nBest validation top-1: {best['val_top1']:.2%} at epoch {best['epoch']}.\n" if best else "\n"
     return "# Training log\n\n" + "\n".join(rows) + "\n" + summary
@@ -94,12 +97,30 @@ def make_report(run: str | Path, out: str | Path | None = None) -> dict:
             twin.set_ylabel("% of the epoch waiting for data", color="#d62728")
             twin.set_ylim(0, 100)
 
+    def system(ax):
+        for key, label, color in (("gpu_util", "GPU utilisation", "#2ca02c"), ("cpu_util", "CPU use (all cores)", "#ff7f0e")):
+            sampled = [(x, s[key]) for x, s in zip(x_step, steps) if key in s]
+            if sampled:
+                ax.plot(*zip(*sampled), color=color, linewidth=0.8, alpha=0.5)
+            points = [(r["epoch"], r[key]) for r in epochs if key in r]
+            if points:
+                ax.plot(*zip(*points), "o-", color=color, label=f"{label} (epoch mean)")
+        ax.set_ylim(0, 105)
+        memory = [(r["epoch"], r["gpu_memory_gb_peak"]) for r in epochs if "gpu_memory_gb_peak" in r]
+        if memory:
+            twin = ax.twinx()
+            twin.plot(*zip(*memory), "s--", color="#9467bd")
+            twin.set_ylabel("peak GPU memory in use (GiB)", color="#9467bd")
+            twin.set_ylim(0, max(m for _, m in memory) * 1.15)
+
     figure("loss.png", "Loss", "cross-entropy", losses)
     if any(r.get("val_top1") is not None for r in epochs) or any("train_top1" in st for st in steps):
         figure("accuracy.png", "Accuracy", "%", accuracy)
     figure("lr.png", "Learning rate", "LR", learning_rate)
     if epochs:
         figure("speed.png", "Throughput and data-loader wait", "images/s", speed)
+    if any("cpu_util" in r or "gpu_util" in r for r in epochs + steps):
+        figure("system.png", "GPU and CPU use", "%", system)
         (run / "training_log.md").write_text(training_log_markdown(epochs))
         written.append(str(run / "training_log.md"))
     return {"run": str(run), "epochs": len(epochs), "sampled_steps": len(steps), "files": written}
