@@ -130,3 +130,17 @@ def test_system_sampler_means_per_window():
         assert sampler.take("epoch") == {} or sampler.take("epoch").keys() <= {"cpu_util"}
     assert set(during) == {"cpu_util"} and 0 < during["cpu_util"] <= 100
     assert not sampler.thread.is_alive()
+
+
+def test_report_shows_gpu_use_when_the_run_recorded_it(tmp_path):
+    from imagenet_resnet.report import make_report
+
+    epochs = [{"epoch": e, "step": 10 * e, "train_loss": 2.0 / e, "lr": 0.1, "images_per_sec": 3000.0,
+               "epoch_seconds": 400.0, "data_wait_share": 0.02, "val_top1": 0.3 * e, "val_top5": 0.5,
+               "val_loss": 1.0, "cpu_util": 55.0, "gpu_util": 90.0 + e, "gpu_memory_gb_peak": 30.5,
+               "gpu_power_w": 600.0} for e in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epochs))
+    files = make_report(tmp_path)["files"]
+    assert str(tmp_path / "report" / "system.png") in files
+    table = (tmp_path / "training_log.md").read_text()
+    assert "| GPU use | GPU memory |" in table and "| 92% | 30.5 GiB |" in table

@@ -120,7 +120,8 @@ def make_report(run: str | Path, out: str | Path | None = None) -> dict:
     if epochs:
         figure("speed.png", "Throughput and data-loader wait", "images/s", speed)
     if any("cpu_util" in r or "gpu_util" in r for r in epochs + steps):
-        figure("system.png", "GPU and CPU use", "%", system)
+        gpu = any("gpu_util" in r for r in epochs + steps)
+        figure("system.png", "GPU and CPU use" if gpu else "CPU use (no GPU figures on this run)", "%", system)
         (run / "training_log.md").write_text(training_log_markdown(epochs))
         written.append(str(run / "training_log.md"))
     return {"run": str(run), "epochs": len(epochs), "sampled_steps": len(steps), "files": written}
