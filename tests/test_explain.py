@@ -4,6 +4,7 @@ import csv
 import io
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -75,9 +76,16 @@ def test_predict_reads_png_grayscale_and_cmyk(tmp_path, trained, tiny_data):
     for r in results:
         assert len(r["top"]) == 5 and sum(t["probability"] for t in r["top"]) <= 1.0001
         assert r["top"][0]["probability"] >= r["top"][1]["probability"] and r["top"][0]["name"]
+    # A 16-bit PNG reads as its 8-bit twin (PIL's own convert("RGB") would clip it to white).
+    gray = np.asarray(source.convert("L"))
+    twins = [_write(tmp_path / "gray8.png", Image.fromarray(gray), "PNG"),
+             _write(tmp_path / "gray16.png", Image.fromarray(gray.astype(np.uint16) * 257), "PNG")]
+    eight, sixteen = json.loads(run_cli("predict", "--checkpoint", str(trained), "--json", "--device", "cpu",
+                                        *map(str, twins)).stdout)
+    assert eight["top"] == sixteen["top"]
     (tmp_path / "empty.jpg").write_bytes(b"")
     proc = run_cli("predict", "--checkpoint", str(trained), "--device", "cpu", str(tmp_path), check=False)
-    assert proc.returncode == 1 and "empty.jpg\n  cannot read it" in proc.stdout and "1. " in proc.stdout
+    assert proc.returncode == 1 and "empty.jpg\n  cannot read it: the file is empty" in proc.stdout and "1. " in proc.stdout
 
 
 def test_evaluate_per_class_counts_add_up(tmp_path, trained, tiny_data):

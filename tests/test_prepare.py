@@ -216,6 +216,27 @@ def test_bench_data_prints_both_rates_and_their_ratio(tmp_path, tiny_data):
     assert record["loader_images_per_s"] > 0 and record["packed_short_side"] == 32
 
 
+def test_bench_e2e_feeds_the_step_from_disk_and_compares_with_synthetic(tmp_path, tiny_data):
+    run_cli("prepare", str(tiny_data), "--out", str(tmp_path / "prepared"), "--pack", "--short-side", "32")
+    proc = run_cli("bench", "e2e", "--data", str(tmp_path / "prepared"), "--model", "resnet18", "--res", "32",
+                   "--batch-size", "8", "--steps", "3", "--warmup", "1", "--workers", "1", "--device", "cpu",
+                   "--precision", "fp32", "--json", str(tmp_path / "e2e.json"))
+    record = json.loads(proc.stdout)
+    assert record == json.loads((tmp_path / "e2e.json").read_text())
+    assert record["packed"] and record["dataset_images"] == 120 and record["images_read"] == 32
+    assert record["images_per_sec"] > 0 and 0 <= record["loader_wait_share"] <= 1
+    assert record["e2e_over_synthetic"] == pytest.approx(record["images_per_sec"] / record["synthetic_images_per_sec"], rel=0.01)
+
+
+def test_endless_batches_fill_every_batch_from_a_small_set():
+    from imagenet_resnet.bench_e2e import EndlessRandomBatches
+
+    batches = iter(EndlessRandomBatches(size=5, batch_size=8))
+    first, second = next(batches), next(batches)
+    assert len(first) == len(second) == 8 and {i for _, i in first + second} <= set(range(5))
+    assert {e for e, _ in first} == {0} and {e for e, _ in second} == {1}  # fresh augmentations per batch
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "imagenet-meta").exists(), reason="needs ../shared/data/imagenet-meta")
 def test_real_devkit_and_kaggle_label_files_agree_on_all_50000_val_images(tmp_path):
     meta = SHARED_DATA / "imagenet-meta"

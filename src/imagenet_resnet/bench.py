@@ -1,4 +1,5 @@
 """`imagenet-resnet bench train`: the training step alone, on synthetic data already on the device.
+(`bench data`, `bench e2e` and `bench infer` live in the modules of those names.)
 
 Times steps with CUDA events after a warm-up and reports images/s, step time, peak memory and the achieved
 FLOP rate beside the GPU's measured bf16 matrix rate. The JSON record carries the command, GPU, driver and
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -40,6 +42,16 @@ def environment() -> dict:
     return info
 
 
+def write_record(result: dict, json_path: str | None) -> None:
+    """Print a benchmark's figures as one JSON line, with the command and machine, and keep them in `json_path`."""
+    record = {"command": " ".join(["imagenet-resnet"] + sys.argv[1:]), "environment": environment(),
+              "cpu_count": os.cpu_count(), **result}
+    print(json.dumps(record))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
     """The measured bf16 dense matrix rate: the ceiling a conv net's FLOP rate is compared against."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -55,21 +67,28 @@ def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> flo
     return 2 * n**3 * repeats / (start.elapsed_time(end) / 1e3) / 1e12
 
 
-def bench_train(model_name: str = "resnet50", res: int = 224, batch_size: int = 256, precision: str = "bf16",
-                compile_mode: str | None = None, channels_last: bool = True, fused: bool = False, steps: int = 50,
-                warmup: int = 15, device_name: str = "auto") -> dict:
-    device = resolve_device(device_name)
+def training_parts(model_name: str, num_classes: int, device: torch.device, precision: str, compile_mode: str | None,
+                   channels_last: bool, fused: bool):
+    """What a timed training step needs: the (compiled) model, SGD, the loss scaler and the normaliser."""
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model = build_model(model_name, zero_init_residual=True)
+    model = build_model(model_name, num_classes, zero_init_residual=True)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     cfg = load_config(None, ["optim.weight_decay=5e-5", f"optim.fused={str(fused).lower()}"])
     optimizer = build_optimizer(model, cfg, lr=0.1)
     runner = torch.compile(model, mode=compile_mode if compile_mode != "default" else None) if compile_mode else model
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    normalize = DeviceNormalize(device, channels_last)
+    return runner, optimizer, scaler, DeviceNormalize(device, channels_last)
+
+
+def bench_train(model_name: str = "resnet50", res: int = 224, batch_size: int = 256, precision: str = "bf16",
+                compile_mode: str | None = None, channels_last: bool = True, fused: bool = False, steps: int = 50,
+                warmup: int = 15, device_name: str = "auto", num_classes: int = 1000) -> dict:
+    device = resolve_device(device_name)
+    runner, optimizer, scaler, normalize = training_parts(model_name, num_classes, device, precision, compile_mode,
+                                                          channels_last, fused)
     images = torch.randint(0, 256, (batch_size, res, res, 3), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, 1000, (batch_size,), device=device)
+    labels = torch.randint(0, num_classes, (batch_size,), device=device)
     batch = [(images, labels, [])]
     compile_started = time.perf_counter()
     for _ in range(warmup):
@@ -109,6 +128,14 @@ def main(args) -> int:
         from . import bench_data
 
         return bench_data.main(args)
+    if args.bench == "infer":
+        from . import bench_infer
+
+        return bench_infer.main(args)
+    if args.bench == "e2e":
+        from . import bench_e2e
+
+        return bench_e2e.main(args)
     device = resolve_device(args.device)
     record = {"command": " ".join(["imagenet-resnet"] + sys.argv[1:]), "environment": environment(), "results": []}
     if device.type == "cuda":
@@ -128,11 +155,14 @@ def main(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from . import bench_data
+    from . import bench_data, bench_e2e, bench_infer
 
-    p = sub.add_parser("bench", help="benchmarks: train (the training step on synthetic data), data (the loader)")
+    p = sub.add_parser("bench", help="benchmarks: train (the training step on synthetic data), data (the loader), "
+                       "infer (CPU latency, PyTorch vs onnxruntime), e2e (the training step fed from disk)")
     bench_sub = p.add_subparsers(dest="bench", required=True)
     bench_data.add_parser(bench_sub)
+    bench_infer.add_parser(bench_sub)
+    bench_e2e.add_parser(bench_sub)
     t = bench_sub.add_parser("train", help="training-step throughput on synthetic data already on the device")
     t.add_argument("--model", default="resnet50")
     t.add_argument("--res", type=int, nargs="+", default=[224])

@@ -11,9 +11,6 @@ processes, as training runs it.
 from __future__ import annotations
 
 import io
-import json
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .bench import environment
+from .bench import write_record
 from .data.index import ImageIndex
 from .data.loader import EpochBatchSampler, ImageDataset, build_loader
 from .data.prepared import index_path, read_manifest
@@ -97,12 +94,7 @@ def bench_data(data: Path, size: int = 224, images: int = 1000, seconds: float =
 
 def main(args) -> int:
     result = bench_data(Path(args.data), args.size, args.images, args.seconds, args.workers, args.batch_size)
-    record = {"command": " ".join(["imagenet-resnet"] + sys.argv[1:]), "environment": environment(),
-              "cpu_count": os.cpu_count(), **result}
-    print(json.dumps(record))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(result, args.json)
     return 0
 
 

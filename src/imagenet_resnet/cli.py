@@ -1,17 +1,21 @@
-"""The `imagenet-resnet` command: prepare, train, find-lr, evaluate, report, predict, explain, bench, demo."""
+"""The `imagenet-resnet` command: prepare, train, find-lr, evaluate, report, predict, explain, export, serve, bench,
+demo."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 from . import bench, distributed
 from .config import Config, ConfigError, load_config
+from .export import ONNX_OPSET
 
 DEMO_DATA_DEFAULT = Path.home() / ".cache" / "imagenet-resnet" / "shapes"
 
@@ -76,8 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", metavar="IMAGE|DIR", help="images to explain (else --data)")
     p.add_argument("--data", help="a prepared folder or class-folder tree: its misclassified val images")
     p.add_argument("--num-show", type=int, default=20)
-    p.add_argument("--layer", default="layer4", help="module to explain at (default: layer4, the last stage)")
+    p.add_argument("--layer", help="module to explain at (default: the deepest stage still at least 7 x 7: layer4 at "
+                   "224 px, layer2 for the demo's 56 px)")
     p.add_argument("--out", default="gradcam.png")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("serve", help="a web page (and JSON endpoint) that classifies uploaded images, with Grad-CAM")
+    p.add_argument("--checkpoint", required=True, help="one of our checkpoints (.pt) or an exported .safetensors")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only; "
+                   "0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--examples", nargs="+", metavar="IMAGE|DIR",
+                   help="example images to offer (default: one per class from the model's validation data, if here)")
+    p.add_argument("--concurrency", type=int, default=2, help="requests the model works on at once (default 2)")
+    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more are told the server is "
+                   "busy (default 32)")
+    p.add_argument("--layer", help="module for Grad-CAM (default: the deepest stage still at least 7 x 7: layer4 at "
+                   "224 px)")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("prepare", help="check an ImageNet source and index it; --pack writes a fast packed copy")
@@ -98,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-lr", type=float, default=1e-5)
     p.add_argument("--end-lr", type=float, default=10.0)
     p.add_argument("--steps", type=int, default=200, help="steps of the sweep (it stops early once the loss explodes)")
+
+    p = sub.add_parser("export", help="safetensors + JSON sidecar, ONNX or TorchScript (each read back and compared "
+                       "with PyTorch), or a Hugging Face Space folder; prints a JSON summary")
+    p.add_argument("--checkpoint", required=True, help="one of our checkpoints (.pt) or a .safetensors export")
+    p.add_argument("--format", required=True, choices=["safetensors", "onnx", "torchscript", "space"])
+    p.add_argument("--out", required=True, help="the file to write (the format sets its suffix; the JSON sidecar "
+                   "goes beside it), or for space the folder")
+    p.add_argument("--check-images", nargs="+", metavar="IMAGE|DIR", help="images to compare the export's logits "
+                   "with PyTorch's on (default: a few synthetic ones); for space, the example images")
+    p.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET})")
 
     bench.add_parser(sub)
 
@@ -224,10 +253,11 @@ def cmd_predict(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from .gradcam import explain_images, explain_mistakes
+    from .gradcam import cam_layer, explain_images, explain_mistakes
     from .inference import image_files, load_model
 
     loaded = load_model(args.checkpoint, args.device)
+    args.layer = args.layer or cam_layer(loaded.preset().size)
     if args.inputs:
         results = explain_images(loaded, image_files(args.inputs), args.out, args.layer)
         summary = {"images": len(results), "unreadable": [r["file"] for r in results if "error" in r]}
@@ -239,6 +269,54 @@ def cmd_explain(args) -> int:
     else:
         raise ValueError("give IMAGE... to explain, or --data DIR for a gallery of misclassified validation images")
     print(json.dumps({**summary, "gallery": str(args.out)}))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from . import export
+    from .inference import image_files, load_model
+
+    # before the checkpoint loads, to fail fast; a Space carries its weights as safetensors
+    needs = {"safetensors": ["safetensors"], "onnx": ["onnx", "onnxscript", "onnxruntime"], "space": ["safetensors"]}
+    export.require(*needs.get(args.format, []))
+    images = image_files(args.check_images) if args.check_images else None
+    if args.check_images and not images:
+        raise FileNotFoundError(f"no images in {' '.join(args.check_images)}: give --check-images image files "
+                                "or folders holding some")
+    loaded = load_model(args.checkpoint, "cpu")  # exports are made on the CPU, whatever machine this is
+    if args.format == "safetensors":
+        summary = export.export_safetensors(loaded, args.out)
+        summary["parity"] = export.check_safetensors(loaded, summary["weights"], images)
+    elif args.format == "onnx":
+        summary = export.export_onnx(loaded, args.out, args.opset, images)
+    elif args.format == "torchscript":
+        summary = export.export_torchscript(loaded, args.out, images)
+    else:
+        from .space import write_space
+
+        summary = write_space(loaded, Path(args.out), images)
+    written = [Path(v) for v in summary.values() if isinstance(v, str) and Path(v).exists()]
+    sizes = {str(path): sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir()
+             else path.stat().st_size for path in written}
+    print(json.dumps({"format": args.format, "checkpoint": str(args.checkpoint), **summary, "bytes": sizes}, indent=1))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    if importlib.util.find_spec("gradio") is None:  # optional: say how to get it rather than fail on import
+        raise RuntimeError('serving needs Gradio: pip install "imagenet-resnet[serve]"')
+    from .inference import image_files, load_model
+    from .serve import build_app, example_images, run_server
+
+    loaded = load_model(args.checkpoint, args.device)
+    if args.examples:
+        examples = image_files(args.examples)
+    else:
+        examples = example_images(loaded, Path(tempfile.mkdtemp(prefix="imagenet-resnet-examples-")))
+        if not examples:
+            print(f"no examples: the validation data ({loaded.cfg.data.path}) is not here; --examples adds some",
+                  file=sys.stderr)
+    run_server(build_app(loaded, examples, args.concurrency, args.max_queue, args.layer), args.host, args.port)
     return 0
 
 
@@ -294,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     try:
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "prepare": cmd_prepare, "find-lr": cmd_find_lr,
-                    "report": cmd_report, "predict": cmd_predict, "explain": cmd_explain, "demo": cmd_demo,
-                    "bench": bench.main}
+                    "report": cmd_report, "predict": cmd_predict, "explain": cmd_explain, "export": cmd_export,
+                    "serve": cmd_serve, "demo": cmd_demo, "bench": bench.main}
         return commands[args.command](args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         print(f"imagenet-resnet {args.command}: {e}", file=sys.stderr)

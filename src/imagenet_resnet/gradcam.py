@@ -7,6 +7,8 @@ channels; their ReLU'd sum, upsampled to the input, is the map.
 
 from __future__ import annotations
 
+import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +16,26 @@ import torch
 import torch.nn.functional as F
 
 
+def cam_layer(input_size: int) -> str:
+    """The deepest ResNet stage whose activations are at least 7 x 7 at this input size, so that the Grad-CAM map
+    has some detail: layer4 at 224 px as usual, layer2 for the demo's 56 px (where layer4 is 2 x 2)."""
+    for name, stride in (("layer4", 32), ("layer3", 16), ("layer2", 8)):
+        if math.ceil(input_size / stride) >= 7:
+            return name
+    return "layer1"
+
+
 def grad_cam(model: torch.nn.Module, images: torch.Tensor, classes: torch.Tensor, layer: str = "layer4") -> torch.Tensor:
     """Maps (N, H, W) in [0, 1] for `classes` (N,) on normalised `images` (N, 3, H, W), at `layer` (a
     module name, e.g. "layer4" (the last stage, the default), "layer3.5", "layer4.2.conv3")."""
     target = model.get_submodule(layer)
-    captured = {}
-    handle = target.register_forward_hook(lambda module, inputs, output: captured.update(activations=output))
+    captured, caller = {}, threading.get_ident()
+
+    def capture(module, inputs, output):
+        if threading.get_ident() == caller:  # a server runs several requests' forward passes at once
+            captured["activations"] = output
+
+    handle = target.register_forward_hook(capture)
     try:
         with torch.enable_grad():
             logits = model(images)
@@ -43,7 +59,7 @@ def save_gallery(entries: list[dict], path: str | Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = max(len(e["panels"]) for e in entries)
-    per_row = 2 if panels > 1 else 4
+    per_row = min(2 if panels > 1 else 4, len(entries))
     rows = -(-len(entries) // per_row)
     fig, axes = plt.subplots(rows, per_row * panels, figsize=(2.6 * per_row * panels, 2.9 * rows), dpi=100,
                              squeeze=False)
@@ -66,12 +82,12 @@ def save_gallery(entries: list[dict], path: str | Path, title: str) -> None:
 def explain_images(loaded, files: list[Path], out: str | Path, layer: str = "layer4") -> list[dict]:
     """For any images: each with its Grad-CAM for the top prediction, in one gallery PNG. Returns a
     record per file; an unreadable one has an `error`."""
-    preset, entries, results = loaded.preset(), [], []
+    entries, results = [], []
     for file in files:
         try:
-            pixels = preset(file.read_bytes())
-        except (OSError, ValueError, SyntaxError) as e:
-            results.append({"file": str(file), "error": f"{type(e).__name__}: {e}"})
+            pixels = loaded.input_pixels(file)
+        except (OSError, ValueError) as e:
+            results.append({"file": str(file), "error": str(e)})
             continue
         probs = _scores(loaded, pixels[None])[0]
         top = int(probs.argmax())

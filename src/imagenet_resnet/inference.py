@@ -1,9 +1,17 @@
-"""A trained checkpoint, ready to predict: model, preprocessing, class names."""
+"""A trained model, ready to predict: weights, preprocessing, class names and its model card.
+
+It loads from one of our checkpoints (.pt) or from an exported safetensors file with its JSON sidecar
+(`export --format safetensors`), which carries everything but the weights as plain data.
+"""
 
 from __future__ import annotations
 
+import datetime
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,9 +19,10 @@ import torch
 from . import checkpoint
 from .config import Config
 from .data.folder import IMAGE_EXTENSIONS
-from .data.loader import DeviceNormalize
+from .data.loader import IMAGENET_MEAN, IMAGENET_STD, DeviceNormalize
 from .data.presets import EvalPreset
 from .engine import resolve_device, resolve_precision
+from .images import safe_open_image
 from .models import build_model, clean_state_dict
 
 
@@ -26,22 +35,89 @@ class LoadedModel:
     device: torch.device
     precision: str
     normalize: DeviceNormalize
+    card: dict[str, Any]  # what a model card shows: see model_card()
 
     def preset(self, size: int | None = None) -> EvalPreset:
         return EvalPreset(size or self.cfg.data.eval_size, self.cfg.data.eval_crop_ratio)
 
+    def input_pixels(self, source: bytes | str | Path) -> np.ndarray:
+        """An image file as the model's input (HxWx3 uint8, the centre crop), read as the server reads uploads:
+        any format and mode, 16-bit, alpha, EXIF rotation; ImageRejected (a ValueError) says what is wrong."""
+        preset = self.preset()
+        return preset.from_pixels(safe_open_image(source, math.ceil(preset.size / preset.crop_ratio)))
+
+
+SIDECAR_FORMAT = "imagenet-resnet/1"
+
+
+def model_card(cfg: Config, classes: list[str], metrics: dict[str, Any], saved_at: float | None,
+               parameters: int) -> dict[str, Any]:
+    """Plain facts about a trained model: architecture, classes, validation accuracy, epochs, when."""
+    m = cfg.model
+    return {
+        "architecture": m.name if m.width == 64 else f"{m.name} (width {m.width})",
+        "blurpool": m.blurpool,
+        "parameters": parameters,
+        "num_classes": len(classes),
+        "val_top1": metrics.get("val_top1"),
+        "val_top5": metrics.get("val_top5"),
+        "epochs_trained": metrics.get("epoch"),
+        "epochs_planned": cfg.train.epochs,
+        "trained_at": datetime.datetime.fromtimestamp(saved_at, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        if saved_at else None,
+        "eval_size": cfg.data.eval_size,
+    }
+
+
+def sidecar(loaded: "LoadedModel") -> dict[str, Any]:
+    """Everything but the weights, as JSON-ready data: enough to rebuild the model and preprocess images."""
+    preset = loaded.preset()
+    return {
+        "format": SIDECAR_FORMAT,
+        "card": loaded.card,
+        "classes": loaded.classes,
+        "class_names": loaded.names,
+        "preprocessing": {
+            "center_crop": f"the centre square of side {preset.crop_ratio} x the short side",
+            "resize": f"that square to {preset.size} x {preset.size}, bilinear, antialiased",
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "channels": "RGB",
+            "layout": "N x 3 x H x W float32, (pixel / 255 - mean) / std",
+        },
+        "config": loaded.cfg.to_dict(),
+    }
+
 
 def load_model(path: str | Path, device_name: str = "auto") -> LoadedModel:
-    device = resolve_device(device_name)
-    state = checkpoint.load(path, map_location=device)
-    cfg = Config.from_dict(state["config"], source=str(path))
-    classes = state["classes"]
+    """From one of our checkpoints (.pt), or an exported .safetensors file with its .json sidecar beside it."""
+    path, device = Path(path), resolve_device(device_name)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        meta_path = path.with_suffix(".json")
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} not found: a .safetensors export needs its JSON sidecar beside it")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != SIDECAR_FORMAT:
+            raise ValueError(f"{meta_path} is not an imagenet-resnet sidecar (format {meta.get('format')!r})")
+        cfg, classes, names = Config.from_dict(meta["config"], source=str(meta_path)), meta["classes"], meta["class_names"]
+        weights, card = load_file(path), meta["card"]
+    else:
+        state = checkpoint.load(path, map_location="cpu")
+        cfg = Config.from_dict(state["config"], source=str(path))
+        classes, names, weights = state["classes"], state.get("class_names", state["classes"]), state["model"]
+        card = None
     model = build_model(cfg.model.name, len(classes), cfg.model.width, blurpool=cfg.model.blurpool)
-    model.load_state_dict(clean_state_dict(state["model"]))
+    model.load_state_dict(clean_state_dict(weights))
+    if card is None:
+        progress = state.get("progress", {})
+        metrics = state.get("metrics") or {"epoch": progress.get("epoch"),  # checkpoints before 0.1 had no metrics
+                                            "val_top1": progress["best_top1"] if progress.get("best_top1", -1) >= 0 else None}
+        saved_at = state.get("saved_at") or path.stat().st_mtime
+        card = model_card(cfg, classes, metrics, saved_at, sum(p.numel() for p in model.parameters()))
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).eval()
-    return LoadedModel(model, cfg, classes, state.get("class_names", classes), device,
-                       resolve_precision(cfg.train.precision, device), DeviceNormalize(device, cfg.model.channels_last))
+    return LoadedModel(model, cfg, classes, names, device, resolve_precision(cfg.train.precision, device),
+                       DeviceNormalize(device, cfg.model.channels_last), card)
 
 
 def image_files(inputs: list[str]) -> list[Path]:
@@ -59,16 +135,17 @@ def image_files(inputs: list[str]) -> list[Path]:
 
 @torch.no_grad()
 def predict(loaded: LoadedModel, files: list[Path], top_k: int = 5, batch_size: int = 32) -> list[dict]:
-    """Top-k classes with probabilities per file; an unreadable file gets an `error` instead."""
-    preset, results = loaded.preset(), []
+    """Top-k classes with probabilities per file; an unreadable file gets an `error` instead. Files are read
+    as the server reads uploads (any mode, 16-bit, alpha, EXIF rotation), so both give the same answer."""
+    results = []
     for start in range(0, len(files), batch_size):
         chunk, pixels, done = files[start : start + batch_size], [], []
         for file in chunk:
             try:
-                pixels.append(preset(file.read_bytes()))
+                pixels.append(loaded.input_pixels(file))
                 done.append({"file": str(file)})
-            except (OSError, ValueError, SyntaxError) as e:
-                results.append({"file": str(file), "error": f"{type(e).__name__}: {e}"})
+            except (OSError, ValueError) as e:
+                results.append({"file": str(file), "error": str(e)})
         if not pixels:
             continue
         batch = loaded.normalize(torch.from_numpy(np.stack(pixels)))

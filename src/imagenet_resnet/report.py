@@ -91,6 +91,7 @@ def make_report(run: str | Path, out: str | Path | None = None) -> dict:
 
     def speed(ax):
         ax.plot(x_epoch, [r["images_per_sec"] for r in epochs], "o-", color="#1f77b4", label="images/s")
+        ax.set_ylim(bottom=0)  # a 4% wobble should look like one
         if any("data_wait_share" in r for r in epochs):
             twin = ax.twinx()
             twin.plot(x_epoch, [100 * r.get("data_wait_share", 0) for r in epochs], "s--", color="#d62728")

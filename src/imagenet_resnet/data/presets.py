@@ -69,9 +69,14 @@ def decode_region(data: bytes, size: tuple[int, int], box: Box, out_w: int, out_
     width, height = size
     pixels = _decode(data, width, height, _scale_factor(width, height, box, out_w, out_h), fast)
     sx, sy = pixels.shape[1] / width, pixels.shape[0] / height
+    return resize_region(pixels, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy), out_w, out_h, flip)
+
+
+def resize_region(pixels: np.ndarray, box: Box, out_w: int, out_h: int, flip: bool = False) -> np.ndarray:
+    """Crop `box` (in the coordinates of `pixels`, an HxWx3 uint8 array) and resize it as decode_region does."""
     # Integer bounds that contain the box; the sub-pixel remainder is dropped (under one decoded pixel).
-    x0, y0 = int(box[0] * sx), int(box[1] * sy)
-    x1, y1 = max(x0 + 1, math.ceil(box[2] * sx)), max(y0 + 1, math.ceil(box[3] * sy))
+    x0, y0 = int(box[0]), int(box[1])
+    x1, y1 = max(x0 + 1, math.ceil(box[2])), max(y0 + 1, math.ceil(box[3]))
     crop = torch.from_numpy(pixels[y0:y1, x0:x1]).permute(2, 0, 1).unsqueeze(0)
     crop = crop.contiguous(memory_format=torch.channels_last)
     if crop.shape[-2:] != (out_h, out_w):
@@ -165,8 +170,16 @@ class EvalPreset:
     def __init__(self, size: int = 224, crop_ratio: float = 0.875):
         self.size, self.crop_ratio = size, crop_ratio
 
-    def __call__(self, data: bytes, rng=None, epoch: int = 0) -> np.ndarray:
-        width, height = size = image_size(data)
+    def centre_box(self, width: int, height: int) -> Box:
         side = min(width, height) * self.crop_ratio  # the crop's side in full-size pixels
         x0, y0 = (width - side) / 2, (height - side) / 2
-        return decode_region(data, size, (x0, y0, x0 + side, y0 + side), self.size, self.size)
+        return x0, y0, x0 + side, y0 + side
+
+    def __call__(self, data: bytes, rng=None, epoch: int = 0) -> np.ndarray:
+        size = image_size(data)
+        return decode_region(data, size, self.centre_box(*size), self.size, self.size)
+
+    def from_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """The same for an image already decoded to an HxWx3 uint8 array (an upload the server checked)."""
+        height, width = pixels.shape[:2]
+        return resize_region(pixels, self.centre_box(width, height), self.size, self.size)

@@ -1,0 +1,231 @@
+"""`imagenet-resnet serve`: a web page and a JSON endpoint that classify uploaded images with a trained model.
+
+The page (Gradio) shows the top-5 classes, a Grad-CAM overlay and the model card. `POST /api/classify` takes
+an image's bytes as the request body and answers the top-5 as JSON, for callers behind their own service.
+
+Every upload is decoded by `images.safe_open_image`, not by Gradio: bounded in bytes and pixels, any mode
+turned into RGB, or a one-line message saying what is wrong. Model
+work runs `concurrency` requests at a time and at most `max_queue` more wait; beyond that a request is told
+the server is busy, so memory stays bounded under any load.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route functions' annotations at runtime, and
+# `Request` is imported inside build_app (Gradio and FastAPI are optional).
+import asyncio
+import math
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data.presets import EvalPreset
+from .gradcam import cam_layer, grad_cam
+from .images import MAX_PIXELS, MAX_UPLOAD_BYTES, ImageRejected, safe_open_image, too_large  # noqa: F401 (re-exported)
+from .inference import LoadedModel
+
+OVERLAY_SIDE = 320  # the Grad-CAM overlay's side in pixels, whatever the model's input size
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """The jet colour map (blue, cyan, yellow, red) of values in [0, 1], as floats in [0, 1]: HxW -> HxWx3."""
+    return np.clip(1.5 - np.abs(4 * values[..., None] - np.array([3.0, 2.0, 1.0])), 0, 1)
+
+
+class Classifier:
+    """Top-k classes and a Grad-CAM overlay for uploads, thread-safe, at most `concurrency` at a time.
+    `layer`: the module Grad-CAM looks at (default: cam_layer of the model's input size)."""
+
+    def __init__(self, loaded: LoadedModel, concurrency: int = 2, layer: str | None = None, top_k: int = 5):
+        self.loaded, self.top_k = loaded, min(top_k, len(loaded.classes))
+        self.preset = loaded.preset()
+        self.layer = layer or cam_layer(self.preset.size)
+        try:  # a wrong name fails now, not at the first request
+            loaded.model.get_submodule(self.layer)
+        except AttributeError:
+            raise ValueError(f"layer {self.layer!r}: no such module in the model; name one such as layer4, "
+                             f"layer3.1 or layer4.1.conv2") from None
+        self.overlay_preset = EvalPreset(max(OVERLAY_SIDE, self.preset.size), self.preset.crop_ratio)
+        # Enough pixels for the larger of the model input and the overlay, before the centre crop.
+        self.decode_side = math.ceil(self.overlay_preset.size / self.preset.crop_ratio)
+        self.slots = threading.BoundedSemaphore(concurrency)
+        repeated = {name for name, count in Counter(loaded.names).items() if count > 1}  # ImageNet has two "crane"s
+        self.labels = [f"{name} ({cls})" if name in repeated else name
+                       for name, cls in zip(loaded.names, loaded.classes)]
+
+    def __call__(self, source: bytes | str | Path, explain: bool = False) -> tuple[list[dict], np.ndarray | None]:
+        """The top-k (class, name, probability) and, with `explain`, the Grad-CAM overlay of the top class."""
+        with self.slots:
+            rgb = safe_open_image(source, self.decode_side)
+            pixels = self.preset.from_pixels(rgb)
+            images = self.loaded.normalize(torch.from_numpy(pixels[None]))
+            with torch.no_grad():
+                probs = self.loaded.model(images).float().softmax(1)[0].cpu()
+            top = probs.topk(self.top_k)
+            ranked = [{"class": self.loaded.classes[k], "name": self.labels[k], "probability": round(float(p), 5)}
+                      for p, k in zip(top.values, top.indices)]
+            if not explain:
+                return ranked, None
+            cam = grad_cam(self.loaded.model, images, top.indices[:1], self.layer)
+            return ranked, self._overlay(self.overlay_preset.from_pixels(rgb), cam)
+
+    @staticmethod
+    def _overlay(pixels: np.ndarray, cam: torch.Tensor) -> np.ndarray:
+        side = pixels.shape[0]
+        cam = F.interpolate(cam[:, None].float().cpu(), size=(side, side), mode="bilinear", align_corners=False)
+        heat = jet(cam[0, 0].clamp(0, 1).numpy()) * 255
+        return (0.55 * pixels + 0.45 * heat).round().astype(np.uint8)
+
+
+def example_images(loaded: LoadedModel, out: Path, limit: int = 8) -> list[Path]:
+    """One validation image for each of the first `limit` classes, copied from the data the model was trained
+    on into `out`; none when that data is not on this machine."""
+    from .data.prepared import open_split
+
+    try:
+        index = open_split(loaded.cfg.data.path, "val", classes=loaded.classes)
+    except (OSError, ValueError):
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    first_of_class = {}
+    for i, label in enumerate(index.labels.tolist()):
+        first_of_class.setdefault(label, i)
+    files = []
+    for label, i in sorted(first_of_class.items())[:limit]:
+        try:
+            data = index.read(i)
+        except OSError:
+            continue
+        name = "".join(c if c.isalnum() else "_" for c in loaded.names[label])[:40]
+        suffix = ".png" if data.startswith(b"\x89PNG") else ".jpg"  # a packed copy holds only JPEGs
+        file = out / f"{len(files):02d}_{name}{suffix}"
+        file.write_bytes(data)
+        files.append(file)
+    return files
+
+
+def model_card_markdown(loaded: LoadedModel) -> str:
+    card = loaded.card
+
+    def share(value: float | None) -> str:
+        return f"{value:.1%}" if value is not None else "not recorded"
+
+    names = ", ".join(loaded.names[:20]) + (f", ... ({len(loaded.names) - 20} more)" if len(loaded.names) > 20 else "")
+    epochs = card.get("epochs_trained")
+    return "\n".join([
+        "### Model card",
+        f"- **architecture**: {card['architecture']}{' with BlurPool' if card.get('blurpool') else ''}, "
+        f"{card['parameters'] / 1e6:.2f} M parameters",
+        f"- **classes**: {card['num_classes']}: {names}",
+        f"- **validation accuracy**: top-1 {share(card.get('val_top1'))}, top-5 {share(card.get('val_top5'))}",
+        f"- **epochs**: {epochs if epochs is not None else '?'} of {card.get('epochs_planned')}",
+        f"- **trained**: {card.get('trained_at') or 'not recorded'}",
+        f"- **input**: the centre crop, resized to {card['eval_size']} x {card['eval_size']} px",
+    ])
+
+
+def build_app(loaded: LoadedModel, examples: list[Path] | None = None, concurrency: int = 2, max_queue: int = 32,
+              layer: str | None = None):
+    """The FastAPI app: the Gradio page at /, POST /api/classify, GET /api/health. Serve it with `run_server`."""
+    import gradio as gr
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import ClientDisconnect
+
+    classifier = Classifier(loaded, concurrency, layer)
+
+    def classify_upload(payload: dict[str, Any] | None):
+        if payload is None:  # the image was cleared
+            return None, None
+        try:
+            ranked, overlay = classifier(payload["path"], explain=True)
+        except (ImageRejected, FileNotFoundError) as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        return {r["name"]: r["probability"] for r in ranked}, overlay
+
+    title = f"{loaded.card['architecture']}, {loaded.card['num_classes']} classes"
+    with gr.Blocks(title=f"imagenet-resnet: {title}", delete_cache=(3600, 3600)) as page:
+        gr.Markdown(f"## imagenet-resnet: {title}\nUpload an image (up to {MAX_UPLOAD_BYTES // 2**20} MB and "
+                    f"{MAX_PIXELS // 10**6} megapixels) or pick an example: the model's top-5 classes, and where in "
+                    f"the image the evidence for the first one lies (Grad-CAM, on the centre crop the model sees).")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image",
+                                 height=360, elem_id="image")
+                gallery = gr.Examples([[str(file)] for file in examples], inputs=image) if examples else None
+            with gr.Column():
+                top5 = gr.Label(num_top_classes=classifier.top_k, label=f"Top-{classifier.top_k}",
+                                elem_id="top-classes")
+                overlay = gr.Image(label=f"Grad-CAM ({classifier.layer}) for the top class", interactive=False,
+                                   format="png", height=360, elem_id="grad-cam")
+        gr.Markdown(model_card_markdown(loaded))
+        # preprocess=False: the upload reaches classify_upload as the file Gradio stored, undecoded. Not on
+        # `change`, which the page fires twice when one image replaces another.
+        classify = {"fn": classify_upload, "inputs": image, "outputs": [top5, overlay], "preprocess": False}
+        image.upload(**classify, api_name="classify")
+        if gallery is not None:
+            gallery.load_input_event.then(**classify, api_visibility="private")
+        image.clear(lambda: (None, None), outputs=[top5, overlay], queue=False, api_visibility="private")
+    page.queue(max_size=max_queue, default_concurrency_limit=concurrency)
+
+    api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    json_slots, admitted = asyncio.Semaphore(concurrency), [0]
+
+    @api.get("/api/health")
+    def health() -> dict:
+        return {"status": "ok", "model": loaded.card}
+
+    @api.post("/api/classify")
+    async def classify_bytes(request: Request):
+        if admitted[0] >= concurrency + max_queue:
+            return JSONResponse({"error": f"server busy: {admitted[0]} requests in progress or queued; retry in a "
+                                          f"few seconds"}, status_code=503, headers={"Retry-After": "2"})
+        admitted[0] += 1
+        try:
+            data = await _read_body(request)
+            async with json_slots:
+                ranked, _ = await run_in_threadpool(classifier, data)
+        except ImageRejected as e:
+            message = str(e)
+            if request.headers.get("content-type", "").startswith("multipart/"):
+                message += " (send the image's bytes as the request body, e.g. curl --data-binary @photo.jpg)"
+            return JSONResponse({"error": message}, status_code=e.status)
+        except ClientDisconnect:  # the caller went away mid-upload: nobody to answer
+            return JSONResponse({"error": "the upload was interrupted"}, status_code=400)
+        finally:
+            admitted[0] -= 1
+        return {"top": ranked}
+
+    app = gr.mount_gradio_app(api, page, path="/", max_file_size=MAX_UPLOAD_BYTES, show_error=False,
+                              footer_links=["api", "gradio"])
+    # Gradio checks that a file path a request names was uploaded to it only once `has_launched` is set, which
+    # launch() does and mount_gradio_app does not: without it any API caller could have a server file read.
+    page.has_launched = True
+    return app
+
+
+async def _read_body(request) -> bytes:
+    """The request body, refused as soon as it is known to exceed MAX_UPLOAD_BYTES."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
+        raise too_large(int(declared))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_UPLOAD_BYTES:
+            raise too_large(size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def run_server(app, host: str = "127.0.0.1", port: int = 7860) -> None:
+    """Serve until interrupted (Ctrl-C or SIGTERM)."""
+    import uvicorn
+
+    print("the page at /, JSON at POST /api/classify (the image's bytes as the body) and GET /api/health",
+          flush=True)
+    uvicorn.run(app, host=host, port=port, access_log=False, timeout_graceful_shutdown=5)
