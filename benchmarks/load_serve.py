@@ -22,11 +22,11 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -68,26 +68,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: str, concurrency: int, max_queue: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "imagenet_resnet", "serve", "--checkpoint", checkpoint,
-                               "--port", str(port), "--device", "cpu", "--concurrency", str(concurrency),
-                               "--max-queue", str(max_queue)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
+def start_server(command: list[str], port: int, log: Path, cwd: Path | None = None, env: dict | None = None,
+                 timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """Start a server process (its output into `log`) and wait until its /api/health answers. The tests start
+    theirs with it too."""
+    import httpx  # imported here so that the tests can import this file where httpx is missing
+
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited ({server.returncode}): {server.stderr.read().decode()[-2000:]}")
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}:\n{Path(log).read_text()[-3000:]}")
         try:
             if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                return server, url
+                return process, url
         except httpx.TransportError:
             pass
-        time.sleep(0.5)
-    server.kill()
-    raise SystemExit("the server did not answer /api/health within 180 s")
+        time.sleep(0.3)
+    process.kill()
+    raise RuntimeError(f"no answer from {url}/api/health within {timeout:.0f} s:\n{Path(log).read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 async def run_load(url: str, bodies: list[tuple[str, bytes]], concurrency: int) -> list[dict]:
+    import httpx
+
     slots, records = asyncio.Semaphore(concurrency), []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
@@ -164,6 +178,8 @@ def main() -> int:
     parser.add_argument("--json", help="where to write the record "
                         "(default: benchmarks/results/DATE-cpuN-load-serve.json)")
     args = parser.parse_args()
+    import httpx
+
     if bool(args.checkpoint) == bool(args.url):
         parser.error("give --checkpoint (to start a server) or --url (to load a running one)")
 
@@ -174,8 +190,13 @@ def main() -> int:
     bodies += [(kind, bad[kind]) for kind in (list(bad) * args.requests)[:n_bad]]
     random.Random(0).shuffle(bodies)
 
-    server, url = start_server(args.checkpoint, args.server_concurrency, args.server_max_queue) if args.checkpoint \
-        else (None, args.url.rstrip("/"))
+    server, url = None, (args.url or "").rstrip("/")
+    if args.checkpoint:
+        port = free_port()
+        server, url = start_server([sys.executable, "-m", "imagenet_resnet", "serve", "--checkpoint", args.checkpoint,
+                                    "--port", str(port), "--device", "cpu", "--concurrency", str(args.server_concurrency),
+                                    "--max-queue", str(args.server_max_queue)],
+                                   port, Path(tempfile.gettempdir()) / f"load-serve-{port}.log")
     try:
         asyncio.run(run_load(url, bodies[: args.concurrency], args.concurrency))  # warm-up, not counted
         started = time.perf_counter()
@@ -187,8 +208,7 @@ def main() -> int:
             summary["server_peak_memory_mb"] = peak_memory_mb(server.pid)
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
+            stop(server)
 
     print(f"{summary['requests']} requests ({summary['bad']} bad) at concurrency {args.concurrency}: "
           f"{summary['server_errors']} server errors, {summary['wrong_answers']} wrong answers, "

@@ -8,12 +8,8 @@ import json
 import os
 import re
 import shutil
-import socket
-import struct
 import subprocess
 import sys
-import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +19,8 @@ import yaml
 from PIL import Image
 
 from conftest import run_cli, tiny_train_args
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from load_serve import free_port, png_header, start_server, stop  # noqa: E402 (the load test's own helpers)
 from imagenet_resnet.inference import load_model
 from imagenet_resnet.serve import MAX_UPLOAD_BYTES, Classifier, ImageRejected, example_images, safe_open_image
 
@@ -38,15 +36,6 @@ def encode(image: Image.Image, fmt: str, **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that claims width x height pixels but holds almost no data: the shape of a decompression bomb."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b""))
 
 
 def colourful(width: int = 48, height: int = 32) -> Image.Image:
@@ -139,41 +128,6 @@ def test_server_preprocessing_is_the_eval_preset_and_threads_do_not_mix(checkpoi
     assert len({overlay.tobytes() for _, overlay in alone}) == len(files)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(command: list[str], log: Path, port: int, cwd: Path | None = None, env: dict | None = None):
-    """Start a server process and wait until /api/health answers; its output goes to `log`."""
-    import httpx
-
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 150
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    process.kill()
-    raise AssertionError(f"no answer from {url}/api/health within 150 s:\n{log.read_text()[-3000:]}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 SERVER_CONCURRENCY, SERVER_MAX_QUEUE = 2, 6  # at most 8 requests admitted at once
 
 
@@ -183,7 +137,7 @@ def server(checkpoint, tmp_path_factory):
     port, log = free_port(), tmp_path_factory.mktemp("server") / "serve.log"
     process, url = start_server([sys.executable, "-m", "imagenet_resnet", "serve", "--checkpoint", str(checkpoint),
                                  "--port", str(port), "--device", "cpu", "--concurrency", str(SERVER_CONCURRENCY),
-                                 "--max-queue", str(SERVER_MAX_QUEUE)], log, port)
+                                 "--max-queue", str(SERVER_MAX_QUEUE)], port, log)
     yield url
     stop(process)
     assert f"running on http://127.0.0.1:{port}" in log.read_text()  # localhost unless told otherwise
@@ -348,7 +302,7 @@ def test_space_folder_runs_with_python_app_py(checkpoint, tmp_path):
                               cwd=space, env=env, capture_output=True, text=True, check=True).stdout
     assert Path(imported.strip()).parent == space / "imagenet_resnet"  # the copy, not the installed package
     port = free_port()
-    process, url = start_server([sys.executable, "app.py"], tmp_path / "app.log", port, cwd=space,
+    process, url = start_server([sys.executable, "app.py"], port, tmp_path / "app.log", cwd=space,
                                 env={**env, "GRADIO_SERVER_PORT": str(port)})
     try:
         example = Path(summary["examples"][0])

@@ -42,14 +42,19 @@ def environment() -> dict:
     return info
 
 
+def save_record(record: dict, json_path: str | None) -> None:
+    """Keep a benchmark record in `json_path` (if given), replacing what an earlier call kept there."""
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def write_record(result: dict, json_path: str | None) -> None:
     """Print a benchmark's figures as one JSON line, with the command and machine, and keep them in `json_path`."""
     record = {"command": " ".join(["imagenet-resnet"] + sys.argv[1:]), "environment": environment(),
               "cpu_count": os.cpu_count(), **result}
     print(json.dumps(record))
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(record, indent=2) + "\n")
+    save_record(record, json_path)
 
 
 def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
@@ -148,9 +153,7 @@ def main(args) -> int:
             result["share_of_matmul_rate"] = round(result["achieved_tflops"] / record["bf16_matmul_tflops"], 3)
         record["results"].append(result)
         print(json.dumps(result), flush=True)
-        if args.json:  # after every result, so a run cut short keeps what it measured
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        save_record(record, args.json)  # after every result, so a run cut short keeps what it measured
     return 0
 
 

@@ -8,7 +8,6 @@ logits checked against PyTorch's, so both runtimes are known to compute the same
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench import environment
+from .bench import environment, save_record
 from .config import Config
 from .export import ONNX_INPUT, ONNX_OUTPUT, compare_logits, cpu_fp32_copy, onnx_session, require, write_onnx
 from .models import ARCHITECTURES, build_model
@@ -114,9 +113,7 @@ def main(args) -> int:
 
     def keep(result: dict) -> None:
         record["results"].append(result)
-        if args.json:  # after every result, so a run cut short keeps what it measured
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        save_record(record, args.json)  # after every result, so a run cut short keeps what it measured
 
     print(f"{name} at {size} px, fp32, {threads} threads on {record['cpu']}", file=sys.stderr, flush=True)
     torch.set_num_threads(threads)

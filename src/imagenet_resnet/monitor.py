@@ -108,8 +108,10 @@ class TensorBoardLog:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             return
-        # purge_step: a resumed run hides the events past its checkpoint, which it is about to write again
-        self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        # purge_step: a resumed run hides the events past its checkpoint, which it is about to write again.
+        # The writer queues events and writes them from its own thread every flush_secs: nothing waits on disk.
+        self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None,
+                                    flush_secs=30)
 
     def add(self, group: str, record: dict, step: int) -> None:
         if self.writer is None:
@@ -117,7 +119,6 @@ class TensorBoardLog:
         for key, value in record.items():
             if key not in self.SKIP and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(f"{group}/{key}", value, step)
-        self.writer.flush()
 
     def __enter__(self) -> "TensorBoardLog":
         return self
