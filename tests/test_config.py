@@ -28,6 +28,8 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
     ("train.epochs=ten", "expected int"),
     ("train.deterministic=1", "expected true or false"),
     ("schedule.name=exp", "choose step, cosine"),
+    ("data.pipeline=torchvision", "choose fast, full-decode, reference"),
+    ("model.variant=D", "choose b, c, d"),
     ("lr=1", "expected section.key=value"),
 ])
 def test_bad_overrides_are_clear_errors(override, message):

@@ -11,7 +11,7 @@ from imagenet_resnet.augment import MixAugment
 from imagenet_resnet.config import load_config
 from imagenet_resnet.data.loader import DeviceNormalize
 from imagenet_resnet.distributed import Dist
-from imagenet_resnet.engine import build_run, train_step
+from imagenet_resnet.engine import build_optimizer, build_run, train_step
 from imagenet_resnet.models import build_model
 from imagenet_resnet.optim import Lamb
 
@@ -30,6 +30,21 @@ def test_lamb_moves_each_tensor_by_lr_times_its_norm():
         loss().backward()
         optimizer.step()
     assert loss().item() < start / 10
+
+
+def test_radam_decays_weights_decoupled_and_only_conv_and_linear_ones():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    cfg = load_config(None, ["optim.name=radam", "optim.weight_decay=0.1", "optim.eps=1e-6"])
+    optimizer = build_optimizer(model, cfg, lr=0.5)
+    assert isinstance(optimizer, torch.optim.RAdam) and optimizer.defaults["eps"] == 1e-6
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    conv_weight, conv_bias, bn_weight, bn_bias = [p.detach() for p in model.parameters()]
+    torch.testing.assert_close(conv_weight, before[0] * (1 - 0.5 * 0.1))  # decoupled: lr x wd, not through Adam
+    for after, start in zip((conv_bias, bn_weight, bn_bias), before[1:]):
+        torch.testing.assert_close(after, start)
 
 
 def test_gradient_clipping_bounds_the_update():

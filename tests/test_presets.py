@@ -108,3 +108,67 @@ def test_output_range_and_colour_jitter_changes_pixels():
     jittered = TrainPreset(size=64, jitter=0.4)(_jpeg(200, 200), np.random.default_rng(1))
     assert plain.min() >= 0 and plain.max() <= 255
     assert not np.array_equal(plain, jittered)
+
+
+def _smooth_jpeg(width=400, height=300) -> bytes:
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)], axis=-1)
+    return _encode(Image.fromarray(pixels.astype(np.uint8)))
+
+
+@pytest.mark.parametrize("pipeline", ["full-decode", "reference"])
+def test_every_pipeline_takes_the_fast_presets_crop_and_flip(pipeline):
+    """Same seed, same crop box and flip: the pipelines differ only in how the pixels are made."""
+    data = _smooth_jpeg()
+    fast = presets.make_train_preset("fast", 64, (0.08, 1.0), (3 / 4, 4 / 3))
+    other = presets.make_train_preset(pipeline, 64, (0.08, 1.0), (3 / 4, 4 / 3))
+    for seed in range(20):
+        a = fast(data, np.random.default_rng(seed)).astype(int)
+        b = other(data, np.random.default_rng(seed)).astype(int)
+        c = other(data, np.random.default_rng(seed + 100)).astype(int)
+        assert np.abs(a - b).mean() < 3, seed  # rounding and resampling only
+        assert np.abs(a - c).mean() > np.abs(a - b).mean()  # another seed: another crop
+
+
+@pytest.mark.parametrize("pipeline", ["full-decode", "reference"])
+def test_every_pipeline_evaluates_the_same_centre(pipeline):
+    data = _smooth_jpeg()
+    fast = presets.make_eval_preset("fast", 100, 0.875)(data).astype(int)
+    other = presets.make_eval_preset(pipeline, 100, 0.875)(data).astype(int)
+    assert other.shape == (100, 100, 3)
+    assert np.abs(fast - other).mean() < 2
+
+
+def test_full_decode_never_decodes_at_reduced_size(monkeypatch):
+    data = _smooth_jpeg(2000, 1600)
+    factors = []
+    real_decode = presets._decode
+    monkeypatch.setattr(presets, "_decode", lambda data, w, h, factor, fast: factors.append((factor, fast))
+                        or real_decode(data, w, h, factor, fast))
+    presets.make_eval_preset("full-decode", 224, 0.875)(data)
+    presets.make_train_preset("full-decode", 224, (0.08, 1.0), (3 / 4, 4 / 3))(data, np.random.default_rng(0))
+    presets.make_eval_preset("fast", 224, 0.875)(data)
+    assert factors == [(1, False), (1, False), (4, False)]
+
+
+def test_reference_eval_resizes_the_short_side_then_crops_the_centre():
+    # torchvision: Resize(round(100 / 0.875) = 114) makes 400x300 into 152x114; CenterCrop(100) takes x 26..126.
+    pixels = np.zeros((300, 400, 3), dtype=np.uint8)
+    pixels[:, 200:] = 255
+    out = presets.make_eval_preset("reference", 100, 0.875)(_encode(Image.fromarray(pixels), "PNG"))
+    assert out.shape == (100, 100, 3)
+    assert out[50, :48].max() < 10 and out[50, 52:].min() > 245  # the edge at 76 - 26 = 50
+
+
+def test_reference_pipeline_written_with_pil_equals_torchvisions(monkeypatch):
+    """Where torchvision imports: our PIL transcription gives exactly torchvision's pixels."""
+    if presets.torchvision_functional() is None:
+        pytest.skip("torchvision does not import here")
+    data = _jpeg(333, 250)
+    train = presets.make_train_preset("reference", 64, (0.08, 1.0), (3 / 4, 4 / 3))
+    evaluate = presets.make_eval_preset("reference", 64, 0.875)
+    with_torchvision = [train(data, np.random.default_rng(s)) for s in range(10)] + [evaluate(data)]
+    monkeypatch.setattr(presets, "torchvision_functional", lambda: None)
+    with_pil = [train(data, np.random.default_rng(s)) for s in range(10)] + [evaluate(data)]
+    for a, b in zip(with_torchvision, with_pil):
+        assert np.array_equal(a, b)

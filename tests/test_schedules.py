@@ -58,3 +58,11 @@ def test_step_warmup_then_constant():
     cfg = ScheduleConfig(name="constant", warmup_epochs=1, warmup_start_factor=0.0)
     s = LRSchedule(cfg, peak_lr=1.0, epochs=3, steps_per_epoch=10)
     assert [round(s(i), 6) for i in (0, 5, 10, 29)] == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_flat_cosine_holds_the_peak_then_anneals():
+    cfg = ScheduleConfig(name="flat-cosine", pct_start=0.75, warmup_epochs=1, warmup_start_factor=0.0)
+    s = LRSchedule(cfg, peak_lr=2.0, epochs=4, steps_per_epoch=100)
+    assert [s(i) for i in (0, 50, 100, 299)] == [0.0, 1.0, 2.0, 2.0]
+    assert s(350) == pytest.approx(1.0)  # halfway down the cosine
+    assert s(399) == pytest.approx(0.0, abs=1e-3)

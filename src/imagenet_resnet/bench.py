@@ -141,6 +141,10 @@ def main(args) -> int:
         from . import bench_e2e
 
         return bench_e2e.main(args)
+    if args.bench == "accuracy":
+        from . import bench_accuracy
+
+        return bench_accuracy.main(args)
     device = resolve_device(args.device)
     record = {"command": " ".join(["imagenet-resnet"] + sys.argv[1:]), "environment": environment(), "results": []}
     if device.type == "cuda":
@@ -158,11 +162,13 @@ def main(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from . import bench_data, bench_e2e, bench_infer
+    from . import bench_accuracy, bench_data, bench_e2e, bench_infer
 
     p = sub.add_parser("bench", help="benchmarks: train (the training step on synthetic data), data (the loader), "
-                       "infer (CPU latency, PyTorch vs onnxruntime), e2e (the training step fed from disk)")
+                       "infer (CPU latency, PyTorch vs onnxruntime), e2e (the training step fed from disk), "
+                       "accuracy (a recipe's top-1 over seeds)")
     bench_sub = p.add_subparsers(dest="bench", required=True)
+    bench_accuracy.add_parser(bench_sub)
     bench_data.add_parser(bench_sub)
     bench_infer.add_parser(bench_sub)
     bench_e2e.add_parser(bench_sub)

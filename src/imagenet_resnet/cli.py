@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from . import bench, distributed
-from .config import Config, ConfigError, load_config
+from .config import PIPELINES, Config, ConfigError, load_config
 from .export import ONNX_OPSET
 
 DEMO_DATA_DEFAULT = Path.home() / ".cache" / "imagenet-resnet" / "shapes"
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--size", type=int, help="evaluation resolution (default: the run's data.eval_size)")
     p.add_argument("--flip", action="store_true", help="average each image's logits with its mirror image's")
+    p.add_argument("--pipeline", choices=PIPELINES, help="how images are decoded and resized (default: the run's "
+                   "data.pipeline); `reference` is torchvision's Resize + CenterCrop, to check the fast path")
     p.add_argument("--per-class-csv", help="write accuracy per class (with names) to this CSV")
 
     p = sub.add_parser("report", help="plots (loss, accuracy, LR, speed) and training_log.md for a run folder")
@@ -194,13 +196,15 @@ def cmd_evaluate(args) -> int:
 
     from .data.loader import EpochBatchSampler, ImageDataset, SkippedImages, build_loader
     from .data.prepared import open_split
+    from .data.presets import make_eval_preset, pipeline_description
     from .engine import evaluate
     from .inference import load_model
 
     loaded = load_model(args.checkpoint, args.device)
     val_index = open_split(args.data, "val", classes=loaded.classes)
     size = args.size or loaded.cfg.data.eval_size
-    dataset = ImageDataset(val_index, loaded.preset(size))
+    pipeline = args.pipeline or loaded.cfg.data.pipeline
+    dataset = ImageDataset(val_index, make_eval_preset(pipeline, size, loaded.cfg.data.eval_crop_ratio))
     sampler = EpochBatchSampler(len(dataset), args.batch_size, shuffle=False, drop_last=False)
     loader = build_loader(dataset, sampler, args.workers, loaded.device.type == "cuda")
     skipped, n = SkippedImages(), len(loaded.classes)
@@ -213,7 +217,8 @@ def cmd_evaluate(args) -> int:
     confused = [{"true": loaded.names[int(k) // n], "predicted": loaded.names[int(k) % n], "images": int(c)}
                 for c, k in zip(counts, flat) if c > 0]
     report = {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"], "images": result["images"],
-              "skipped_images": skipped.count, "size": size, "flip": args.flip, "most_confused": confused,
+              "skipped_images": skipped.count, "size": size, "flip": args.flip,
+              "pipeline": pipeline_description(pipeline), "most_confused": confused,
               "checkpoint": str(args.checkpoint), "data": str(args.data)}
     if args.per_class_csv:
         with open(args.per_class_csv, "w", newline="") as f:

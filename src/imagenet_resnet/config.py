@@ -12,6 +12,11 @@ from typing import Any
 
 import yaml
 
+PIPELINES = ("fast", "full-decode", "reference")  # data.pipeline: see data/presets.py
+VARIANTS = ("b", "c", "d")  # model.variant: see models.py
+SCHEDULES = ("step", "cosine", "flat-cosine", "onecycle", "linear", "constant")
+OPTIMIZERS = ("sgd", "adamw", "radam", "lamb")
+
 
 @dataclass
 class ModelConfig:
@@ -20,12 +25,14 @@ class ModelConfig:
     zero_init_residual: bool = True  # last BN of each block starts at zero
     channels_last: bool = True  # NHWC memory layout on the GPU (faster convs with tensor cores)
     blurpool: bool = False  # low-pass before every strided conv (FFCV's ResNet-50 recipes); same weights' names
+    variant: str = "b"  # b: torchvision's ResNet (v1.5); c: + deep 3x3 stem; d: + average-pool shortcuts (timm's resnet50d)
 
 
 @dataclass
 class DataConfig:
     path: str = ""  # a folder made by `imagenet-resnet prepare`, or any folder holding train/ and val/
     packed: bool = True  # read the packed copy when the prepared folder has one
+    pipeline: str = "fast"  # fast | full-decode | reference (torchvision's transforms, for A/B checks; slower)
     train_size: int = 224  # side of the random-resized crop (the final one with progressive resizing)
     progressive_start_size: int = 0  # 0 = off; else train at this side up to progressive_start_epoch, then
     progressive_start_epoch: int = 0  # ramp linearly to train_size by progressive_end_epoch, in steps of 32
@@ -45,12 +52,13 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw | lamb
+    name: str = "sgd"  # sgd | adamw | radam | lamb
     lr: float = 0.1  # per 256 images: the LR used is lr * global_batch / 256
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw, lamb
-    weight_decay: float = 1e-4  # decoupled (AdamW-style) for adamw and lamb
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw, radam, lamb
+    eps: float = 1e-8  # adamw, radam (lamb uses 1e-6); fastai's Imagenette runs use 1e-6
+    weight_decay: float = 1e-4  # decoupled (AdamW-style) for adamw, radam and lamb
     clip_grad_norm: float = 0.0  # clip the global gradient norm to this; 0 = off
     decay_bn_and_bias: bool = False  # weight decay on BN parameters and biases too (usually hurts)
     label_smoothing: float = 0.0
@@ -60,13 +68,13 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "step"  # step | cosine | onecycle | linear | constant
-    warmup_epochs: float = 0.0  # linear warm-up from warmup_start_factor * lr (step, cosine)
+    name: str = "step"  # step | cosine | flat-cosine | onecycle | linear | constant
+    warmup_epochs: float = 0.0  # linear warm-up from warmup_start_factor * lr (step, cosine, flat-cosine, constant)
     warmup_start_factor: float = 0.1
     milestones: list[float] = field(default_factory=lambda: [30.0, 60.0, 80.0])  # epochs (step)
     gamma: float = 0.1  # LR factor at each milestone (step)
     min_lr_factor: float = 0.0  # floor of the cosine, as a fraction of lr
-    pct_start: float = 0.25  # fraction of the run spent rising (onecycle)
+    pct_start: float = 0.25  # fraction of the run spent rising (onecycle), or at the peak (flat-cosine)
     div_factor: float = 25.0  # onecycle starts at lr / div_factor
     final_div_factor: float = 1e4  # onecycle ends at lr / div_factor / final_div_factor
     peak_epoch: float = 2.0  # linear: ramps from start_factor to lr at this epoch, then down
@@ -199,10 +207,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.batch_size, train.accumulation_steps and train.epochs must be >= 1")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision={t.precision!r}: choose auto, fp32, bf16 or fp16")
-    if s.name not in ("step", "cosine", "onecycle", "linear", "constant"):
-        raise ConfigError(f"schedule.name={s.name!r}: choose step, cosine, onecycle, linear or constant")
-    if cfg.optim.name not in ("sgd", "adamw", "lamb"):
-        raise ConfigError(f"optim.name={cfg.optim.name!r}: choose sgd, adamw or lamb")
+    if s.name not in SCHEDULES:
+        raise ConfigError(f"schedule.name={s.name!r}: choose {', '.join(SCHEDULES)}")
+    if cfg.optim.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={cfg.optim.name!r}: choose {', '.join(OPTIMIZERS)}")
+    if cfg.data.pipeline not in PIPELINES:
+        raise ConfigError(f"data.pipeline={cfg.data.pipeline!r}: choose {', '.join(PIPELINES)}")
+    if cfg.model.variant not in VARIANTS:
+        raise ConfigError(f"model.variant={cfg.model.variant!r}: choose {', '.join(VARIANTS)}")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay={t.ema_decay}: need 0 <= decay < 1 (0 turns it off)")
     lo, hi = cfg.data.crop_scale

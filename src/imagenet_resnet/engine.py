@@ -22,7 +22,7 @@ from .data.classes import display_name
 from .data.index import ImageIndex
 from .data.prepared import open_splits
 from .data.loader import DeviceNormalize, EpochBatchSampler, ImageDataset, SkippedImages, build_loader
-from .data.presets import EvalPreset, TrainPreset, progressive_size
+from .data.presets import make_eval_preset, make_train_preset, pipeline_description, progressive_size
 from .augment import MixAugment
 from .models import build_model, clean_state_dict, load_weights
 from .monitor import StepReporter, SystemSampler, TensorBoardLog, drop_records_after, write_metrics_csv
@@ -65,14 +65,16 @@ def set_determinism(seed: int, deterministic: bool) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
-    """SGD, AdamW or LAMB, with weight decay on conv and linear weights only unless optim.decay_bn_and_bias."""
+    """SGD, AdamW, RAdam or LAMB, with weight decay on conv and linear weights only unless optim.decay_bn_and_bias."""
     o = cfg.optim
     decay = [p for p in model.parameters() if p.ndim > 1 or o.decay_bn_and_bias]
     no_decay = [p for p in model.parameters() if not (p.ndim > 1 or o.decay_bn_and_bias)]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = (o.fused and next(model.parameters()).is_cuda) or None
     if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), fused=fused)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+    if o.name == "radam":  # Liu et al. 2020: Adam with its early variance rectified, a built-in warm-up
+        return torch.optim.RAdam(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, decoupled_weight_decay=True)
     if o.name == "lamb":
         return Lamb(groups, lr=lr, betas=o.betas)
     return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov, fused=fused)
@@ -242,9 +244,10 @@ def build_run(cfg: Config, world: distributed.Dist, device: torch.device) -> Run
     if d.progressive_start_size:
         size_at_epoch = functools.partial(progressive_size, start_size=d.progressive_start_size, end_size=d.train_size,
                                           start_epoch=d.progressive_start_epoch, end_epoch=d.progressive_end_epoch)
-    train_preset = TrainPreset(d.train_size, d.crop_scale, d.crop_ratio, d.hflip, d.color_jitter, size_at_epoch)
+    train_preset = make_train_preset(d.pipeline, d.train_size, d.crop_scale, d.crop_ratio, d.hflip, d.color_jitter,
+                                     size_at_epoch)
     train_set = ImageDataset(train_index, train_preset, t.seed)
-    val_set = ImageDataset(val_index, EvalPreset(d.eval_size, d.eval_crop_ratio), t.seed)
+    val_set = ImageDataset(val_index, make_eval_preset(d.pipeline, d.eval_size, d.eval_crop_ratio), t.seed)
     train_sampler = EpochBatchSampler(len(train_set), t.batch_size, shuffle=True, drop_last=True, seed=t.seed,
                                       rank=world.rank, world_size=world.world_size)
     val_sampler = EpochBatchSampler(len(val_set), t.batch_size, shuffle=False, drop_last=False,
@@ -259,7 +262,7 @@ def build_run(cfg: Config, world: distributed.Dist, device: torch.device) -> Run
 
     # Model and optimizer. The LR in the config is per 256 images, scaled to the global batch.
     model = build_model(cfg.model.name, len(train_index.classes), cfg.model.width, cfg.model.zero_init_residual,
-                        cfg.model.blurpool)
+                        cfg.model.blurpool, cfg.model.variant)
     if t.init_from:
         replaced = load_weights(model, t.init_from)
         if world.is_main:
@@ -391,7 +394,10 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
     schedule = LRSchedule(cfg.schedule, peak_lr, t.epochs, steps_per_epoch)
     if world.is_main:  # resolved: with the LR the finder chose, if it ran
         save_config(cfg, out_dir / "config.yaml")
-    log(f"{cfg.model.name} | {len(train_index.classes)} classes | train {len(train_set)} / val {len(val_set)} images | "
+    variant = "" if cfg.model.variant == "b" else f"-{cfg.model.variant.upper()}"
+    pipeline = "" if cfg.data.pipeline == "fast" else f" | {pipeline_description(cfg.data.pipeline)} pipeline"
+    log(f"{cfg.model.name}{variant} | {len(train_index.classes)} classes | train {len(train_set)} / val {len(val_set)} "
+        f"images{pipeline} | "
         f"{device} {precision} | {world.world_size} process(es) | global batch {global_batch} "
         f"({t.batch_size} per process x {t.accumulation_steps} accumulation x {world.world_size}) | "
         f"peak LR {peak_lr:.4g} ({cfg.optim.lr} per 256) | {steps_per_epoch} steps/epoch x {t.epochs} epochs")

@@ -55,7 +55,8 @@ def model_card(cfg: Config, classes: list[str], metrics: dict[str, Any], saved_a
     """Plain facts about a trained model: architecture, classes, validation accuracy, epochs, when."""
     m = cfg.model
     return {
-        "architecture": m.name if m.width == 64 else f"{m.name} (width {m.width})",
+        "architecture": (m.name if m.variant == "b" else f"{m.name}-{m.variant.upper()}")
+        + ("" if m.width == 64 else f" (width {m.width})"),
         "blurpool": m.blurpool,
         "parameters": parameters,
         "num_classes": len(classes),
@@ -106,7 +107,8 @@ def load_model(path: str | Path, device_name: str = "auto") -> LoadedModel:
         cfg = Config.from_dict(state["config"], source=str(path))
         classes, names, weights = state["classes"], state.get("class_names", state["classes"]), state["model"]
         card = None
-    model = build_model(cfg.model.name, len(classes), cfg.model.width, blurpool=cfg.model.blurpool)
+    model = build_model(cfg.model.name, len(classes), cfg.model.width, blurpool=cfg.model.blurpool,
+                        variant=cfg.model.variant)
     model.load_state_dict(clean_state_dict(weights))
     if card is None:
         progress = state.get("progress", {})

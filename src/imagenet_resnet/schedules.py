@@ -47,6 +47,13 @@ class LRSchedule:
             return _lin_interp(1.0, c.end_factor, (step - peak) / max(1, self.total_steps - peak))
         if step < self.warmup_steps:
             return _lin_interp(c.warmup_start_factor, 1.0, step / self.warmup_steps)
+        if c.name == "flat-cosine":
+            # fastai's fit_flat_cos (the Imagenette leaderboard's schedule): the peak held for pct_start of
+            # the run, then a cosine down to min_lr_factor.
+            hold = max(self.warmup_steps, round(c.pct_start * self.total_steps))
+            if step < hold:
+                return 1.0
+            return _cos_interp(1.0, c.min_lr_factor, (step - hold) / max(1, self.total_steps - hold))
         if c.name == "cosine":
             frac = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
             return _cos_interp(1.0, c.min_lr_factor, frac)

@@ -6,10 +6,19 @@ power-of-two DCT scaling (libjpeg-turbo decodes 1/2, 1/4 or 1/8 of the size for 
 that keeps the crop at least as large as the output; the crop is resized with PyTorch's uint8 bilinear
 kernel, which is about twice as fast as PIL's. JPEGs go through simplejpeg (libjpeg-turbo, no Python
 image object); PNG, CMYK and anything else it refuses go through PIL.
+
+`data.pipeline` picks how the pixels are made, so that an accuracy A/B can rule out a loss in the fast path:
+- `fast`: the above (reduced-size decode; fast IDCT and chroma upsampling for training);
+- `full-decode`: the same crops and resizes from a full-size decode with the accurate IDCT;
+- `reference`: what torchvision's reference scripts do: PIL decodes the whole file, then RandomResizedCrop +
+  RandomHorizontalFlip for training, Resize + CenterCrop for evaluation, with torchvision's own functional
+  transforms where torchvision imports, and the same steps written with PIL where it does not.
+All three draw the same random numbers in the same order: at one seed they take the same crops and flips.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 
@@ -62,12 +71,14 @@ def _decode(data: bytes, width: int, height: int, factor: int, fast: bool) -> np
 
 
 def decode_region(data: bytes, size: tuple[int, int], box: Box, out_w: int, out_h: int, fast: bool = False,
-                  flip: bool = False) -> np.ndarray:
+                  flip: bool = False, scaled: bool = True) -> np.ndarray:
     """Crop `box` out of the image, resize it to out_w x out_h (bilinear, antialiased when shrinking) and
     optionally mirror it. The pixels stay channels-last throughout: PyTorch's uint8 resize kernel is fastest
-    on that layout and its output is then HWC without a transpose."""
+    on that layout and its output is then HWC without a transpose. `scaled`: decode at a reduced size where
+    the crop allows it; else always at full size."""
     width, height = size
-    pixels = _decode(data, width, height, _scale_factor(width, height, box, out_w, out_h), fast)
+    factor = _scale_factor(width, height, box, out_w, out_h) if scaled else 1
+    pixels = _decode(data, width, height, factor, fast)
     sx, sy = pixels.shape[1] / width, pixels.shape[0] / height
     return resize_region(pixels, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy), out_w, out_h, flip)
 
@@ -143,10 +154,12 @@ class TrainPreset:
         hflip: bool = True,
         jitter: float = 0.0,
         size_at_epoch=None,
+        full_decode: bool = False,
     ):
-        """`size_at_epoch`: a picklable callable epoch -> side (progressive resizing), else always `size`."""
+        """`size_at_epoch`: a picklable callable epoch -> side (progressive resizing), else always `size`.
+        `full_decode`: no reduced-size decode and the accurate IDCT (the `full-decode` pipeline)."""
         self.size, self.scale, self.ratio, self.hflip, self.jitter = size, tuple(scale), tuple(ratio), hflip, jitter
-        self.size_at_epoch = size_at_epoch
+        self.size_at_epoch, self.full_decode = size_at_epoch, full_decode
 
     def side(self, epoch: int) -> int:
         return self.size_at_epoch(epoch) if self.size_at_epoch else self.size
@@ -158,7 +171,8 @@ class TrainPreset:
         box = random_resized_crop_box(*size, self.scale, self.ratio, rng)
         # The fast IDCT and chroma upsampling cost a little accuracy that random augmentation drowns out.
         flip = self.hflip and rng.random() < 0.5
-        pixels = decode_region(data, size, box, side, side, fast=True, flip=flip)
+        pixels = decode_region(data, size, box, side, side, fast=not self.full_decode, flip=flip,
+                               scaled=not self.full_decode)
         if self.jitter > 0:
             pixels = color_jitter(pixels, self.jitter, rng)
         return pixels
@@ -167,8 +181,8 @@ class TrainPreset:
 class EvalPreset:
     """Resize the short side to size / crop_ratio, then take the centre size x size crop, in one resample."""
 
-    def __init__(self, size: int = 224, crop_ratio: float = 0.875):
-        self.size, self.crop_ratio = size, crop_ratio
+    def __init__(self, size: int = 224, crop_ratio: float = 0.875, full_decode: bool = False):
+        self.size, self.crop_ratio, self.full_decode = size, crop_ratio, full_decode
 
     def centre_box(self, width: int, height: int) -> Box:
         side = min(width, height) * self.crop_ratio  # the crop's side in full-size pixels
@@ -177,9 +191,89 @@ class EvalPreset:
 
     def __call__(self, data: bytes, rng=None, epoch: int = 0) -> np.ndarray:
         size = image_size(data)
-        return decode_region(data, size, self.centre_box(*size), self.size, self.size)
+        return decode_region(data, size, self.centre_box(*size), self.size, self.size, scaled=not self.full_decode)
 
     def from_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """The same for an image already decoded to an HxWx3 uint8 array (an upload the server checked)."""
         height, width = pixels.shape[:2]
         return resize_region(pixels, self.centre_box(width, height), self.size, self.size)
+
+
+@functools.cache
+def torchvision_functional():
+    """torchvision.transforms.functional, or None where torchvision is missing or does not import (its
+    compiled operators must match the installed torch)."""
+    try:
+        import torchvision.transforms.functional as tf  # optional: only the reference pipeline uses it
+    except Exception:  # ImportError, or RuntimeError from a torchvision built for another torch
+        return None
+    return tf
+
+
+def _open_rgb(data: bytes) -> Image.Image:
+    """torchvision's ImageFolder loader: the whole image, converted to RGB."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
+class ReferenceTrainPreset(TrainPreset):
+    """torchvision's RandomResizedCrop + RandomHorizontalFlip on a PIL image, as its reference training
+    scripts apply them (crop, then bilinear resize, antialiased by PIL). The crop box and the flip come
+    from the same draws as the fast preset's. Colour jitter, when on, is the fast preset's."""
+
+    def __call__(self, data: bytes, rng, epoch: int = 0) -> np.ndarray:
+        side = self.side(epoch)
+        img = _open_rgb(data)
+        x0, y0, x1, y1 = random_resized_crop_box(*img.size, self.scale, self.ratio, rng)
+        flip = self.hflip and rng.random() < 0.5
+        tf = torchvision_functional()
+        if tf is not None:
+            img = tf.resized_crop(img, y0, x0, y1 - y0, x1 - x0, [side, side], tf.InterpolationMode.BILINEAR,
+                                  antialias=True)
+            img = tf.hflip(img) if flip else img
+        else:  # what those calls do to a PIL image
+            img = img.crop((x0, y0, x1, y1)).resize((side, side), Image.Resampling.BILINEAR)
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
+        pixels = np.array(img)
+        return color_jitter(pixels, self.jitter, rng) if self.jitter > 0 else pixels
+
+
+class ReferenceEvalPreset(EvalPreset):
+    """torchvision's Resize(size / crop_ratio) of the short side, then CenterCrop(size): two resamples'
+    worth of rounding where the fast preset does one."""
+
+    def __call__(self, data: bytes, rng=None, epoch: int = 0) -> np.ndarray:
+        img = _open_rgb(data)
+        resize = round(self.size / self.crop_ratio)
+        tf = torchvision_functional()
+        if tf is not None:
+            img = tf.resize(img, resize, tf.InterpolationMode.BILINEAR, antialias=True)
+            return np.array(tf.center_crop(img, [self.size, self.size]))
+        width, height = img.size
+        if width <= height:  # torchvision's rounding of the long side
+            new_size = (resize, int(resize * height / width))
+        else:
+            new_size = (int(resize * width / height), resize)
+        img = img.resize(new_size, Image.Resampling.BILINEAR)
+        left, top = int(round((new_size[0] - self.size) / 2.0)), int(round((new_size[1] - self.size) / 2.0))
+        return np.array(img.crop((left, top, left + self.size, top + self.size)))
+
+
+def make_train_preset(pipeline: str, size: int, scale, ratio, hflip: bool = True, jitter: float = 0.0,
+                      size_at_epoch=None) -> TrainPreset:
+    if pipeline == "reference":
+        return ReferenceTrainPreset(size, scale, ratio, hflip, jitter, size_at_epoch)
+    return TrainPreset(size, scale, ratio, hflip, jitter, size_at_epoch, full_decode=pipeline == "full-decode")
+
+
+def make_eval_preset(pipeline: str, size: int, crop_ratio: float) -> EvalPreset:
+    if pipeline == "reference":
+        return ReferenceEvalPreset(size, crop_ratio)
+    return EvalPreset(size, crop_ratio, full_decode=pipeline == "full-decode")
+
+
+def pipeline_description(pipeline: str) -> str:
+    """What a pipeline name means on this machine (the reference one depends on torchvision importing)."""
+    if pipeline == "reference":
+        return "reference (torchvision transforms)" if torchvision_functional() else "reference (PIL, torchvision's steps)"
+    return pipeline
