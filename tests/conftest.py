@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from imagenet_resnet.config import load_config
 from imagenet_resnet.data.synthetic import make_shapes_dataset
+from imagenet_resnet.training.trainer import train
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -39,3 +41,10 @@ def tiny_train_args(data: Path, out: Path, *extra: str) -> list[str]:
     for setting in TINY_SETTINGS:
         args += ["--set", setting]
     return args + list(extra)
+
+
+def train_tiny(data: Path, out: Path, *settings: str, epochs: int = 2, resume: bool = False) -> dict:
+    """What `imagenet-resnet train` does with TINY_SETTINGS and `--set` each of `settings`, in this process: for
+    the tests that involve no signal and no torchrun, a new process per run would only cost time."""
+    cfg = load_config(None, [*TINY_SETTINGS, f"data.path={data}", f"train.epochs={epochs}", *settings])
+    return train(cfg, out, resume=resume)

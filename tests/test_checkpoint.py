@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from imagenet_resnet import checkpoint
+from imagenet_resnet.training import checkpoint
+from imagenet_resnet.errors import UserError
 
 
 def test_atomic_save_survives_a_failure_mid_write(tmp_path, monkeypatch):
@@ -40,5 +41,5 @@ def test_load_of_a_damaged_file_is_a_clear_error(tmp_path):
     path.write_bytes(b"\x00" * 100)
     with pytest.raises(ValueError, match="last.pt could not be read"):
         checkpoint.load(path)
-    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+    with pytest.raises(UserError, match="nothing.pt"):
         checkpoint.load(tmp_path / "nothing.pt")

@@ -10,6 +10,7 @@ from imagenet_resnet.data.folder import find_split, scan_class_folders
 from imagenet_resnet.data.loader import (DeviceNormalize, EpochBatchSampler, ImageDataset, SkippedImages,
                                          build_loader)
 from imagenet_resnet.data.presets import EvalPreset
+from imagenet_resnet.errors import UserError
 
 
 def _tree(root, classes, per_class=3, size=24):
@@ -39,7 +40,7 @@ def test_val_with_an_unknown_class_is_an_error(tmp_path):
 
 
 def test_missing_split_names_the_layout(tmp_path):
-    with pytest.raises(FileNotFoundError, match="val/<class>"):
+    with pytest.raises(UserError, match="val/<class>"):
         find_split(tmp_path, "val")
 
 

@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 
 from conftest import TINY_SETTINGS, run_cli
-from imagenet_resnet import checkpoint
+from imagenet_resnet.training import checkpoint
 from imagenet_resnet.data.loader import DeviceNormalize, EpochBatchSampler
-from imagenet_resnet.engine import train_step
+from imagenet_resnet.training.step import train_step
 
 
 def _free_port() -> int:

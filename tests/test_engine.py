@@ -1,9 +1,10 @@
+import pytest
 import torch
 from torch import nn
 
 from imagenet_resnet.config import load_config
 from imagenet_resnet.data.loader import DeviceNormalize
-from imagenet_resnet.engine import build_optimizer, train_step
+from imagenet_resnet.training.step import build_optimizer, train_step
 from imagenet_resnet.models import build_model
 
 
@@ -69,3 +70,28 @@ def test_a_micro_batch_left_with_one_image_is_dropped_not_fatal_to_batchnorm():
     b = _run(resnet(), [(images[:1], labels[:1], ["3 unreadable"]), (images[1:], labels[1:], [])], accumulation=2)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_step_on_cpu_matches_the_fp32_step(precision):
+    """Autocast and, for fp16, the loss scaler: the step's loss and update agree with fp32's to the precision's
+    accuracy, so the fp16 gradients were unscaled before the update."""
+    g = torch.Generator().manual_seed(3)
+    batch = [(torch.randint(0, 256, (16, 16, 16, 3), dtype=torch.uint8, generator=g),
+              torch.randint(0, 5, (16,), generator=g), [])]
+    normalize = DeviceNormalize(torch.device("cpu"), channels_last=False)
+    losses, weights = {}, {}
+    for p in ("fp32", precision):
+        model = _no_bn_model()
+        start = [w.detach().clone() for w in model.parameters()]
+        optimizer = build_optimizer(model, load_config(None, []), lr=0.5)
+        scaler = torch.amp.GradScaler("cpu", enabled=p == "fp16")
+        loss, images = train_step(model, optimizer, scaler, batch, normalize, p)
+        losses[p] = loss.item() / images
+        weights[p] = [(w.detach() - s) for w, s in zip(model.parameters(), start)]  # the update
+        if p == "fp16":
+            assert scaler.get_scale() == 2.0**16  # no overflow, so the step was taken
+    assert losses[precision] == pytest.approx(losses["fp32"], rel=1e-2)
+    for update, reference in zip(weights[precision], weights["fp32"]):
+        assert reference.abs().max() > 0
+        assert (update - reference).abs().max() <= 0.05 * reference.abs().max()

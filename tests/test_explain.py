@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli, tiny_train_args
-from imagenet_resnet.gradcam import grad_cam
+from conftest import run_cli, train_tiny
+from imagenet_resnet.serving.gradcam import grad_cam
 from imagenet_resnet.models import build_model
 
 
@@ -55,7 +55,7 @@ def test_grad_cam_on_a_resnet_at_any_layer():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_data):
     run = tmp_path_factory.mktemp("explain") / "run"
-    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "2"))
+    train_tiny(tiny_data, run)
     return run / "last.pt"
 
 

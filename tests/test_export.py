@@ -9,17 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, run_cli, tiny_train_args
-from imagenet_resnet import cli, export
+from conftest import SHARED_DATA, run_cli, train_tiny
+from imagenet_resnet import cli
 from imagenet_resnet.data.synthetic import draw_image
-from imagenet_resnet.inference import load_model, sidecar
+from imagenet_resnet.errors import UserError
+from imagenet_resnet.serving import export
+from imagenet_resnet.serving.inference import load_model, sidecar
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_data):
     run = tmp_path_factory.mktemp("export") / "run"
     # channels_last as on a GPU: exports must not depend on the model's memory layout
-    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "1", "--set", "model.channels_last=true"))
+    train_tiny(tiny_data, run, "model.channels_last=true", epochs=1)
     return run / "best.pt"
 
 
@@ -132,7 +134,7 @@ def test_torchscript_reloads_and_matches(loaded, tmp_path):
 
 def test_a_missing_package_names_the_pip_extra(checkpoint, tmp_path):
     extra = r'pip install "imagenet-resnet\[export\]"$'
-    with pytest.raises(RuntimeError, match=r"^no_such_package_xyz not installed: " + extra):
+    with pytest.raises(UserError, match=r"^no_such_package_xyz not installed: " + extra):
         export.require("torch", "no_such_package_xyz")
     hide_onnxruntime = ("import sys; sys.modules['onnxruntime'] = None; from imagenet_resnet.cli import main; "
                         f"raise SystemExit(main(['export', '--checkpoint', {str(checkpoint)!r}, '--format', 'onnx', "
@@ -159,7 +161,7 @@ def test_cli_export_writes_the_files_it_reports(checkpoint, tmp_path, fmt, suffi
 
 
 def test_cli_export_space_folder(checkpoint, tmp_path):
-    pytest.importorskip("imagenet_resnet.space")
+    pytest.importorskip("imagenet_resnet.serving.space")
     proc = run_cli("export", "--checkpoint", str(checkpoint), "--format", "space", "--out", str(tmp_path / "space"))
     assert json.loads(proc.stdout)["format"] == "space" and any((tmp_path / "space").iterdir())
 

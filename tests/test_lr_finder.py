@@ -6,11 +6,11 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import run_cli, tiny_train_args
+from conftest import run_cli, tiny_train_args, train_tiny
 from imagenet_resnet.config import load_config
 from imagenet_resnet.data.loader import DeviceNormalize
-from imagenet_resnet.engine import build_optimizer, train_step
-from imagenet_resnet.lr_finder import LRSweep, save_plot, sweep
+from imagenet_resnet.training.step import build_optimizer, train_step
+from imagenet_resnet.training.lr_finder import LRSweep, save_plot, sweep
 from imagenet_resnet.models import build_model
 
 
@@ -64,7 +64,7 @@ def test_train_can_take_the_finders_suggestion_and_resume_keeps_it(tmp_path, tin
     assert "LR finder: lowest smoothed loss at" in proc.stdout
     found = yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"]
     assert found != load_config(None, []).optim.lr
-    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "2", "--set", "optim.find_lr=true", "--resume"))
+    train_tiny(tiny_data, run, "optim.find_lr=true", resume=True)
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == pytest.approx(found)
     assert "LR finder" not in (run / "train.log").read_text().split("resumed")[1]
 

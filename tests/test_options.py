@@ -5,15 +5,17 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli, tiny_train_args
-from imagenet_resnet import checkpoint
-from imagenet_resnet.augment import MixAugment
+from conftest import run_cli, tiny_train_args, train_tiny
+from imagenet_resnet.training import checkpoint
+from imagenet_resnet.training.augment import MixAugment
 from imagenet_resnet.config import load_config
 from imagenet_resnet.data.loader import DeviceNormalize
-from imagenet_resnet.distributed import Dist
-from imagenet_resnet.engine import build_optimizer, build_run, train_step
+from imagenet_resnet.training.distributed import Dist
+from imagenet_resnet.training.step import build_optimizer, train_step
+from imagenet_resnet.training.stopping import RunStopped
+from imagenet_resnet.training.trainer import build_run
 from imagenet_resnet.models import build_model
-from imagenet_resnet.optim import Lamb
+from imagenet_resnet.training.optim import Lamb
 
 
 def test_lamb_moves_each_tensor_by_lr_times_its_norm():
@@ -72,11 +74,12 @@ def test_mixup_blends_and_cutmix_pastes_with_the_weight_they_report():
 
 
 def test_ema_is_evaluated_saved_and_resumed_exactly(tmp_path, tiny_data):
-    extra = ["--set", "train.ema_decay=0.9", "--set", "data.mixup_alpha=0.2", "--set", "data.cutmix_alpha=1.0",
-             "--set", "optim.name=adamw", "--set", "optim.lr=0.002", "--set", "optim.clip_grad_norm=1.0"]
-    run_cli(*tiny_train_args(tiny_data, tmp_path / "straight", "--epochs", "2", *extra))
-    run_cli(*tiny_train_args(tiny_data, tmp_path / "resumed", "--epochs", "2", "--set", "train.stop_at_step=10", *extra))
-    run_cli(*tiny_train_args(tiny_data, tmp_path / "resumed", "--epochs", "2", "--resume", *extra))
+    extra = ["train.ema_decay=0.9", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "optim.name=adamw",
+             "optim.lr=0.002", "optim.clip_grad_norm=1.0"]
+    train_tiny(tiny_data, tmp_path / "straight", *extra)
+    with pytest.raises(RunStopped):
+        train_tiny(tiny_data, tmp_path / "resumed", "train.stop_at_step=10", *extra)
+    train_tiny(tiny_data, tmp_path / "resumed", *extra, resume=True)
     metrics = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= m["val_top1_ema"] <= 1 for m in metrics)
     a = checkpoint.load(tmp_path / "straight" / "last.pt")
@@ -86,17 +89,32 @@ def test_ema_is_evaluated_saved_and_resumed_exactly(tmp_path, tiny_data):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_lamb_trains(tmp_path, tiny_data):
-    run_cli(*tiny_train_args(tiny_data, tmp_path / "run", "--epochs", "1", "--set", "optim.name=lamb",
-                             "--set", "optim.lr=0.01"))
-    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["train_loss"] < 5
+def test_lamb_trains_a_network():
+    """LAMB through build_optimizer and train_step learns a task a small conv net can learn: which of five
+    colours an image is tinted with (chance: a loss of ln 5 = 1.61)."""
+    g = torch.Generator().manual_seed(0)
+    tints = torch.randint(0, 256, (5, 3), generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5))
+    optimizer = build_optimizer(model, load_config(None, ["optim.name=lamb", "optim.weight_decay=0.01"]), lr=0.02)
+    assert isinstance(optimizer, Lamb)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    normalize = DeviceNormalize(torch.device("cpu"), channels_last=False)
+    losses = []
+    for _ in range(80):
+        labels = torch.randint(0, 5, (32,), generator=g)
+        noise = torch.randint(-60, 61, (32, 12, 12, 3), generator=g)
+        images = (tints[labels][:, None, None, :] + noise).clamp(0, 255).to(torch.uint8)
+        loss, count = train_step(model, optimizer, scaler, [(images, labels, [])], normalize, "fp32")
+        losses.append(loss.item() / count)
+    assert sum(losses[:5]) / 5 > 1.4 and sum(losses[-5:]) / 5 < 0.3
 
 
 def test_compiled_training_saves_plain_names(tmp_path, tiny_data):
     run_cli(*tiny_train_args(tiny_data, tmp_path / "run", "--epochs", "1", "--set", "train.compile=default",
                              "--set", "train.compile_backend=aot_eager", "--set", "train.deterministic=false"),
-            timeout=600)
+            timeout=600)  # in a process of its own: compiling leaves state behind in this one
     state = checkpoint.load(tmp_path / "run" / "last.pt")
     assert not any("_orig_mod" in k or k.startswith("module.") for k in state["model"])
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHARED_DATA, run_cli, tiny_train_args
+from conftest import SHARED_DATA, run_cli, train_tiny
 from imagenet_fixtures import ImageNetLike, prepared_pairs, tiny_jpeg
 from imagenet_resnet.data.index import ImageIndex
 from imagenet_resnet.data.prepare import prepare, verify
@@ -200,7 +200,7 @@ def test_train_runs_on_a_packed_folder(tmp_path, tiny_data):
     proc = run_cli("prepare", str(tiny_data), "--out", str(tmp_path / "prepared"), "--pack", "--short-side", "32")
     assert "next: imagenet-resnet train --data" in proc.stdout
     run = tmp_path / "run"
-    run_cli(*tiny_train_args(tmp_path / "prepared", run, "--epochs", "1"))
+    train_tiny(tmp_path / "prepared", run, epochs=1)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["epoch"] == 1 and metrics[-1]["val_images"] == 40
 
@@ -229,7 +229,7 @@ def test_bench_e2e_feeds_the_step_from_disk_and_compares_with_synthetic(tmp_path
 
 
 def test_endless_batches_fill_every_batch_from_a_small_set():
-    from imagenet_resnet.bench_e2e import EndlessRandomBatches
+    from imagenet_resnet.bench.e2e import EndlessRandomBatches
 
     batches = iter(EndlessRandomBatches(size=5, batch_size=8))
     first, second = next(batches), next(batches)

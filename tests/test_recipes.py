@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, tiny_train_args
+from conftest import train_tiny
 from imagenet_resnet.config import load_config
 from imagenet_resnet.data.loader import DeviceNormalize, EpochBatchSampler, ImageDataset, build_loader
 from imagenet_resnet.data.folder import scan_class_folders
 from imagenet_resnet.data.presets import TrainPreset, progressive_size
-from imagenet_resnet.engine import evaluate
+from imagenet_resnet.training.step import evaluate
 from imagenet_resnet.models import BlurConv2d, build_model
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
@@ -53,9 +53,8 @@ def test_loader_batches_take_the_epochs_size(tiny_data):
 
 def test_training_records_the_progressive_size(tmp_path, tiny_data):
     run = tmp_path / "run"
-    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "2", "--set", "data.progressive_start_size=24",
-                             "--set", "data.progressive_end_epoch=1", "--set", "data.eval_flip=true",
-                             "--set", "model.blurpool=true"))
+    train_tiny(tiny_data, run, "data.progressive_start_size=24", "data.progressive_end_epoch=1", "data.eval_flip=true",
+               "model.blurpool=true")
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["train_size"] for m in metrics] == [24, 32]
 

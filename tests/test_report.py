@@ -9,7 +9,9 @@ import pytest
 
 from PIL import Image
 
-from conftest import run_cli, tiny_train_args
+from conftest import run_cli, train_tiny
+from imagenet_resnet.report import make_report
+from imagenet_resnet.training.stopping import RunStopped
 
 
 def _lines(path):
@@ -18,8 +20,7 @@ def _lines(path):
 
 def test_report_on_a_finished_run(tmp_path, tiny_data):
     run = tmp_path / "run"
-    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "2", "--set", "train.log_every_steps=2",
-                             "--set", "train.sample_system_seconds=0.05"))
+    train_tiny(tiny_data, run, "train.log_every_steps=2", "train.sample_system_seconds=0.05")
     epochs, steps = _lines(run / "metrics.jsonl"), _lines(run / "steps.jsonl")
     # CPU use sampled in the background, per epoch and per sampled step; no GPU figures on a CPU run
     assert all(0 <= e["cpu_util"] <= 100 for e in epochs) and any("cpu_util" in s for s in steps)
@@ -40,38 +41,38 @@ def test_report_on_a_finished_run(tmp_path, tiny_data):
 
 def test_report_on_a_running_run(tmp_path, tiny_data):
     run = tmp_path / "run"
-    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "2"))
+    train_tiny(tiny_data, run)
     live = tmp_path / "live"
     live.mkdir()
     (live / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines()[0] + "\n")  # epoch 2 not done
     (live / "steps.jsonl").write_text("".join(line + "\n" for line in (run / "steps.jsonl").read_text().splitlines()[:10]))
-    out = json.loads(run_cli("report", str(live)).stdout)
+    out = make_report(live)
     assert out["epochs"] == 1 and out["sampled_steps"] == 10
     steps_only = tmp_path / "first-epoch"
     steps_only.mkdir()
     shutil.copy(live / "steps.jsonl", steps_only / "steps.jsonl")
-    assert json.loads(run_cli("report", str(steps_only)).stdout)["files"]  # not one epoch finished yet
+    assert make_report(steps_only)["files"]  # not one epoch finished yet
 
 
 def test_resumed_run_keeps_one_record_per_step(tmp_path, tiny_data):
     run = tmp_path / "run"
-    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "2", "--set", "train.checkpoint_every_steps=3",
-                             "--set", "train.stop_at_step=10"))
+    with pytest.raises(RunStopped):
+        train_tiny(tiny_data, run, "train.checkpoint_every_steps=3", "train.stop_at_step=10")
     # As after a crash: steps past the last checkpoint (step 10) were logged, then lost.
     with open(run / "steps.jsonl", "a") as f:
         f.write(json.dumps({"step": 11, "epoch": 2, "loss": 9.9, "lr": 0.1, "images_per_sec": 1.0, "time": 0}) + "\n")
-    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "2", "--resume"))
+    train_tiny(tiny_data, run, resume=True)
     steps = [s["step"] for s in _lines(run / "steps.jsonl")]
     assert steps == list(range(1, 15)) and 9.9 not in [s["loss"] for s in _lines(run / "steps.jsonl")]
     assert [e["epoch"] for e in _lines(run / "metrics.jsonl")] == [1, 2]
-    assert json.loads(run_cli("report", str(run)).stdout)["epochs"] == 2
+    assert make_report(run)["epochs"] == 2
 
 
 def test_progress_bar_on_a_terminal_and_log_lines_elsewhere(tmp_path, monkeypatch):
     import io
     import sys
 
-    from imagenet_resnet.monitor import StepReporter
+    from imagenet_resnet.training.monitor import StepReporter
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -95,9 +96,9 @@ def test_progress_bar_on_a_terminal_and_log_lines_elsewhere(tmp_path, monkeypatc
 def test_tensorboard_events_follow_the_metrics_and_a_resume(tmp_path, tiny_data):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     run = tmp_path / "run"
-    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "2", "--set", "train.checkpoint_every_steps=3",
-                             "--set", "train.stop_at_step=10"))
-    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "2", "--resume"))
+    with pytest.raises(RunStopped):
+        train_tiny(tiny_data, run, "train.checkpoint_every_steps=3", "train.stop_at_step=10")
+    train_tiny(tiny_data, run, resume=True)
     events = event_accumulator.EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     loss = events.Scalars("train/loss")
@@ -110,7 +111,7 @@ def test_tensorboard_events_follow_the_metrics_and_a_resume(tmp_path, tiny_data)
 
 def test_no_tensorboard_files_when_turned_off(tmp_path, tiny_data):
     run = tmp_path / "run"
-    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "1", "--set", "train.tensorboard=false"))
+    train_tiny(tiny_data, run, "train.tensorboard=false", epochs=1)
     assert (run / "metrics.jsonl").exists() and not (run / "tensorboard").exists()
 
 
@@ -119,7 +120,7 @@ def test_system_sampler_means_per_window():
 
     import torch
 
-    from imagenet_resnet.monitor import SystemSampler
+    from imagenet_resnet.training.monitor import SystemSampler
 
     with SystemSampler(torch.device("cpu"), interval=0.02) as sampler:
         busy_until = time.perf_counter() + 0.5
@@ -127,9 +128,23 @@ def test_system_sampler_means_per_window():
         spin.start()
         spin.join()
         during = sampler.take("epoch")
-        assert sampler.take("epoch") == {} or sampler.take("epoch").keys() <= {"cpu_util"}
     assert set(during) == {"cpu_util"} and 0 < during["cpu_util"] <= 100
     assert not sampler.thread.is_alive()
+
+
+def test_system_sampler_windows_are_means_since_their_last_take():
+    import torch
+
+    from imagenet_resnet.training.monitor import SystemSampler
+
+    with SystemSampler(torch.device("cpu"), interval=3600) as sampler:  # the thread takes no sample in this test
+        for cpu in (10.0, 30.0):
+            sampler.record({"cpu_util": cpu})
+        assert sampler.take("epoch") == {"cpu_util": 20.0}
+        assert sampler.take("epoch") == {}  # a new window, with nothing in it yet
+        sampler.record({"cpu_util": 50.0})
+        assert sampler.take("epoch") == {"cpu_util": 50.0}
+        assert sampler.take("steps") == {"cpu_util": 30.0}  # another window saw all three
 
 
 def test_report_shows_gpu_use_when_the_run_recorded_it(tmp_path):

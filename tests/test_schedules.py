@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from imagenet_resnet.config import ScheduleConfig
-from imagenet_resnet.schedules import LRSchedule
+from imagenet_resnet.training.schedules import LRSchedule
 
 
 def test_onecycle_matches_pytorch_onecyclelr():

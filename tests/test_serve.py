@@ -18,11 +18,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import run_cli, tiny_train_args
+from conftest import run_cli, train_tiny
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from load_serve import free_port, png_header, start_server, stop  # noqa: E402 (the load test's own helpers)
-from imagenet_resnet.inference import load_model
-from imagenet_resnet.serve import MAX_UPLOAD_BYTES, Classifier, ImageRejected, example_images, safe_open_image
+from imagenet_resnet.serving.inference import load_model
+from imagenet_resnet.serving.serve import MAX_UPLOAD_BYTES, Classifier, ImageRejected, example_images, safe_open_image
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -107,7 +107,7 @@ def test_safe_open_image_refuses_with_one_clear_line(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_data) -> Path:
     run = tmp_path_factory.mktemp("serve") / "run"
-    run_cli(*tiny_train_args(tiny_data, run, "--epochs", "1"))
+    train_tiny(tiny_data, run, epochs=1)
     return run / "last.pt"
 
 

@@ -1,4 +1,5 @@
-"""End-to-end runs of `imagenet-resnet train` in fresh processes, as a user (or a spot instance) runs it."""
+"""End-to-end training runs: in this process where nothing needs one of its own, and in fresh processes where
+a signal or the command line itself is what is tested."""
 
 import json
 import signal
@@ -8,8 +9,10 @@ import sys
 import pytest
 import torch
 
-from conftest import run_cli, tiny_train_args
-from imagenet_resnet import checkpoint
+from conftest import run_cli, tiny_train_args, train_tiny
+from imagenet_resnet.evaluation import evaluate_checkpoint
+from imagenet_resnet.training import checkpoint
+from imagenet_resnet.training.stopping import RunStopped
 
 STEPS_PER_EPOCH = 7  # 120 images // batch 16
 
@@ -27,7 +30,7 @@ def _assert_bitwise_equal(a, b):
 @pytest.fixture(scope="module")
 def straight_run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
-    run_cli(*tiny_train_args(tiny_data, out, "--epochs", "2"))
+    train_tiny(tiny_data, out)
     return out
 
 
@@ -48,15 +51,38 @@ def test_run_folder_contract(straight_run):
 
 
 @pytest.mark.parametrize("stop_at", [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 3], ids=["epoch-end", "mid-epoch"])
-def test_restart_and_resume_give_bitwise_identical_weights(tiny_data, tmp_path, straight_run, stop_at):
+def test_restart_and_resume_give_bitwise_identical_weights(tiny_data, tmp_path, straight_run, stop_at, capsys):
     out = tmp_path / "run"
-    run_cli(*tiny_train_args(tiny_data, out, "--epochs", "2", "--set", f"train.stop_at_step={stop_at}"))
+    with pytest.raises(RunStopped):
+        train_tiny(tiny_data, out, f"train.stop_at_step={stop_at}")
     assert checkpoint.load(out / "last.pt")["progress"]["global_step"] == stop_at
-    resumed = run_cli(*tiny_train_args(tiny_data, out, "--epochs", "2", "--resume"))
-    assert f"resumed {out / 'last.pt'}" in resumed.stdout
+    train_tiny(tiny_data, out, resume=True)
+    assert f"resumed {out / 'last.pt'}" in capsys.readouterr().out
     _assert_bitwise_equal(_weights(out / "last.pt"), _weights(straight_run / "last.pt"))
     epochs = [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
+
+
+def test_resume_with_gradient_accumulation_is_bitwise_identical(tiny_data, tmp_path):
+    """Two micro-batches of 8 per step: a stop mid-epoch must resume at the right micro-batch."""
+    settings = ["train.batch_size=8", "train.accumulation_steps=2"]
+    train_tiny(tiny_data, tmp_path / "straight", *settings)
+    with pytest.raises(RunStopped):
+        train_tiny(tiny_data, tmp_path / "run", *settings, "train.stop_at_step=10")
+    saved = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert saved["data_order"]["batches_done"] == 2 * (10 - STEPS_PER_EPOCH)  # 3 steps into epoch 2
+    train_tiny(tiny_data, tmp_path / "run", *settings, resume=True)
+    _assert_bitwise_equal(_weights(tmp_path / "run" / "last.pt"), _weights(tmp_path / "straight" / "last.pt"))
+
+
+def test_eval_every_skips_validation_but_not_on_the_last_epoch(tiny_data, tmp_path):
+    train_tiny(tiny_data, tmp_path / "run", "train.eval_every=2", epochs=3)
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["val_images"] for l in lines] == [0, 40, 40]
+    assert lines[0]["val_top1"] is None and lines[1]["val_top1"] is not None
+    # best.pt comes from the first evaluated epoch with the highest top-1.
+    best = max(lines[1:], key=lambda l: l["val_top1"])
+    assert checkpoint.load(tmp_path / "run" / "best.pt")["progress"]["epoch"] == best["epoch"]
 
 
 def test_existing_run_without_resume_is_refused(straight_run, tiny_data):
@@ -91,15 +117,16 @@ def test_corrupt_images_are_skipped_and_counted(tiny_data, tmp_path):
     shutil.copytree(tiny_data, data)
     (data / "train" / "circle" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50)
     (data / "val" / "star" / "empty.jpg").write_bytes(b"")
-    proc = run_cli(*tiny_train_args(data, tmp_path / "run", "--epochs", "1"))
-    assert "broken.jpg" in proc.stderr and "empty.jpg" in proc.stderr
+    with pytest.warns(UserWarning) as warned:
+        train_tiny(data, tmp_path / "run", epochs=1)
+    messages = " ".join(str(w.message) for w in warned)
+    assert "broken.jpg" in messages and "empty.jpg" in messages
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert record["skipped_images"] >= 2 and record["val_images"] == 40
 
 
 def test_evaluate_reports_the_checkpoint_accuracy(straight_run, tiny_data):
-    proc = run_cli("evaluate", "--checkpoint", str(straight_run / "last.pt"), "--data", str(tiny_data), "--workers", "0")
-    result = json.loads(proc.stdout)
+    result = evaluate_checkpoint(straight_run / "last.pt", tiny_data, workers=0)
     last = json.loads((straight_run / "metrics.jsonl").read_text().splitlines()[-1])
     assert result["images"] == 40
     assert result["top1"] == pytest.approx(last["val_top1"]) and result["top5"] == pytest.approx(last["val_top5"])

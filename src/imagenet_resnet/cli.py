@@ -1,5 +1,9 @@
 """The `imagenet-resnet` command: prepare, train, find-lr, evaluate, report, predict, explain, export, serve, bench,
-demo."""
+demo.
+
+Nothing heavy is imported before a subcommand runs (torch alone takes seconds): `--help` answers at once, and
+each command imports what it needs when it starts.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,14 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 
-from . import bench, distributed
-from .config import PIPELINES, Config, ConfigError, load_config
-from .export import ONNX_OPSET
+from . import __version__
+from .bench import commands as bench_commands
+from .config import MODEL_NAMES, PIPELINES, Config, load_config
+from .errors import UserError
 
 DEMO_DATA_DEFAULT = Path.home() / ".cache" / "imagenet-resnet" / "shapes"
 
@@ -30,16 +36,32 @@ DEMO_SETTINGS = [
 ]
 
 
-def _train_parser(sub, name: str = "train", help: str = "train a ResNet") -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help)
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Each option's help ends with its default, where it has one worth saying (not None, off or empty)."""
+
+    def _get_help_string(self, action) -> str:
+        text, default = action.help or "", action.default
+        if not (default is None or default is False or default == [] or default is argparse.SUPPRESS
+                or "default" in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _command(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description, formatter_class=_HelpWithDefaults)
+
+
+def _train_parser(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    p = _command(sub, name, help, description)
     p.add_argument("--data", help="a prepared folder, or one with train/<class>/ and val/<class>/ "
                    "(default: the built-in shapes dataset)")
     if name == "train":
         p.add_argument("--out", help="run folder (default: runs/<date-time>)")
-    p.add_argument("--recipe", help="YAML recipe, e.g. recipes/resnet50_step90.yaml")
-    p.add_argument("--model", help="resnet18 | resnet34 | resnet50 | resnet101 | resnet152")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="images per process per forward pass")
+    p.add_argument("--recipe", help="YAML recipe, e.g. recipes/resnet50_step90.yaml (default: the config's defaults, "
+                   "or the demo's settings when --data is not given either)")
+    p.add_argument("--model", choices=MODEL_NAMES, help="override the recipe's model")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--batch-size", type=int, help="images per process per forward pass (override the recipe's)")
     if name == "train":
         p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt if there is one")
         p.add_argument("--init-from", help="start from these weights (torchvision/timm ResNet state dict or one of "
@@ -49,92 +71,118 @@ def _train_parser(sub, name: str = "train", help: str = "train a ResNet") -> arg
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imagenet-resnet", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
+def _inference_options(p, checkpoint_help: str = "one of our checkpoints (.pt) or a .safetensors export") -> None:
+    p.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda:N")
 
-    p = sub.add_parser("evaluate", help="top-1/top-5, most confused classes, per-class accuracy (JSON on stdout)")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="a prepared folder, or one with val/<class>/")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=-1)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--size", type=int, help="evaluation resolution (default: the run's data.eval_size)")
-    p.add_argument("--flip", action="store_true", help="average each image's logits with its mirror image's")
-    p.add_argument("--pipeline", choices=PIPELINES, help="how images are decoded and resized (default: the run's "
-                   "data.pipeline); `reference` is torchvision's Resize + CenterCrop, to check the fast path")
-    p.add_argument("--per-class-csv", help="write accuracy per class (with names) to this CSV")
 
-    p = sub.add_parser("report", help="plots (loss, accuracy, LR, speed) and training_log.md for a run folder")
-    p.add_argument("run", help="the run folder (finished, still going, or resumed)")
-    p.add_argument("--out", help="folder for the plots (default: RUN/report)")
+def _add_training_commands(sub) -> None:
+    _train_parser(sub, "train", "train a ResNet", "Train, evaluate every epoch and checkpoint into the run folder "
+                  "(config.yaml, metrics.jsonl, train.log, last.pt, best.pt). The same command runs under torchrun.")
+    p = _train_parser(sub, "find-lr", "LR range test: sweep the LR, plot loss against it, suggest a peak LR",
+                      "Trains copies of the model and optimizer while the LR grows exponentially, and suggests "
+                      "--set optim.lr=... (per 256 images): a decade below the LR of the lowest smoothed loss.")
+    p.add_argument("--plot", default="lr_find.png", help="where to write the plot (and its numbers as .json)")
+    p.add_argument("--start-lr", type=float, default=1e-5, help="the sweep's first LR")
+    p.add_argument("--end-lr", type=float, default=10.0, help="the sweep's last LR")
+    p.add_argument("--steps", type=int, default=200, help="steps of the sweep (it stops early once the loss explodes)")
+    p = _command(sub, "demo", "generate a small shapes dataset, train a small ResNet on CPU, evaluate",
+                 "A first run in about two minutes on two CPU cores, with no data to download.")
+    p.add_argument("--out", default="demo-run", help="run folder")
+    p.add_argument("--data", default=str(DEMO_DATA_DEFAULT), help="where to write the dataset")
 
-    p = sub.add_parser("predict", help="top-k classes with names and probabilities for images")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("inputs", nargs="+", metavar="IMAGE|DIR")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--json", action="store_true", help="JSON instead of a table")
-    p.add_argument("--device", default="auto")
 
-    p = sub.add_parser("explain", help="Grad-CAM: a gallery of misclassified validation images, or of given images")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("inputs", nargs="*", metavar="IMAGE|DIR", help="images to explain (else --data)")
-    p.add_argument("--data", help="a prepared folder or class-folder tree: its misclassified val images")
-    p.add_argument("--num-show", type=int, default=20)
-    p.add_argument("--layer", help="module to explain at (default: the deepest stage still at least 7 x 7: layer4 at "
-                   "224 px, layer2 for the demo's 56 px)")
-    p.add_argument("--out", default="gradcam.png")
-    p.add_argument("--device", default="auto")
-
-    p = sub.add_parser("serve", help="a web page (and JSON endpoint) that classifies uploaded images, with Grad-CAM")
-    p.add_argument("--checkpoint", required=True, help="one of our checkpoints (.pt) or an exported .safetensors")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only; "
-                   "0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--examples", nargs="+", metavar="IMAGE|DIR",
-                   help="example images to offer (default: one per class from the model's validation data, if here)")
-    p.add_argument("--concurrency", type=int, default=2, help="requests the model works on at once (default 2)")
-    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more are told the server is "
-                   "busy (default 32)")
-    p.add_argument("--layer", help="module for Grad-CAM (default: the deepest stage still at least 7 x 7: layer4 at "
-                   "224 px)")
-    p.add_argument("--device", default="auto")
-
-    p = sub.add_parser("prepare", help="check an ImageNet source and index it; --pack writes a fast packed copy")
+def _add_data_commands(sub) -> None:
+    p = _command(sub, "prepare", "check an ImageNet source and index it; --pack writes a fast packed copy",
+                 "Recognises the official ILSVRC2012 tars + devkit, Kaggle's layout, Hugging Face parquet shards, "
+                 "Tiny-ImageNet and class-folder trees; checks every image; writes an index (and a packed copy).")
     p.add_argument("source", nargs="?", help="ILSVRC2012 tars + devkit, Kaggle layout, HF parquet shards, "
                    "tiny-imagenet-200, or train/<class>/ + val/<class>/")
     p.add_argument("--out", help="the prepared folder to write (train with --data OUT)")
     p.add_argument("--pack", action="store_true", help="also write a packed copy (JPEG shards with an offset index)")
     p.add_argument("--short-side", type=int, default=256,
-                   help="packed images' short side cap in px (0: keep; default 256, as the resize-256-crop-224 eval)")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
-    p.add_argument("--shard-images", type=int, default=4096, help="images per packed shard file (default 4096)")
-    p.add_argument("--limit-per-class", type=int, default=0, metavar="N", help="only the first N images of each class")
-    p.add_argument("--workers", type=int, default=-1, help="processes (default: one per core)")
+                   help="packed images' short side cap in px (0: keep; 256 suits the resize-256-crop-224 eval)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
+    p.add_argument("--shard-images", type=int, default=4096, help="images per packed shard file")
+    p.add_argument("--limit-per-class", type=int, default=0, metavar="N", help="only the first N images of each class "
+                   "(0: all)")
+    p.add_argument("--workers", type=int, default=-1, help="processes (-1: one per core)")
     p.add_argument("--verify", metavar="DATA", help="re-check a prepared folder instead")
 
-    p = _train_parser(sub, "find-lr", "LR range test: sweep the LR exponentially, plot loss vs LR, suggest a peak LR")
-    p.add_argument("--plot", default="lr_find.png", help="where to write the plot (and its numbers as .json)")
-    p.add_argument("--start-lr", type=float, default=1e-5)
-    p.add_argument("--end-lr", type=float, default=10.0)
-    p.add_argument("--steps", type=int, default=200, help="steps of the sweep (it stops early once the loss explodes)")
 
-    p = sub.add_parser("export", help="safetensors + JSON sidecar, ONNX or TorchScript (each read back and compared "
-                       "with PyTorch), or a Hugging Face Space folder; prints a JSON summary")
+def _add_model_commands(sub) -> None:
+    p = _command(sub, "evaluate", "top-1/top-5, most confused classes, per-class accuracy (JSON on stdout)",
+                 "Evaluates a checkpoint on the validation split of a prepared folder or class-folder tree.")
+    _inference_options(p)
+    p.add_argument("--data", required=True, help="a prepared folder, or one with val/<class>/")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=-1, help="loader processes (-1: one per core, at most 16)")
+    p.add_argument("--size", type=int, help="evaluation resolution (default: the run's data.eval_size)")
+    p.add_argument("--flip", action="store_true", help="average each image's logits with its mirror image's")
+    p.add_argument("--pipeline", choices=PIPELINES, help="how images are decoded and resized (default: the run's "
+                   "data.pipeline); `reference` is torchvision's Resize + CenterCrop, to check the fast path")
+    p.add_argument("--per-class-csv", help="also write accuracy per class (with names) to this CSV")
+
+    p = _command(sub, "report", "plots (loss, accuracy, LR, speed) and training_log.md for a run folder",
+                 "Reads metrics.jsonl and steps.jsonl only: works on a finished, running or resumed run.")
+    p.add_argument("run", help="the run folder (finished, still going, or resumed)")
+    p.add_argument("--out", help="folder for the plots (default: RUN/report)")
+
+    p = _command(sub, "predict", "top-k classes with names and probabilities for images",
+                 "Images are read as the server reads uploads: any format and mode, 16-bit, alpha, EXIF rotation.")
+    _inference_options(p)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files, or folders of them")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+    p = _command(sub, "explain", "Grad-CAM: a gallery of misclassified validation images, or of given images",
+                 "With --data: the most confident mistakes, each with Grad-CAM for the predicted and the true class.")
+    _inference_options(p)
+    p.add_argument("inputs", nargs="*", metavar="IMAGE|DIR", help="images to explain (else --data)")
+    p.add_argument("--data", help="a prepared folder or class-folder tree: its misclassified val images")
+    p.add_argument("--num-show", type=int, default=20, help="mistakes in the gallery")
+    p.add_argument("--layer", help="module to explain at (default: the deepest stage still at least 7 x 7: layer4 at "
+                   "224 px, layer2 for the demo's 56 px)")
+    p.add_argument("--out", default="gradcam.png", help="the gallery PNG to write")
+
+
+def _add_shipping_commands(sub) -> None:
+    p = _command(sub, "serve", "a web page (and JSON endpoint) that classifies uploaded images, with Grad-CAM",
+                 "Gradio page at /, POST /api/classify for programs; bounded uploads and a bounded queue "
+                 '(pip install "imagenet-resnet[serve]").')
+    _inference_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only; "
+                   "0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
+    p.add_argument("--examples", nargs="+", metavar="IMAGE|DIR",
+                   help="example images to offer (default: one per class from the model's validation data, if here)")
+    p.add_argument("--concurrency", type=int, default=2, help="requests the model works on at once")
+    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more are told the server is busy")
+    p.add_argument("--layer", help="module for Grad-CAM (default: the deepest stage still at least 7 x 7: layer4 at "
+                   "224 px)")
+
+    p = _command(sub, "export", "safetensors + JSON sidecar, ONNX, TorchScript, or a Hugging Face Space folder",
+                 "Each export is read back and its logits compared with PyTorch's before it counts as written; "
+                 'prints a JSON summary (pip install "imagenet-resnet[export]").')
     p.add_argument("--checkpoint", required=True, help="one of our checkpoints (.pt) or a .safetensors export")
-    p.add_argument("--format", required=True, choices=["safetensors", "onnx", "torchscript", "space"])
+    p.add_argument("--format", required=True, choices=["safetensors", "onnx", "torchscript", "space"],
+                   help="what to write")
     p.add_argument("--out", required=True, help="the file to write (the format sets its suffix; the JSON sidecar "
                    "goes beside it), or for space the folder")
     p.add_argument("--check-images", nargs="+", metavar="IMAGE|DIR", help="images to compare the export's logits "
                    "with PyTorch's on (default: a few synthetic ones); for space, the example images")
-    p.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET})")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the one the export is tested with)")
 
-    bench.add_parser(sub)
 
-    p = sub.add_parser("demo", help="generate a small shapes dataset, train a small ResNet on CPU, evaluate")
-    p.add_argument("--out", default="demo-run", help="run folder (default: ./demo-run)")
-    p.add_argument("--data", default=str(DEMO_DATA_DEFAULT), help=f"where to write the dataset (default: {DEMO_DATA_DEFAULT})")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagenet-resnet", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"imagenet-resnet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_data_commands(sub)
+    _add_training_commands(sub)
+    _add_model_commands(sub)
+    _add_shipping_commands(sub)
+    bench_commands.add_parser(sub)
     return parser
 
 
@@ -150,10 +198,12 @@ def _config_for_train(args) -> Config:
 
 def cmd_train(args) -> int:
     from .data.synthetic import make_shapes_dataset
-    from .engine import RunStopped, train
+    from .training import distributed
+    from .training.stopping import RunStopped
+    from .training.trainer import train
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (args.data and args.out):
-        raise ValueError("under torchrun give --data and --out, so that every process uses the same folders")
+        raise UserError("under torchrun give --data and --out, so that every process uses the same folders")
     if not args.data:
         args.data = str(make_shapes_dataset(DEMO_DATA_DEFAULT))
         print(f"no --data given: training on the built-in shapes dataset in {args.data}"
@@ -173,7 +223,8 @@ def cmd_train(args) -> int:
 
 def cmd_find_lr(args) -> int:
     from .data.synthetic import make_shapes_dataset
-    from .engine import find_lr
+    from .training import distributed
+    from .training.trainer import find_lr
 
     if not args.data:
         args.data = str(make_shapes_dataset(DEMO_DATA_DEFAULT))
@@ -190,46 +241,10 @@ def cmd_find_lr(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    import csv
+    from .evaluation import evaluate_checkpoint
 
-    import torch
-
-    from .data.loader import EpochBatchSampler, ImageDataset, SkippedImages, build_loader
-    from .data.prepared import open_split
-    from .data.presets import make_eval_preset, pipeline_description
-    from .engine import evaluate
-    from .inference import load_model
-
-    loaded = load_model(args.checkpoint, args.device)
-    val_index = open_split(args.data, "val", classes=loaded.classes)
-    size = args.size or loaded.cfg.data.eval_size
-    pipeline = args.pipeline or loaded.cfg.data.pipeline
-    dataset = ImageDataset(val_index, make_eval_preset(pipeline, size, loaded.cfg.data.eval_crop_ratio))
-    sampler = EpochBatchSampler(len(dataset), args.batch_size, shuffle=False, drop_last=False)
-    loader = build_loader(dataset, sampler, args.workers, loaded.device.type == "cuda")
-    skipped, n = SkippedImages(), len(loaded.classes)
-    confusion = torch.zeros(n, n, dtype=torch.int64, device=loaded.device)
-    result = evaluate(loaded.model, loader, loaded.normalize, loaded.precision, skipped, args.flip, confusion)
-    confusion = confusion.cpu()
-    per_class = confusion.sum(1)
-    off_diagonal = confusion - torch.diag(torch.diag(confusion))
-    counts, flat = off_diagonal.flatten().topk(min(10, n * n))
-    confused = [{"true": loaded.names[int(k) // n], "predicted": loaded.names[int(k) % n], "images": int(c)}
-                for c, k in zip(counts, flat) if c > 0]
-    report = {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"], "images": result["images"],
-              "skipped_images": skipped.count, "size": size, "flip": args.flip,
-              "pipeline": pipeline_description(pipeline), "most_confused": confused,
-              "checkpoint": str(args.checkpoint), "data": str(args.data)}
-    if args.per_class_csv:
-        with open(args.per_class_csv, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["label", "class", "name", "images", "correct", "accuracy"])
-            for k in range(n):
-                total, right = int(per_class[k]), int(confusion[k, k])
-                writer.writerow([k, loaded.classes[k], loaded.names[k], total, right,
-                                 f"{right / total:.4f}" if total else ""])
-        report["per_class_csv"] = str(args.per_class_csv)
-    print(json.dumps(report))
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.workers, args.device,
+                                         args.size, args.flip, args.pipeline, args.per_class_csv)))
     return 0
 
 
@@ -241,7 +256,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .inference import image_files, load_model, predict
+    from .serving.inference import image_files, load_model, predict
 
     loaded = load_model(args.checkpoint, args.device)
     results = predict(loaded, image_files(args.inputs), args.top_k)
@@ -258,8 +273,9 @@ def cmd_predict(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from .gradcam import cam_layer, explain_images, explain_mistakes
-    from .inference import image_files, load_model
+    from .data.prepared import open_split
+    from .serving.gradcam import cam_layer, explain_images, explain_mistakes
+    from .serving.inference import image_files, load_model
 
     loaded = load_model(args.checkpoint, args.device)
     args.layer = args.layer or cam_layer(loaded.preset().size)
@@ -267,38 +283,35 @@ def cmd_explain(args) -> int:
         results = explain_images(loaded, image_files(args.inputs), args.out, args.layer)
         summary = {"images": len(results), "unreadable": [r["file"] for r in results if "error" in r]}
     elif args.data:
-        from .data.prepared import open_split
-
         summary = explain_mistakes(loaded, open_split(args.data, "val", classes=loaded.classes), args.out,
                                    args.num_show, args.layer)
     else:
-        raise ValueError("give IMAGE... to explain, or --data DIR for a gallery of misclassified validation images")
+        raise UserError("give IMAGE... to explain, or --data DIR for a gallery of misclassified validation images")
     print(json.dumps({**summary, "gallery": str(args.out)}))
     return 0
 
 
 def cmd_export(args) -> int:
-    from . import export
-    from .inference import image_files, load_model
+    from .serving import export
+    from .serving.inference import image_files, load_model
+    from .serving.space import write_space
 
     # before the checkpoint loads, to fail fast; a Space carries its weights as safetensors
     needs = {"safetensors": ["safetensors"], "onnx": ["onnx", "onnxscript", "onnxruntime"], "space": ["safetensors"]}
     export.require(*needs.get(args.format, []))
     images = image_files(args.check_images) if args.check_images else None
     if args.check_images and not images:
-        raise FileNotFoundError(f"no images in {' '.join(args.check_images)}: give --check-images image files "
-                                "or folders holding some")
+        raise UserError(f"no images in {' '.join(args.check_images)}: give --check-images image files "
+                        "or folders holding some")
     loaded = load_model(args.checkpoint, "cpu")  # exports are made on the CPU, whatever machine this is
     if args.format == "safetensors":
         summary = export.export_safetensors(loaded, args.out)
         summary["parity"] = export.check_safetensors(loaded, summary["weights"], images)
     elif args.format == "onnx":
-        summary = export.export_onnx(loaded, args.out, args.opset, images)
+        summary = export.export_onnx(loaded, args.out, args.opset or export.ONNX_OPSET, images)
     elif args.format == "torchscript":
         summary = export.export_torchscript(loaded, args.out, images)
     else:
-        from .space import write_space
-
         summary = write_space(loaded, Path(args.out), images)
     written = [Path(v) for v in summary.values() if isinstance(v, str) and Path(v).exists()]
     sizes = {str(path): sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir()
@@ -309,9 +322,9 @@ def cmd_export(args) -> int:
 
 def cmd_serve(args) -> int:
     if importlib.util.find_spec("gradio") is None:  # optional: say how to get it rather than fail on import
-        raise RuntimeError('serving needs Gradio: pip install "imagenet-resnet[serve]"')
-    from .inference import image_files, load_model
-    from .serve import build_app, example_images, run_server
+        raise UserError('serving needs Gradio: pip install "imagenet-resnet[serve]"')
+    from .serving.inference import image_files, load_model
+    from .serving.serve import build_app, example_images, run_server
 
     loaded = load_model(args.checkpoint, args.device)
     if args.examples:
@@ -335,7 +348,7 @@ def cmd_prepare(args) -> int:
         print(f"{args.verify}: {'OK' if not found else f'{len(found)} problems'}", file=sys.stderr)
         return 0 if not found else 1
     if not args.source or not args.out:
-        raise ValueError("give SOURCE and --out DATA (or --verify DATA)")
+        raise UserError("give SOURCE and --out DATA (or --verify DATA)")
     settings = PackSettings(args.short_side, args.quality, args.shard_images)
     prepare(args.source, args.out, pack=args.pack, settings=settings, limit=args.limit_per_class, workers=args.workers)
     print(f"next: imagenet-resnet train --data {args.out} --recipe recipes/resnet50_onecycle40.yaml --out runs/r50")
@@ -344,7 +357,7 @@ def cmd_prepare(args) -> int:
 
 def cmd_demo(args) -> int:
     from .data.synthetic import make_shapes_dataset
-    from .engine import train
+    from .training.trainer import train
 
     started = time.perf_counter()
     out = Path(args.out)
@@ -372,17 +385,31 @@ next:
     return 0
 
 
+COMMANDS = {"train": "cmd_train", "evaluate": "cmd_evaluate", "prepare": "cmd_prepare", "find-lr": "cmd_find_lr",
+            "report": "cmd_report", "predict": "cmd_predict", "explain": "cmd_explain", "export": "cmd_export",
+            "serve": "cmd_serve", "demo": "cmd_demo", "bench": "cmd_bench"}
+OUT_OF_MEMORY_HINT = ("the GPU ran out of memory: lower --batch-size (the LR follows it) and raise "
+                      "--set train.accumulation_steps=N to keep the global batch")
+
+
+def cmd_bench(args) -> int:
+    return bench_commands.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     try:
-        commands = {"train": cmd_train, "evaluate": cmd_evaluate, "prepare": cmd_prepare, "find-lr": cmd_find_lr,
-                    "report": cmd_report, "predict": cmd_predict, "explain": cmd_explain, "export": cmd_export,
-                    "serve": cmd_serve, "demo": cmd_demo, "bench": bench.main}
-        return commands[args.command](args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        return globals()[COMMANDS[args.command]](args)
+    except UserError as e:  # expected, and the message says what to do: one line
         print(f"imagenet-resnet {args.command}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError; torch is not imported here
+            traceback.print_exc()
+            print(f"imagenet-resnet {args.command}: {OUT_OF_MEMORY_HINT}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

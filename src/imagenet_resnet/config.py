@@ -12,6 +12,9 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
+
+MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # models.ARCHITECTURES
 PIPELINES = ("fast", "full-decode", "reference")  # data.pipeline: see data/presets.py
 VARIANTS = ("b", "c", "d")  # model.variant: see models.py
 SCHEDULES = ("step", "cosine", "flat-cosine", "onecycle", "linear", "constant")
@@ -122,8 +125,8 @@ class Config:
         return cfg
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError):
+    """A recipe or --set override that is not a valid config."""
 
 
 def _coerce(value: Any, current: Any, where: str) -> Any:
@@ -205,6 +208,8 @@ def validate(cfg: Config) -> None:
     t, s = cfg.train, cfg.schedule
     if t.batch_size < 1 or t.accumulation_steps < 1 or t.epochs < 1:
         raise ConfigError("train.batch_size, train.accumulation_steps and train.epochs must be >= 1")
+    if cfg.model.name not in MODEL_NAMES:
+        raise ConfigError(f"model.name={cfg.model.name!r}: choose {', '.join(MODEL_NAMES)}")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision={t.precision!r}: choose auto, fp32, bf16 or fp16")
     if s.name not in SCHEDULES:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import UserError
+
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False)
@@ -154,9 +156,9 @@ def build_model(name: str, num_classes: int = 1000, width: int = 64, zero_init_r
                 blurpool: bool = False, variant: str = "b") -> ResNet:
     """Build a ResNet by name; `width` (64 in the paper) scales every stage, for small demo models."""
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
     if variant not in ("b", "c", "d"):
-        raise ValueError(f"unknown ResNet variant {variant!r}; choose b (torchvision's), c or d")
+        raise UserError(f"unknown ResNet variant {variant!r}; choose b (torchvision's), c or d")
     block, layers = ARCHITECTURES[name]
     model = ResNet(block, layers, num_classes=num_classes, width=width, zero_init_residual=zero_init_residual,
                    variant=variant)
@@ -199,7 +201,7 @@ def load_weights(model: nn.Module, path: str) -> bool:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for unreadable or unsafe files
-        raise ValueError(f"{path}: not a loadable weights file ({type(e).__name__}: {e})") from e
+        raise UserError(f"{path}: not a loadable weights file ({type(e).__name__}: {e})") from e
     for key in ("model", "state_dict"):  # our checkpoints; training scripts' {"state_dict": ...}
         if isinstance(state.get(key), dict):
             state = state[key]
@@ -211,7 +213,7 @@ def load_weights(model: nn.Module, path: str) -> bool:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in head]
     if missing or unexpected:
-        raise ValueError(f"{path}: not weights of this architecture (missing {missing[:3]}, unexpected "
+        raise UserError(f"{path}: not weights of this architecture (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}); check model.name, model.width and model.variant")
     return bool(head)
 

@@ -7,7 +7,10 @@ written) and on a resumed one (a resume drops the records past its checkpoint be
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import UserError
 
 
 def _records(path: Path) -> list[dict]:
@@ -35,8 +38,89 @@ def training_log_markdown(epochs: list[dict]) -> str:
     return "# Training log\n\n" + "\n".join(rows) + "\n" + summary
 
 
+@dataclass
+class _Series:
+    """A run's records, with their positions on the epoch axis (sampled steps fall between epochs)."""
+
+    epochs: list[dict]
+    steps: list[dict]
+
+    def __post_init__(self):
+        e, s = self.epochs, self.steps
+        steps_per_epoch = e[0]["step"] / e[0]["epoch"] if e else max(r["step"] for r in s) / max(r["epoch"] for r in s)
+        self.x_epoch = [r["epoch"] for r in e]
+        self.x_step = [r["step"] / steps_per_epoch for r in s]
+
+
+def _losses(ax, s: _Series) -> None:
+    if s.steps:
+        ax.plot(s.x_step, [r["loss"] for r in s.steps], color="#bbbbbb", linewidth=0.8, label="train (running, sampled steps)")
+    ax.plot(s.x_epoch, [r["train_loss"] for r in s.epochs], "o-", label="train (epoch)")
+    val = [(r["epoch"], r["val_loss"]) for r in s.epochs if r.get("val_loss") is not None]
+    if val:
+        ax.plot(*zip(*val), "s-", label="validation")
+
+
+def _accuracy(ax, s: _Series) -> None:
+    if any("train_top1" in r for r in s.steps):
+        ax.plot(s.x_step, [100 * r.get("train_top1", 0) for r in s.steps], color="#bbbbbb", linewidth=0.8,
+                label="train top-1 (running, sampled steps)")
+    for key, label, style in (("val_top1", "top-1", "o-"), ("val_top5", "top-5", "s-"),
+                              ("val_top1_ema", "top-1, EMA weights", "^--")):
+        points = [(r["epoch"], 100 * r[key]) for r in s.epochs if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+
+
+def _learning_rate(ax, s: _Series) -> None:
+    if s.steps:
+        ax.plot(s.x_step, [r["lr"] for r in s.steps], label="sampled steps")
+    ax.plot(s.x_epoch, [r["lr"] for r in s.epochs], "o", label="end of epoch")
+
+
+def _speed(ax, s: _Series) -> None:
+    ax.plot(s.x_epoch, [r["images_per_sec"] for r in s.epochs], "o-", color="#1f77b4", label="images/s")
+    ax.set_ylim(bottom=0)  # a 4% wobble should look like one
+    if any("data_wait_share" in r for r in s.epochs):
+        twin = ax.twinx()
+        twin.plot(s.x_epoch, [100 * r.get("data_wait_share", 0) for r in s.epochs], "s--", color="#d62728")
+        twin.set_ylabel("% of the epoch waiting for data", color="#d62728")
+        twin.set_ylim(0, 100)
+
+
+def _system(ax, s: _Series) -> None:
+    for key, label, color in (("gpu_util", "GPU utilisation", "#2ca02c"), ("cpu_util", "CPU use (all cores)", "#ff7f0e")):
+        sampled = [(x, r[key]) for x, r in zip(s.x_step, s.steps) if key in r]
+        if sampled:
+            ax.plot(*zip(*sampled), color=color, linewidth=0.8, alpha=0.5)
+        points = [(r["epoch"], r[key]) for r in s.epochs if key in r]
+        if points:
+            ax.plot(*zip(*points), "o-", color=color, label=f"{label} (epoch mean)")
+    ax.set_ylim(0, 105)
+    memory = [(r["epoch"], r["gpu_memory_gb_peak"]) for r in s.epochs if "gpu_memory_gb_peak" in r]
+    if memory:
+        twin = ax.twinx()
+        twin.plot(*zip(*memory), "s--", color="#9467bd")
+        twin.set_ylabel("peak GPU memory in use (GiB)", color="#9467bd")
+        twin.set_ylim(0, max(m for _, m in memory) * 1.15)
+
+
+def _plots(s: _Series) -> list[tuple]:
+    """(file, title, y label, drawing) of each plot this run's records can fill."""
+    plots = [("loss.png", "Loss", "cross-entropy", _losses)]
+    if any(r.get("val_top1") is not None for r in s.epochs) or any("train_top1" in r for r in s.steps):
+        plots.append(("accuracy.png", "Accuracy", "%", _accuracy))
+    plots.append(("lr.png", "Learning rate", "LR", _learning_rate))
+    if s.epochs:
+        plots.append(("speed.png", "Throughput and data-loader wait", "images/s", _speed))
+    if any("cpu_util" in r or "gpu_util" in r for r in s.epochs + s.steps):
+        gpu = any("gpu_util" in r for r in s.epochs + s.steps)
+        plots.append(("system.png", "GPU and CPU use" if gpu else "CPU use (no GPU figures on this run)", "%", _system))
+    return plots
+
+
 def make_report(run: str | Path, out: str | Path | None = None) -> dict:
-    import matplotlib
+    import matplotlib  # optional and slow to import: only when a report is asked for
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -44,17 +128,13 @@ def make_report(run: str | Path, out: str | Path | None = None) -> dict:
     run = Path(run)
     epochs, steps = _records(run / "metrics.jsonl"), _records(run / "steps.jsonl")
     if not epochs and not steps:
-        raise FileNotFoundError(f"{run}: no metrics.jsonl or steps.jsonl yet; is this a run folder?")
+        raise UserError(f"{run}: no metrics.jsonl or steps.jsonl yet; is this a run folder?")
     out = Path(out) if out else run / "report"
     out.mkdir(parents=True, exist_ok=True)
-    steps_per_epoch = epochs[0]["step"] / epochs[0]["epoch"] if epochs else max(s["step"] for s in steps) / max(s["epoch"] for s in steps)
-    x_epoch = [r["epoch"] for r in epochs]
-    x_step = [s["step"] / steps_per_epoch for s in steps]
-    written = []
-
-    def figure(name: str, title: str, ylabel: str, draw) -> None:
+    series, written = _Series(epochs, steps), []
+    for name, title, ylabel, draw in _plots(series):
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-        draw(ax)
+        draw(ax, series)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
@@ -65,64 +145,6 @@ def make_report(run: str | Path, out: str | Path | None = None) -> dict:
         fig.savefig(out / name)
         plt.close(fig)
         written.append(str(out / name))
-
-    def losses(ax):
-        if steps:
-            ax.plot(x_step, [s["loss"] for s in steps], color="#bbbbbb", linewidth=0.8, label="train (running, sampled steps)")
-        ax.plot(x_epoch, [r["train_loss"] for r in epochs], "o-", label="train (epoch)")
-        val = [(r["epoch"], r["val_loss"]) for r in epochs if r.get("val_loss") is not None]
-        if val:
-            ax.plot(*zip(*val), "s-", label="validation")
-
-    def accuracy(ax):
-        if any("train_top1" in st for st in steps):
-            ax.plot(x_step, [100 * st.get("train_top1", 0) for st in steps], color="#bbbbbb", linewidth=0.8,
-                    label="train top-1 (running, sampled steps)")
-        for key, label, style in (("val_top1", "top-1", "o-"), ("val_top5", "top-5", "s-"),
-                                  ("val_top1_ema", "top-1, EMA weights", "^--")):
-            points = [(r["epoch"], 100 * r[key]) for r in epochs if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), style, label=label)
-
-    def learning_rate(ax):
-        if steps:
-            ax.plot(x_step, [s["lr"] for s in steps], label="sampled steps")
-        ax.plot(x_epoch, [r["lr"] for r in epochs], "o", label="end of epoch")
-
-    def speed(ax):
-        ax.plot(x_epoch, [r["images_per_sec"] for r in epochs], "o-", color="#1f77b4", label="images/s")
-        ax.set_ylim(bottom=0)  # a 4% wobble should look like one
-        if any("data_wait_share" in r for r in epochs):
-            twin = ax.twinx()
-            twin.plot(x_epoch, [100 * r.get("data_wait_share", 0) for r in epochs], "s--", color="#d62728")
-            twin.set_ylabel("% of the epoch waiting for data", color="#d62728")
-            twin.set_ylim(0, 100)
-
-    def system(ax):
-        for key, label, color in (("gpu_util", "GPU utilisation", "#2ca02c"), ("cpu_util", "CPU use (all cores)", "#ff7f0e")):
-            sampled = [(x, s[key]) for x, s in zip(x_step, steps) if key in s]
-            if sampled:
-                ax.plot(*zip(*sampled), color=color, linewidth=0.8, alpha=0.5)
-            points = [(r["epoch"], r[key]) for r in epochs if key in r]
-            if points:
-                ax.plot(*zip(*points), "o-", color=color, label=f"{label} (epoch mean)")
-        ax.set_ylim(0, 105)
-        memory = [(r["epoch"], r["gpu_memory_gb_peak"]) for r in epochs if "gpu_memory_gb_peak" in r]
-        if memory:
-            twin = ax.twinx()
-            twin.plot(*zip(*memory), "s--", color="#9467bd")
-            twin.set_ylabel("peak GPU memory in use (GiB)", color="#9467bd")
-            twin.set_ylim(0, max(m for _, m in memory) * 1.15)
-
-    figure("loss.png", "Loss", "cross-entropy", losses)
-    if any(r.get("val_top1") is not None for r in epochs) or any("train_top1" in st for st in steps):
-        figure("accuracy.png", "Accuracy", "%", accuracy)
-    figure("lr.png", "Learning rate", "LR", learning_rate)
-    if epochs:
-        figure("speed.png", "Throughput and data-loader wait", "images/s", speed)
-    if any("cpu_util" in r or "gpu_util" in r for r in epochs + steps):
-        gpu = any("gpu_util" in r for r in epochs + steps)
-        figure("system.png", "GPU and CPU use" if gpu else "CPU use (no GPU figures on this run)", "%", system)
-        (run / "training_log.md").write_text(training_log_markdown(epochs))
-        written.append(str(run / "training_log.md"))
+    (run / "training_log.md").write_text(training_log_markdown(epochs))
+    written.append(str(run / "training_log.md"))
     return {"run": str(run), "epochs": len(epochs), "sampled_steps": len(steps), "files": written}

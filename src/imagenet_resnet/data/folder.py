@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from .index import ImageIndex
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
@@ -20,7 +21,7 @@ def find_split(root: str | Path, split: str) -> Path:
         if (root / name).is_dir():
             return root / name
     wanted = "/".join(SPLIT_NAMES[split])
-    raise FileNotFoundError(f"{root}: no {wanted}/ folder; expected {root}/{SPLIT_NAMES[split][0]}/<class>/<image>")
+    raise UserError(f"{root}: no {wanted}/ folder; expected {root}/{SPLIT_NAMES[split][0]}/<class>/<image>")
 
 
 def _list_images(folder: Path) -> list[str]:
@@ -34,13 +35,13 @@ def scan_class_folders(split_dir: str | Path, classes: list[str] | None = None, 
     split_dir = Path(split_dir)
     found = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
     if not found:
-        raise FileNotFoundError(f"{split_dir}: no class folders; expected {split_dir}/<class>/<image>")
+        raise UserError(f"{split_dir}: no class folders; expected {split_dir}/<class>/<image>")
     if classes is None:
         classes = found
     else:
         unknown = sorted(set(found) - set(classes))
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"{split_dir}: class folders {unknown[:5]} are not among the {len(classes)} training classes; "
                 "train and val must use the same class folders"
             )
@@ -51,5 +52,5 @@ def scan_class_folders(split_dir: str | Path, classes: list[str] | None = None, 
     paths = [f"{c}/{name}" for c, names in zip(found, listings) for name in names]
     labels = np.fromiter((label_of[c] for c, names in zip(found, listings) for _ in names), dtype=np.int32)
     if not paths:
-        raise FileNotFoundError(f"{split_dir}: the class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise UserError(f"{split_dir}: the class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
     return ImageIndex("files", split_dir, np.array(paths, dtype=np.bytes_), labels, list(classes))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-STORAGE_KINDS = ("files", "ranges", "parquet")
+from ..errors import UserError
 
 
 @dataclass
@@ -127,7 +127,7 @@ class ImageIndex:
                 meta = json.loads(str(z["meta"]))
                 arrays = {k: z[k] for k in z.files if k != "meta"}
         except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{path}: not a readable image index ({e}); run `imagenet-resnet prepare` again") from e
+            raise UserError(f"{path}: not a readable image index ({e}); run `imagenet-resnet prepare` again") from e
         root = Path(meta["root"])
         root = root if root.is_absolute() else path.parent / root
         return cls(meta["storage"], root, classes=meta["classes"], files=meta["files"], **arrays)

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..errors import UserError
 from .index import ImageIndex
 from .prepared import FORMAT, MANIFEST, SPLITS, index_path, read_manifest
 from .sources import Source, SourceError, open_source
@@ -279,54 +280,13 @@ def prepare(source_path: str | Path, out: str | Path, pack: bool = False, settin
     source = open_source(source_path)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{source_path}: {source.kind} layout, {len(source.classes)} classes", file=sys.stderr)
-
-    problems, counts, indexes, kinds_of = [], {}, {}, {}
+    indexes, kinds_of, counts, problems = _check_splits(source, limit, pack, workers)
     for split in SPLITS:
-        index = source.splits[split]
-        if limit:
-            index = limit_per_class(index, limit)
-        codes, _, details = check_split(index, workers, f"check {split}")
-        kinds = [KINDS[c] for c in codes]
-        for i in np.flatnonzero(codes):
-            action = "left out" if kinds[i] in EXCLUDED else ("re-encoded as RGB JPEG" if pack else "converted to RGB when loaded")
-            problems.append((split, index.describe(int(i)), kinds[i], action, details[int(i)]))
-        keep = np.array([k not in EXCLUDED for k in kinds], dtype=bool)
-        indexes[split] = index.subset(keep)
-        kinds_of[split] = [k for k in kinds if k not in EXCLUDED]
-        counts[split] = {"images": int(keep.sum()), "excluded": int((~keep).sum())}
-        if counts[split]["images"] == 0:
-            raise SourceError(f"{source.path}: no readable {split} images")
         indexes[split].save(index_path(out, split))
-
     packed_info, packed_bytes = None, None
     if pack:
-        packed_dir = out / "packed"
-        packed_dir.mkdir(exist_ok=True)
-        settings_file = packed_dir / "settings.json"
-        wanted = {**settings.as_dict(), "source": str(Path(source_path).resolve()), "limit_per_class": limit,
-                  "images": {s: counts[s]["images"] for s in SPLITS}}
-        if settings_file.exists() and json.loads(settings_file.read_text()) != wanted:
-            raise SourceError(f"{packed_dir}: a packed copy with other settings or source is there; "
-                              "delete that folder or pack with the same settings")
-        settings_file.write_text(json.dumps(wanted, indent=1))
-        per_image, seconds = estimate_pack(indexes["train"], kinds_of["train"], settings)
-        total_images = sum(counts[s]["images"] for s in SPLITS)
-        estimate, free = per_image * total_images, shutil.disk_usage(packed_dir).free
-        print(f"packing {total_images:,} images, short side <= {settings.short_side or 'any'} px, quality "
-              f"{settings.quality}: about {estimate / 1e9:.2f} GB on disk ({free / 1e9:.1f} GB free), about "
-              f"{seconds * total_images / workers / 60:.1f} min with {workers} processes", file=sys.stderr)
-        if estimate > free * 0.95:
-            raise SourceError(f"{packed_dir}: about {estimate / 1e9:.1f} GB needed but {free / 1e9:.1f} GB free; "
-                              "free space, lower --short-side, or pack elsewhere with --out")
-        packed_bytes, splits_info = 0, {}
-        for split in SPLITS:
-            packed, failed = pack_split(indexes[split], kinds_of[split], settings, packed_dir, split, workers)
-            for i, detail in failed.items():
-                problems.append((split, indexes[split].describe(i), "unreadable", "left out", detail))
-            packed_bytes += int(packed.sizes.sum())
-            splits_info[split] = {"images": len(packed), "bytes": int(packed.sizes.sum()), "shards": len(packed.files)}
-        packed_info = {**settings.as_dict(), "splits": splits_info}
-
+        packed_info, packed_bytes = _pack(source_path, out / "packed", indexes, kinds_of, counts, problems, settings,
+                                          limit, workers)
     with open(out / "problems.tsv", "w") as f:
         f.write("split\twhere\tkind\taction\tdetail\n")
         f.writelines("\t".join(str(x).replace("\t", " ").replace("\n", " ") for x in row) + "\n" for row in problems)
@@ -344,6 +304,58 @@ def prepare(source_path: str | Path, out: str | Path, pack: bool = False, settin
     return manifest
 
 
+def _check_splits(source: Source, limit: int, pack: bool, workers: int):
+    """Check every image of both splits: the indexes of the images kept, their kinds, counts, and the problems."""
+    problems, counts, indexes, kinds_of = [], {}, {}, {}
+    for split in SPLITS:
+        index = source.splits[split]
+        if limit:
+            index = limit_per_class(index, limit)
+        codes, _, details = check_split(index, workers, f"check {split}")
+        kinds = [KINDS[c] for c in codes]
+        for i in np.flatnonzero(codes):
+            action = "left out" if kinds[i] in EXCLUDED else ("re-encoded as RGB JPEG" if pack else "converted to RGB when loaded")
+            problems.append((split, index.describe(int(i)), kinds[i], action, details[int(i)]))
+        keep = np.array([k not in EXCLUDED for k in kinds], dtype=bool)
+        indexes[split] = index.subset(keep)
+        kinds_of[split] = [k for k in kinds if k not in EXCLUDED]
+        counts[split] = {"images": int(keep.sum()), "excluded": int((~keep).sum())}
+        if counts[split]["images"] == 0:
+            raise SourceError(f"{source.path}: no readable {split} images")
+    return indexes, kinds_of, counts, problems
+
+
+def _pack(source_path, packed_dir: Path, indexes, kinds_of, counts, problems: list, settings: PackSettings,
+          limit: int, workers: int) -> tuple[dict, int]:
+    """Write the packed copy of both splits (resuming at the first unfinished shard); add what failed to
+    `problems`. Returns the manifest's `packed` entry and the bytes written."""
+    packed_dir.mkdir(exist_ok=True)
+    settings_file = packed_dir / "settings.json"
+    wanted = {**settings.as_dict(), "source": str(Path(source_path).resolve()), "limit_per_class": limit,
+              "images": {s: counts[s]["images"] for s in SPLITS}}
+    if settings_file.exists() and json.loads(settings_file.read_text()) != wanted:
+        raise SourceError(f"{packed_dir}: a packed copy with other settings or source is there; "
+                          "delete that folder or pack with the same settings")
+    settings_file.write_text(json.dumps(wanted, indent=1))
+    per_image, seconds = estimate_pack(indexes["train"], kinds_of["train"], settings)
+    total_images = sum(counts[s]["images"] for s in SPLITS)
+    estimate, free = per_image * total_images, shutil.disk_usage(packed_dir).free
+    print(f"packing {total_images:,} images, short side <= {settings.short_side or 'any'} px, quality "
+          f"{settings.quality}: about {estimate / 1e9:.2f} GB on disk ({free / 1e9:.1f} GB free), about "
+          f"{seconds * total_images / workers / 60:.1f} min with {workers} processes", file=sys.stderr)
+    if estimate > free * 0.95:
+        raise SourceError(f"{packed_dir}: about {estimate / 1e9:.1f} GB needed but {free / 1e9:.1f} GB free; "
+                          "free space, lower --short-side, or pack elsewhere with --out")
+    packed_bytes, splits_info = 0, {}
+    for split in SPLITS:
+        packed, failed = pack_split(indexes[split], kinds_of[split], settings, packed_dir, split, workers)
+        for i, detail in failed.items():
+            problems.append((split, indexes[split].describe(i), "unreadable", "left out", detail))
+        packed_bytes += int(packed.sizes.sum())
+        splits_info[split] = {"images": len(packed), "bytes": int(packed.sizes.sum()), "shards": len(packed.files)}
+    return {**settings.as_dict(), "splits": splits_info}, packed_bytes
+
+
 def verify(data: str | Path, workers: int = -1) -> list[str]:
     """Re-check a prepared folder: indexes load and agree with the manifest, every byte range lies inside
     its file, and every image decodes. Returns the problems found (empty when all is well)."""
@@ -351,7 +363,7 @@ def verify(data: str | Path, workers: int = -1) -> list[str]:
     workers = workers if workers > 0 else min(len(os.sched_getaffinity(0)), 32)
     manifest = read_manifest(data)
     if manifest is None:
-        raise FileNotFoundError(f"{data}: no {MANIFEST}; this folder was not made by `imagenet-resnet prepare`")
+        raise UserError(f"{data}: no {MANIFEST}; this folder was not made by `imagenet-resnet prepare`")
     found = []
     variants = [False] + ([True] if manifest.get("packed") else [])
     for split in SPLITS:

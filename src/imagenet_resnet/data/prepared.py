@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import UserError
 from .folder import find_split, scan_class_folders
 from .index import ImageIndex
 
@@ -29,7 +30,7 @@ def read_manifest(data: str | Path) -> dict | None:
         return None
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; run `imagenet-resnet prepare` again")
+        raise UserError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; run `imagenet-resnet prepare` again")
     return manifest
 
 
@@ -37,7 +38,7 @@ def open_split(data: str | Path, split: str, packed: bool = True, classes: list[
     """One split of a prepared folder (the packed copy when there is one and `packed`), or of a class-folder tree."""
     data = Path(data)
     if not data.is_dir():
-        raise FileNotFoundError(f"--data {data}: no such folder; expected a folder made by `imagenet-resnet prepare` "
+        raise UserError(f"--data {data}: no such folder; expected a folder made by `imagenet-resnet prepare` "
                                 f"or one holding train/<class>/ and val/<class>/")
     manifest = read_manifest(data)
     if manifest is None:
@@ -45,10 +46,10 @@ def open_split(data: str | Path, split: str, packed: bool = True, classes: list[
     use_packed = packed and manifest.get("packed") is not None and index_path(data, split, True).exists()
     index = ImageIndex.load(index_path(data, split, use_packed))
     if index.storage == "parquet":
-        raise ValueError(f"{data}: parquet shards cannot be read image by image at training speed; "
+        raise UserError(f"{data}: parquet shards cannot be read image by image at training speed; "
                          f"pack them: imagenet-resnet prepare {manifest['source']['path']} --out {data} --pack")
     if classes is not None and index.classes != classes:
-        raise ValueError(f"{data}: the {split} classes differ from the {len(classes)} classes given; prepare it again")
+        raise UserError(f"{data}: the {split} classes differ from the {len(classes)} classes given; prepare it again")
     return index
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from .classes import ilsvrc2012_ids, imagenet_classes
 from .folder import IMAGE_EXTENSIONS, SPLIT_NAMES, find_split, scan_class_folders
 from .index import ImageIndex
@@ -26,7 +27,7 @@ OFFICIAL_TRAIN, OFFICIAL_VAL, OFFICIAL_DEVKIT = "ILSVRC2012_img_train.tar", "ILS
 VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})\.")
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """The source is incomplete or inconsistent; the message names the file and the fix."""
 
 

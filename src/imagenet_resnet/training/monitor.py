@@ -36,7 +36,7 @@ class StepReporter:
         self.bar = None
 
     def start_epoch(self, epoch: int, epochs: int, first_step: int) -> None:
-        self.session_start, self.session_first = time.perf_counter(), None
+        self.session_first = None
         if self.tty:
             self.bar = tqdm(total=self.steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{epochs}",
                             unit="step", dynamic_ncols=True, leave=False, file=sys.stdout)
@@ -72,6 +72,33 @@ class StepReporter:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class MetricsSink:
+    """The epoch records of a run, on rank 0: metrics.jsonl, metrics.csv mirroring it, and TensorBoard events.
+    A resumed run first drops the records past its checkpoint (it is about to write them again)."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, progress):
+        """`progress`: where the run starts (checkpoint.Progress); records past it are dropped."""
+        self.path, self.enabled = out_dir / "metrics.jsonl", enabled
+        if enabled:
+            drop_records_after(self.path, "epoch", progress.epoch)
+            drop_records_after(out_dir / "steps.jsonl", "step", progress.global_step)
+        self.tensorboard = TensorBoardLog(out_dir, enabled and tensorboard, progress.global_step)
+
+    def epoch(self, record: dict, global_step: int) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        write_metrics_csv(self.path)
+        self.tensorboard.add("epoch", record, global_step)
+
+    def __enter__(self) -> "MetricsSink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.tensorboard.__exit__(*exc)
 
 
 def write_metrics_csv(metrics_jsonl: Path) -> None:
@@ -192,10 +219,13 @@ class SystemSampler:
 
     def _run(self) -> None:
         while not self.stopped.wait(self.interval):
-            found = self.sample()
-            with self.lock:
-                for window in self.windows.values():
-                    window.add(found)
+            self.record(self.sample())
+
+    def record(self, found: dict[str, float]) -> None:
+        """Add one sample to every window."""
+        with self.lock:
+            for window in self.windows.values():
+                window.add(found)
 
     def take(self, window: str) -> dict[str, float]:
         """Means since the last take of `window` (the first take starts it and returns {})."""

@@ -13,6 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from ..errors import UserError
 from .export import check_safetensors, export_safetensors
 from .inference import LoadedModel
 from .images import MAX_PIXELS, MAX_UPLOAD_BYTES, safe_open_image
@@ -22,7 +23,7 @@ from .serve import example_images, model_card_markdown
 # Gradio (pinned to the version the Space's `sdk_version` names, so that local runs match the Space).
 SPACE_REQUIREMENTS = ["torch>=2.1", "numpy>=1.24", "pillow>=10.0", "pyyaml>=6.0", "simplejpeg>=1.7", "tqdm>=4.60",
                       "safetensors>=0.4"]
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # imagenet_resnet/, copied whole into the Space
 
 APP_PY = '''"""Serves the model in model.safetensors with imagenet-resnet's page: upload an image, see its top-5
 classes, a Grad-CAM overlay and the model card. On a Hugging Face Space it runs as is; locally:
@@ -33,8 +34,8 @@ classes, a Grad-CAM overlay and the model card. On a Hugging Face Space it runs 
 import os
 from pathlib import Path
 
-from imagenet_resnet.inference import load_model  # the package's source, copied beside this file
-from imagenet_resnet.serve import build_app, run_server
+from imagenet_resnet.serving.inference import load_model  # the package's source, copied beside this file
+from imagenet_resnet.serving.serve import build_app, run_server
 
 HERE = Path(__file__).resolve().parent
 examples = sorted(path for path in (HERE / "examples").glob("*") if path.is_file())
@@ -57,12 +58,12 @@ def write_space(loaded: LoadedModel, out: Path, examples: list[Path] | None = No
     try:  # the version only: importing Gradio takes seconds
         gradio_version = importlib.metadata.version("gradio")
     except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError('a Space needs Gradio: pip install "imagenet-resnet[serve]"') from None
+        raise UserError('a Space needs Gradio: pip install "imagenet-resnet[serve]"') from None
     for image in examples or []:  # a Space whose example cannot be read would show an error on the first click
         try:
             safe_open_image(image)
         except ValueError as e:
-            raise ValueError(f"example {image}: {e}") from None
+            raise UserError(f"example {image}: {e}") from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     package = out / "imagenet_resnet"

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.loader import DeviceNormalize
+from ..errors import UserError
 from . import distributed
-from .data.loader import DeviceNormalize
+from .step import train_step
 
 
 @dataclass
@@ -34,7 +36,7 @@ class LRSweep:
         LR; `steepest`: where the smoothed loss falls fastest (per decade of LR), before the minimum."""
         skip = self.skip_start()
         if len(self.lrs) < skip + 5:
-            raise ValueError(f"the LR sweep stopped after {len(self.lrs)} steps; lower --start-lr or add --steps")
+            raise UserError(f"the LR sweep stopped after {len(self.lrs)} steps; lower --start-lr or add --steps")
         smooth = np.array(self.smoothed[skip:])
         best = int(np.argmin(smooth))
         slopes = np.gradient(smooth, np.log10(self.lrs[skip:]))
@@ -53,8 +55,6 @@ def sweep(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, nor
           steps: int = 200, smoothing: float = 0.98, stop_factor: float = 4.0) -> LRSweep:
     """`batches` yields (uint8 images, labels, problems); `model` is the bare network; `optimizer` is the
     configured optimizer of that model, whose hyper-parameters and state the copy takes over."""
-    from .engine import train_step
-
     probe = copy.deepcopy(model)
     copy_of = dict(zip(map(id, model.parameters()), probe.parameters()))
     groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [copy_of[id(p)] for p in group["params"]]}
@@ -93,7 +93,7 @@ def sweep(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, nor
 
 def save_plot(result: LRSweep, path: str | Path, global_batch: int) -> None:
     """Loss against LR (log scale), with the suggestion marked; and the numbers as JSON beside it."""
-    import matplotlib
+    import matplotlib  # optional and slow to import: only when a plot is asked for
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

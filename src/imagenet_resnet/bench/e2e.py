@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench import bench_train, training_parts, write_record
-from .data.loader import ImageDataset, build_loader, default_workers
-from .data.prepared import open_split, read_manifest
-from .data.presets import TrainPreset
-from .engine import resolve_device, train_step
+from ..data.loader import ImageDataset, build_loader, default_workers
+from ..data.prepared import open_split, read_manifest
+from ..data.presets import TrainPreset
+from ..runtime import resolve_device
+from ..training.step import train_step
+from .record import write_record
+from .train import bench_train, training_parts
 
 
 class EndlessRandomBatches:
@@ -91,21 +93,3 @@ def main(args) -> int:
                        not args.no_synthetic)
     write_record(result, args.json)
     return 0
-
-
-def add_parser(bench_sub) -> None:
-    e = bench_sub.add_parser("e2e", help="the training step fed by the real loader from disk, against synthetic data")
-    e.add_argument("--data", required=True, help="a prepared folder (its packed copy is used when there is one)")
-    e.add_argument("--model", default="resnet50")
-    e.add_argument("--res", type=int, default=224)
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
-    e.add_argument("--compile", metavar="MODE", help="torch.compile mode (default, max-autotune, ...)")
-    e.add_argument("--workers", type=int, default=-1, help="loader processes (default: every core, at most 16)")
-    e.add_argument("--steps", type=int, default=100)
-    e.add_argument("--warmup", type=int, default=20)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--no-channels-last", action="store_true")
-    e.add_argument("--fused", action="store_true", help="fused CUDA SGD kernel")
-    e.add_argument("--no-synthetic", action="store_true", help="skip the synthetic comparison run")
-    e.add_argument("--json", help="also write the record (command, GPU, versions, figures) to this file")

@@ -10,7 +10,7 @@ the server is busy, so memory stays bounded under any load.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations at runtime, and
-# `Request` is imported inside build_app (Gradio and FastAPI are optional).
+# `Request` is imported inside _json_api (Gradio and FastAPI are optional).
 import asyncio
 import math
 import threading
@@ -22,10 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.presets import EvalPreset
+from ..data.prepared import open_split
+from ..data.presets import EvalPreset
+from ..errors import UserError
 from .gradcam import cam_layer, grad_cam
 from .images import MAX_PIXELS, MAX_UPLOAD_BYTES, ImageRejected, safe_open_image, too_large  # noqa: F401 (re-exported)
-from .inference import LoadedModel
+from .inference import LoadedModel, top_k_records
 
 OVERLAY_SIDE = 320  # the Grad-CAM overlay's side in pixels, whatever the model's input size
 
@@ -46,7 +48,7 @@ class Classifier:
         try:  # a wrong name fails now, not at the first request
             loaded.model.get_submodule(self.layer)
         except AttributeError:
-            raise ValueError(f"layer {self.layer!r}: no such module in the model; name one such as layer4, "
+            raise UserError(f"layer {self.layer!r}: no such module in the model; name one such as layer4, "
                              f"layer3.1 or layer4.1.conv2") from None
         self.overlay_preset = EvalPreset(max(OVERLAY_SIDE, self.preset.size), self.preset.crop_ratio)
         # Enough pixels for the larger of the model input and the overlay, before the centre crop.
@@ -63,13 +65,11 @@ class Classifier:
             pixels = self.preset.from_pixels(rgb)
             images = self.loaded.normalize(torch.from_numpy(pixels[None]))
             with torch.no_grad():
-                probs = self.loaded.model(images).float().softmax(1)[0].cpu()
-            top = probs.topk(self.top_k)
-            ranked = [{"class": self.loaded.classes[k], "name": self.labels[k], "probability": round(float(p), 5)}
-                      for p, k in zip(top.values, top.indices)]
+                probs = self.loaded.model(images).float().softmax(1).cpu()
+            ranked = top_k_records(probs, self.loaded.classes, self.labels, self.top_k)[0]
             if not explain:
                 return ranked, None
-            cam = grad_cam(self.loaded.model, images, top.indices[:1], self.layer)
+            cam = grad_cam(self.loaded.model, images, probs.argmax(1), self.layer)
             return ranked, self._overlay(self.overlay_preset.from_pixels(rgb), cam)
 
     @staticmethod
@@ -83,8 +83,6 @@ class Classifier:
 def example_images(loaded: LoadedModel, out: Path, limit: int = 8) -> list[Path]:
     """One validation image for each of the first `limit` classes, copied from the data the model was trained
     on into `out`; none when that data is not on this machine."""
-    from .data.prepared import open_split
-
     try:
         index = open_split(loaded.cfg.data.path, "val", classes=loaded.classes)
     except (OSError, ValueError):
@@ -130,13 +128,22 @@ def model_card_markdown(loaded: LoadedModel) -> str:
 def build_app(loaded: LoadedModel, examples: list[Path] | None = None, concurrency: int = 2, max_queue: int = 32,
               layer: str | None = None):
     """The FastAPI app: the Gradio page at /, POST /api/classify, GET /api/health. Serve it with `run_server`."""
-    import gradio as gr
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.requests import ClientDisconnect
+    import gradio as gr  # optional: `serve` checks it is installed first
 
     classifier = Classifier(loaded, concurrency, layer)
+    page = _page(classifier, loaded, examples)
+    page.queue(max_size=max_queue, default_concurrency_limit=concurrency)
+    app = gr.mount_gradio_app(_json_api(classifier, loaded, concurrency, max_queue), page, path="/",
+                              max_file_size=MAX_UPLOAD_BYTES, show_error=False, footer_links=["api", "gradio"])
+    # Gradio checks that a file path a request names was uploaded to it only once `has_launched` is set, which
+    # launch() does and mount_gradio_app does not: without it any API caller could have a server file read.
+    page.has_launched = True
+    return app
+
+
+def _page(classifier: Classifier, loaded: LoadedModel, examples: list[Path] | None):
+    """The Gradio page: upload or example, top-k bars, Grad-CAM overlay, model card."""
+    import gradio as gr
 
     def classify_upload(payload: dict[str, Any] | None):
         if payload is None:  # the image was cleared
@@ -170,7 +177,15 @@ def build_app(loaded: LoadedModel, examples: list[Path] | None = None, concurren
         if gallery is not None:
             gallery.load_input_event.then(**classify, api_visibility="private")
         image.clear(lambda: (None, None), outputs=[top5, overlay], queue=False, api_visibility="private")
-    page.queue(max_size=max_queue, default_concurrency_limit=concurrency)
+    return page
+
+
+def _json_api(classifier: Classifier, loaded: LoadedModel, concurrency: int, max_queue: int):
+    """GET /api/health and POST /api/classify (the image's bytes as the body), with their own bounded queue."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import ClientDisconnect
 
     api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     json_slots, admitted = asyncio.Semaphore(concurrency), [0]
@@ -200,12 +215,7 @@ def build_app(loaded: LoadedModel, examples: list[Path] | None = None, concurren
             admitted[0] -= 1
         return {"top": ranked}
 
-    app = gr.mount_gradio_app(api, page, path="/", max_file_size=MAX_UPLOAD_BYTES, show_error=False,
-                              footer_links=["api", "gradio"])
-    # Gradio checks that a file path a request names was uploaded to it only once `has_launched` is set, which
-    # launch() does and mount_gradio_app does not: without it any API caller could have a server file read.
-    page.has_launched = True
-    return app
+    return api
 
 
 async def _read_body(request) -> bytes:

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .bench import write_record
-from .data.index import ImageIndex
-from .data.loader import EpochBatchSampler, ImageDataset, build_loader
-from .data.prepared import index_path, read_manifest
-from .data.presets import TrainPreset, random_resized_crop_box
+from ..data.index import ImageIndex
+from ..data.loader import EpochBatchSampler, ImageDataset, build_loader
+from ..data.prepared import index_path, read_manifest
+from ..data.presets import TrainPreset, random_resized_crop_box
+from ..errors import UserError
+from .record import write_record
 
 
 def torchvision_like_sample(data: bytes, size: int, rng: np.random.Generator) -> torch.Tensor:
@@ -50,12 +51,12 @@ def bench_data(data: Path, size: int = 224, images: int = 1000, seconds: float =
                batch_size: int = 256) -> dict:
     manifest = read_manifest(data)
     if manifest is None or not manifest.get("packed"):
-        raise FileNotFoundError(f"{data}: no packed copy; run `imagenet-resnet prepare SOURCE --out {data} --pack` first")
+        raise UserError(f"{data}: no packed copy; run `imagenet-resnet prepare SOURCE --out {data} --pack` first")
     original, packed = ImageIndex.load(index_path(data, "train")), ImageIndex.load(index_path(data, "train", True))
     if original.storage == "parquet":
-        raise ValueError(f"{data}: the originals are parquet rows; the baseline needs image files or tars")
+        raise UserError(f"{data}: the originals are parquet rows; the baseline needs image files or tars")
     if not np.array_equal(original.names, packed.names):
-        raise ValueError(f"{data}: the packed copy does not hold the same images as the index; pack again")
+        raise UserError(f"{data}: the packed copy does not hold the same images as the index; pack again")
     picks = np.random.default_rng(0).permutation(len(packed))[:images]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -96,14 +97,3 @@ def main(args) -> int:
     result = bench_data(Path(args.data), args.size, args.images, args.seconds, args.workers, args.batch_size)
     write_record(result, args.json)
     return 0
-
-
-def add_parser(bench_sub) -> None:
-    d = bench_sub.add_parser("data", help="loader images/s per core: ours on the packed copy vs a torchvision-like baseline")
-    d.add_argument("--data", required=True, help="a folder made by `imagenet-resnet prepare ... --pack`")
-    d.add_argument("--size", type=int, default=224)
-    d.add_argument("--images", type=int, default=1000, help="distinct images to cycle through")
-    d.add_argument("--seconds", type=float, default=20.0, help="time per measurement")
-    d.add_argument("--workers", type=int, default=0, help="also measure the multi-process loader with N workers")
-    d.add_argument("--batch-size", type=int, default=256)
-    d.add_argument("--json", help="also write the record to this file")

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.synthetic import draw_image
+from ..data.synthetic import draw_image
+from ..errors import UserError
 from .inference import LoadedModel, load_model, sidecar
 
 ONNX_INPUT, ONNX_OUTPUT = "images", "logits"
@@ -38,7 +39,7 @@ def require(*modules: str) -> None:
     """Fail in one line naming the pip extra, before anything is written, when an optional package is missing."""
     missing = [name for name in modules if importlib.util.find_spec(name) is None]
     if missing:
-        raise RuntimeError(f"{' and '.join(missing)} not installed: {INSTALL_EXPORT}")
+        raise UserError(f"{' and '.join(missing)} not installed: {INSTALL_EXPORT}")
 
 
 def cpu_fp32_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -59,7 +60,7 @@ def _preprocessed(loaded: LoadedModel, path: Path) -> np.ndarray:
     try:
         return loaded.input_pixels(path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: {e}; check with other images") from None
+        raise UserError(f"{path}: {e}; check with other images") from None
 
 
 def check_batches(loaded: LoadedModel, images: list[Path] | None = None) -> dict[str, torch.Tensor]:
@@ -81,7 +82,7 @@ def check_batches(loaded: LoadedModel, images: list[Path] | None = None) -> dict
 def compare_logits(reference: torch.nn.Module, run: Callable[[torch.Tensor], np.ndarray],
                    batches: dict[str, torch.Tensor], what: str, tolerance: float = PARITY_TOLERANCE) -> dict:
     """Max |logit difference| and top-1 agreement of `run` against `reference` (CPU fp32) on each batch; a
-    ValueError with the figures when the difference is above tolerance."""
+    UserError with the figures when the difference is above tolerance."""
     report = {}
     for name, batch in batches.items():
         expected = torch.cat([reference(chunk) for chunk in batch.split(CHECK_CHUNK)]).numpy()
@@ -92,7 +93,7 @@ def compare_logits(reference: torch.nn.Module, run: Callable[[torch.Tensor], np.
                         "top1_agreement": float((got.argmax(1) == expected.argmax(1)).mean())}
         allowed = tolerance * max(1.0, largest)
         if not difference <= allowed:  # `not <=` also catches NaN
-            raise ValueError(f"{what}: logits on the {name} batch differ from PyTorch's by up to {difference:.3g} "
+            raise UserError(f"{what}: logits on the {name} batch differ from PyTorch's by up to {difference:.3g} "
                              f"(allowed {allowed:.3g}); do not ship this file: try another --opset or another format")
     return report
 

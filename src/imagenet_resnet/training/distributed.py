@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..runtime import resolve_device
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -31,8 +33,6 @@ class Dist:
 def init(device_name: str) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT), and pick
     this process's device: cuda:LOCAL_RANK, so no process lands on GPU 0 by mistake."""
-    from .engine import resolve_device
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Dist(), resolve_device(device_name)

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench import environment, save_record
-from .config import Config
-from .export import ONNX_INPUT, ONNX_OUTPUT, compare_logits, cpu_fp32_copy, onnx_session, require, write_onnx
-from .models import ARCHITECTURES, build_model
+from ..config import Config
+from ..models import build_model
+from ..serving.export import ONNX_INPUT, ONNX_OUTPUT, compare_logits, cpu_fp32_copy, onnx_session, require, write_onnx
+from ..serving.inference import load_model
+from .record import environment, save_record
 
 
 def cpu_model() -> str:
@@ -93,9 +94,7 @@ def bench_infer(model: torch.nn.Module, run_onnx: Callable[[np.ndarray], np.ndar
 
 def main(args) -> int:
     require("onnx", "onnxscript", "onnxruntime")
-    import onnxruntime
-
-    from .inference import load_model
+    import onnxruntime  # optional: checked just above
 
     if args.checkpoint:
         loaded = load_model(args.checkpoint, "cpu")
@@ -125,18 +124,3 @@ def main(args) -> int:
         print(f"{r['runtime']:<12} {r['batch_size']:>5} {r['latency_ms_p50']:>9.2f} {r['latency_ms_p99']:>9.2f} "
               f"{r['per_image_ms_p50']:>13.2f} {r['per_image_ms_p99']:>13.2f} {r['images_per_s']:>9.1f}")
     return 0
-
-
-def add_parser(bench_sub) -> None:
-    i = bench_sub.add_parser("infer", help="CPU inference latency p50/p99: PyTorch eager fp32 vs onnxruntime")
-    model = i.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="one of our checkpoints (.pt) or a .safetensors export")
-    model.add_argument("--model", choices=list(ARCHITECTURES), help="an untrained model of this architecture "
-                       "(1000 classes): the timing of a trained one, without needing one")
-    i.add_argument("--size", type=int, help="input side in px (default: the checkpoint's eval size, else 224)")
-    i.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    i.add_argument("--iterations", type=int, default=50, help="timed calls per runtime and batch size")
-    i.add_argument("--warmup", type=int, default=5, help="untimed calls first")
-    i.add_argument("--threads", type=int, help="intra-op threads for both runtimes (default: PyTorch's, one per core)")
-    i.add_argument("--out", "--json", dest="json", metavar="JSON",
-                   help="also write the record (command, CPU, threads, versions, figures) to this file")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from .config import ScheduleConfig
+from ..config import ScheduleConfig
 
 
 def _cos_interp(start: float, end: float, frac: float) -> float:

@@ -22,13 +22,14 @@ import numpy as np
 import torch
 import yaml
 
-from .bench import write_record
-from .config import PIPELINES, Config, load_config
-from .data.loader import EpochBatchSampler, ImageDataset, build_loader
-from .data.prepared import open_split
-from .data.presets import make_eval_preset, pipeline_description
-from .engine import autocast
-from .inference import LoadedModel, load_model
+from ..config import Config, load_config
+from ..data.loader import EpochBatchSampler, ImageDataset, build_loader
+from ..data.prepared import open_split
+from ..data.presets import make_eval_preset, pipeline_description
+from ..errors import UserError
+from ..runtime import autocast
+from ..serving.inference import LoadedModel, load_model
+from .record import write_record
 
 
 def _finished_metrics(run_dir: Path, epochs: int) -> list[dict] | None:
@@ -41,8 +42,9 @@ def _finished_metrics(run_dir: Path, epochs: int) -> list[dict] | None:
 
 @torch.no_grad()
 def predictions(loaded: LoadedModel, data: str, pipeline: str, batch_size: int = 128, workers: int = -1) -> np.ndarray:
-    """The predicted label of every val image, in index order, through one eval pipeline (-1: unreadable)."""
-    index = open_split(data, "val", classes=loaded.classes)
+    """The predicted label of every val image, in index order, through one eval pipeline (-1: unreadable);
+    from the packed copy or the original files, as the run itself read them."""
+    index = open_split(data, "val", loaded.cfg.data.packed, classes=loaded.classes)
     preset = make_eval_preset(pipeline, loaded.cfg.data.eval_size, loaded.cfg.data.eval_crop_ratio)
     dataset = _KeepOrder(index, preset)
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=False, drop_last=False)
@@ -69,7 +71,7 @@ def eval_agreement(checkpoint: Path, data: str, pipelines: list[str], device: st
     """Top-1 of one checkpoint through each eval pipeline, and the images whose prediction differs from
     the first pipeline's."""
     loaded = load_model(checkpoint, device)
-    labels = open_split(data, "val", classes=loaded.classes).labels
+    labels = open_split(data, "val", loaded.cfg.data.packed, classes=loaded.classes).labels
     predicted = {p: predictions(loaded, data, p) for p in pipelines}
     first = predicted[pipelines[0]]
     return {
@@ -95,7 +97,7 @@ def _check_same_settings(run_dir: Path, expected: dict) -> None:
     changed = [f"{section}.{key}" for section, values in expected.items() for key, value in values.items()
                if saved.get(section, {}).get(key) != value and not (found_lr and (section, key) == ("optim", "lr"))]
     if changed:
-        raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(changed)}); "
+        raise UserError(f"{run_dir} holds a run with other settings ({', '.join(changed)}); "
                          "give another --runs-dir, or delete that folder")
 
 
@@ -116,10 +118,10 @@ def train_seed(train_args: list[str], run_dir: Path, seed: int, cfg: Config) -> 
         done = subprocess.run(command, stdout=sys.stderr)
         seconds = time.perf_counter() - started
         if done.returncode != 0:
-            raise RuntimeError(f"seed {seed}: training exited with {done.returncode}; its log is in {run_dir}/train.log")
+            raise UserError(f"seed {seed}: training exited with {done.returncode}; its log is in {run_dir}/train.log")
         records = _finished_metrics(run_dir, epochs)
         if records is None:
-            raise RuntimeError(f"seed {seed}: {run_dir}/metrics.jsonl does not reach epoch {epochs}")
+            raise UserError(f"seed {seed}: {run_dir}/metrics.jsonl does not reach epoch {epochs}")
     else:
         print(f"seed {seed}: {run_dir} already holds the finished run; reading it", file=sys.stderr, flush=True)
     last = records[-1]
@@ -168,23 +170,3 @@ def bench_accuracy(args) -> dict:
 def main(args) -> int:
     write_record(bench_accuracy(args), args.json)
     return 0
-
-
-def add_parser(bench_sub) -> None:
-    a = bench_sub.add_parser("accuracy", help="validation top-1 of a recipe over several seeds (one training run "
-                             "per seed), as one JSON record")
-    a.add_argument("--data", required=True, help="a prepared folder (its packed copy is used when it has one)")
-    a.add_argument("--recipe", help="YAML recipe, e.g. recipes/imagenette_128_5ep.yaml")
-    a.add_argument("--model", help="override the recipe's model")
-    a.add_argument("--epochs", type=int, help="override the recipe's epochs")
-    a.add_argument("--batch-size", type=int, help="override the recipe's batch size")
-    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any config value for every run (repeatable)")
-    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training run per seed (default 0 1 2)")
-    a.add_argument("--runs-dir", required=True, help="folder for the runs (RUNS/seed-N); finished runs there are "
-                   "read again, unfinished ones resumed")
-    a.add_argument("--eval-pipelines", nargs="+", choices=PIPELINES, metavar="PIPELINE",
-                   help=f"also evaluate each run's final weights through these pipelines ({', '.join(PIPELINES)}) "
-                   "and count the images whose prediction differs from the first's")
-    a.add_argument("--dataset", help="the dataset's name in the record (default: the --data folder's name)")
-    a.add_argument("--json", help="also write the record to this file")

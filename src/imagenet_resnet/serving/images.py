@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..errors import UserError
+
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # a 40-megapixel RGB image is 120 MB decoded; PIL's own bomb limit is 179 megapixels
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # "I": 16-bit PNG/TIFF in some Pillow versions
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 
-class ImageRejected(ValueError):
+class ImageRejected(UserError):
     """An upload that cannot be classified; the message says why and what to do, `status` is the HTTP code."""
 
     def __init__(self, message: str, status: int = 415):

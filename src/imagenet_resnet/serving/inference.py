@@ -16,14 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint
-from .config import Config
-from .data.folder import IMAGE_EXTENSIONS
-from .data.loader import IMAGENET_MEAN, IMAGENET_STD, DeviceNormalize
-from .data.presets import EvalPreset
-from .engine import resolve_device, resolve_precision
+from ..config import Config
+from ..data.folder import IMAGE_EXTENSIONS
+from ..data.loader import IMAGENET_MEAN, IMAGENET_STD, DeviceNormalize
+from ..data.presets import EvalPreset
+from ..errors import UserError
+from ..models import build_model, clean_state_dict
+from ..runtime import memory_format, resolve_device, resolve_precision
+from ..training import checkpoint
 from .images import safe_open_image
-from .models import build_model, clean_state_dict
 
 
 @dataclass
@@ -96,10 +97,10 @@ def load_model(path: str | Path, device_name: str = "auto") -> LoadedModel:
 
         meta_path = path.with_suffix(".json")
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path} not found: a .safetensors export needs its JSON sidecar beside it")
+            raise UserError(f"{meta_path} not found: a .safetensors export needs its JSON sidecar beside it")
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != SIDECAR_FORMAT:
-            raise ValueError(f"{meta_path} is not an imagenet-resnet sidecar (format {meta.get('format')!r})")
+            raise UserError(f"{meta_path} is not an imagenet-resnet sidecar (format {meta.get('format')!r})")
         cfg, classes, names = Config.from_dict(meta["config"], source=str(meta_path)), meta["classes"], meta["class_names"]
         weights, card = load_file(path), meta["card"]
     else:
@@ -116,8 +117,7 @@ def load_model(path: str | Path, device_name: str = "auto") -> LoadedModel:
                                             "val_top1": progress["best_top1"] if progress.get("best_top1", -1) >= 0 else None}
         saved_at = state.get("saved_at") or path.stat().st_mtime
         card = model_card(cfg, classes, metrics, saved_at, sum(p.numel() for p in model.parameters()))
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format).eval()
+    model = model.to(device, memory_format=memory_format(cfg.model.channels_last)).eval()
     return LoadedModel(model, cfg, classes, names, device, resolve_precision(cfg.train.precision, device),
                        DeviceNormalize(device, cfg.model.channels_last), card)
 
@@ -131,7 +131,7 @@ def image_files(inputs: list[str]) -> list[Path]:
         elif item.exists():
             files.append(item)
         else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
+            raise UserError(f"{item}: no such file or folder")
     return files
 
 
@@ -152,9 +152,15 @@ def predict(loaded: LoadedModel, files: list[Path], top_k: int = 5, batch_size: 
             continue
         batch = loaded.normalize(torch.from_numpy(np.stack(pixels)))
         probs = loaded.model(batch).float().softmax(1)
-        top = probs.topk(min(top_k, probs.shape[1]), dim=1)
-        for record, p, i in zip(done, top.values.tolist(), top.indices.tolist()):
-            record["top"] = [{"class": loaded.classes[k], "name": loaded.names[k], "probability": round(q, 5)}
-                             for q, k in zip(p, i)]
+        for record, top in zip(done, top_k_records(probs, loaded.classes, loaded.names, top_k)):
+            record["top"] = top
             results.append(record)
     return results
+
+
+def top_k_records(probs: torch.Tensor, classes: list[str], names: list[str], k: int = 5) -> list[list[dict]]:
+    """Per image of an (images x classes) probability batch, its k most likely classes, most likely first:
+    class id, readable name and probability (5 decimals), as predict, serve and their JSON give them."""
+    top = probs.topk(min(k, probs.shape[1]), dim=1)
+    return [[{"class": classes[c], "name": names[c], "probability": round(p, 5)} for p, c in zip(ps, cs)]
+            for ps, cs in zip(top.values.tolist(), top.indices.tolist())]

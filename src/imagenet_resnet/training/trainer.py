@@ -1,0 +1,371 @@
+"""One training run: `build_run` makes it from the config, and `train` reads as the list of its steps."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config, save_config
+from ..data.index import ImageIndex
+from ..data.loader import DeviceNormalize, EpochBatchSampler, ImageDataset, SkippedImages, build_loader
+from ..data.prepared import open_splits
+from ..data.presets import make_eval_preset, make_train_preset, pipeline_description, progressive_size
+from ..errors import UserError
+from ..models import build_model, load_weights
+from ..runtime import compile_model, memory_format, resolve_precision, set_backend_flags
+from . import distributed
+from .augment import MixAugment
+from .checkpoint import Checkpointer, Progress, TrainingState
+from .lr_finder import LRSweep, save_plot, sweep
+from .monitor import MetricsSink, StepReporter, SystemSampler
+from .schedules import LRSchedule
+from .step import build_optimizer, evaluate, lr_for_batch, lr_per_256, train_step
+from .stopping import StopPolicy
+
+
+class RunLog:
+    """Prints to stdout and appends the same lines to RUN/train.log; silent on ranks other than 0."""
+
+    def __init__(self, out_dir: Path, enabled: bool = True):
+        self.file = open(out_dir / "train.log", "a", buffering=1) if enabled else None
+
+    def __call__(self, message: str) -> None:
+        if self.file is None:
+            return
+        line = f"{time.strftime('%H:%M:%S')} {message}"
+        print(line, flush=True)
+        self.file.write(line + "\n")
+
+
+@dataclass
+class Run:
+    """What one process trains with, built from the config, and the state that a checkpoint carries."""
+
+    cfg: Config
+    world: distributed.Dist
+    device: torch.device
+    precision: str
+    train_index: ImageIndex
+    train_set: ImageDataset
+    val_set: ImageDataset
+    train_sampler: EpochBatchSampler
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    steps_per_epoch: int
+    runner: torch.nn.Module  # what is trained: the model, wrapped in DDP under torchrun, compiled if asked
+    global_batch: int
+    normalize: DeviceNormalize
+    state: TrainingState  # the bare model (saved and evaluated), optimizer, scaler, EMA, progress
+    mix: MixAugment | None
+    skipped: SkippedImages
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.state.model
+
+    @property
+    def progress(self) -> Progress:
+        return self.state.progress
+
+
+def _build_data(cfg: Config, world: distributed.Dist, device: torch.device):
+    """Index, presets, loaders. Under torchrun each process takes its block of every global batch; the train
+    sampler drops the last partial batch; validation sees every image exactly once, over all ranks."""
+    train_index, val_index = open_splits(cfg.data.path, packed=cfg.data.packed)
+    d, t = cfg.data, cfg.train
+    size_at_epoch = None
+    if d.progressive_start_size:
+        size_at_epoch = functools.partial(progressive_size, start_size=d.progressive_start_size, end_size=d.train_size,
+                                          start_epoch=d.progressive_start_epoch, end_epoch=d.progressive_end_epoch)
+    train_preset = make_train_preset(d.pipeline, d.train_size, d.crop_scale, d.crop_ratio, d.hflip, d.color_jitter,
+                                     size_at_epoch)
+    train_set = ImageDataset(train_index, train_preset, t.seed)
+    val_set = ImageDataset(val_index, make_eval_preset(d.pipeline, d.eval_size, d.eval_crop_ratio), t.seed)
+    train_sampler = EpochBatchSampler(len(train_set), t.batch_size, shuffle=True, drop_last=True, seed=t.seed,
+                                      rank=world.rank, world_size=world.world_size)
+    val_sampler = EpochBatchSampler(len(val_set), t.batch_size, shuffle=False, drop_last=False,
+                                    rank=world.rank, world_size=world.world_size)
+    pin = device.type == "cuda"
+    train_loader = build_loader(train_set, train_sampler, d.workers, pin, d.prefetch_batches)
+    val_loader = build_loader(val_set, val_sampler, d.workers, pin, d.prefetch_batches)
+    if len(train_sampler) < t.accumulation_steps:
+        raise UserError(f"{train_index.root}: {len(train_set)} images are fewer than one optimizer step "
+                        f"({t.batch_size} x {t.accumulation_steps}); lower --batch-size")
+    return train_index, train_set, val_set, train_sampler, train_loader, val_loader
+
+
+def _build_model(cfg: Config, world: distributed.Dist, device: torch.device, num_classes: int):
+    """The bare model on the device, and the runner that trains it (DDP under torchrun, compiled if asked)."""
+    m, t = cfg.model, cfg.train
+    model = build_model(m.name, num_classes, m.width, m.zero_init_residual, m.blurpool, m.variant)
+    if t.init_from:
+        replaced = load_weights(model, t.init_from)
+        if world.is_main:
+            print(f"initialised from {t.init_from}" + (" (new classifier head)" if replaced else ""), flush=True)
+    if t.sync_bn and world.enabled:
+        if device.type != "cuda":
+            raise UserError("train.sync_bn needs CUDA GPUs: PyTorch's SyncBatchNorm has no CPU kernel")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=memory_format(m.channels_last))
+    runner = model
+    if world.enabled:
+        runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # The bare `model` is what is saved, so no `_orig_mod.` prefix reaches a checkpoint.
+    return model, compile_model(runner, t.compile, t.compile_backend)
+
+
+def build_run(cfg: Config, world: distributed.Dist, device: torch.device) -> Run:
+    t = cfg.train
+    precision = resolve_precision(t.precision, device)
+    torch.manual_seed(t.seed)
+    set_backend_flags(t.deterministic)
+    train_index, train_set, val_set, train_sampler, train_loader, val_loader = _build_data(cfg, world, device)
+    model, runner = _build_model(cfg, world, device, len(train_index.classes))
+    global_batch = t.batch_size * t.accumulation_steps * world.world_size
+    optimizer = build_optimizer(model, cfg, lr_for_batch(cfg.optim.lr, global_batch))  # the schedule sets it per step
+    ema = None
+    if t.ema_decay:  # weights and BatchNorm statistics both averaged
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
+    state = TrainingState(model, optimizer, torch.amp.GradScaler(device.type, enabled=precision == "fp16"), ema)
+    mix = MixAugment(cfg.data.mixup_alpha, cfg.data.cutmix_alpha, t.seed) if cfg.data.mixup_alpha or cfg.data.cutmix_alpha else None
+    return Run(cfg, world, device, precision, train_index, train_set, val_set, train_sampler, train_loader,
+               val_loader, len(train_sampler) // t.accumulation_steps, runner, global_batch,
+               DeviceNormalize(device, cfg.model.channels_last), state, mix, SkippedImages())
+
+
+def _sweep(run: Run, start_lr: float = 1e-5, end_lr: float = 10.0, steps: int = 200) -> LRSweep:
+    """The LR range test on copies of this run's model and optimizer, fed by its training loader."""
+
+    def batches():
+        epoch = 0
+        while True:  # a small dataset may need several passes
+            run.train_sampler.set_epoch(10_000 + epoch)  # epochs the run itself never uses
+            yield from run.train_loader
+            epoch += 1
+
+    return sweep(run.model, run.state.optimizer, batches(), run.normalize, run.precision, run.cfg.optim.label_smoothing,
+                 start_lr, end_lr, steps)
+
+
+def find_lr(cfg: Config, out_png: str | Path, start_lr: float = 1e-5, end_lr: float = 10.0,
+            steps: int = 200) -> dict[str, float]:
+    """`imagenet-resnet find-lr`: sweep, plot on rank 0, and return the suggestion."""
+    world, device = distributed.init(cfg.train.device)
+    run = build_run(cfg, world, device)
+    result = _sweep(run, start_lr, end_lr, steps)
+    picks = result.suggestion()
+    if world.is_main:
+        save_plot(result, out_png, run.global_batch)
+    return {**picks, "suggested_optim_lr_per_256": lr_per_256(picks["suggested_lr"], run.global_batch),
+            "global_batch": run.global_batch, "steps": len(result.lrs), "diverged": result.diverged}
+
+
+def _resume(run: Run, checkpointer: Checkpointer, log: RunLog) -> None:
+    """Continue from last.pt: its state, and its LR if the LR finder chose it."""
+    cfg = run.cfg
+    saved = checkpointer.resume(run.state, run.device)
+    if saved is None:
+        log(f"--resume: no {checkpointer.last} yet, starting a new run")
+        return
+    if cfg.optim.find_lr:  # keep the LR the finder chose when the run started
+        cfg.optim.lr = saved["optim"]["lr"]
+    run.skipped.count = run.progress.skipped_images
+    changed = checkpointer.changed_settings(saved, cfg.to_dict())
+    if changed:
+        log(f"resuming with settings changed since the checkpoint: {', '.join(changed)}")
+    p = run.progress
+    log(f"resumed {checkpointer.last} at epoch {p.epoch} step {p.step_in_epoch} (global step {p.global_step})")
+
+
+def _plan(run: Run, peak_lr: float) -> str:
+    """The first log line: what will be trained, where, and how."""
+    cfg, t, world = run.cfg, run.cfg.train, run.world
+    variant = "" if cfg.model.variant == "b" else f"-{cfg.model.variant.upper()}"
+    pipeline = "" if cfg.data.pipeline == "fast" else f" | {pipeline_description(cfg.data.pipeline)} pipeline"
+    return (f"{cfg.model.name}{variant} | {len(run.train_index.classes)} classes | train {len(run.train_set)} / val "
+            f"{len(run.val_set)} images{pipeline} | {run.device} {run.precision} | {world.world_size} process(es) | "
+            f"global batch {run.global_batch} ({t.batch_size} per process x {t.accumulation_steps} accumulation x "
+            f"{world.world_size}) | peak LR {peak_lr:.4g} ({cfg.optim.lr} per 256) | {run.steps_per_epoch} "
+            f"steps/epoch x {t.epochs} epochs")
+
+
+def _save(run: Run, checkpointer: Checkpointer, best: bool = False) -> None:
+    run.progress.skipped_images = run.skipped.count
+    checkpointer.save(run.state, best)
+    distributed.barrier()  # nobody goes on (or exits) while rank 0 is still writing
+
+
+def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Train, evaluate and checkpoint for cfg.train.epochs; returns the last epoch's record."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "last.pt").exists() and not resume:
+        raise UserError(f"{out_dir} already holds a run; add --resume to continue it, or pick another --out")
+    world, device = distributed.init(cfg.train.device)
+    log = RunLog(out_dir, enabled=world.is_main)
+    run = build_run(cfg, world, device)
+    t = cfg.train
+    checkpointer = Checkpointer(out_dir, world.is_main, cfg, run.train_index.classes, t.accumulation_steps)
+    if cfg.optim.find_lr and not (resume and checkpointer.last.exists()):
+        picks = _sweep(run).suggestion()
+        cfg.optim.lr = lr_per_256(picks["suggested_lr"], run.global_batch)  # per 256 images, as configs give it
+        log(f"LR finder: lowest smoothed loss at {picks['min_loss_lr']:.3g}; training with peak LR "
+            f"{picks['suggested_lr']:.3g} (optim.lr={cfg.optim.lr:.4g} per 256 images)")
+    if resume:
+        _resume(run, checkpointer, log)
+    metrics = MetricsSink(out_dir, world.is_main, t.tensorboard, run.progress)
+    peak_lr = lr_for_batch(cfg.optim.lr, run.global_batch)
+    schedule = LRSchedule(cfg.schedule, peak_lr, t.epochs, run.steps_per_epoch)
+    if world.is_main:  # resolved: with the LR the finder chose, if it ran
+        save_config(cfg, out_dir / "config.yaml")
+    log(_plan(run, peak_lr))
+    system = SystemSampler(device, t.sample_system_seconds) if world.is_main and t.sample_system_seconds > 0 else None
+    reporter = StepReporter(out_dir, world.is_main, log, run.steps_per_epoch, run.steps_per_epoch * t.epochs,
+                            t.log_every_steps, system, metrics.tensorboard)
+    stop = StopPolicy(world, device, t.stop_at_step, t.checkpoint_every_steps)
+    with stop, metrics, system or contextlib.nullcontext():
+        for epoch in range(run.progress.epoch, t.epochs):
+            lr = train_one_epoch(run, epoch, schedule, stop, reporter, checkpointer, log)
+            record = end_epoch(run, epoch, lr, system, log)
+            is_best = record["val_top1"] is not None and record["val_top1"] > run.progress.best_top1
+            if is_best:
+                run.progress.best_top1 = record["val_top1"]
+            run.state.metrics = record
+            _save(run, checkpointer, best=is_best)
+            metrics.epoch(record, run.progress.global_step)
+    if run.skipped.count:
+        log(f"{run.skipped.count} unreadable images were skipped (named in the warnings above)")
+    return run.state.metrics
+
+
+def train_one_epoch(run: Run, epoch: int, schedule: LRSchedule, stop: StopPolicy, reporter: StepReporter,
+                    checkpointer: Checkpointer, log: RunLog) -> float:
+    """The optimizer steps of one epoch, from where a resumed run left off; returns the last LR. Stops the
+    run (checkpoint, then RunStopped) when the stop policy says so."""
+    t, p = run.cfg.train, run.progress
+    run.model.train()
+    run.train_sampler.set_epoch(epoch, start_batch=p.step_in_epoch * t.accumulation_steps)
+    sums = _EpochSums(run.device)
+    micro_batches = iter(run.train_loader)
+    lr = schedule(p.global_step)
+    reporter.start_epoch(epoch, t.epochs, p.step_in_epoch)
+    for step in range(p.step_in_epoch, run.steps_per_epoch):
+        lr = schedule(p.global_step)
+        for group in run.state.optimizer.param_groups:
+            group["lr"] = lr
+        waiting = time.perf_counter()
+        step_batches = [next(micro_batches) for _ in range(t.accumulation_steps)]
+        p.epoch_data_wait += time.perf_counter() - waiting
+        for _, _, problems in step_batches:
+            run.skipped.add(problems)
+        loss, images = train_step(run.runner, run.state.optimizer, run.state.scaler, step_batches, run.normalize,
+                                  run.precision, run.cfg.optim.label_smoothing, run.cfg.optim.clip_grad_norm,
+                                  run.mix, p.global_step, sums.correct)
+        if run.state.ema is not None:
+            run.state.ema.update_parameters(run.model)
+        sums.add(loss, images)
+        p.global_step += 1
+        p.step_in_epoch = step + 1
+        reporter.step(epoch, step, p.global_step, functools.partial(sums.running, p), lr,
+                      sums.images * run.world.world_size / (time.perf_counter() - sums.started))
+        stopping = stop.after_step(p.global_step)
+        if stopping or (stop.checkpoint_due(p.global_step) and step + 1 < run.steps_per_epoch):
+            sums.fold_into(p)
+            _save(run, checkpointer)
+            if stopping:
+                log(f"{stopping}: saved {checkpointer.last} at global step {p.global_step}; run the same command "
+                    f"with --resume to continue")
+                raise stopping
+    sums.fold_into(p)
+    reporter.end_epoch()
+    return lr
+
+
+class _EpochSums:
+    """Training loss and top-1 hits of the steps since the last fold, kept on the device (no sync per step)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.images, self.started = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.loss += loss
+        self.images += images
+
+    def running(self, progress: Progress) -> tuple[float, float]:
+        """The epoch's running (loss, top-1) so far, this process's share: read only when a step is logged."""
+        images = max(progress.epoch_images + self.images, 1)
+        return ((progress.epoch_loss_sum + self.loss.item()) / images,
+                (progress.epoch_correct + self.correct.item()) / images)
+
+    def fold_into(self, progress: Progress) -> None:
+        """Move the sums, added up over all ranks, into `progress`, which a checkpoint carries across a restart."""
+        loss, hits, images = distributed.all_sum([self.loss.item(), self.correct.item(), self.images], self.device)
+        progress.epoch_loss_sum += loss
+        progress.epoch_correct += int(hits)
+        progress.epoch_images += int(images)
+        progress.epoch_seconds += time.perf_counter() - self.started
+        self.loss.zero_()
+        self.correct.zero_()
+        self.images, self.started = 0, time.perf_counter()
+
+
+def end_epoch(run: Run, epoch: int, lr: float, system: SystemSampler | None, log: RunLog) -> dict[str, Any]:
+    """The epoch's record: training figures, machine use, and validation when it is due (of the EMA weights too)."""
+    cfg, t = run.cfg, run.cfg.train
+    record = _training_record(run.progress, epoch, lr)
+    record["train_size"] = run.train_set.preset.side(epoch)
+    if system is not None:
+        record.update(system.take("epoch"))
+    if run.device.type == "cuda":  # the most the tensors needed, against the GPU memory NVML sees in use
+        record["gpu_peak_allocated_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(run.device)
+    distributed.broadcast_buffers(run.model)
+    head = f"epoch {epoch + 1}/{t.epochs} train loss {record['train_loss']:.4f} |"
+    if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+        val = evaluate(run.model, run.val_loader, run.normalize, run.precision, run.skipped, cfg.data.eval_flip)
+        record.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"], val_images=val["images"])
+        if run.state.ema is not None:
+            distributed.broadcast_buffers(run.state.ema.module)
+            ema = evaluate(run.state.ema.module, run.val_loader, run.normalize, run.precision, None, cfg.data.eval_flip)
+            record.update(val_loss_ema=ema["loss"], val_top1_ema=ema["top1"], val_top5_ema=ema["top5"])
+            log(f"epoch {epoch + 1}/{t.epochs} EMA weights: val top-1 {ema['top1']:.4f} top-5 {ema['top5']:.4f}")
+        log(f"{head} val loss {val['loss']:.4f} top-1 {val['top1']:.4f} top-5 {val['top5']:.4f} | "
+            f"{record['images_per_sec']:.0f} img/s {record['epoch_seconds']:.1f} s")
+    else:
+        record.update(val_loss=None, val_top1=None, val_top5=None, val_images=0)
+        log(f"{head} {record['images_per_sec']:.0f} img/s")
+    record["skipped_images"] = int(distributed.all_sum([run.skipped.count], run.device)[0])
+    return record
+
+
+def _training_record(progress: Progress, epoch: int, lr: float) -> dict[str, Any]:
+    """The finished epoch's training figures; `progress` moves on to the next epoch."""
+    record = {
+        "epoch": epoch + 1,
+        "step": progress.global_step,
+        "train_loss": progress.epoch_loss_sum / max(progress.epoch_images, 1),
+        "train_top1": progress.epoch_correct / max(progress.epoch_images, 1),
+        "lr": lr,
+        "images_per_sec": progress.epoch_images / max(progress.epoch_seconds, 1e-9),
+        "epoch_seconds": progress.epoch_seconds,
+        "data_wait_seconds": progress.epoch_data_wait,
+        "data_wait_share": progress.epoch_data_wait / max(progress.epoch_seconds, 1e-9),
+        "time": time.time(),
+    }
+    progress.epoch, progress.step_in_epoch = epoch + 1, 0
+    progress.epoch_loss_sum, progress.epoch_images, progress.epoch_seconds, progress.epoch_data_wait = 0.0, 0, 0.0, 0.0
+    progress.epoch_correct = 0
+    if not math.isfinite(record["train_loss"]):
+        raise UserError(f"training loss became {record['train_loss']} in epoch {epoch + 1}; lower optim.lr")
+    return record
