@@ -21,4 +21,4 @@ python3 -m imagenet_resnet bench train --res 224 --compile default --json "$out/
 python3 -m imagenet_resnet train --data "$data" --out /tmp/r50 --recipe recipes/resnet50_onecycle40.yaml \
   --epochs 6 --batch-size 256 --set data.workers=16 --set train.log_every_steps=5 2>&1 | tee "$out/train_r50.txt"
 cp /tmp/r50/metrics.jsonl "$out/train_r50_metrics.jsonl"
-python3 -m imagenet_resnet evaluate --checkpoint /tmp/r50/last.pt --data "$data" --workers 16 | tee "$out/evaluate_r50.json"
+python3 -m imagenet_resnet evaluate --json --checkpoint /tmp/r50/last.pt --data "$data" --workers 16 | tee "$out/evaluate_r50.json"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The CPU stand-in for the Imagenette recipe search (docs/accuracy.md): ResNet-50 at a quarter of its width
+# The CPU stand-in for the Imagenette recipe search (docs/accuracy.md): ResNet-18 at a quarter of its width
 # (model.width=16), 64 px crops, 5 epochs, batch 64, over all of Imagenette; every arm changes one thing from
-# the base, which is issue 12's best measured GPU setting. About 4 min per run on 2 cores.
+# the base, which is issue 12's best measured GPU setting. About 3 min per run on 2 cores (ResNet-50 at that
+# width takes four times as long: too slow for a search on 2 cores).
 #   bash benchmarks/imagenette_cpu_ablations.sh DATA OUT [ARM ...]     (all arms when none is named)
 # DATA: a prepared Imagenette folder (benchmarks/imagenette.sh makes one). SEEDS="0 1" by default.
 # Writes OUT/ARM.json, one `bench accuracy` record per arm, and prints a table.
@@ -9,7 +10,7 @@ set -euo pipefail
 data=${1:?prepared folder}; out=${2:?output folder}; shift 2
 seeds=${SEEDS:-0 1}
 cli=${CLI:-imagenet-resnet}
-base=(--model resnet50 --epochs 5 --batch-size 64
+base=(--model resnet18 --epochs 5 --batch-size 64
       --set model.width=16 --set model.channels_last=false --set model.blurpool=true
       --set data.train_size=64 --set data.eval_size=64 --set data.crop_scale=[0.35,1.0] --set data.workers=2
       --set optim.lr=0.5 --set optim.weight_decay=1e-4 --set optim.label_smoothing=0.1

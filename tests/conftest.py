@@ -26,11 +26,12 @@ def tiny_data(tmp_path_factory) -> Path:
     return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), train_per_class=12, val_per_class=4, size=40)
 
 
-def run_cli(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `python -m imagenet_resnet ...` in a fresh process, as a user's shell would."""
+def run_cli(*args: str, timeout: float = 300, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m imagenet_resnet ...` in a fresh process, as a user's shell would (in `cwd`: a folder
+    outside the repository shows what a user who installed the package sees)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "-m", "imagenet_resnet", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=env, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

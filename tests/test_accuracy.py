@@ -63,8 +63,8 @@ def test_bench_accuracy_refuses_a_runs_folder_of_other_settings(bench_record, ti
 def test_evaluate_through_the_reference_pipeline_agrees(bench_record, tiny_data):
     out, _, record = bench_record
     checkpoint = out / "runs" / "seed-0" / "last.pt"
-    fast = json.loads(run_cli("evaluate", "--checkpoint", str(checkpoint), "--data", str(tiny_data), "--workers", "0").stdout)
-    reference = json.loads(run_cli("evaluate", "--checkpoint", str(checkpoint), "--data", str(tiny_data),
+    fast = json.loads(run_cli("evaluate", "--json", "--checkpoint", str(checkpoint), "--data", str(tiny_data), "--workers", "0").stdout)
+    reference = json.loads(run_cli("evaluate", "--json", "--checkpoint", str(checkpoint), "--data", str(tiny_data),
                                    "--workers", "0", "--pipeline", "reference").stdout)
     assert fast["pipeline"] == "fast" and reference["pipeline"].startswith("reference")
     assert fast["top1"] == pytest.approx(record["runs"][0]["eval_check"]["top1"]["fast"])

@@ -1,3 +1,5 @@
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -97,3 +99,17 @@ def test_device_normalize_gives_channels_last_float():
     assert x.shape == (2, 3, 8, 8) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225]))
+
+
+def test_loader_workers_end_with_the_process(tiny_data):
+    """Workers ignore SIGTERM (the trainer stops them), so the exit must stop them another way: a script that
+    leaves a loader with live workers still exits at once."""
+    script = (f"from imagenet_resnet.data.folder import scan_class_folders\n"
+              f"from imagenet_resnet.data.loader import EpochBatchSampler, ImageDataset, build_loader\n"
+              f"from imagenet_resnet.data.presets import EvalPreset\n"
+              f"index = scan_class_folders({str(tiny_data / 'val')!r})\n"
+              f"sampler = EpochBatchSampler(len(index), 8, shuffle=False, drop_last=False)\n"
+              f"loader = build_loader(ImageDataset(index, EvalPreset(16)), sampler, workers=2, pin_memory=False)\n"
+              f"next(iter(loader))\n")
+    done = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

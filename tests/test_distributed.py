@@ -119,7 +119,7 @@ def test_distributed_evaluation_counts_each_image_once(tmp_path, tiny_data):
     assert "3 process(es)" in out
     record = _metrics(run)[-1]
     assert record["val_images"] == 40  # 40 images over 3 ranks: 14 + 13 + 13, no padded duplicates
-    alone = json.loads(run_cli("evaluate", "--checkpoint", str(run / "last.pt"), "--data", str(tiny_data),
+    alone = json.loads(run_cli("evaluate", "--json", "--checkpoint", str(run / "last.pt"), "--data", str(tiny_data),
                                "--workers", "0", "--device", "cpu").stdout)
     assert alone["images"] == 40 and alone["top1"] == record["val_top1"]
     assert alone["loss"] == pytest.approx(record["val_loss"], rel=1e-4)

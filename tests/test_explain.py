@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -89,7 +90,7 @@ def test_predict_reads_png_grayscale_and_cmyk(tmp_path, trained, tiny_data):
 
 
 def test_evaluate_per_class_counts_add_up(tmp_path, trained, tiny_data):
-    out = json.loads(run_cli("evaluate", "--checkpoint", str(trained), "--data", str(tiny_data), "--workers", "0",
+    out = json.loads(run_cli("evaluate", "--json", "--checkpoint", str(trained), "--data", str(tiny_data), "--workers", "0",
                              "--device", "cpu", "--flip", "--size", "40", "--per-class-csv",
                              str(tmp_path / "classes.csv")).stdout)
     rows = list(csv.DictReader(open(tmp_path / "classes.csv")))
@@ -110,3 +111,68 @@ def test_explain_gallery_of_mistakes_and_of_any_image(tmp_path, trained, tiny_da
     out = json.loads(run_cli("explain", "--checkpoint", str(trained), str(image), "--out", str(tmp_path / "one.png"),
                              "--device", "cpu").stdout)
     assert out["images"] == 1 and Image.open(tmp_path / "one.png").size[0] > 200
+
+
+def test_evaluate_and_explain_on_a_subset_of_the_models_classes(trained, tiny_data, tmp_path):
+    """Imagenette for an ImageNet-1k model: the data's classes map onto the model's by ID, and the model
+    chooses among those only."""
+    from imagenet_resnet.evaluation import evaluate_checkpoint
+    from imagenet_resnet.serving.inference import load_model
+
+    subset = tmp_path / "subset"
+    for name in ("circle", "star", "triangle"):
+        shutil.copytree(tiny_data / "val" / name, subset / "val" / name)
+    report = evaluate_checkpoint(trained, subset, workers=0)
+    assert report["images"] == 12 and "3 of the model's 10 classes" in report["classes"]
+    loaded = load_model(trained, "cpu")
+    model_of = [loaded.classes.index(name) for name in ("circle", "star", "triangle")]
+    hits = 0
+    for label, name in enumerate(("circle", "star", "triangle")):
+        for image in sorted((subset / "val" / name).iterdir()):
+            with torch.no_grad():
+                logits = loaded.model(loaded.normalize(torch.from_numpy(loaded.preset()(image.read_bytes())[None])))
+            hits += int(logits[0, model_of].argmax()) == label
+    assert report["top1"] == pytest.approx(hits / 12)
+    gallery = json.loads(run_cli("explain", "--checkpoint", str(trained), "--data", str(subset), "--out",
+                                 str(tmp_path / "g.png"), "--device", "cpu").stdout)
+    assert gallery["images"] == 12 and gallery["misclassified"] == round(12 - hits)
+
+
+def test_evaluate_names_the_classes_the_model_does_not_know(trained, tiny_data, tmp_path):
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_data / "val" / "circle", odd / "val" / "circle")
+    shutil.copytree(tiny_data / "val" / "star", odd / "val" / "dragon")
+    proc = run_cli("evaluate", "--checkpoint", str(trained), "--data", str(odd), "--device", "cpu", check=False)
+    assert proc.returncode == 2
+    assert "1 of its 2 classes are not the model's (dragon)" in proc.stderr and "prepare it again" not in proc.stderr
+
+
+def test_predict_keeps_the_order_and_goes_on_past_bad_names(tmp_path, trained, tiny_data):
+    good = sorted((tiny_data / "val").glob("*/*"))[::7][:3]
+    (tmp_path / "nothing-here").mkdir()
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    names = [good[0], tmp_path / "missing.jpg", good[1], tmp_path / "broken.jpg", tmp_path / "nothing-here", good[2]]
+    proc = run_cli("predict", "--checkpoint", str(trained), "--json", "--device", "cpu", *map(str, names), check=False)
+    assert proc.returncode == 1
+    results = json.loads(proc.stdout)
+    assert [r["file"] for r in results] == [str(n) for n in names]
+    assert ["top" in r for r in results] == [True, False, True, False, False, True]
+    assert results[1]["error"] == "no such file or folder" and results[4]["error"].startswith("a folder with no images")
+    assert not any("upload" in r.get("error", "") for r in results)  # words for a web page, not a command line
+
+
+def test_explain_on_unreadable_images_only_fails_and_names_no_gallery(tmp_path, trained):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    proc = run_cli("explain", "--checkpoint", str(trained), str(tmp_path / "empty.jpg"), "--out",
+                   str(tmp_path / "gallery.png"), "--device", "cpu", check=False)
+    summary = json.loads(proc.stdout)
+    assert proc.returncode == 1 and summary["gallery"] is None and not (tmp_path / "gallery.png").exists()
+    assert "empty" in summary["unreadable"][str(tmp_path / "empty.jpg")]
+
+
+def test_evaluate_prints_a_table_and_json_when_asked(trained, tiny_data):
+    table = run_cli("evaluate", "--checkpoint", str(trained), "--data", str(tiny_data), "--workers", "0").stdout
+    report = json.loads(run_cli("evaluate", "--json", "--checkpoint", str(trained), "--data", str(tiny_data),
+                                "--workers", "0").stdout)
+    assert f"top-1       {report['top1']:.2%}" in table and "40 val images" in table
+    assert not table.lstrip().startswith("{")

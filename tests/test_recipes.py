@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import train_tiny
+from conftest import run_cli, train_tiny
 from imagenet_resnet.config import load_config
 from imagenet_resnet.data.loader import DeviceNormalize, EpochBatchSampler, ImageDataset, build_loader
 from imagenet_resnet.data.folder import scan_class_folders
@@ -15,13 +15,27 @@ from imagenet_resnet.data.presets import TrainPreset, progressive_size
 from imagenet_resnet.training.step import evaluate
 from imagenet_resnet.models import BlurConv2d, build_model
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "src" / "imagenet_resnet" / "recipes").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_every_recipe_loads(recipe):
+def test_every_recipe_loads_by_path_and_by_name_and_says_what_it_is(recipe):
     cfg = load_config(recipe)
-    assert cfg.model.name == "resnet50" and cfg.train.epochs > 0
+    assert cfg.train.epochs > 0 and load_config(recipe.stem) == cfg
+    first = recipe.read_text().splitlines()[0]
+    assert first.startswith("# ") and len(first) <= 110  # the one-line summary `imagenet-resnet recipes` shows
+
+
+def test_recipes_are_found_by_name_outside_the_repository(tmp_path, tiny_data):
+    listed = run_cli("recipes", cwd=tmp_path).stdout
+    assert all(recipe.stem in listed for recipe in RECIPES)
+    for recipe in ("small_cpu", "recipes/resnet50_ffcv16.yaml"):  # a name, and the path the docs used to print
+        plan = run_cli("train", "--data", str(tiny_data), "--recipe", recipe, "--batch-size", "16", "--dry-run",
+                       cwd=tmp_path).stdout
+        assert "plan: resnet" in plan
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
+    missing = run_cli("train", "--data", str(tiny_data), "--recipe", "resnet51_step90", "--dry-run", check=False)
+    assert missing.returncode == 2 and "resnet50_step90" in missing.stderr  # the shipped names are listed
 
 
 def test_ffcv_recipes_keep_ffcvs_numbers():

@@ -159,3 +159,9 @@ def test_report_shows_gpu_use_when_the_run_recorded_it(tmp_path):
     assert str(tmp_path / "report" / "system.png") in files
     table = (tmp_path / "training_log.md").read_text()
     assert "| GPU use | GPU memory |" in table and "| 92% | 30.5 GiB |" in table
+
+
+def test_the_whole_run_is_estimated_after_the_first_steps(tmp_path, tiny_data, capsys):
+    train_tiny(tiny_data, tmp_path / "run", "train.log_every_steps=0")  # no progress lines: the estimate still comes
+    estimates = [line for line in capsys.readouterr().out.splitlines() if " estimate: " in line]
+    assert len(estimates) == 1 and "for the 3 steps left" in estimates[0] and "(steps 2-11)" in estimates[0]

@@ -2,9 +2,11 @@
 a signal or the command line itself is what is tested."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -101,7 +103,7 @@ def test_sigterm_checkpoints_exits_and_resumes(tiny_data, tmp_path):
     proc.send_signal(signal.SIGTERM)
     output = proc.stdout.read()
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM, output
-    assert "received SIGTERM" in output
+    assert "SIGTERM: stopping after this step and saving last.pt" in output and "received SIGTERM" in output
     state = checkpoint.load(out / "last.pt")
     steps = state["progress"]["global_step"]
     assert 3 <= steps < 50 * STEPS_PER_EPOCH
@@ -136,3 +138,52 @@ def test_bad_data_folder_is_a_one_line_error(tmp_path):
     proc = run_cli("train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"), check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "missing" in proc.stderr
+
+
+def test_stop_and_resume_messages_number_epochs_and_steps_as_the_progress_lines(tiny_data, tmp_path, capsys):
+    with pytest.raises(RunStopped):
+        train_tiny(tiny_data, tmp_path / "run", "train.stop_at_step=10")
+    stopped = capsys.readouterr().out
+    assert "epoch 2 step 3/7 " in stopped  # the last progress line before the stop (log_every_steps=1)
+    assert "saved " + str(tmp_path / "run" / "last.pt") + " at epoch 2/2, after step 3/7 (global step 10)" in stopped
+    train_tiny(tiny_data, tmp_path / "run", resume=True)
+    assert "resumed " + str(tmp_path / "run" / "last.pt") + " at epoch 2/2, after step 3/7" in capsys.readouterr().out
+
+
+def test_ctrl_c_is_acknowledged_at_once_and_a_second_one_quits(tiny_data, tmp_path):
+    """A first step that takes seconds (ResNet-50 at 160 px on a CPU): the first Ctrl-C is answered before it
+    ends, the second ends the process at once."""
+    args = tiny_train_args(tiny_data, tmp_path / "run", "--epochs", "1", "--set", "model.name=resnet50",
+                           "--set", "model.width=64", "--set", "data.train_size=160", "--set", "train.batch_size=32")
+    proc = subprocess.Popen([sys.executable, "-m", "imagenet_resnet", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "steps/epoch" in line:  # the plan is printed: the first step is under way
+            break
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    started = time.perf_counter()
+    acknowledged = proc.stderr.readline()
+    while not acknowledged.strip():
+        acknowledged = proc.stderr.readline()
+    assert "Ctrl-C: stopping after this step and saving last.pt (Ctrl-C again to quit now" in acknowledged
+    assert time.perf_counter() - started < 5
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 130
+    assert "stopped at once" in proc.stderr.read()
+
+
+def test_sigterm_to_the_whole_process_group_still_checkpoints(tiny_data, tmp_path):
+    """A container or a closing terminal signals every process, loader workers included: the workers must
+    not die of it before the trainer has saved."""
+    out = tmp_path / "group"
+    args = tiny_train_args(tiny_data, out, "--epochs", "50", "--set", "data.workers=2")
+    proc = subprocess.Popen([sys.executable, "-m", "imagenet_resnet", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if " step 3/" in line:
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    output = proc.stdout.read()
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, output
+    assert checkpoint.load(out / "last.pt")["progress"]["global_step"] >= 3

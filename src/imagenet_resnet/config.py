@@ -186,12 +186,31 @@ def parse_override(text: str) -> dict[str, Any]:
     return {section.strip(): {key.strip(): yaml.safe_load(value)}}
 
 
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # shipped with the package
+
+
+def recipe_names() -> list[str]:
+    """The recipes that ship with the package, by name (`--recipe NAME`)."""
+    return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+
+
+def find_recipe(recipe: str | Path) -> Path:
+    """A recipe file: the path given, else the shipped recipe of that name (`resnet50_step90`, with or without
+    `.yaml`, or `recipes/resnet50_step90.yaml` from outside the repository)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"recipe {recipe} not found: give a YAML file or one of the shipped recipes "
+                      f"({', '.join(recipe_names())}); `imagenet-resnet recipes` describes them")
+
+
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     cfg = Config()
     if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe {path} not found; the shipped recipes are in the recipes/ folder")
+        path = find_recipe(recipe)
         with open(path) as f:
             try:
                 raw = yaml.safe_load(f) or {}

@@ -8,34 +8,43 @@ from pathlib import Path
 
 import torch
 
+from .data.classes import model_labels
 from .data.loader import EpochBatchSampler, ImageDataset, SkippedImages, build_loader
 from .data.prepared import open_split
 from .data.presets import make_eval_preset, pipeline_description
-from .serving.inference import LoadedModel, load_model
+from .serving.inference import load_model
 from .training.step import evaluate
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, batch_size: int = 128, workers: int = -1,
                         device: str = "auto", size: int | None = None, flip: bool = False, pipeline: str | None = None,
                         per_class_csv: str | Path | None = None) -> dict:
-    """The report `evaluate` prints; `size` and `pipeline` default to the run's own eval settings."""
+    """The report `evaluate` prints; `size` and `pipeline` default to the run's own eval settings. Data that
+    holds a subset of the model's classes (Imagenette for an ImageNet-1k model) is evaluated on those classes:
+    the model's choice is restricted to them, and the report says so."""
     loaded = load_model(checkpoint, device)
-    val_index = open_split(data, "val", classes=loaded.classes)
+    val_index = open_split(data, "val")
+    subset = model_labels(val_index.classes, loaded.classes, f"{data} (val)")
+    names = loaded.names if subset is None else [loaded.names[k] for k in subset]
     size = size or loaded.cfg.data.eval_size
     pipeline = pipeline or loaded.cfg.data.pipeline
     dataset = ImageDataset(val_index, make_eval_preset(pipeline, size, loaded.cfg.data.eval_crop_ratio))
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=False, drop_last=False)
     loader = build_loader(dataset, sampler, workers, loaded.device.type == "cuda")
-    skipped, n = SkippedImages(), len(loaded.classes)
+    skipped, n = SkippedImages(), len(val_index.classes)
     confusion = torch.zeros(n, n, dtype=torch.int64, device=loaded.device)
-    result = evaluate(loaded.model, loader, loaded.normalize, loaded.precision, skipped, flip, confusion)
+    restrict = None if subset is None else torch.tensor(subset, device=loaded.device)
+    result = evaluate(loaded.model, loader, loaded.normalize, loaded.precision, skipped, flip, confusion, restrict)
     confusion = confusion.cpu()
     report = {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"], "images": result["images"],
               "skipped_images": skipped.count, "size": size, "flip": flip,
-              "pipeline": pipeline_description(pipeline), "most_confused": most_confused(confusion, loaded.names),
+              "pipeline": pipeline_description(pipeline), "most_confused": most_confused(confusion, names),
               "checkpoint": str(checkpoint), "data": str(data)}
+    if subset is not None:
+        report["classes"] = (f"the data holds {n} of the model's {len(loaded.classes)} classes: the model chose "
+                             f"among those {n} only")
     if per_class_csv:
-        write_per_class_csv(confusion, loaded, per_class_csv)
+        write_per_class_csv(confusion, val_index.classes, names, per_class_csv)
         report["per_class_csv"] = str(per_class_csv)
     return report
 
@@ -49,11 +58,11 @@ def most_confused(confusion: torch.Tensor, names: list[str], pairs: int = 10) ->
             for c, k in zip(counts, flat) if c > 0]
 
 
-def write_per_class_csv(confusion: torch.Tensor, loaded: LoadedModel, path: str | Path) -> None:
+def write_per_class_csv(confusion: torch.Tensor, classes: list[str], names: list[str], path: str | Path) -> None:
     per_class = confusion.sum(1)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["label", "class", "name", "images", "correct", "accuracy"])
-        for k in range(len(loaded.classes)):
+        for k in range(len(classes)):
             total, right = int(per_class[k]), int(confusion[k, k])
-            writer.writerow([k, loaded.classes[k], loaded.names[k], total, right, f"{right / total:.4f}" if total else ""])
+            writer.writerow([k, classes[k], names[k], total, right, f"{right / total:.4f}" if total else ""])

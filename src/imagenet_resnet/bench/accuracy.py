@@ -94,8 +94,10 @@ def _check_same_settings(run_dir: Path, expected: dict) -> None:
         return
     saved = yaml.safe_load(saved_path.read_text())
     found_lr = expected["optim"]["find_lr"]  # the saved config holds the LR the finder chose
+    # A key the saved config lacks is a setting newer than the run; its default is what the run had.
     changed = [f"{section}.{key}" for section, values in expected.items() for key, value in values.items()
-               if saved.get(section, {}).get(key) != value and not (found_lr and (section, key) == ("optim", "lr"))]
+               if key in saved.get(section, {}) and saved[section][key] != value
+               and not (found_lr and (section, key) == ("optim", "lr"))]
     if changed:
         raise UserError(f"{run_dir} holds a run with other settings ({', '.join(changed)}); "
                          "give another --runs-dir, or delete that folder")

@@ -7,15 +7,19 @@ run resumed mid-epoch sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import signal
 import warnings
+import weakref
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .index import ImageIndex
+from .presets import unreadable_reason
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,10 +49,12 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
         rng = SampleRandom(self.seed, epoch, i)
+        data = b""
         try:
-            pixels = self.preset(self.index.read(i), rng, epoch)
+            data = self.index.read(i)
+            pixels = self.preset(data, rng, epoch)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            return None, int(self.index.labels[i]), f"{self.index.describe(i)}: {type(e).__name__}: {e}"
+            return None, int(self.index.labels[i]), f"{self.index.describe(i)}: {unreadable_reason(data, e)}"
         return pixels, int(self.index.labels[i]), None
 
 
@@ -105,10 +111,37 @@ def default_workers() -> int:
     return min(len(os.sched_getaffinity(0)), 16)
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """Loader workers ignore Ctrl-C and SIGTERM, which a terminal or a container sends to every process: the
+    training process finishes its step, saves, and then stops them. A worker that died of the signal would
+    instead crash the run before it could save."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_LOADERS: "weakref.WeakSet[torch.utils.data.DataLoader]" = weakref.WeakSet()
+
+
+def stop_workers(loader: torch.utils.data.DataLoader) -> None:
+    """Stop a loader's persistent worker processes now: each finishes its batch and exits. DataLoader keeps
+    them in its private `_iterator` and has no public call for this."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
+
+
+@atexit.register  # registered after multiprocessing's exit handler, so it runs before it
+def _stop_all_workers() -> None:
+    """multiprocessing would end the workers with SIGTERM at exit, which they ignore: stop them the polite way."""
+    for loader in list(_LOADERS):
+        stop_workers(loader)
+
+
 def build_loader(dataset: ImageDataset, sampler: EpochBatchSampler, workers: int, pin_memory: bool,
                  prefetch_batches: int = 4) -> torch.utils.data.DataLoader:
     workers = default_workers() if workers < 0 else workers
-    return torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=workers,
@@ -116,7 +149,10 @@ def build_loader(dataset: ImageDataset, sampler: EpochBatchSampler, workers: int
         pin_memory=pin_memory,
         prefetch_factor=prefetch_batches if workers > 0 else None,
         persistent_workers=workers > 0,
+        worker_init_fn=_leave_stop_signals_to_the_trainer,
     )
+    _LOADERS.add(loader)
+    return loader
 
 
 class SkippedImages:

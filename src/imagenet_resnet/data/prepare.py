@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from .index import ImageIndex
-from .prepared import FORMAT, MANIFEST, SPLITS, index_path, read_manifest
+from .prepared import FORMAT, MANIFEST, SPLITS, STAGING, finish_switch, index_path, read_manifest, write_switch
+from .presets import unreadable_reason
 from .sources import Source, SourceError, open_source
 
 # Problem kinds: those that leave an image out of the index, and those fixed by conversion.
@@ -50,7 +51,7 @@ class PackSettings:
 def inspect(data: bytes, name: str) -> tuple[str | None, str, int, int]:
     """(problem kind or None, detail, width, height) of one encoded image."""
     if not data:
-        return "empty", "zero bytes", 0, 0
+        return "empty", unreadable_reason(data, ValueError()), 0, 0
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
@@ -60,7 +61,7 @@ def inspect(data: bytes, name: str) -> tuple[str | None, str, int, int]:
             img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         kind = "truncated" if "truncated" in str(e) else "unreadable"
-        return kind, f"{type(e).__name__}: {e}", 0, 0
+        return kind, unreadable_reason(data, e), 0, 0
     if fmt != "JPEG" and name.lower().endswith((".jpeg", ".jpg")):
         return "not_jpeg", f"a {fmt} file named .JPEG", width, height
     if mode == "CMYK":
@@ -253,7 +254,7 @@ def pack_split(index: ImageIndex, kinds: list, settings: PackSettings, out_dir: 
 
 def _print_summary(source: Source, counts: dict, problems: list, out: Path, packed_bytes: int | None) -> None:
     lines = [f"prepared {source.kind} source {source.path} -> {out}"]
-    for split in SPLITS:
+    for split in counts:
         c = counts[split]
         lines.append(f"  {split}: {c['images']:,} images in {len(source.classes)} classes"
                      + (f", {c['excluded']} left out" if c["excluded"] else ""))
@@ -273,21 +274,28 @@ def _print_summary(source: Source, counts: dict, problems: list, out: Path, pack
 
 
 def prepare(source_path: str | Path, out: str | Path, pack: bool = False, settings: PackSettings | None = None,
-            limit: int = 0, workers: int = -1) -> dict:
+            limit: int = 0, workers: int = -1, val_only: bool = False) -> dict:
+    """Check and index the source (and pack it) into `out`, all or nothing: everything is checked before
+    anything is written, new files are written beside the old ones (DATA/.prepare-staging/), and they replace
+    the old ones only when all are complete. Killed or failed, it leaves the previous preparation as it was;
+    run again with the same settings, it resumes packing at the first unfinished shard."""
     out = Path(out)
     settings = settings or PackSettings()
     workers = workers if workers > 0 else min(len(os.sched_getaffinity(0)), 32)
-    source = open_source(source_path)
-    out.mkdir(parents=True, exist_ok=True)
+    source = open_source(source_path, val_only)
+    finish_switch(out)  # a switch an earlier prepare began is finished first: its files were complete
     print(f"{source_path}: {source.kind} layout, {len(source.classes)} classes", file=sys.stderr)
+    for note in source.notes:
+        print(f"  {note}", file=sys.stderr)
     indexes, kinds_of, counts, problems = _check_splits(source, limit, pack, workers)
-    for split in SPLITS:
-        indexes[split].save(index_path(out, split))
+    stage = out / STAGING
     packed_info, packed_bytes = None, None
     if pack:
-        packed_info, packed_bytes = _pack(source_path, out / "packed", indexes, kinds_of, counts, problems, settings,
-                                          limit, workers)
-    with open(out / "problems.tsv", "w") as f:
+        packed_info, packed_bytes = _pack(source_path, out, indexes, kinds_of, counts, problems, settings, limit, workers)
+    stage.mkdir(parents=True, exist_ok=True)
+    for split, index in indexes.items():
+        index.save(stage / index_path(Path(), split).name)
+    with open(stage / "problems.tsv", "w") as f:
         f.write("split\twhere\tkind\taction\tdetail\n")
         f.writelines("\t".join(str(x).replace("\t", " ").replace("\n", " ") for x in row) + "\n" for row in problems)
     manifest = {
@@ -297,9 +305,8 @@ def prepare(source_path: str | Path, out: str | Path, pack: bool = False, settin
         "splits": counts, "problems": {k: sum(1 for p in problems if p[2] == k) for k in EXCLUDED + CONVERTED},
         "packed": packed_info,
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
+    (stage / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_switch(out, [index_path(Path(), s).name for s in SPLITS if s not in indexes])
     _print_summary(source, counts, problems, out, packed_bytes)
     return manifest
 
@@ -307,7 +314,7 @@ def prepare(source_path: str | Path, out: str | Path, pack: bool = False, settin
 def _check_splits(source: Source, limit: int, pack: bool, workers: int):
     """Check every image of both splits: the indexes of the images kept, their kinds, counts, and the problems."""
     problems, counts, indexes, kinds_of = [], {}, {}, {}
-    for split in SPLITS:
+    for split in (s for s in SPLITS if s in source.splits):
         index = source.splits[split]
         if limit:
             index = limit_per_class(index, limit)
@@ -325,35 +332,45 @@ def _check_splits(source: Source, limit: int, pack: bool, workers: int):
     return indexes, kinds_of, counts, problems
 
 
-def _pack(source_path, packed_dir: Path, indexes, kinds_of, counts, problems: list, settings: PackSettings,
+def _pack(source_path, out: Path, indexes, kinds_of, counts, problems: list, settings: PackSettings,
           limit: int, workers: int) -> tuple[dict, int]:
-    """Write the packed copy of both splits (resuming at the first unfinished shard); add what failed to
-    `problems`. Returns the manifest's `packed` entry and the bytes written."""
-    packed_dir.mkdir(exist_ok=True)
-    settings_file = packed_dir / "settings.json"
+    """Write the packed copy of the splits: in place when DATA/packed holds these very images with these very
+    settings (it resumes), else beside it in the staging folder (resuming there too). Adds what failed to
+    `problems`; returns the manifest's `packed` entry and the bytes written."""
     wanted = {**settings.as_dict(), "source": str(Path(source_path).resolve()), "limit_per_class": limit,
-              "images": {s: counts[s]["images"] for s in SPLITS}}
-    if settings_file.exists() and json.loads(settings_file.read_text()) != wanted:
-        raise SourceError(f"{packed_dir}: a packed copy with other settings or source is there; "
-                          "delete that folder or pack with the same settings")
-    settings_file.write_text(json.dumps(wanted, indent=1))
-    per_image, seconds = estimate_pack(indexes["train"], kinds_of["train"], settings)
-    total_images = sum(counts[s]["images"] for s in SPLITS)
-    estimate, free = per_image * total_images, shutil.disk_usage(packed_dir).free
+              "images": {s: counts[s]["images"] for s in indexes}}
+    packed_dir = out / "packed" if _pack_settings(out / "packed") == wanted else out / STAGING / "packed"
+    if _pack_settings(packed_dir) not in (None, wanted):  # an abandoned packing with other settings
+        shutil.rmtree(packed_dir)
+    first = next(iter(indexes))
+    per_image, seconds = estimate_pack(indexes[first], kinds_of[first], settings)
+    total_images = sum(counts[s]["images"] for s in indexes)
+    estimate = per_image * total_images
+    free = shutil.disk_usage(next(p for p in (packed_dir, *packed_dir.parents) if p.exists())).free
     print(f"packing {total_images:,} images, short side <= {settings.short_side or 'any'} px, quality "
           f"{settings.quality}: about {estimate / 1e9:.2f} GB on disk ({free / 1e9:.1f} GB free), about "
           f"{seconds * total_images / workers / 60:.1f} min with {workers} processes", file=sys.stderr)
     if estimate > free * 0.95:
-        raise SourceError(f"{packed_dir}: about {estimate / 1e9:.1f} GB needed but {free / 1e9:.1f} GB free; "
-                          "free space, lower --short-side, or pack elsewhere with --out")
+        raise SourceError(f"{out}: about {estimate / 1e9:.1f} GB needed for the packed copy but {free / 1e9:.1f} GB "
+                          "free (an older packed copy stays until the new one is complete); free space, lower "
+                          "--short-side, or pack elsewhere with --out")
+    packed_dir.mkdir(parents=True, exist_ok=True)
+    (packed_dir / "settings.json").write_text(json.dumps(wanted, indent=1))
     packed_bytes, splits_info = 0, {}
-    for split in SPLITS:
+    for split in indexes:
         packed, failed = pack_split(indexes[split], kinds_of[split], settings, packed_dir, split, workers)
         for i, detail in failed.items():
             problems.append((split, indexes[split].describe(i), "unreadable", "left out", detail))
         packed_bytes += int(packed.sizes.sum())
         splits_info[split] = {"images": len(packed), "bytes": int(packed.sizes.sum()), "shards": len(packed.files)}
     return {**settings.as_dict(), "splits": splits_info}, packed_bytes
+
+
+def _pack_settings(packed_dir: Path) -> dict | None:
+    try:
+        return json.loads((packed_dir / "settings.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def verify(data: str | Path, workers: int = -1) -> list[str]:
@@ -366,7 +383,7 @@ def verify(data: str | Path, workers: int = -1) -> list[str]:
         raise UserError(f"{data}: no {MANIFEST}; this folder was not made by `imagenet-resnet prepare`")
     found = []
     variants = [False] + ([True] if manifest.get("packed") else [])
-    for split in SPLITS:
+    for split in manifest["splits"]:
         for packed in variants:
             label = f"{split}{' (packed)' if packed else ''}"
             path = index_path(data, split, packed)

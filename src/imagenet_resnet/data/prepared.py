@@ -1,30 +1,78 @@
 """The folder `imagenet-resnet prepare` writes, and how training finds its indexes.
 
     DATA/prepared.json          what was prepared from where: classes with names, counts, problems, packing
-    DATA/{train,val}.index.npz  the checked index over the original files (ImageIndex)
+    DATA/{train,val}.index.npz  the checked index over the original files (ImageIndex); val only for an
+                                evaluation-only copy
     DATA/problems.tsv           every bad file found: split, where, kind, what was done
     DATA/packed/                with --pack: {train,val}-NNNNN.bin shards of JPEGs and {train,val}.index.npz
+
+A prepare writes its new files into DATA/.prepare-staging/ and switches them in only once all are complete
+(see finish_switch): a prepare that fails or is killed leaves the previous preparation as it was.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from ..errors import UserError
+from .classes import differences
 from .folder import find_split, scan_class_folders
 from .index import ImageIndex
 
 MANIFEST = "prepared.json"
 FORMAT = "imagenet-resnet-prepared/1"
 SPLITS = ("train", "val")
+STAGING = ".prepare-staging"  # a prepare's new files, until they replace the old ones
+SWITCH = "SWITCH"  # in STAGING: written once every new file there is complete; lists what replaces what
 
 
 def index_path(data: Path, split: str, packed: bool = False) -> Path:
     return data / "packed" / f"{split}.index.npz" if packed else data / f"{split}.index.npz"
 
 
+def write_switch(data: Path, remove: list[str]) -> None:
+    """Commit a prepare: from here on, its staged files will replace the old ones, however often the switch is
+    interrupted. `remove`: files of the old preparation that the new one has no counterpart of."""
+    tmp = data / STAGING / (SWITCH + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"remove": remove}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, data / STAGING / SWITCH)
+    finish_switch(data)
+
+
+def finish_switch(data: Path) -> None:
+    """Move a committed prepare's staged files into place: every step can be repeated, so a switch cut short
+    is finished by the next prepare or the next reader of the folder."""
+    stage = data / STAGING
+    if not (stage / SWITCH).exists():
+        return
+    try:
+        plan = json.loads((stage / SWITCH).read_text())
+        for name in plan["remove"]:
+            (data / name).unlink(missing_ok=True)
+        for name in ("train.index.npz", "val.index.npz", "problems.tsv"):
+            if (stage / name).exists():
+                os.replace(stage / name, data / name)
+        if (stage / "packed").exists():  # a new packed copy replaces the old one
+            if (data / "packed").exists():
+                shutil.rmtree(stage / "packed.old", ignore_errors=True)
+                os.rename(data / "packed", stage / "packed.old")
+            os.rename(stage / "packed", data / "packed")
+        if (stage / MANIFEST).exists():
+            os.replace(stage / MANIFEST, data / MANIFEST)
+        shutil.rmtree(stage)
+    except OSError as e:
+        raise UserError(f"{data}: an interrupted prepare left new files to switch in, and that failed ({e}); run "
+                        "the same prepare again as a user who can write there") from e
+
+
 def read_manifest(data: str | Path) -> dict | None:
+    finish_switch(Path(data))
     path = Path(data) / MANIFEST
     if not path.exists():
         return None
@@ -43,13 +91,17 @@ def open_split(data: str | Path, split: str, packed: bool = True, classes: list[
     manifest = read_manifest(data)
     if manifest is None:
         return scan_class_folders(find_split(data, split), classes=classes)
+    if split not in manifest["splits"]:
+        raise UserError(f"{data}: prepared without a {split} split (from {manifest['source']['path']}, which has "
+                        f"none): it serves `evaluate`; prepare a copy with {split} images to train")
     use_packed = packed and manifest.get("packed") is not None and index_path(data, split, True).exists()
     index = ImageIndex.load(index_path(data, split, use_packed))
     if index.storage == "parquet":
         raise UserError(f"{data}: parquet shards cannot be read image by image at training speed; "
                          f"pack them: imagenet-resnet prepare {manifest['source']['path']} --out {data} --pack")
     if classes is not None and index.classes != classes:
-        raise UserError(f"{data}: the {split} classes differ from the {len(classes)} classes given; prepare it again")
+        raise UserError(differences(index.classes, classes, f"{data} ({split})") + "; the splits must have the same "
+                        "classes: prepare a source whose train and val folders match")
     return index
 
 

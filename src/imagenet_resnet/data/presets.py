@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 try:  # a small wheel that bundles libjpeg-turbo; optional so that any platform without it still works
     import simplejpeg
@@ -32,6 +32,17 @@ except ImportError:  # pragma: no cover - exercised only where the wheel is miss
     simplejpeg = None
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in full-size pixels
+
+
+def unreadable_reason(data: bytes, error: Exception) -> str:
+    """Why an image could not be read, in the same words wherever it is found (prepare, training, evaluation)."""
+    if not data:
+        return "empty file (0 bytes)"
+    if isinstance(error, UnidentifiedImageError):  # its message names an in-memory buffer, not the file
+        return "not an image file (no image format recognised)"
+    if "truncated" in str(error):
+        return f"truncated ({error})"
+    return f"{type(error).__name__}: {error}"
 
 
 def image_size(data: bytes) -> tuple[int, int]:

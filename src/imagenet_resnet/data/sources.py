@@ -13,7 +13,7 @@ import os
 import re
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,12 @@ class Source:
     path: Path
     classes: list[str]  # class ids in label order
     names: list[str]  # a description per class ("goldfish, Carassius auratus"), or the id itself
-    splits: dict[str, ImageIndex]
+    splits: dict[str, ImageIndex]  # "val", and "train" unless the copy has none (an evaluation-only copy)
+    notes: list[str] = field(default_factory=list)  # what the copy lacks, for the summary
+
+
+def _val_only_note(missing: Path) -> str:
+    return f"{missing}: missing, so only the validation split is prepared (enough for `evaluate`, not for `train`)"
 
 
 def detect(path: Path) -> str:
@@ -58,10 +63,13 @@ def detect(path: Path) -> str:
         "ILSVRC/Data/CLS-LOC tree, Hugging Face *.parquet shards, tiny-imagenet-200, or train/<class>/ + val/<class>/")
 
 
-def open_source(path: str | Path) -> Source:
+def open_source(path: str | Path, val_only: bool = False) -> Source:
+    """The source's layout, classes and image lists; `val_only`: the validation split alone, even where the
+    copy has training images too (to evaluate a model without indexing 1.28M training images)."""
     path = Path(path)
     kind = detect(path)
-    return {"official": _official, "kaggle": _kaggle, "parquet": _parquet, "tiny": _tiny, "folders": _folders}[kind](path)
+    build = {"official": _official, "kaggle": _kaggle, "parquet": _parquet, "tiny": _tiny, "folders": _folders}[kind]
+    return build(path, val_only)
 
 
 def _imagenet_names(classes: list[str]) -> list[str]:
@@ -84,7 +92,11 @@ def _sorted_by_label(index: ImageIndex) -> ImageIndex:
 
 # --- a class-folder tree ---------------------------------------------------------------------------------
 
-def _folders(path: Path) -> Source:
+def _folders(path: Path, val_only: bool) -> Source:
+    if val_only or not any((path / name).is_dir() for name in SPLIT_NAMES["train"]):
+        val = scan_class_folders(find_split(path, "val"))
+        notes = [] if val_only else [_val_only_note(path / "train")]
+        return Source("folders", path, val.classes, _imagenet_names(val.classes), {"val": val}, notes)
     train = scan_class_folders(find_split(path, "train"))
     val = scan_class_folders(find_split(path, "val"), classes=train.classes)
     return Source("folders", path, train.classes, _imagenet_names(train.classes), {"train": train, "val": val})
@@ -92,18 +104,23 @@ def _folders(path: Path) -> Source:
 
 # --- Kaggle: ILSVRC/Data/CLS-LOC/{train/<wnid>/, val/}, LOC_synset_mapping.txt, LOC_val_solution.csv -----
 
-def _kaggle(path: Path) -> Source:
+def _kaggle(path: Path, val_only: bool) -> Source:
     mapping, solution = path / "LOC_synset_mapping.txt", path / "LOC_val_solution.csv"
     images = path / "ILSVRC" / "Data" / "CLS-LOC"
-    for needed in (mapping, solution, images / "train", images / "val"):
+    for needed in (mapping, solution, images / "val"):
         if not needed.exists():
-            raise SourceError(f"{needed}: missing from the Kaggle layout; download the whole competition archive")
+            raise SourceError(f"{needed}: missing from the Kaggle layout, which needs it even to prepare only the "
+                              "validation split for `evaluate`; download the whole competition archive")
     rows = [line.split(" ", 1) for line in mapping.read_text().splitlines() if line.strip()]
     classes, names = [r[0] for r in rows], [r[1].strip() if len(r) > 1 else r[0] for r in rows]
     if classes != sorted(classes):
         raise SourceError(f"{mapping}: the WordNet IDs are not in sorted order; this is not the file Kaggle ships")
-    train = scan_class_folders(images / "train", classes=classes)
-    _require_every_class(train, images / "train", "train")
+    splits, notes = {}, []
+    if not val_only and (images / "train").is_dir():
+        splits["train"] = scan_class_folders(images / "train", classes=classes)
+        _require_every_class(splits["train"], images / "train", "train")
+    elif not val_only:
+        notes.append(_val_only_note(images / "train"))
 
     label_of = {c: k for k, c in enumerate(classes)}
     val_labels = {}
@@ -122,12 +139,13 @@ def _kaggle(path: Path) -> Source:
                           "the validation folder is incomplete")
     val = ImageIndex("files", images / "val", np.array(files, dtype=np.bytes_),
                      np.array([val_labels[Path(f).stem] for f in files], dtype=np.int32), classes)
-    return Source("kaggle", path, classes, names, {"train": train, "val": _sorted_by_label(val)})
+    splits["val"] = _sorted_by_label(val)
+    return Source("kaggle", path, classes, names, splits, notes)
 
 
 # --- Tiny-ImageNet-200: wnids.txt, words.txt, train/<wnid>/images/, val/images/ + val_annotations.txt -----
 
-def _tiny(path: Path) -> Source:
+def _tiny(path: Path, val_only: bool) -> Source:
     classes = sorted(path.joinpath("wnids.txt").read_text().split())
     words = {}
     if (path / "words.txt").exists():
@@ -135,8 +153,10 @@ def _tiny(path: Path) -> Source:
             wnid, _, text = line.partition("\t")
             words[wnid] = text.strip()
     label_of = {c: k for k, c in enumerate(classes)}
-    splits = {}
-    if (path / "train").is_dir():
+    splits, notes = {}, []
+    if not (val_only or (path / "train").is_dir()):
+        notes.append(_val_only_note(path / "train"))
+    if not val_only and (path / "train").is_dir():
         unknown = sorted(set(os.listdir(path / "train")) - set(classes))
         if unknown:
             raise SourceError(f"{path / 'train'}: folders {unknown[:3]} are not in wnids.txt")
@@ -163,7 +183,7 @@ def _tiny(path: Path) -> Source:
         labels.append(label_of[fields[1]])
     val = ImageIndex("files", path, np.array(names, dtype=np.bytes_), np.array(labels, dtype=np.int32), classes)
     splits["val"] = _sorted_by_label(val)
-    return Source("tiny", path, classes, [words.get(c, c) for c in classes], splits)
+    return Source("tiny", path, classes, [words.get(c, c) for c in classes], splits, notes)
 
 
 # --- The official ILSVRC2012 tars, read in place: no second copy on disk ----------------------------------
@@ -234,17 +254,25 @@ class _Window(io.RawIOBase):
         return len(data)
 
 
-def _official(path: Path) -> Source:
+def _official(path: Path, val_only: bool) -> Source:
     train_tar, val_tar, devkit = path / OFFICIAL_TRAIN, path / OFFICIAL_VAL, path / OFFICIAL_DEVKIT
-    for needed in (train_tar, val_tar, devkit):
+    for needed in (val_tar, devkit):
         if not needed.exists():
-            raise SourceError(f"{needed}: missing; the official layout needs {OFFICIAL_TRAIN}, {OFFICIAL_VAL} "
-                              f"and {OFFICIAL_DEVKIT} side by side")
+            raise SourceError(f"{needed}: missing; the official layout needs {OFFICIAL_VAL} and {OFFICIAL_DEVKIT} "
+                              f"(and {OFFICIAL_TRAIN} to train) side by side")
     ids, truth = _devkit_ids(devkit)
     classes = sorted(ids)
     label_of = {c: k for k, c in enumerate(classes)}
+    splits = {"val": _official_val(val_tar, ids, truth, label_of, classes)}
+    if val_only or not train_tar.exists():
+        notes = [] if val_only else [_val_only_note(train_tar)]
+        return Source("official", path, classes, _imagenet_names(classes), splits, notes)
+    splits["train"] = _official_train(path, train_tar, label_of, classes)
+    return Source("official", path, classes, _imagenet_names(classes), splits)
 
-    # The train tar holds one uncompressed tar per class: index each inner tar in place, in parallel.
+
+def _official_train(path: Path, train_tar: Path, label_of: dict, classes: list[str]) -> ImageIndex:
+    """The train tar holds one uncompressed tar per class: each inner tar is indexed in place, in parallel."""
     outer = _tar_members(train_tar)
     unknown = [n for n, _, _ in outer if n.removesuffix(".tar") not in label_of]
     if unknown:
@@ -263,7 +291,10 @@ def _official(path: Path) -> Source:
                        files=[OFFICIAL_TRAIN], file_ids=np.zeros(len(names), np.int32),
                        offsets=np.array(offsets, np.int64), sizes=np.array(sizes, np.int64))
     _require_every_class(train, train_tar, "train")
+    return _sorted_by_label(train)
 
+
+def _official_val(val_tar: Path, ids: list[str], truth: list[int], label_of: dict, classes: list[str]) -> ImageIndex:
     members = _tar_members(val_tar)
     val_labels = []
     for name, _, _ in members:
@@ -271,12 +302,11 @@ def _official(path: Path) -> Source:
         if not number or not 1 <= int(number.group(1)) <= len(truth):
             raise SourceError(f"{val_tar}: {name} has no line in the devkit's ground truth ({len(truth)} lines)")
         val_labels.append(label_of[ids[truth[int(number.group(1)) - 1] - 1]])
-    val = ImageIndex("ranges", path, np.array([m[0] for m in members], dtype=np.bytes_),
+    val = ImageIndex("ranges", val_tar.parent, np.array([m[0] for m in members], dtype=np.bytes_),
                      np.array(val_labels, dtype=np.int32), classes, files=[OFFICIAL_VAL],
                      file_ids=np.zeros(len(members), np.int32), offsets=np.array([m[1] for m in members], np.int64),
                      sizes=np.array([m[2] for m in members], np.int64))
-    return Source("official", path, classes, _imagenet_names(classes),
-                  {"train": _sorted_by_label(train), "val": _sorted_by_label(val)})
+    return _sorted_by_label(val)
 
 
 # --- Hugging Face ILSVRC/imagenet-1k parquet shards -------------------------------------------------------
@@ -284,16 +314,21 @@ def _official(path: Path) -> Source:
 PARQUET_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid")}
 
 
-def _parquet(path: Path) -> Source:
+def _parquet(path: Path, val_only: bool) -> Source:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
         raise SourceError(f"{path}: reading parquet shards needs pyarrow: pip install 'imagenet-resnet[parquet]'") from e
     shards = sorted(p for p in list(path.glob("*.parquet")) + list(path.glob("*/*.parquet")))
     classes = list(imagenet_classes())  # Hugging Face numbers the classes in sorted WordNet-ID order
-    splits = {}
+    splits, notes = {}, []
     for split, prefixes in PARQUET_SPLITS.items():
+        if split == "train" and val_only:
+            continue
         files = [p for p in shards if p.name.split("-")[0].split(".")[0] in prefixes]
+        if not files and split == "train":
+            notes.append(_val_only_note(path / "train-*.parquet"))
+            continue
         if not files:
             raise SourceError(f"{path}: no {prefixes[0]}-*.parquet shards found")
         file_ids, rows, labels, names = [], [], [], []
@@ -318,4 +353,4 @@ def _parquet(path: Path) -> Source:
         if split == "train":
             _require_every_class(index, path, "train")
         splits[split] = index
-    return Source("parquet", path, classes, _imagenet_names(classes), splits)
+    return Source("parquet", path, classes, _imagenet_names(classes), splits, notes)

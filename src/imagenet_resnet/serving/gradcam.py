@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.classes import model_labels
+
 
 def cam_layer(input_size: int) -> str:
     """The deepest ResNet stage whose activations are at least 7 x 7 at this input size, so that the Grad-CAM map
@@ -79,11 +81,15 @@ def save_gallery(entries: list[dict], path: str | Path, title: str) -> None:
     plt.close(fig)
 
 
-def explain_images(loaded, files: list[Path], out: str | Path, layer: str = "layer4") -> list[dict]:
-    """For any images: each with its Grad-CAM for the top prediction, in one gallery PNG. Returns a
-    record per file; an unreadable one has an `error`."""
+def explain_images(loaded, sources: list[tuple[Path, str | None]], out: str | Path, layer: str = "layer4") -> list[dict]:
+    """For any images (inference.image_sources): each with its Grad-CAM for the top prediction, in one gallery
+    PNG, written when at least one image could be read. Returns a record per image, in the order given; an
+    unreadable one (or a missing name) has an `error`."""
     entries, results = [], []
-    for file in files:
+    for file, reason in sources:
+        if reason:
+            results.append({"file": str(file), "error": reason})
+            continue
         try:
             pixels = loaded.input_pixels(file)
         except (OSError, ValueError) as e:
@@ -101,14 +107,23 @@ def explain_images(loaded, files: list[Path], out: str | Path, layer: str = "lay
 
 
 @torch.no_grad()
-def _scores(loaded, pixels: np.ndarray) -> torch.Tensor:
-    return loaded.model(loaded.normalize(torch.from_numpy(pixels))).float().softmax(1)
+def _scores(loaded, pixels: np.ndarray, subset: list[int] | None = None) -> torch.Tensor:
+    """Class probabilities; with `subset`, over those of the model's classes only (0 for the others)."""
+    logits = loaded.model(loaded.normalize(torch.from_numpy(pixels))).float()
+    if subset is None:
+        return logits.softmax(1)
+    probs = torch.zeros_like(logits)
+    probs[:, subset] = logits[:, subset].softmax(1)
+    return probs
 
 
 def explain_mistakes(loaded, index, out: str | Path, num_show: int = 20, layer: str = "layer4",
                      batch_size: int = 64) -> dict:
     """A gallery of misclassified validation images, the most confident mistakes first: each with its
-    Grad-CAM for the predicted class and for the true class, names and probabilities."""
+    Grad-CAM for the predicted class and for the true class, names and probabilities. Data that holds a
+    subset of the model's classes is judged among those classes only, as `evaluate` does."""
+    subset = model_labels(index.classes, loaded.classes, f"{index.root} (val)")
+    model_label = list(range(len(loaded.classes))) if subset is None else subset
     preset = loaded.preset()
     mistakes, seen = [], 0
     for start in range(0, len(index), batch_size):
@@ -119,12 +134,12 @@ def explain_mistakes(loaded, index, out: str | Path, num_show: int = 20, layer: 
                 pixels.append(preset(index.read(i)))
             except (OSError, ValueError, SyntaxError):
                 continue
-            labels.append(int(index.labels[i]))
+            labels.append(model_label[int(index.labels[i])])
             kept.append(i)
         if not pixels:
             continue
         pixels = np.stack(pixels)
-        probs = _scores(loaded, pixels)
+        probs = _scores(loaded, pixels, subset)
         predicted = probs.argmax(1).cpu()
         seen += len(kept)
         for k, (i, label) in enumerate(zip(kept, labels)):

@@ -1,7 +1,7 @@
 """Opening an image someone uploaded, safely: bounded in bytes, and in pixels before any decoding
 (decompression bombs), the first frame of an animation, 16-bit depth scaled to 8, transparency composited
 onto white, EXIF rotation applied, any colour mode turned into RGB; or a one-line message saying what is
-wrong. `serve` and `predict` both read images through it."""
+wrong. `serve`, `predict` and the export checks all read images through it."""
 
 from __future__ import annotations
 
@@ -29,37 +29,59 @@ class ImageRejected(UserError):
 
 def too_large(size: int) -> ImageRejected:
     return ImageRejected(f"the file is {size / 2**20:.1f} MB, over the {MAX_UPLOAD_BYTES // 2**20} MB limit: "
-                         f"upload a smaller image", 413)
+                         f"use a smaller image", 413)
 
 
-def safe_open_image(source: bytes | str | Path, min_side: int = 0) -> np.ndarray:
-    """An upload's pixels as an HxWx3 uint8 RGB array, or ImageRejected naming the problem. A JPEG is decoded
-    at the smallest DCT scale that keeps its short side at least `min_side`: a phone photo then costs a
-    fraction of the time and memory of a full decode."""
+def read_image_bytes(source: bytes | str | Path) -> bytes:
+    """An image file's bytes, refused when empty or over MAX_UPLOAD_BYTES (before reading it all)."""
     if isinstance(source, (str, Path)):
         size = Path(source).stat().st_size
         if size > MAX_UPLOAD_BYTES:
             raise too_large(size)
         source = Path(source).read_bytes()
     if not source:
-        raise ImageRejected("the file is empty (0 bytes): upload an image file", 400)
+        raise ImageRejected("the file is empty (0 bytes): not an image", 400)
     if len(source) > MAX_UPLOAD_BYTES:
         raise too_large(len(source))
+    return source
+
+
+def open_image(data: bytes) -> Image.Image:
+    """The image's header (nothing decoded yet), refused when it is not an image or holds too many pixels."""
     try:
-        image = Image.open(io.BytesIO(source))  # reads the header only
+        image = Image.open(io.BytesIO(data))  # reads the header only
     except Image.DecompressionBombError:  # PIL's own limit, far above ours, checked as it reads the header
-        raise ImageRejected(f"the image claims more pixels than is safe to decode (a decompression bomb?): upload "
+        raise ImageRejected(f"the image claims more pixels than is safe to decode (a decompression bomb?): use "
                             f"an image of at most {MAX_PIXELS // 10**6} megapixels", 413) from None
     except Exception:  # PIL raises many kinds of error on files it cannot identify
         raise ImageRejected("not a readable image: use a JPEG, PNG, WebP, GIF, BMP or TIFF file",
                             415) from None
-    with image:
-        width, height = image.size
-        if width * height > MAX_PIXELS:
-            raise ImageRejected(f"the image is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels), "
-                                f"over the {MAX_PIXELS // 10**6} megapixel limit: upload a smaller image", 413)
-        if image.mode == "F":
-            raise ImageRejected("32-bit floating-point images are not supported: save it as an 8-bit PNG or JPEG")
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        image.close()
+        raise ImageRejected(f"the image is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels), "
+                            f"over the {MAX_PIXELS // 10**6} megapixel limit: use a smaller image", 413)
+    if image.mode == "F":
+        image.close()
+        raise ImageRejected("32-bit floating-point images are not supported: save it as an 8-bit PNG or JPEG")
+    return image
+
+
+def decodes_as_stored(image: Image.Image) -> bool:
+    """Whether the plain decode that training and `evaluate` use gives this image as a viewer shows it: 8-bit,
+    no transparency, no EXIF rotation. Others (16-bit, alpha, a rotated phone photo) are converted first."""
+    try:
+        rotated = image.getexif().get(0x0112, 1) not in (0, 1)  # 0x0112: EXIF Orientation
+    except Exception:  # a malformed EXIF block: the pixels are used as stored
+        rotated = False
+    return image.mode in ("RGB", "L", "CMYK", "YCbCr", "1", "P") and "transparency" not in image.info and not rotated
+
+
+def safe_open_image(source: bytes | str | Path, min_side: int = 0) -> np.ndarray:
+    """An image's pixels as an HxWx3 uint8 RGB array, or ImageRejected naming the problem. A JPEG is decoded
+    at the smallest DCT scale that keeps its short side at least `min_side`: a phone photo then costs a
+    fraction of the time and memory of a full decode."""
+    with open_image(read_image_bytes(source)) as image:
         try:
             if min_side and image.format == "JPEG":
                 image.draft(None, (min_side, min_side))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from ..errors import UserError
 from ..models import build_model, clean_state_dict
 from ..runtime import memory_format, resolve_device, resolve_precision
 from ..training import checkpoint
-from .images import safe_open_image
+from .images import ImageRejected, decodes_as_stored, open_image, read_image_bytes, safe_open_image
 
 
 @dataclass
@@ -42,10 +41,21 @@ class LoadedModel:
         return EvalPreset(size or self.cfg.data.eval_size, self.cfg.data.eval_crop_ratio)
 
     def input_pixels(self, source: bytes | str | Path) -> np.ndarray:
-        """An image file as the model's input (HxWx3 uint8, the centre crop), read as the server reads uploads:
-        any format and mode, 16-bit, alpha, EXIF rotation; ImageRejected (a ValueError) says what is wrong."""
-        preset = self.preset()
-        return preset.from_pixels(safe_open_image(source, math.ceil(preset.size / preset.crop_ratio)))
+        """An image file as the model's input (HxWx3 uint8, the centre crop). The one path for predict, serve,
+        the Space and the export checks: the eval preset on the file's bytes, exactly as `evaluate` reads
+        validation images; an image that needs converting to look as a viewer shows it (16-bit, transparency,
+        EXIF rotation) is converted at full size first, then cropped the same way. ImageRejected (a ValueError)
+        says what is wrong with a file."""
+        data = read_image_bytes(source)
+        with open_image(data) as image:
+            as_stored = decodes_as_stored(image)
+        if not as_stored:
+            return self.preset().from_pixels(safe_open_image(data))
+        try:
+            return self.preset()(data)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's and libjpeg's errors for damaged data
+            raise ImageRejected(f"the image could not be decoded ({e}): the file may be truncated or damaged",
+                                422) from None
 
 
 SIDECAR_FORMAT = "imagenet-resnet/1"
@@ -122,39 +132,51 @@ def load_model(path: str | Path, device_name: str = "auto") -> LoadedModel:
                        DeviceNormalize(device, cfg.model.channels_last), card)
 
 
-def image_files(inputs: list[str]) -> list[Path]:
-    """The files named, and the images inside the folders named (sorted)."""
-    files = []
+def image_sources(inputs: list[str]) -> list[tuple[Path, str | None]]:
+    """Each file named, and each image inside each folder named (sorted), in the order given; with a reason
+    instead where a name is missing or a folder holds no images, so that one bad name stops nothing else."""
+    found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            images = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            found += [(image, None) for image in images] or [
+                (item, f"a folder with no images in it ({', '.join(IMAGE_EXTENSIONS)})")]
         elif item.exists():
-            files.append(item)
+            found.append((item, None))
         else:
-            raise UserError(f"{item}: no such file or folder")
-    return files
+            found.append((item, "no such file or folder"))
+    return found
+
+
+def image_files(inputs: list[str]) -> list[Path]:
+    """The files named, and the images inside the folders named; UserError for a name that gives none."""
+    found = image_sources(inputs)
+    problems = [f"{path}: {reason}" for path, reason in found if reason]
+    if problems:
+        raise UserError("; ".join(problems))
+    return [path for path, _ in found]
 
 
 @torch.no_grad()
-def predict(loaded: LoadedModel, files: list[Path], top_k: int = 5, batch_size: int = 32) -> list[dict]:
-    """Top-k classes with probabilities per file; an unreadable file gets an `error` instead. Files are read
-    as the server reads uploads (any mode, 16-bit, alpha, EXIF rotation), so both give the same answer."""
-    results = []
-    for start in range(0, len(files), batch_size):
-        chunk, pixels, done = files[start : start + batch_size], [], []
-        for file in chunk:
+def predict(loaded: LoadedModel, sources: list[tuple[Path, str | None]], top_k: int = 5,
+            batch_size: int = 32) -> list[dict]:
+    """Top-k classes with probabilities per image (from image_sources), in the order given; an unreadable
+    image, a missing file or an empty folder gets an `error` instead."""
+    results = [{"file": str(path), "error": reason} if reason else {"file": str(path)} for path, reason in sources]
+    todo = [k for k, record in enumerate(results) if "error" not in record]
+    for start in range(0, len(todo), batch_size):
+        pixels, done = [], []
+        for k in todo[start : start + batch_size]:
             try:
-                pixels.append(loaded.input_pixels(file))
-                done.append({"file": str(file)})
+                pixels.append(loaded.input_pixels(sources[k][0]))
+                done.append(k)
             except (OSError, ValueError) as e:
-                results.append({"file": str(file), "error": str(e)})
+                results[k]["error"] = str(e)
         if not pixels:
             continue
-        batch = loaded.normalize(torch.from_numpy(np.stack(pixels)))
-        probs = loaded.model(batch).float().softmax(1)
-        for record, top in zip(done, top_k_records(probs, loaded.classes, loaded.names, top_k)):
-            record["top"] = top
-            results.append(record)
+        probs = loaded.model(loaded.normalize(torch.from_numpy(np.stack(pixels)))).float().softmax(1)
+        for k, top in zip(done, top_k_records(probs, loaded.classes, loaded.names, top_k)):
+            results[k]["top"] = top
     return results
 
 

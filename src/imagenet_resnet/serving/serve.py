@@ -12,7 +12,10 @@ the server is busy, so memory stays bounded under any load.
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations at runtime, and
 # `Request` is imported inside _json_api (Gradio and FastAPI are optional).
 import asyncio
+import errno
 import math
+import os
+import socket
 import threading
 from collections import Counter
 from pathlib import Path
@@ -26,7 +29,8 @@ from ..data.prepared import open_split
 from ..data.presets import EvalPreset
 from ..errors import UserError
 from .gradcam import cam_layer, grad_cam
-from .images import MAX_PIXELS, MAX_UPLOAD_BYTES, ImageRejected, safe_open_image, too_large  # noqa: F401 (re-exported)
+from .images import (MAX_PIXELS, MAX_UPLOAD_BYTES, ImageRejected, read_image_bytes, safe_open_image,  # noqa: F401
+                     too_large)  # (ImageRejected, safe_open_image: re-exported for the tests)
 from .inference import LoadedModel, top_k_records
 
 OVERLAY_SIDE = 320  # the Grad-CAM overlay's side in pixels, whatever the model's input size
@@ -61,16 +65,16 @@ class Classifier:
     def __call__(self, source: bytes | str | Path, explain: bool = False) -> tuple[list[dict], np.ndarray | None]:
         """The top-k (class, name, probability) and, with `explain`, the Grad-CAM overlay of the top class."""
         with self.slots:
-            rgb = safe_open_image(source, self.decode_side)
-            pixels = self.preset.from_pixels(rgb)
-            images = self.loaded.normalize(torch.from_numpy(pixels[None]))
+            data = read_image_bytes(source)
+            images = self.loaded.normalize(torch.from_numpy(self.loaded.input_pixels(data)[None]))
             with torch.no_grad():
                 probs = self.loaded.model(images).float().softmax(1).cpu()
             ranked = top_k_records(probs, self.loaded.classes, self.labels, self.top_k)[0]
             if not explain:
                 return ranked, None
             cam = grad_cam(self.loaded.model, images, probs.argmax(1), self.layer)
-            return ranked, self._overlay(self.overlay_preset.from_pixels(rgb), cam)
+            # The overlay only shows where the evidence lies: a larger picture of the same centre crop.
+            return ranked, self._overlay(self.overlay_preset.from_pixels(safe_open_image(data, self.decode_side)), cam)
 
     @staticmethod
     def _overlay(pixels: np.ndarray, cam: torch.Tensor) -> np.ndarray:
@@ -127,7 +131,9 @@ def model_card_markdown(loaded: LoadedModel) -> str:
 
 def build_app(loaded: LoadedModel, examples: list[Path] | None = None, concurrency: int = 2, max_queue: int = 32,
               layer: str | None = None):
-    """The FastAPI app: the Gradio page at /, POST /api/classify, GET /api/health. Serve it with `run_server`."""
+    """The FastAPI app: the Gradio page at /, POST /api/classify, GET /api/health. Serve it with `run_server`.
+    Gradio's usage analytics stay off unless GRADIO_ANALYTICS_ENABLED says otherwise."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read by Gradio as it is imported
     import gradio as gr  # optional: `serve` checks it is installed first
 
     classifier = Classifier(loaded, concurrency, layer)
@@ -232,9 +238,30 @@ async def _read_body(request) -> bytes:
     return b"".join(chunks)
 
 
+def port_taken(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no bar
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+def check_port(host: str, port: int) -> None:
+    """A port in use is said in one line with a free one to use, before the model loads."""
+    if port_taken(host, port):
+        free = next((p for p in range(port + 1, port + 50) if not port_taken(host, p)), None)
+        raise UserError(f"port {port} on {host} is taken (another server, or an earlier `serve` still running)"
+                        + (f": pick another with --port {free}" if free else ": pick another with --port"))
+
+
 def run_server(app, host: str = "127.0.0.1", port: int = 7860) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM)."""
-    import uvicorn
+    import uvicorn  # with Gradio, optional
 
     print("the page at /, JSON at POST /api/classify (the image's bytes as the body) and GET /api/health",
           flush=True)

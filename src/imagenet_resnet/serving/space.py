@@ -21,8 +21,17 @@ from .serve import example_images, model_card_markdown
 
 # What app.py imports: the package's core dependencies less matplotlib (only for plots), plus safetensors and
 # Gradio (pinned to the version the Space's `sdk_version` names, so that local runs match the Space).
-SPACE_REQUIREMENTS = ["torch>=2.1", "numpy>=1.24", "pillow>=10.0", "pyyaml>=6.0", "simplejpeg>=1.7", "tqdm>=4.60",
-                      "safetensors>=0.4"]
+SPACE_REQUIREMENTS = ["numpy>=1.24", "pillow>=10.0", "pyyaml>=6.0", "simplejpeg>=1.7", "tqdm>=4.60", "safetensors>=0.4"]
+# PyPI's torch for Linux is the CUDA build (about 5.7 GB with its CUDA libraries); a Space on CPU hardware
+# wants PyTorch's CPU-only wheel (about 0.2 GB), which PyTorch serves from its own index.
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def cpu_torch_requirement() -> str:
+    """torch pinned to this machine's version, as PyTorch's CPU-only build: the version the model was exported
+    with, without CUDA."""
+    version = importlib.metadata.version("torch").split("+")[0]
+    return f"torch=={version}+cpu"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # imagenet_resnet/, copied whole into the Space
 
 APP_PY = '''"""Serves the model in model.safetensors with imagenet-resnet's page: upload an image, see its top-5
@@ -83,7 +92,8 @@ def write_space(loaded: LoadedModel, out: Path, examples: list[Path] | None = No
         shipped = example_images(loaded, example_dir)
 
     (out / "app.py").write_text(APP_PY)
-    (out / "requirements.txt").write_text("\n".join([*SPACE_REQUIREMENTS, f"gradio=={gradio_version}"]) + "\n")
+    (out / "requirements.txt").write_text("\n".join([f"--extra-index-url {CPU_TORCH_INDEX}", cpu_torch_requirement(),
+                                                     *SPACE_REQUIREMENTS, f"gradio=={gradio_version}"]) + "\n")
     if not (out / ".gitattributes").exists():  # a clone of the Space keeps the Hub's own, which covers more
         (out / ".gitattributes").write_text(GITATTRIBUTES)
     (out / "README.md").write_text(_readme(loaded, gradio_version))

@@ -17,6 +17,9 @@ import torch
 from tqdm import tqdm
 
 
+ESTIMATE_AFTER_STEPS = 10  # the whole run's time is estimated once this many steps after the first
+
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -34,6 +37,7 @@ class StepReporter:
         self.steps_per_epoch, self.total_steps, self.every = steps_per_epoch, total_steps, every
         self.tty = enabled and sys.stdout.isatty()
         self.bar = None
+        self.estimate_from: tuple[int, float] | None = None  # (global step, time) of this process's first step
 
     def start_epoch(self, epoch: int, epochs: int, first_step: int) -> None:
         self.session_first = None
@@ -47,6 +51,10 @@ class StepReporter:
             return
         if self.session_first is None:
             self.session_first = (global_step, time.perf_counter())
+        if self.estimate_from is None:
+            self.estimate_from = self.session_first
+        elif global_step == self.estimate_from[0] + ESTIMATE_AFTER_STEPS:
+            self._estimate(global_step)
         if self.bar is not None:
             self.bar.update(1)
         if not self.every or global_step % self.every:
@@ -67,6 +75,14 @@ class StepReporter:
         else:
             self.log(f"epoch {epoch + 1} step {step + 1}/{self.steps_per_epoch} loss {loss:.4f} acc {top1:.1%} "
                      f"lr {lr:.4g} {images_per_sec:.0f} img/s | run ETA {eta}")
+
+    def _estimate(self, global_step: int) -> None:
+        """Once per process, from the steps after the first (which waits for the loader's workers to start)."""
+        first_step, started = self.estimate_from
+        per_step = (time.perf_counter() - started) / (global_step - first_step)
+        left = self.total_steps - global_step
+        self.log(f"estimate: {_duration(left * per_step)} for the {left:,} steps left, at {per_step:.3g} s per step "
+                 f"(steps {first_step + 1}-{global_step}); evaluation comes on top")
 
     def end_epoch(self) -> None:
         if self.bar is not None:

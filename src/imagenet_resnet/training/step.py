@@ -46,10 +46,12 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float) -> torch.opt
 
 @torch.no_grad()
 def evaluate(model, loader, normalize: DeviceNormalize, precision: str, skipped: SkippedImages | None = None,
-             flip: bool = False, confusion: torch.Tensor | None = None):
+             flip: bool = False, confusion: torch.Tensor | None = None, class_subset: torch.Tensor | None = None):
     """Top-1, top-5 and mean cross-entropy over every readable image of the loader; with `flip`, of the
     mean logits of each image and its mirror image (test-time augmentation). `confusion` (classes x
-    classes, int64, on the device), if given, counts (true, predicted) pairs."""
+    classes, int64, on the device), if given, counts (true, predicted) pairs. `class_subset`: the model's
+    label of each of the data's classes, when the data holds only some of them; the logits are then
+    restricted to those (labels and confusion are in the data's classes)."""
     model.eval()
     device = normalize.device
     correct1 = torch.zeros((), device=device, dtype=torch.int64)
@@ -67,6 +69,8 @@ def evaluate(model, loader, normalize: DeviceNormalize, precision: str, skipped:
             logits = model(images_in).float()
             if flip:
                 logits = (logits + model(images_in.flip(3)).float()) / 2
+        if class_subset is not None:
+            logits = logits[:, class_subset]
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]

@@ -4,7 +4,9 @@ process exits; the same command with --resume continues. Under torchrun every ra
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 
 import torch
 
@@ -39,9 +41,15 @@ class StopPolicy:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.signal is not None:  # a second Ctrl-C stops at once
+        if self.signal is not None:  # a second signal stops at once, without a checkpoint
             raise KeyboardInterrupt
         self.signal = signum
+        if self.world.is_main:  # said at once: a step can take minutes (a large model on a CPU)
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            again = "Ctrl-C again" if signum == signal.SIGINT else f"{name} again"
+            # os.write: a signal handler must not re-enter a buffered stream the main thread may be using
+            os.write(sys.stderr.fileno(), f"\n{name}: stopping after this step and saving last.pt "
+                                          f"({again} to quit now, without saving)\n".encode())
 
     def __exit__(self, *exc) -> None:
         for s, handler in self.previous.items():

@@ -5,21 +5,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ..config import Config, save_config
 from ..data.index import ImageIndex
-from ..data.loader import DeviceNormalize, EpochBatchSampler, ImageDataset, SkippedImages, build_loader
+from ..data.loader import DeviceNormalize, EpochBatchSampler, ImageDataset, SkippedImages, build_loader, stop_workers
 from ..data.prepared import open_splits
 from ..data.presets import make_eval_preset, make_train_preset, pipeline_description, progressive_size
 from ..errors import UserError
 from ..models import build_model, load_weights
-from ..runtime import compile_model, memory_format, resolve_precision, set_backend_flags
+from ..runtime import compile_model, memory_format, resolve_device, resolve_precision, set_backend_flags
 from . import distributed
 from .augment import MixAugment
 from .checkpoint import Checkpointer, Progress, TrainingState
@@ -181,8 +183,17 @@ def _resume(run: Run, checkpointer: Checkpointer, log: RunLog) -> None:
     changed = checkpointer.changed_settings(saved, cfg.to_dict())
     if changed:
         log(f"resuming with settings changed since the checkpoint: {', '.join(changed)}")
-    p = run.progress
-    log(f"resumed {checkpointer.last} at epoch {p.epoch} step {p.step_in_epoch} (global step {p.global_step})")
+    log(f"resumed {checkpointer.last} at {_where(run)}")
+
+
+def _where(run: Run) -> str:
+    """Where the run stands, numbered as the progress lines number epochs and steps (from 1)."""
+    p, epochs = run.progress, run.cfg.train.epochs
+    if p.epoch >= epochs:
+        return f"the end of all {epochs} epochs (global step {p.global_step})"
+    if p.step_in_epoch == 0:
+        return f"the start of epoch {p.epoch + 1}/{epochs} (global step {p.global_step})"
+    return f"epoch {p.epoch + 1}/{epochs}, after step {p.step_in_epoch}/{run.steps_per_epoch} (global step {p.global_step})"
 
 
 def _plan(run: Run, peak_lr: float) -> str:
@@ -195,6 +206,33 @@ def _plan(run: Run, peak_lr: float) -> str:
             f"global batch {run.global_batch} ({t.batch_size} per process x {t.accumulation_steps} accumulation x "
             f"{world.world_size}) | peak LR {peak_lr:.4g} ({cfg.optim.lr} per 256) | {run.steps_per_epoch} "
             f"steps/epoch x {t.epochs} epochs")
+
+
+@contextlib.contextmanager
+def _loader_workers(run: Run):
+    """The loaders' worker processes end with the run, however it ends (they ignore SIGTERM and Ctrl-C)."""
+    try:
+        yield
+    finally:
+        stop_workers(run.train_loader)
+        stop_workers(run.val_loader)
+
+
+def _cpu_hint(run: Run) -> str | None:
+    m = run.cfg.model
+    if run.device.type != "cpu" or (m.name in ("resnet18", "resnet34") and m.width <= 32):
+        return None
+    return (f"note: {m.name} at width {m.width} on the CPU is slow (see the estimate after the first steps); for a "
+            "quick run use --recipe small_cpu, or lower model.width (e.g. 16) and data.train_size (e.g. 64)")
+
+
+def dry_run(cfg: Config) -> str:
+    """What `train` would do with this config, without training: the resolved config and the plan line."""
+    world = distributed.Dist(world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    device = resolve_device(cfg.train.device)
+    run = build_run(cfg, world, device)
+    plan = _plan(run, lr_for_batch(cfg.optim.lr, run.global_batch))
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False) + f"\nplan: {plan}\n" + (f"{_cpu_hint(run)}\n" if _cpu_hint(run) else "")
 
 
 def _save(run: Run, checkpointer: Checkpointer, best: bool = False) -> None:
@@ -227,11 +265,13 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
     if world.is_main:  # resolved: with the LR the finder chose, if it ran
         save_config(cfg, out_dir / "config.yaml")
     log(_plan(run, peak_lr))
+    if _cpu_hint(run):
+        log(_cpu_hint(run))
     system = SystemSampler(device, t.sample_system_seconds) if world.is_main and t.sample_system_seconds > 0 else None
     reporter = StepReporter(out_dir, world.is_main, log, run.steps_per_epoch, run.steps_per_epoch * t.epochs,
                             t.log_every_steps, system, metrics.tensorboard)
     stop = StopPolicy(world, device, t.stop_at_step, t.checkpoint_every_steps)
-    with stop, metrics, system or contextlib.nullcontext():
+    with stop, metrics, system or contextlib.nullcontext(), _loader_workers(run):
         for epoch in range(run.progress.epoch, t.epochs):
             lr = train_one_epoch(run, epoch, schedule, stop, reporter, checkpointer, log)
             record = end_epoch(run, epoch, lr, system, log)
@@ -281,8 +321,8 @@ def train_one_epoch(run: Run, epoch: int, schedule: LRSchedule, stop: StopPolicy
             sums.fold_into(p)
             _save(run, checkpointer)
             if stopping:
-                log(f"{stopping}: saved {checkpointer.last} at global step {p.global_step}; run the same command "
-                    f"with --resume to continue")
+                log(f"{stopping}: saved {checkpointer.last} at {_where(run)}; run the same command with --resume "
+                    f"to continue")
                 raise stopping
     sums.fold_into(p)
     reporter.end_epoch()
