@@ -114,7 +114,7 @@ def checkpoint(tmp_path_factory, tiny_data) -> Path:
 
 def test_one_photo_gets_the_same_probabilities_from_evaluate_predict_serve_and_onnx(checkpoint, tmp_path):
     """Issue 14: predict and serve disagreed (tench: 65.49% against 59.65%): they read images two ways."""
-    from imagenet_resnet.serving.inference import predict
+    from imagenet_resnet.serving.inference import image_sources, predict
 
     loaded = load_model(checkpoint, "cpu")
     photo = tmp_path / "photo.jpg"
@@ -125,7 +125,7 @@ def test_one_photo_gets_the_same_probabilities_from_evaluate_predict_serve_and_o
         evaluated = loaded.model(loaded.normalize(torch.from_numpy(pixels[None]))).float().softmax(1)[0]
     assert np.array_equal(loaded.input_pixels(photo), pixels)
     expected = sorted(((round(float(p), 5), loaded.classes[k]) for k, p in enumerate(evaluated)), reverse=True)[:5]
-    predicted = predict(loaded, [photo])[0]["top"]
+    predicted = predict(loaded, image_sources([str(photo)]))[0]["top"]
     served, _ = Classifier(loaded)(photo)
     for answer in (predicted, served):
         assert [(t["probability"], t["class"]) for t in answer] == expected

@@ -267,7 +267,8 @@ def cmd_evaluate(args) -> int:
              f"data        {report['data']}: {report['images']:,} val images"
              + (f" ({report['skipped_images']} unreadable, skipped)" if report["skipped_images"] else "")
              + f", {report['size']} px, {report['pipeline']} pipeline" + (", flip averaged" if report["flip"] else ""),
-             f"top-1       {report['top1']:.2%}", f"top-5       {report['top5']:.2%}", f"loss        {report['loss']:.4f}"]
+             f"top-1       {report['top1']:.2%}", f"top-5       {report['top5']:.2%}",
+             f"loss        {report['loss']:.4f}"]
     if "classes" in report:
         lines.append(f"classes     {report['classes']}")
     if report["most_confused"]:
@@ -398,7 +399,7 @@ def next_step_after_prepare(out: str, manifest: dict) -> str:
     ResNet-50 budget on GPUs for ImageNet-sized data, minutes on a CPU for a small dataset."""
     train = manifest["splits"].get("train", {}).get("images", 0)
     if not train:
-        return f"next: imagenet-resnet evaluate --checkpoint RUN/best.pt --data {out}  (a val-only copy: for evaluation)"
+        return f"next: imagenet-resnet evaluate --checkpoint RUN/best.pt --data {out}  (a val-only copy, to evaluate)"
     import torch  # only to see whether there is a GPU
 
     gpu = torch.cuda.is_available()

@@ -28,7 +28,12 @@ class ModelConfig:
     zero_init_residual: bool = True  # last BN of each block starts at zero
     channels_last: bool = True  # NHWC memory layout on the GPU (faster convs with tensor cores)
     blurpool: bool = False  # low-pass before every strided conv (FFCV's ResNet-50 recipes); same weights' names
-    variant: str = "b"  # b: torchvision's ResNet (v1.5); c: + deep 3x3 stem; d: + average-pool shortcuts (timm's resnet50d)
+    variant: str = "b"  # b: torchvision's (v1.5); c: + deep 3x3 stem; d: + average-pool shortcuts (timm's resnet50d)
+
+    def describe(self) -> str:
+        """The architecture in a few words: resnet50, resnet50-D, resnet18 (width 16)."""
+        return (self.name if self.variant == "b" else f"{self.name}-{self.variant.upper()}") + (
+            "" if self.width == 64 else f" (width {self.width})")
 
 
 @dataclass

@@ -14,6 +14,8 @@ without renaming, and ours load there.
 
 from __future__ import annotations
 
+import pickle
+
 import torch
 from torch import nn
 
@@ -200,8 +202,11 @@ def load_weights(model: nn.Module, path: str) -> bool:
     mismatch is an error. Returns whether the head was replaced."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for unreadable or unsafe files
-        raise UserError(f"{path}: not a loadable weights file ({type(e).__name__}: {e})") from e
+    except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and plain data
+        raise UserError(f"{path}: holds pickled objects other than weights (code, possibly), so it was not "
+                        "loaded; use a state dict saved with torch.save(model.state_dict(), ...)") from e
+    except Exception as e:  # torch raises several types for unreadable files
+        raise UserError(f"{path}: not a loadable weights file ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     for key in ("model", "state_dict"):  # our checkpoints; training scripts' {"state_dict": ...}
         if isinstance(state.get(key), dict):
             state = state[key]

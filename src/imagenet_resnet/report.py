@@ -6,17 +6,11 @@ written) and on a resumed one (a resume drops the records past its checkpoint be
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-
-
-def _records(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from .training.monitor import read_records
 
 
 def training_log_markdown(epochs: list[dict]) -> str:
@@ -54,7 +48,8 @@ class _Series:
 
 def _losses(ax, s: _Series) -> None:
     if s.steps:
-        ax.plot(s.x_step, [r["loss"] for r in s.steps], color="#bbbbbb", linewidth=0.8, label="train (running, sampled steps)")
+        ax.plot(s.x_step, [r["loss"] for r in s.steps], color="#bbbbbb", linewidth=0.8,
+                label="train (running, sampled steps)")
     ax.plot(s.x_epoch, [r["train_loss"] for r in s.epochs], "o-", label="train (epoch)")
     val = [(r["epoch"], r["val_loss"]) for r in s.epochs if r.get("val_loss") is not None]
     if val:
@@ -126,7 +121,7 @@ def make_report(run: str | Path, out: str | Path | None = None) -> dict:
     import matplotlib.pyplot as plt
 
     run = Path(run)
-    epochs, steps = _records(run / "metrics.jsonl"), _records(run / "steps.jsonl")
+    epochs, steps = read_records(run / "metrics.jsonl"), read_records(run / "steps.jsonl")
     if not epochs and not steps:
         raise UserError(f"{run}: no metrics.jsonl or steps.jsonl yet; is this a run folder?")
     out = Path(out) if out else run / "report"

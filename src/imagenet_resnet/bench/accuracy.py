@@ -11,7 +11,6 @@ predictions differ from the first pipeline's.
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from ..data.presets import make_eval_preset, pipeline_description
 from ..errors import UserError
 from ..runtime import autocast
 from ..serving.inference import LoadedModel, load_model
+from ..training.monitor import read_records
 from .record import write_record
 
 
@@ -36,7 +36,7 @@ def _finished_metrics(run_dir: Path, epochs: int) -> list[dict] | None:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         return None
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = read_records(metrics)
     return records if records and records[-1]["epoch"] == epochs else None
 
 
@@ -157,7 +157,7 @@ def bench_accuracy(args) -> dict:
     top1 = _summary([r["val_top1"] for r in runs])
     record = {
         "benchmark": "accuracy", "dataset": args.dataset or Path(args.data).name, "data": args.data,
-        "model": m.name + ("" if m.variant == "b" else f"-{m.variant.upper()}") + ("" if m.width == 64 else f" (width {m.width})"),
+        "model": m.describe(),
         "res": cfg.data.train_size, "eval_res": cfg.data.eval_size, "eval_flip": cfg.data.eval_flip,
         "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size * cfg.train.accumulation_steps,
         "recipe": args.recipe, "overrides": args.overrides, "pipeline": pipeline_description(cfg.data.pipeline),

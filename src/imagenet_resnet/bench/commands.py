@@ -74,7 +74,8 @@ def _e2e(bench_sub) -> None:
     e.add_argument("--res", type=int, default=224, help="default 224")
     e.add_argument("--batch-size", type=int, default=256, help="default 256")
     e.add_argument("--precision", default="bf16", choices=PRECISIONS, help="default bf16")
-    e.add_argument("--compile", metavar="MODE", help="torch.compile mode (default, max-autotune, ...; not given: eager)")
+    e.add_argument("--compile", metavar="MODE", help="torch.compile mode (default, max-autotune, ...); eager when "
+                   "not given")
     e.add_argument("--workers", type=int, default=-1, help="loader processes (default: every core, at most 16)")
     e.add_argument("--steps", type=int, default=100, help="timed steps (default 100)")
     e.add_argument("--warmup", type=int, default=20, help="untimed steps first (default 20)")

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..errors import UserError
+from ..errors import DISK_FULL, UserError, disk_full
 from .index import ImageIndex
 from .prepared import FORMAT, MANIFEST, SPLITS, STAGING, finish_switch, index_path, read_manifest, write_switch
 from .presets import unreadable_reason
@@ -288,27 +288,37 @@ def prepare(source_path: str | Path, out: str | Path, pack: bool = False, settin
     for note in source.notes:
         print(f"  {note}", file=sys.stderr)
     indexes, kinds_of, counts, problems = _check_splits(source, limit, pack, workers)
-    stage = out / STAGING
-    packed_info, packed_bytes = None, None
-    if pack:
-        packed_info, packed_bytes = _pack(source_path, out, indexes, kinds_of, counts, problems, settings, limit, workers)
+    try:
+        packed_info, packed_bytes = None, None
+        if pack:
+            packed_info, packed_bytes = _pack(source_path, out, indexes, kinds_of, counts, problems, settings, limit,
+                                              workers)
+        manifest = {
+            "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "source": {"kind": source.kind, "path": str(Path(source_path).resolve())},
+            "classes": source.classes, "class_names": source.names, "limit_per_class": limit,
+            "splits": counts, "problems": {k: sum(1 for p in problems if p[2] == k) for k in EXCLUDED + CONVERTED},
+            "packed": packed_info,
+        }
+        _stage(out / STAGING, indexes, problems, manifest)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full(Path(e.filename or out), e, "run the same prepare again: it resumes its packing") from e
+        raise
+    write_switch(out, [index_path(Path(), s).name for s in SPLITS if s not in indexes])
+    _print_summary(source, counts, problems, out, packed_bytes)
+    return manifest
+
+
+def _stage(stage: Path, indexes: dict, problems: list, manifest: dict) -> None:
+    """The new index files, problems.tsv and manifest, beside the old ones until the switch."""
     stage.mkdir(parents=True, exist_ok=True)
     for split, index in indexes.items():
         index.save(stage / index_path(Path(), split).name)
     with open(stage / "problems.tsv", "w") as f:
         f.write("split\twhere\tkind\taction\tdetail\n")
         f.writelines("\t".join(str(x).replace("\t", " ").replace("\n", " ") for x in row) + "\n" for row in problems)
-    manifest = {
-        "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "source": {"kind": source.kind, "path": str(Path(source_path).resolve())},
-        "classes": source.classes, "class_names": source.names, "limit_per_class": limit,
-        "splits": counts, "problems": {k: sum(1 for p in problems if p[2] == k) for k in EXCLUDED + CONVERTED},
-        "packed": packed_info,
-    }
     (stage / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    write_switch(out, [index_path(Path(), s).name for s in SPLITS if s not in indexes])
-    _print_summary(source, counts, problems, out, packed_bytes)
-    return manifest
 
 
 def _check_splits(source: Source, limit: int, pack: bool, workers: int):

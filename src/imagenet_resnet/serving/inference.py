@@ -66,8 +66,7 @@ def model_card(cfg: Config, classes: list[str], metrics: dict[str, Any], saved_a
     """Plain facts about a trained model: architecture, classes, validation accuracy, epochs, when."""
     m = cfg.model
     return {
-        "architecture": (m.name if m.variant == "b" else f"{m.name}-{m.variant.upper()}")
-        + ("" if m.width == 64 else f" (width {m.width})"),
+        "architecture": m.describe(),
         "blurpool": m.blurpool,
         "parameters": parameters,
         "num_classes": len(classes),

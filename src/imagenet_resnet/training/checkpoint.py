@@ -1,15 +1,19 @@
 """Checkpoints: what one holds, atomic writes, and resuming from one.
 
-Writes go to a temporary file, which is fsynced and renamed over the old one before the folder is fsynced: a
-crash or a full disk mid-write leaves the previous checkpoint whole. Checkpoints hold only tensors and plain
-Python data, and load with `weights_only=True`: loading one never runs code.
+A checkpoint is serialised in memory, written to a temporary file, fsynced and renamed over the old one, and
+then the folder is fsynced: a crash, a kill or a full disk mid-write leaves the previous checkpoint whole.
+last.pt's predecessor is kept as previous.pt, so that a last.pt damaged later (a bad copy, a bad disk) still
+leaves a checkpoint to resume from. Checkpoints hold only tensors and plain Python data, and load with
+`weights_only=True`: loading one never runs code.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,19 +22,26 @@ import torch
 
 from ..config import Config
 from ..data.classes import display_name
-from ..errors import UserError
+from ..errors import DISK_FULL, UserError, disk_full
 from ..models import clean_state_dict
 
-
-def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
+def write_atomic(data: bytes, path: str | Path, keep_previous: str | Path | None = None) -> None:
+    """Write `data` as `path` or not at all. With `keep_previous`, the file it replaces is kept under that name."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)  # a crash right here leaves keep_previous: one checkpoint older
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in DISK_FULL:
+            raise disk_full(path, e) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -41,16 +52,38 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
         os.close(dir_fd)
 
 
+def save_atomic(obj: dict[str, Any], path: str | Path, keep_previous: str | Path | None = None) -> None:
+    """torch.save, all or nothing. Serialised in memory first, so that a full disk is an OSError of our own
+    write, not an error deep inside torch's zip writer."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomic(buffer.getbuffer(), path, keep_previous)
+
+
+class DamagedCheckpoint(UserError):
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"checkpoint {path} {reason}")
+        self.reason = reason
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint's contents, after checking every record against its CRC-32: torch.load itself reads a
+    flipped bit as a different weight, silently."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found")
     try:
+        with zipfile.ZipFile(path) as archive:  # torch.save writes a zip file with a checksum per record
+            failed = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as e:  # cut short, or not a checkpoint at all
+        raise DamagedCheckpoint(path, f"could not be read ({type(e).__name__}); it is damaged or not one of ours") from e
+    if failed is not None:
+        raise DamagedCheckpoint(path, f"is damaged: its record {failed} fails its checksum")
+    try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for damaged or unsafe files
-        raise UserError(
-            f"checkpoint {path} could not be read ({type(e).__name__}); it is damaged or not one of ours"
-        ) from e
+    except Exception as e:  # torch raises several types for files it refuses (pickled code among them)
+        raise DamagedCheckpoint(path, f"could not be read ({type(e).__name__}); it is damaged or not one of "
+                                "ours") from e
 
 
 def rng_state() -> dict[str, Any]:
@@ -95,12 +128,19 @@ class TrainingState:
 
 
 class Checkpointer:
-    """last.pt and best.pt of one run folder (as timm's CheckpointSaver): the state assembled into one dict,
-    written atomically by rank 0, and read back into a run with a check of the settings that changed."""
+    """last.pt (with previous.pt, its predecessor) and best.pt of one run folder, as timm's CheckpointSaver:
+    the state assembled into one dict, written atomically by rank 0, and read back into a run, falling back
+    to previous.pt when last.pt is damaged."""
 
     def __init__(self, out_dir: Path, is_main: bool, cfg: Config, classes: list[str], accumulation_steps: int = 1):
-        self.last, self.best = out_dir / "last.pt", out_dir / "best.pt"
+        self.last, self.previous, self.best = out_dir / "last.pt", out_dir / "previous.pt", out_dir / "best.pt"
         self.is_main, self.cfg, self.classes, self.accumulation_steps = is_main, cfg, classes, accumulation_steps
+        if is_main:  # temporary files of writes that a kill cut short
+            for stale in out_dir.glob(".*.pt.*.tmp"):
+                stale.unlink(missing_ok=True)
+
+    def exists(self) -> bool:
+        return self.last.exists() or self.previous.exists()
 
     def state_dict(self, state: TrainingState) -> dict[str, Any]:
         p = state.progress
@@ -116,20 +156,40 @@ class Checkpointer:
         }
 
     def save(self, state: TrainingState, best: bool = False) -> None:
-        """last.pt, and best.pt too when `best`; rank 0 only."""
+        """last.pt (the one before kept as previous.pt), and first best.pt when `best`: should the process die
+        between the two, the resume from the older last.pt redoes the epoch and writes best.pt again. Rank 0 only."""
         if not self.is_main:
             return
-        checkpoint = self.state_dict(state)
-        save_atomic(checkpoint, self.last)
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(state), buffer)
         if best:
-            save_atomic(checkpoint, self.best)
+            write_atomic(buffer.getbuffer(), self.best)
+        write_atomic(buffer.getbuffer(), self.last, keep_previous=self.previous)
 
-    def resume(self, state: TrainingState, map_location: torch.device) -> dict[str, Any] | None:
-        """Load last.pt into `state` (weights, optimizer, scaler, EMA, RNG, progress, metrics) and return the
-        config it was saved with; None when there is no last.pt yet."""
-        if not self.last.exists():
-            return None
-        saved = load(self.last, map_location=map_location)
+    def resume(self, state: TrainingState, map_location: torch.device) -> tuple[dict[str, Any] | None, str | None]:
+        """Load the newest intact checkpoint (last.pt, else previous.pt) into `state`: weights, optimizer, scaler,
+        EMA, RNG, progress, metrics. Returns the config it was saved with (None: no checkpoint yet) and, when
+        last.pt could not be used, what happened to it."""
+        damaged = []
+        for path in (self.last, self.previous):
+            if not path.exists():
+                damaged.append(f"{path.name} missing")
+                continue
+            try:
+                saved = load(path, map_location=map_location)
+            except DamagedCheckpoint as e:
+                damaged.append(f"{path.name} {e.reason}")
+                continue
+            self._restore(state, saved)
+            note = None if path == self.last else f"{'; '.join(damaged)}: resumed from {path.name}, one checkpoint older"
+            return saved["config"], note
+        if not self.exists():
+            return None, None
+        raise UserError(f"{self.last.parent}: no intact checkpoint to resume from ({'; '.join(damaged)}); move the "
+                        "folder aside to start the run again")
+
+    @staticmethod
+    def _restore(state: TrainingState, saved: dict[str, Any]) -> None:
         state.model.load_state_dict(clean_state_dict(saved["model"]))
         state.optimizer.load_state_dict(saved["optimizer"])
         state.scaler.load_state_dict(saved["scaler"])
@@ -139,7 +199,6 @@ class Checkpointer:
         for key, value in saved["progress"].items():
             setattr(state.progress, key, value)
         state.metrics = saved.get("metrics") or {}
-        return saved["config"]
 
     @staticmethod
     def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

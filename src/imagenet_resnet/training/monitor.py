@@ -5,6 +5,7 @@ use sampled in the background."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 import threading
@@ -15,6 +16,9 @@ from pathlib import Path
 import torch
 
 from tqdm import tqdm
+
+from ..errors import DISK_FULL, disk_full
+from .checkpoint import write_atomic
 
 
 ESTIMATE_AFTER_STEPS = 10  # the whole run's time is estimated once this many steps after the first
@@ -68,8 +72,7 @@ class StepReporter:
             record.update(self.system.take("steps"))
         if self.tensorboard is not None:
             self.tensorboard.add("train", record, global_step)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {loss:.4f} acc {top1:.1%} lr {lr:.3g} {images_per_sec:.0f} img/s run ETA {eta}")
         else:
@@ -90,6 +93,17 @@ class StepReporter:
             self.bar = None
 
 
+def append_line(path: Path, line: str) -> None:
+    """One record at the end of a JSON-lines file; a full disk is said in one line (the run stops, resumable)."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full(path, e) from e
+        raise
+
+
 class MetricsSink:
     """The epoch records of a run, on rank 0: metrics.jsonl, metrics.csv mirroring it, and TensorBoard events.
     A resumed run first drops the records past its checkpoint (it is about to write them again)."""
@@ -105,8 +119,7 @@ class MetricsSink:
     def epoch(self, record: dict, global_step: int) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
         write_metrics_csv(self.path)
         self.tensorboard.add("epoch", record, global_step)
 
@@ -117,24 +130,39 @@ class MetricsSink:
         self.tensorboard.__exit__(*exc)
 
 
+def read_records(path: Path) -> list[dict]:
+    """The JSON lines of a metrics file; a line cut short (by a kill, or a full disk) is left out."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def write_metrics_csv(metrics_jsonl: Path) -> None:
-    """metrics.csv beside metrics.jsonl: the same records, for spreadsheets."""
-    records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    """metrics.csv beside metrics.jsonl: the same records, for spreadsheets (replaced whole)."""
+    records = read_records(metrics_jsonl)
     columns = list(dict.fromkeys(key for record in records for key in record))
-    with open(metrics_jsonl.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(records)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(records)
+    write_atomic(text.getvalue().encode(), metrics_jsonl.with_suffix(".csv"))
 
 
 def drop_records_after(path: Path, key: str, last: int) -> None:
-    """A resumed run repeats what came after its checkpoint: drop those records (key > last)."""
+    """A resumed run repeats what came after its checkpoint: drop those records (key > last), and any line a
+    kill cut short."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)[key] <= last]
-    if len(kept) != len(lines):
-        path.write_text("".join(line + "\n" for line in kept))
+    records = read_records(path)
+    kept = [r for r in records if r[key] <= last]
+    if len(kept) != len(path.read_text().splitlines()):
+        write_atomic("".join(json.dumps(r) + "\n" for r in kept).encode(), path)
 
 
 class TensorBoardLog:

@@ -171,19 +171,21 @@ def find_lr(cfg: Config, out_png: str | Path, start_lr: float = 1e-5, end_lr: fl
 
 
 def _resume(run: Run, checkpointer: Checkpointer, log: RunLog) -> None:
-    """Continue from last.pt: its state, and its LR if the LR finder chose it."""
+    """Continue from the newest intact checkpoint: its state, and its LR if the LR finder chose it."""
     cfg = run.cfg
-    saved = checkpointer.resume(run.state, run.device)
+    saved, fell_back = checkpointer.resume(run.state, run.device)
     if saved is None:
         log(f"--resume: no {checkpointer.last} yet, starting a new run")
         return
+    if fell_back:
+        log(fell_back)
     if cfg.optim.find_lr:  # keep the LR the finder chose when the run started
         cfg.optim.lr = saved["optim"]["lr"]
     run.skipped.count = run.progress.skipped_images
     changed = checkpointer.changed_settings(saved, cfg.to_dict())
     if changed:
         log(f"resuming with settings changed since the checkpoint: {', '.join(changed)}")
-    log(f"resumed {checkpointer.last} at {_where(run)}")
+    log(f"resumed {checkpointer.previous if fell_back else checkpointer.last} at {_where(run)}")
 
 
 def _where(run: Run) -> str:
@@ -199,9 +201,8 @@ def _where(run: Run) -> str:
 def _plan(run: Run, peak_lr: float) -> str:
     """The first log line: what will be trained, where, and how."""
     cfg, t, world = run.cfg, run.cfg.train, run.world
-    variant = "" if cfg.model.variant == "b" else f"-{cfg.model.variant.upper()}"
     pipeline = "" if cfg.data.pipeline == "fast" else f" | {pipeline_description(cfg.data.pipeline)} pipeline"
-    return (f"{cfg.model.name}{variant} | {len(run.train_index.classes)} classes | train {len(run.train_set)} / val "
+    return (f"{cfg.model.describe()} | {len(run.train_index.classes)} classes | train {len(run.train_set)} / val "
             f"{len(run.val_set)} images{pipeline} | {run.device} {run.precision} | {world.world_size} process(es) | "
             f"global batch {run.global_batch} ({t.batch_size} per process x {t.accumulation_steps} accumulation x "
             f"{world.world_size}) | peak LR {peak_lr:.4g} ({cfg.optim.lr} per 256) | {run.steps_per_epoch} "
@@ -235,6 +236,21 @@ def dry_run(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False) + f"\nplan: {plan}\n" + (f"{_cpu_hint(run)}\n" if _cpu_hint(run) else "")
 
 
+@contextlib.contextmanager
+def _worker_deaths(checkpointer: Checkpointer):
+    """A loader worker killed from outside (the out-of-memory killer, most often) surfaces as a RuntimeError at
+    any point of a step: nothing is saved then, and the run stops in one line, resumable from its last
+    checkpoint (under torchrun with --max-restarts, torchrun resumes it)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise UserError(f"a data-loading process died ({e}); the out-of-memory killer is the usual cause: lower "
+                        "data.workers or data.prefetch_batches, or free memory, then run the same command with "
+                        f"--resume: {checkpointer.last.name} holds the last checkpoint") from e
+
+
 def _save(run: Run, checkpointer: Checkpointer, best: bool = False) -> None:
     run.progress.skipped_images = run.skipped.count
     checkpointer.save(run.state, best)
@@ -245,14 +261,14 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
     """Train, evaluate and checkpoint for cfg.train.epochs; returns the last epoch's record."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / "last.pt").exists() and not resume:
+    if ((out_dir / "last.pt").exists() or (out_dir / "previous.pt").exists()) and not resume:
         raise UserError(f"{out_dir} already holds a run; add --resume to continue it, or pick another --out")
     world, device = distributed.init(cfg.train.device)
     log = RunLog(out_dir, enabled=world.is_main)
     run = build_run(cfg, world, device)
     t = cfg.train
     checkpointer = Checkpointer(out_dir, world.is_main, cfg, run.train_index.classes, t.accumulation_steps)
-    if cfg.optim.find_lr and not (resume and checkpointer.last.exists()):
+    if cfg.optim.find_lr and not (resume and checkpointer.exists()):
         picks = _sweep(run).suggestion()
         cfg.optim.lr = lr_per_256(picks["suggested_lr"], run.global_batch)  # per 256 images, as configs give it
         log(f"LR finder: lowest smoothed loss at {picks['min_loss_lr']:.3g}; training with peak LR "
@@ -271,7 +287,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
     reporter = StepReporter(out_dir, world.is_main, log, run.steps_per_epoch, run.steps_per_epoch * t.epochs,
                             t.log_every_steps, system, metrics.tensorboard)
     stop = StopPolicy(world, device, t.stop_at_step, t.checkpoint_every_steps)
-    with stop, metrics, system or contextlib.nullcontext(), _loader_workers(run):
+    with stop, metrics, system or contextlib.nullcontext(), _loader_workers(run), _worker_deaths(checkpointer):
         for epoch in range(run.progress.epoch, t.epochs):
             lr = train_one_epoch(run, epoch, schedule, stop, reporter, checkpointer, log)
             record = end_epoch(run, epoch, lr, system, log)
@@ -279,8 +295,10 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
             if is_best:
                 run.progress.best_top1 = record["val_top1"]
             run.state.metrics = record
-            _save(run, checkpointer, best=is_best)
+            # The record first: should the process die before last.pt is written, the resume drops it and
+            # redoes the epoch, where in the other order the record would be lost.
             metrics.epoch(record, run.progress.global_step)
+            _save(run, checkpointer, best=is_best)
     if run.skipped.count:
         log(f"{run.skipped.count} unreadable images were skipped (named in the warnings above)")
     return run.state.metrics
