@@ -22,6 +22,7 @@ from . import __version__
 from .bench import commands as bench_commands
 from .config import MODEL_NAMES, PIPELINES, Config, load_config
 from .errors import UserError
+from .storage import is_url
 
 DEMO_DATA_DEFAULT = Path.home() / ".cache" / "imagenet-resnet" / "shapes"
 
@@ -65,7 +66,13 @@ def _train_parser(sub, name: str, help: str, description: str) -> argparse.Argum
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--batch-size", type=int, help="images per process per forward pass (override the recipe's)")
     if name == "train":
-        p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt if there is one")
+        p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt if there is one (with "
+                       "--mirror: from the mirror's checkpoint when it is newer, or RUN is missing)")
+        p.add_argument("--mirror", metavar="URL", help="also upload the run folder there as it is written, in the "
+                       "background (s3://bucket/prefix or any fsspec URL; credentials from AWS_* variables or "
+                       'profiles; pip install "imagenet-resnet[cloud]")')
+        p.add_argument("--mirror-wait", type=float, default=300.0, metavar="SECONDS", help="at the end (or on "
+                       "SIGTERM), wait at most this long for the uploads to finish")
         p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan (model, "
                        "device, precision, global batch, steps) and exit without training")
         p.add_argument("--init-from", help="start from these weights (torchvision/timm ResNet state dict or one of "
@@ -216,6 +223,9 @@ def cmd_train(args) -> int:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (args.data and args.out):
         raise UserError("under torchrun give --data and --out, so that every process uses the same folders")
+    if is_url(args.out or ""):
+        raise UserError(f"--out {args.out}: the run folder is on this machine; to keep it in object storage too, "
+                        "add --mirror URL")
     if not args.data:
         args.data = str(make_shapes_dataset(DEMO_DATA_DEFAULT))
         print(f"no --data given: training on the built-in shapes dataset in {args.data}"
@@ -226,7 +236,7 @@ def cmd_train(args) -> int:
         return 0
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        metrics = train(cfg, out, resume=args.resume)
+        metrics = train(cfg, out, resume=args.resume, mirror=args.mirror, mirror_wait=args.mirror_wait)
     except RunStopped as stop:
         return stop.exit_code
     finally:

@@ -6,6 +6,8 @@ Three kinds of storage:
            (the official ILSVRC2012 tars read in place, and our packed shards);
 - parquet: row `offsets[i]` of parquet file `files[file_ids[i]]` (Hugging Face shards; read in order to
            pack them, since a parquet row cannot be read on its own cheaply).
+`root` is a URL (s3://...) for a source that `prepare` reads from object storage: ranges and parquet only,
+read to be packed (`read_many` fetches nearby byte ranges together).
 
 Everything per image is a numpy array, never a list of Python objects: data-loader workers fork with the
 index, and numpy arrays are shared copy-on-write without reference counts touching every page. An index
@@ -21,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import storage
 from ..errors import UserError
 
 
 @dataclass
 class ImageIndex:
     storage: str
-    root: Path  # files: the folder names are relative to; ranges/parquet: the folder `files` are relative to
+    root: Path | str  # files: the folder names are relative to; ranges/parquet: the folder (or URL) of `files`
     names: np.ndarray  # bytes: relative path (files) or a name for messages (ranges, parquet)
     labels: np.ndarray  # int32 label per image
     classes: list[str]  # class ids (WordNet IDs or folder names), in label order
@@ -37,7 +40,7 @@ class ImageIndex:
     sizes: np.ndarray | None = None  # int64 byte count (ranges)
 
     def __post_init__(self):
-        self.root = Path(self.root)
+        self.root = self.root if storage.is_url(self.root) else Path(self.root)
         self._handles: dict = {}
 
     def __len__(self) -> int:
@@ -51,15 +54,46 @@ class ImageIndex:
         if self.storage == "files":
             return self.path(i)
         where = f"byte {self.offsets[i]}" if self.storage == "ranges" else f"row {self.offsets[i]}"
-        return f"{self.root / self.files[self.file_ids[i]]} ({where}: {self.names[i].decode()})"
+        return f"{storage.join(self.root, self.files[self.file_ids[i]])} ({where}: {self.names[i].decode()})"
 
     def read(self, i: int) -> bytes:
         if self.storage == "files":
             with open(self.path(i), "rb") as f:
                 return f.read()
+        if self.storage == "ranges" and storage.is_url(self.root):
+            found = self.read_many([i])[0]
+            if isinstance(found, OSError):
+                raise found
+            return found
         if self.storage == "ranges":
             return os.pread(self._handle(int(self.file_ids[i])), int(self.sizes[i]), int(self.offsets[i]))
         return self._parquet_row(int(self.file_ids[i]), int(self.offsets[i]))
+
+    def read_many(self, positions) -> list[bytes | OSError]:
+        """The bytes of several images, each an OSError where reading it failed; from a URL the byte ranges
+        are fetched together, nearby ones in one request (so reading in storage order streams), and a failure
+        to reach the store is an error of its own: nothing is judged unreadable for it."""
+        positions = [int(i) for i in positions]
+        if not (self.storage == "ranges" and storage.is_url(self.root)):
+            return [self._read_or_error(i) for i in positions]
+        found: list = [None] * len(positions)
+        for file_id in sorted({int(self.file_ids[i]) for i in positions}):
+            picks = [k for k, i in enumerate(positions) if self.file_ids[i] == file_id]
+            starts = [int(self.offsets[positions[k]]) for k in picks]
+            ends = [start + int(self.sizes[positions[k]]) for start, k in zip(starts, picks)]
+            url = storage.join(self.root, self.files[file_id])
+            for k, data in zip(picks, storage.read_ranges(url, starts, ends)):
+                if isinstance(data, Exception):
+                    raise UserError(f"{url}: reading failed ({storage.redact(str(data))}); check the network and the "
+                                    "credentials, then run the same command again") from data
+                found[k] = data
+        return found
+
+    def _read_or_error(self, i: int) -> bytes | OSError:
+        try:
+            return self.read(i)
+        except OSError as e:
+            return e
 
     def _handle(self, file_id: int):
         # Opened lazily in each process: a forked worker opens its own descriptors (pread has no shared offset).
@@ -74,7 +108,8 @@ class ImageIndex:
         # Per process: the open file with its row-group starts, and the last row group read (rows are read in order).
         key = ("parquet", os.getpid(), file_id)
         if key not in self._handles:
-            parquet = pq.ParquetFile(self.root / self.files[file_id])
+            where = storage.join(self.root, self.files[file_id])
+            parquet = pq.ParquetFile(storage.open_read(where, 1 << 20) if storage.is_url(where) else where)
             sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
             self._handles[key] = (parquet, np.cumsum([0] + sizes))
         parquet, starts = self._handles[key]
@@ -107,6 +142,8 @@ class ImageIndex:
             root = root if not root.startswith("..") else str(self.root.resolve())
         except ValueError:  # another drive (Windows)
             root = str(self.root.resolve())
+        except AttributeError:  # a URL (a str), stored as it is
+            root = self.root
         meta = {"storage": self.storage, "root": root, "classes": self.classes, "files": self.files}
         arrays = {"names": self.names, "labels": self.labels, "meta": np.array(json.dumps(meta))}
         for key in ("file_ids", "offsets", "sizes"):
@@ -128,6 +165,6 @@ class ImageIndex:
                 arrays = {k: z[k] for k in z.files if k != "meta"}
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"{path}: not a readable image index ({e}); run `imagenet-resnet prepare` again") from e
-        root = Path(meta["root"])
-        root = root if root.is_absolute() else path.parent / root
+        root = meta["root"] if storage.is_url(meta["root"]) else Path(meta["root"])
+        root = root if storage.is_url(root) or root.is_absolute() else path.parent / root
         return cls(meta["storage"], root, classes=meta["classes"], files=meta["files"], **arrays)

@@ -8,6 +8,9 @@
 3. With --pack: images are re-encoded once as RGB JPEG with the short side capped, into shard files of
    consecutive JPEGs plus an offset index (random access with one pread, exact shuffling). Shards are
    written in parallel, each atomically, so an interrupted run resumes at the first unfinished shard.
+
+A source at a URL (s3://...: the official tars or parquet shards) is read in place, without a local copy, and
+always packed: the images are fetched by byte range, a few hundred at a time, nearby ones in one request.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .. import storage
 from ..errors import DISK_FULL, UserError, disk_full
 from .index import ImageIndex
 from .prepared import FORMAT, MANIFEST, SPLITS, STAGING, finish_switch, index_path, read_manifest, write_switch
@@ -87,16 +91,21 @@ def _count(n: int) -> None:
         _worker["counter"].value += n
 
 
+def _images(index: ImageIndex, start: int, stop: int, batch: int = 256):
+    """(position, bytes or the OSError reading them raised) of images start..stop-1, `batch` read at once."""
+    for first in range(start, stop, batch):
+        positions = range(first, min(first + batch, stop))
+        yield from zip(positions, index.read_many(positions))
+
+
 def _check_chunk(bounds: tuple[int, int]):
     index, start, stop = _worker["index"], bounds[0], bounds[1]
     codes = np.zeros(stop - start, np.uint8)
     sizes = np.zeros((stop - start, 2), np.int32)
     details = {}
-    for k, i in enumerate(range(start, stop)):
-        try:
-            data = index.read(i)
-        except OSError as e:
-            kind, detail, w, h = "unreadable", f"{type(e).__name__}: {e}", 0, 0
+    for k, (i, data) in enumerate(_images(index, start, stop)):
+        if isinstance(data, OSError):
+            kind, detail, w, h = "unreadable", f"{type(data).__name__}: {data}", 0, 0
         else:
             kind, detail, w, h = inspect(data, index.names[i].decode())
         codes[k], sizes[k] = KINDS.index(kind), (w, h)
@@ -140,9 +149,11 @@ def _pack_shard(shard: int):
     sizes = np.zeros(stop - start, np.int64)
     failed = {}
     with open(part_path, "wb") as f:
-        for k, i in enumerate(range(start, stop)):
+        for k, (i, data) in enumerate(_images(index, start, stop)):
             try:
-                blob = encode_for_pack(index.read(i), _worker["kinds"][i], settings)
+                if isinstance(data, OSError):
+                    raise data
+                blob = encode_for_pack(data, _worker["kinds"][i], settings)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 failed[i] = f"{type(e).__name__}: {e}"  # passed the check, failed now: reported, left out
                 blob = b""
@@ -215,9 +226,9 @@ def estimate_pack(index: ImageIndex, kinds: list, settings: PackSettings, sample
     else:
         picks = np.unique(np.linspace(0, len(index) - 1, min(samples, len(index))).astype(np.int64))
     started, total = time.perf_counter(), 0
-    for i in picks:
+    for i, data in zip(picks, index.read_many(picks)):
         try:
-            total += len(encode_for_pack(index.read(int(i)), kinds[i], settings))
+            total += len(encode_for_pack(data, kinds[i], settings)) if not isinstance(data, OSError) else 0
         except (OSError, ValueError, SyntaxError):
             pass
     return total / len(picks), (time.perf_counter() - started) / len(picks)
@@ -279,9 +290,17 @@ def prepare(source_path: str | Path, out: str | Path, pack: bool = False, settin
     anything is written, new files are written beside the old ones (DATA/.prepare-staging/), and they replace
     the old ones only when all are complete. Killed or failed, it leaves the previous preparation as it was;
     run again with the same settings, it resumes packing at the first unfinished shard."""
+    if storage.is_url(out):
+        raise UserError(f"--out {out}: prepare writes a local folder (training reads it image by image); copy it to "
+                        "object storage afterwards if you want it there")
     out = Path(out)
     settings = settings or PackSettings()
     workers = workers if workers > 0 else min(len(os.sched_getaffinity(0)), 32)
+    if storage.is_url(source_path):
+        storage.check_url(source_path)  # a URL holding credentials is refused before it is printed anywhere
+        if not pack:
+            raise UserError(f"{source_path}: a source at a URL is prepared with --pack (training reads the packed "
+                            "copy on this machine, never the store image by image)")
     source = open_source(source_path, val_only)
     finish_switch(out)  # a switch an earlier prepare began is finished first: its files were complete
     print(f"{source_path}: {source.kind} layout, {len(source.classes)} classes", file=sys.stderr)
@@ -295,7 +314,7 @@ def prepare(source_path: str | Path, out: str | Path, pack: bool = False, settin
                                               workers)
         manifest = {
             "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "source": {"kind": source.kind, "path": str(Path(source_path).resolve())},
+            "source": {"kind": source.kind, "path": _where(source_path)},
             "classes": source.classes, "class_names": source.names, "limit_per_class": limit,
             "splits": counts, "problems": {k: sum(1 for p in problems if p[2] == k) for k in EXCLUDED + CONVERTED},
             "packed": packed_info,
@@ -308,6 +327,13 @@ def prepare(source_path: str | Path, out: str | Path, pack: bool = False, settin
     write_switch(out, [index_path(Path(), s).name for s in SPLITS if s not in indexes])
     _print_summary(source, counts, problems, out, packed_bytes)
     return manifest
+
+
+def _where(source_path) -> str:
+    """The source as the manifest records it: an absolute path, or the URL."""
+    if storage.is_url(source_path):
+        return storage.check_url(source_path)
+    return str(Path(source_path).resolve())
 
 
 def _stage(stage: Path, indexes: dict, problems: list, manifest: dict) -> None:
@@ -347,7 +373,7 @@ def _pack(source_path, out: Path, indexes, kinds_of, counts, problems: list, set
     """Write the packed copy of the splits: in place when DATA/packed holds these very images with these very
     settings (it resumes), else beside it in the staging folder (resuming there too). Adds what failed to
     `problems`; returns the manifest's `packed` entry and the bytes written."""
-    wanted = {**settings.as_dict(), "source": str(Path(source_path).resolve()), "limit_per_class": limit,
+    wanted = {**settings.as_dict(), "source": _where(source_path), "limit_per_class": limit,
               "images": {s: counts[s]["images"] for s in indexes}}
     packed_dir = out / "packed" if _pack_settings(out / "packed") == wanted else out / STAGING / "packed"
     if _pack_settings(packed_dir) not in (None, wanted):  # an abandoned packing with other settings
@@ -383,6 +409,20 @@ def _pack_settings(packed_dir: Path) -> dict | None:
         return None
 
 
+def _check_containers(index: ImageIndex) -> list[str]:
+    """Each file (or object, at a URL) that a ranges index reads from exists and holds every byte range."""
+    found = []
+    for k, name in enumerate(index.files):
+        file = storage.join(index.root, name)
+        if not storage.exists(file):
+            found.append(f"{file}: missing")
+            continue
+        ends = index.offsets[index.file_ids == k] + index.sizes[index.file_ids == k]
+        if len(ends) and ends.max() > storage.size(file):
+            found.append(f"{file}: shorter than its index says ({storage.size(file)} < {ends.max()} bytes)")
+    return found
+
+
 def verify(data: str | Path, workers: int = -1) -> list[str]:
     """Re-check a prepared folder: indexes load and agree with the manifest, every byte range lies inside
     its file, and every image decodes. Returns the problems found (empty when all is well)."""
@@ -407,14 +447,7 @@ def verify(data: str | Path, workers: int = -1) -> list[str]:
             if len(index) != expected:
                 found.append(f"{path}: {len(index)} images, {MANIFEST} says {expected}")
             if index.storage == "ranges":
-                for k, name in enumerate(index.files):
-                    file = index.root / name
-                    if not file.exists():
-                        found.append(f"{file}: missing")
-                        continue
-                    ends = index.offsets[index.file_ids == k] + index.sizes[index.file_ids == k]
-                    if len(ends) and ends.max() > file.stat().st_size:
-                        found.append(f"{file}: shorter than its index says ({file.stat().st_size} < {ends.max()} bytes)")
+                found += _check_containers(index)
             if any(f.endswith("missing") or "shorter" in f for f in found):
                 continue
             codes, _, details = check_split(index, workers, f"verify {label}")

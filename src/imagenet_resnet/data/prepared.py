@@ -96,9 +96,11 @@ def open_split(data: str | Path, split: str, packed: bool = True, classes: list[
                         f"none): it serves `evaluate`; prepare a copy with {split} images to train")
     use_packed = packed and manifest.get("packed") is not None and index_path(data, split, True).exists()
     index = ImageIndex.load(index_path(data, split, use_packed))
-    if index.storage == "parquet":
-        raise UserError(f"{data}: parquet shards cannot be read image by image at training speed; "
-                         f"pack them: imagenet-resnet prepare {manifest['source']['path']} --out {data} --pack")
+    if index.storage == "parquet" or not isinstance(index.root, Path):  # parquet shards, or a source at a URL
+        what = "parquet shards" if index.storage == "parquet" else f"images at {index.root}"
+        raise UserError(f"{data}: {what} cannot be read image by image at training speed; train from the packed "
+                        f"copy (data.packed=true), made by imagenet-resnet prepare {manifest['source']['path']} "
+                        f"--out {data} --pack")
     if classes is not None and index.classes != classes:
         raise UserError(differences(index.classes, classes, f"{data} ({split})") + "; the splits must have the same "
                         "classes: prepare a source whose train and val folders match")

@@ -3,6 +3,9 @@
 Labels always follow the sorted class-ID order (torchvision's and timm's), whatever order the source
 uses, so weights trained from any source are interchangeable. Anything that does not add up (a class
 missing, an unknown ID, a label file that disagrees with the images) is an error naming the file.
+
+The official tars and parquet shards are also read from a URL (s3://bucket/imagenet, through fsspec): the tar
+headers are listed with ranged reads, streaming, and the images are read by their byte ranges when packed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import storage
 from ..errors import UserError
 from .classes import ilsvrc2012_ids, imagenet_classes
 from .folder import IMAGE_EXTENSIONS, SPLIT_NAMES, find_split, scan_class_folders
@@ -34,7 +38,7 @@ class SourceError(UserError):
 @dataclass
 class Source:
     kind: str  # official | kaggle | parquet | tiny | folders
-    path: Path
+    path: Path | str  # a folder, or a URL (official and parquet)
     classes: list[str]  # class ids in label order
     names: list[str]  # a description per class ("goldfish, Carassius auratus"), or the id itself
     splits: dict[str, ImageIndex]  # "val", and "train" unless the copy has none (an evaluation-only copy)
@@ -45,7 +49,9 @@ def _val_only_note(missing: Path) -> str:
     return f"{missing}: missing, so only the validation split is prepared (enough for `evaluate`, not for `train`)"
 
 
-def detect(path: Path) -> str:
+def detect(path: Path | str) -> str:
+    if storage.is_url(path):
+        return _detect_url(path)
     if not path.is_dir():
         raise SourceError(f"{path}: not a folder; give the folder holding the ImageNet files")
     if (path / OFFICIAL_TRAIN).exists() or (path / OFFICIAL_VAL).exists():
@@ -63,10 +69,21 @@ def detect(path: Path) -> str:
         "ILSVRC/Data/CLS-LOC tree, Hugging Face *.parquet shards, tiny-imagenet-200, or train/<class>/ + val/<class>/")
 
 
+def _detect_url(url: str) -> str:
+    names = storage.list_names(url)
+    if OFFICIAL_TRAIN in names or OFFICIAL_VAL in names:
+        return "official"
+    if _parquet_shards(url):
+        return "parquet"
+    found = "nothing there (or no permission to list it)" if not names else "not a layout read from a URL"
+    raise SourceError(f"{url}: {found}; from a URL, prepare reads the official ILSVRC2012 tars + devkit or Hugging "
+                      "Face *.parquet shards (copy other layouts to a local folder first)")
+
+
 def open_source(path: str | Path, val_only: bool = False) -> Source:
     """The source's layout, classes and image lists; `val_only`: the validation split alone, even where the
     copy has training images too (to evaluate a model without indexing 1.28M training images)."""
-    path = Path(path)
+    path = storage.check_url(path) if storage.is_url(path) else Path(path)
     kind = detect(path)
     build = {"official": _official, "kaggle": _kaggle, "parquet": _parquet, "tiny": _tiny, "folders": _folders}[kind]
     return build(path, val_only)
@@ -191,7 +208,7 @@ def _tiny(path: Path, val_only: bool) -> Source:
 def _devkit_ids(devkit: Path) -> tuple[list[str], list[int]]:
     """(WordNet ID per ILSVRC2012_ID, the validation ground truth as ILSVRC2012_IDs), streamed from the tar.gz."""
     meta, truth = None, None
-    with tarfile.open(devkit, "r:gz") as tar:
+    with storage.open_read(devkit) as f, tarfile.open(fileobj=f, mode="r:gz") as tar:
         for member in tar:
             if member.name.endswith("data/meta.mat"):
                 meta = tar.extractfile(member).read()
@@ -214,11 +231,11 @@ def _devkit_ids(devkit: Path) -> tuple[list[str], list[int]]:
     return ids, truth
 
 
-def _tar_members(tar_path: Path, start: int = 0, size: int | None = None):
-    """(name, data offset, size) of each regular file in a tar, or in a tar stored inside another at `start`."""
-    with open(tar_path, "rb") as f:
-        f.seek(start)
-        window = io.BufferedReader(_Window(f, start, size)) if size is not None else f
+def _tar_members(tar_path: Path | str, start: int = 0, size: int | None = None, held: bytes = b""):
+    """(name, data offset, size) of each regular file in a tar, or in a tar stored inside another at `start`
+    (`held`: its bytes, when they were fetched already)."""
+    size = storage.size(tar_path) - start if size is None else size
+    with io.BufferedReader(_Window(tar_path, start, size, held)) as window:
         try:
             with tarfile.open(fileobj=window, mode="r:") as tar:
                 return [(m.name, start + m.offset_data, m.size) for m in tar if m.isfile()]
@@ -228,10 +245,15 @@ def _tar_members(tar_path: Path, start: int = 0, size: int | None = None):
 
 
 class _Window(io.RawIOBase):
-    """A read-only view of bytes [start, start + size) of an open file, for tarfile to read a nested tar."""
+    """A read-only view of bytes [start, start + size) of a file or a URL, for tarfile to read a nested tar.
+    From a URL it fetches a block at a time and keeps the last one. The block doubles (up to 8 MiB) while the
+    reads skip less than a block, as over a tar of images, where it streams the tar; it stays small where the
+    headers lie far apart, as over the train tar's 1,000 class tars."""
 
-    def __init__(self, f, start: int, size: int):
-        self.f, self.start, self.size, self.pos = f, start, size, 0
+    def __init__(self, path: Path | str, start: int, size: int, held: bytes = b"", block: int = 64 << 10):
+        self.path, self.start, self.size, self.pos, self.block = path, start, size, 0, block
+        self.fd = None if storage.is_url(path) or held else os.open(path, os.O_RDONLY)
+        self.held = (0, held)  # (position in the window, bytes read from there)
 
     def readable(self):
         return True
@@ -248,37 +270,53 @@ class _Window(io.RawIOBase):
 
     def readinto(self, buffer):
         n = max(0, min(len(buffer), self.size - self.pos))
-        data = os.pread(self.f.fileno(), n, self.start + self.pos)
+        data = os.pread(self.fd, n, self.start + self.pos) if self.fd is not None else self._fetch(n)
         buffer[: len(data)] = data
         self.pos += len(data)
         return len(data)
 
+    def _fetch(self, n: int) -> bytes:
+        at, held = self.held
+        if not at <= self.pos <= self.pos + n <= at + len(held):
+            if at + len(held) <= self.pos <= at + len(held) + self.block:
+                self.block = min(2 * self.block, 8 << 20)
+            end = min(self.size, self.pos + max(n, self.block))
+            self.held = at, held = self.pos, storage.read_range(self.path, self.start + self.pos, self.start + end)
+        return held[self.pos - at: self.pos - at + n]
 
-def _official(path: Path, val_only: bool) -> Source:
-    train_tar, val_tar, devkit = path / OFFICIAL_TRAIN, path / OFFICIAL_VAL, path / OFFICIAL_DEVKIT
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        super().close()
+
+
+def _official(path: Path | str, val_only: bool) -> Source:
+    train_tar, val_tar, devkit = (storage.join(path, n) for n in (OFFICIAL_TRAIN, OFFICIAL_VAL, OFFICIAL_DEVKIT))
     for needed in (val_tar, devkit):
-        if not needed.exists():
+        if not storage.exists(needed):
             raise SourceError(f"{needed}: missing; the official layout needs {OFFICIAL_VAL} and {OFFICIAL_DEVKIT} "
                               f"(and {OFFICIAL_TRAIN} to train) side by side")
     ids, truth = _devkit_ids(devkit)
     classes = sorted(ids)
     label_of = {c: k for k, c in enumerate(classes)}
-    splits = {"val": _official_val(val_tar, ids, truth, label_of, classes)}
-    if val_only or not train_tar.exists():
+    splits = {"val": _official_val(path, ids, truth, label_of, classes)}
+    if val_only or not storage.exists(train_tar):
         notes = [] if val_only else [_val_only_note(train_tar)]
         return Source("official", path, classes, _imagenet_names(classes), splits, notes)
     splits["train"] = _official_train(path, train_tar, label_of, classes)
     return Source("official", path, classes, _imagenet_names(classes), splits)
 
 
-def _official_train(path: Path, train_tar: Path, label_of: dict, classes: list[str]) -> ImageIndex:
+def _official_train(path: Path | str, train_tar: Path | str, label_of: dict, classes: list[str]) -> ImageIndex:
     """The train tar holds one uncompressed tar per class: each inner tar is indexed in place, in parallel."""
     outer = _tar_members(train_tar)
     unknown = [n for n, _, _ in outer if n.removesuffix(".tar") not in label_of]
     if unknown:
         raise SourceError(f"{train_tar}: {unknown[0]} is not an ImageNet-1k class tar")
     with ThreadPoolExecutor(max_workers=16) as pool:
-        inner = list(pool.map(lambda m: _tar_members(train_tar, m[1], m[2]), outer))
+        inner = [members for run in pool.map(lambda run: _list_run(train_tar, run), _runs(train_tar, outer))
+                 for members in run]
     names, labels, offsets, sizes = [], [], [], []
     for (tar_name, _, _), members in zip(outer, inner):
         wnid = tar_name.removesuffix(".tar")
@@ -294,7 +332,28 @@ def _official_train(path: Path, train_tar: Path, label_of: dict, classes: list[s
     return _sorted_by_label(train)
 
 
-def _official_val(val_tar: Path, ids: list[str], truth: list[int], label_of: dict, classes: list[str]) -> ImageIndex:
+def _runs(tar_path: Path | str, members: list, limit: int = 8 << 20) -> list[list]:
+    """Consecutive members in runs of at most `limit` bytes from a URL (one request each), else one by one."""
+    runs: list[list] = []
+    for member in members:
+        if runs and storage.is_url(tar_path) and member[1] + member[2] - runs[-1][0][1] <= limit:
+            runs[-1].append(member)
+        else:
+            runs.append([member])
+    return runs
+
+
+def _list_run(tar_path: Path | str, run: list) -> list[list]:
+    """The members of each tar in a run of tars stored in `tar_path` (a run of several: fetched in one piece)."""
+    if len(run) == 1:
+        return [_tar_members(tar_path, run[0][1], run[0][2])]
+    first = run[0][1]
+    held = storage.read_range(tar_path, first, run[-1][1] + run[-1][2])
+    return [_tar_members(tar_path, start, size, held[start - first: start - first + size]) for _, start, size in run]
+
+
+def _official_val(path: Path | str, ids: list[str], truth: list[int], label_of: dict, classes: list[str]) -> ImageIndex:
+    val_tar = storage.join(path, OFFICIAL_VAL)
     members = _tar_members(val_tar)
     val_labels = []
     for name, _, _ in members:
@@ -302,7 +361,7 @@ def _official_val(val_tar: Path, ids: list[str], truth: list[int], label_of: dic
         if not number or not 1 <= int(number.group(1)) <= len(truth):
             raise SourceError(f"{val_tar}: {name} has no line in the devkit's ground truth ({len(truth)} lines)")
         val_labels.append(label_of[ids[truth[int(number.group(1)) - 1] - 1]])
-    val = ImageIndex("ranges", val_tar.parent, np.array([m[0] for m in members], dtype=np.bytes_),
+    val = ImageIndex("ranges", path, np.array([m[0] for m in members], dtype=np.bytes_),
                      np.array(val_labels, dtype=np.int32), classes, files=[OFFICIAL_VAL],
                      file_ids=np.zeros(len(members), np.int32), offsets=np.array([m[1] for m in members], np.int64),
                      sizes=np.array([m[2] for m in members], np.int64))
@@ -314,27 +373,39 @@ def _official_val(val_tar: Path, ids: list[str], truth: list[int], label_of: dic
 PARQUET_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid")}
 
 
-def _parquet(path: Path, val_only: bool) -> Source:
+def _parquet_shards(path: Path | str) -> list[str]:
+    """The *.parquet files in the folder or URL and its subfolders one level down, relative to it, sorted."""
+    if not storage.is_url(path):
+        found = [str(p.relative_to(path)) for p in list(path.glob("*.parquet")) + list(path.glob("*/*.parquet"))]
+    else:
+        fs, inner = storage.filesystem(path)
+        found = [p[len(inner):].strip("/") for p in fs.glob(f"{inner}/*.parquet") + fs.glob(f"{inner}/*/*.parquet")]
+    return sorted(found, key=lambda p: p.split("/"))  # as paths sort
+
+
+def _parquet(path: Path | str, val_only: bool) -> Source:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
         raise SourceError(f"{path}: reading parquet shards needs pyarrow: pip install 'imagenet-resnet[parquet]'") from e
-    shards = sorted(p for p in list(path.glob("*.parquet")) + list(path.glob("*/*.parquet")))
+    shards = _parquet_shards(path)
     classes = list(imagenet_classes())  # Hugging Face numbers the classes in sorted WordNet-ID order
     splits, notes = {}, []
     for split, prefixes in PARQUET_SPLITS.items():
         if split == "train" and val_only:
             continue
-        files = [p for p in shards if p.name.split("-")[0].split(".")[0] in prefixes]
+        files = [p for p in shards if storage.name(p).split("-")[0].split(".")[0] in prefixes]
         if not files and split == "train":
-            notes.append(_val_only_note(path / "train-*.parquet"))
+            notes.append(_val_only_note(storage.join(path, "train-*.parquet")))
             continue
         if not files:
             raise SourceError(f"{path}: no {prefixes[0]}-*.parquet shards found")
         file_ids, rows, labels, names = [], [], [], []
         for k, file in enumerate(files):
-            try:
-                table = pq.read_table(file, columns=["label", "image.path"])
+            file = storage.join(path, file)
+            try:  # from a URL: the label and path columns alone, not the images
+                table = pq.read_table(storage.open_read(file, 1 << 20) if storage.is_url(file) else file,
+                                      columns=["label", "image.path"])
             except Exception as e:  # pyarrow raises its own error types for bad files
                 raise SourceError(f"{file}: not a readable imagenet-1k parquet shard with image and label columns ({e})") from e
             shard_labels = table.column("label").to_numpy()
@@ -346,9 +417,9 @@ def _parquet(path: Path, val_only: bool) -> Source:
             file_ids.append(np.full(len(shard_labels), k, np.int32))
             rows.append(np.arange(len(shard_labels), dtype=np.int64))
             labels.append(shard_labels.astype(np.int32))
-            names += [p or f"{file.name}:{r}" for r, p in enumerate(paths)]
+            names += [p or f"{storage.name(file)}:{r}" for r, p in enumerate(paths)]
         index = ImageIndex("parquet", path, np.array(names, dtype=np.bytes_), np.concatenate(labels), classes,
-                           files=[str(f.relative_to(path)) for f in files], file_ids=np.concatenate(file_ids),
+                           files=files, file_ids=np.concatenate(file_ids),
                            offsets=np.concatenate(rows))
         if split == "train":
             _require_every_class(index, path, "train")

@@ -132,9 +132,11 @@ class Checkpointer:
     the state assembled into one dict, written atomically by rank 0, and read back into a run, falling back
     to previous.pt when last.pt is damaged."""
 
-    def __init__(self, out_dir: Path, is_main: bool, cfg: Config, classes: list[str], accumulation_steps: int = 1):
+    def __init__(self, out_dir: Path, is_main: bool, cfg: Config, classes: list[str], accumulation_steps: int = 1,
+                 on_write=None):
         self.last, self.previous, self.best = out_dir / "last.pt", out_dir / "previous.pt", out_dir / "best.pt"
         self.is_main, self.cfg, self.classes, self.accumulation_steps = is_main, cfg, classes, accumulation_steps
+        self.on_write = on_write or (lambda path, **meta: None)  # told of each checkpoint written (the mirror)
         if is_main:  # temporary files of writes that a kill cut short
             for stale in out_dir.glob(".*.pt.*.tmp"):
                 stale.unlink(missing_ok=True)
@@ -162,9 +164,12 @@ class Checkpointer:
             return
         buffer = io.BytesIO()
         torch.save(self.state_dict(state), buffer)
+        where = {"epoch": state.progress.epoch, "global_step": state.progress.global_step}
         if best:
             write_atomic(buffer.getbuffer(), self.best)
+            self.on_write(self.best, **where)
         write_atomic(buffer.getbuffer(), self.last, keep_previous=self.previous)
+        self.on_write(self.last, **where)
 
     def resume(self, state: TrainingState, map_location: torch.device) -> tuple[dict[str, Any] | None, str | None]:
         """Load the newest intact checkpoint (last.pt, else previous.pt) into `state`: weights, optimizer, scaler,

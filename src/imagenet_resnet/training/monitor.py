@@ -108,9 +108,11 @@ class MetricsSink:
     """The epoch records of a run, on rank 0: metrics.jsonl, metrics.csv mirroring it, and TensorBoard events.
     A resumed run first drops the records past its checkpoint (it is about to write them again)."""
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, progress):
-        """`progress`: where the run starts (checkpoint.Progress); records past it are dropped."""
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, progress, on_write=None):
+        """`progress`: where the run starts (checkpoint.Progress); records past it are dropped. `on_write`: told
+        of each file written (the mirror)."""
         self.path, self.enabled = out_dir / "metrics.jsonl", enabled
+        self.on_write = on_write or (lambda path: None)
         if enabled:
             drop_records_after(self.path, "epoch", progress.epoch)
             drop_records_after(out_dir / "steps.jsonl", "step", progress.global_step)
@@ -121,6 +123,8 @@ class MetricsSink:
             return
         append_line(self.path, json.dumps(record))
         write_metrics_csv(self.path)
+        self.on_write(self.path)
+        self.on_write(self.path.with_suffix(".csv"))
         self.tensorboard.add("epoch", record, global_step)
 
     def __enter__(self) -> "MetricsSink":

@@ -26,6 +26,7 @@ from . import distributed
 from .augment import MixAugment
 from .checkpoint import Checkpointer, Progress, TrainingState
 from .lr_finder import LRSweep, save_plot, sweep
+from .mirror import open_mirror
 from .monitor import MetricsSink, StepReporter, SystemSampler
 from .schedules import LRSchedule
 from .step import build_optimizer, evaluate, lr_for_batch, lr_per_256, train_step
@@ -257,17 +258,22 @@ def _save(run: Run, checkpointer: Checkpointer, best: bool = False) -> None:
     distributed.barrier()  # nobody goes on (or exits) while rank 0 is still writing
 
 
-def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Train, evaluate and checkpoint for cfg.train.epochs; returns the last epoch's record."""
+def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | None = None,
+          mirror_wait: float = 300.0) -> dict[str, Any]:
+    """Train, evaluate and checkpoint for cfg.train.epochs, mirrored to the URL `mirror` if given; returns the
+    last epoch's record."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if ((out_dir / "last.pt").exists() or (out_dir / "previous.pt").exists()) and not resume:
         raise UserError(f"{out_dir} already holds a run; add --resume to continue it, or pick another --out")
     world, device = distributed.init(cfg.train.device)
+    store = open_mirror(mirror, out_dir, resume, world.is_main, mirror_wait)  # a newer run there comes down first
     log = RunLog(out_dir, enabled=world.is_main)
+    store.report_to(log)
     run = build_run(cfg, world, device)
     t = cfg.train
-    checkpointer = Checkpointer(out_dir, world.is_main, cfg, run.train_index.classes, t.accumulation_steps)
+    checkpointer = Checkpointer(out_dir, world.is_main, cfg, run.train_index.classes, t.accumulation_steps,
+                                store.notify)
     if cfg.optim.find_lr and not (resume and checkpointer.exists()):
         picks = _sweep(run).suggestion()
         cfg.optim.lr = lr_per_256(picks["suggested_lr"], run.global_batch)  # per 256 images, as configs give it
@@ -275,7 +281,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
             f"{picks['suggested_lr']:.3g} (optim.lr={cfg.optim.lr:.4g} per 256 images)")
     if resume:
         _resume(run, checkpointer, log)
-    metrics = MetricsSink(out_dir, world.is_main, t.tensorboard, run.progress)
+    metrics = MetricsSink(out_dir, world.is_main, t.tensorboard, run.progress, store.notify)
     peak_lr = lr_for_batch(cfg.optim.lr, run.global_batch)
     schedule = LRSchedule(cfg.schedule, peak_lr, t.epochs, run.steps_per_epoch)
     if world.is_main:  # resolved: with the LR the finder chose, if it ran
@@ -287,7 +293,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
     reporter = StepReporter(out_dir, world.is_main, log, run.steps_per_epoch, run.steps_per_epoch * t.epochs,
                             t.log_every_steps, system, metrics.tensorboard)
     stop = StopPolicy(world, device, t.stop_at_step, t.checkpoint_every_steps)
-    with stop, metrics, system or contextlib.nullcontext(), _loader_workers(run), _worker_deaths(checkpointer):
+    with store, stop, metrics, system or contextlib.nullcontext(), _loader_workers(run), _worker_deaths(checkpointer):
         for epoch in range(run.progress.epoch, t.epochs):
             lr = train_one_epoch(run, epoch, schedule, stop, reporter, checkpointer, log)
             record = end_epoch(run, epoch, lr, system, log)
@@ -299,8 +305,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict[str, A
             # redoes the epoch, where in the other order the record would be lost.
             metrics.epoch(record, run.progress.global_step)
             _save(run, checkpointer, best=is_best)
-    if run.skipped.count:
-        log(f"{run.skipped.count} unreadable images were skipped (named in the warnings above)")
+        if run.skipped.count:
+            log(f"{run.skipped.count} unreadable images were skipped (named in the warnings above)")
     return run.state.metrics
 
 

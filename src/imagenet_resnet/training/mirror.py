@@ -1,0 +1,430 @@
+"""A run folder mirrored to object storage as it is written (`train --mirror URL`), and restored from there
+(`--resume --mirror URL` on a new machine), so that a reclaimed spot instance loses nothing but its disk.
+
+Under URL (any fsspec URL: s3://bucket/prefix, gs://..., a local path):
+
+    checkpoints.json       the pointer: the newest good checkpoint (last), the one before it (previous) and
+                           best, each with its key, size, SHA-256, epoch and global step
+    checkpoints/<hash>.pt  the checkpoints it names, each under its content hash
+    config.yaml, metrics.jsonl, metrics.csv, steps.jsonl, train.log, tensorboard/, report/: as in RUN/
+
+Rank 0 only. The trainer tells the mirror about each file once it is written (atomically), and a background
+thread uploads it, so a training step never waits on the store:
+- The queue holds one entry per file name and no data: a file written again while its upload waits goes up
+  once, in its newest version (the newest checkpoint wins); the queue is as long as the run folder, at most.
+  Files nobody announces (train.log, steps.jsonl, TensorBoard events) are swept up every SWEEP_SECONDS and
+  with each checkpoint.
+- A checkpoint goes up under a key no pointer names yet (its content hash), is read back and checked (size
+  and SHA-256), and only then named in checkpoints.json: an upload cut short never replaces a good one.
+- While the store cannot be reached: one warning, retries with backoff, and a line when it has caught up.
+- At the end of the run, a stop signal included, it waits for the queue to empty (at most `wait` seconds).
+Credentials come from the environment or the provider's config files, never from the URL (refused), and are
+never written: messages from the store are redacted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from .. import storage
+from ..errors import UserError
+from . import distributed
+from .checkpoint import write_atomic
+
+POINTER = "checkpoints.json"
+FORMAT = "imagenet-resnet-mirror/1"
+CHECKPOINTS = ("last.pt", "best.pt")  # uploaded through the pointer; previous.pt is the pointer's previous
+SWEEP_SECONDS = 30.0
+RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 1.0, 60.0
+CHUNK = 8 << 20
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _sha256(f, chunk: int = CHUNK) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    while block := f.read(chunk):
+        digest.update(block)
+        size += len(block)
+    return digest.hexdigest(), size
+
+
+def local_step(out_dir: Path) -> int | None:
+    """The global step of the run folder's newest readable checkpoint (last.pt, else previous.pt), or None."""
+    for name in ("last.pt", "previous.pt"):
+        try:
+            saved = torch.load(out_dir / name, map_location="cpu", weights_only=True, mmap=True)
+            return int(saved["progress"]["global_step"])
+        except Exception:  # missing or damaged: the resume says which, and falls back
+            continue
+    return None
+
+
+class NoMirror:
+    """What the trainer holds without --mirror (and on ranks other than 0): every call does nothing."""
+
+    def notify(self, path: Path, **meta) -> None:
+        pass
+
+    def report_to(self, log) -> None:
+        pass
+
+    def __enter__(self) -> "NoMirror":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def open_mirror(url: str | None, out_dir: Path, resume: bool, is_main: bool, wait: float) -> "Mirror | NoMirror":
+    """The run's mirror (rank 0; the others get NoMirror). With `resume`, a run in the store newer than the
+    run folder (or a run folder that is missing) is brought down first; every rank waits for that."""
+    mirror = Mirror(url, out_dir, wait) if url and is_main else NoMirror()
+    if isinstance(mirror, Mirror):
+        mirror.restore(resume)
+    if url:
+        distributed.barrier()
+    return mirror
+
+
+class Mirror:
+    def __init__(self, url: str, out_dir: Path, wait: float = 300.0):
+        self.url = storage.check_url(url, "--mirror")
+        self.fs, self.root = storage.filesystem(self.url)
+        self.out_dir, self.wait, self.log = Path(out_dir), wait, print
+        self.pointer: dict = self._read_pointer()
+        self.note = ""  # what the start did, for the run log
+        self._pending: dict[str, float] = {}  # file name in the run folder -> when it is due (time.monotonic)
+        self._versions: dict[str, tuple] = {}  # checkpoint name -> (stat key, meta) as announced
+        self._uploaded: dict[str, tuple] = {}  # file name -> stat key of the version last uploaded
+        self._busy: str | None = None
+        self._cond = threading.Condition()
+        self._retry_at, self._backoff, self._outage_since = 0.0, RETRY_FIRST_SECONDS, None
+        self._next_sweep, self._draining, self._closing = 0.0, False, False
+        self._thread = threading.Thread(target=self._run, name="mirror-upload", daemon=True)
+
+    # --- the store's layout ---------------------------------------------------------------------------------
+
+    def _key(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def _read_pointer(self) -> dict:
+        try:
+            pointer = json.loads(self.fs.cat_file(self._key(POINTER)))
+        except FileNotFoundError:
+            return {}
+        except Exception as e:
+            raise UserError(f"--mirror {self.url}: cannot read it ({storage.redact(str(e))}); check the URL, the "
+                            "network and the credentials (AWS_* variables, AWS_PROFILE, AWS_ENDPOINT_URL)") from None
+        if pointer.get("format") != FORMAT:
+            raise UserError(f"--mirror {self.url}: its {POINTER} is not one of ours; pick another --mirror")
+        return pointer
+
+    def _write_small(self, name: str, data: bytes) -> None:
+        """One object, whole or not at all: an object store's PUT is; on a file system, a rename makes it so."""
+        key = self._key(name)
+        if not self._local():
+            self.fs.pipe_file(key, data)
+            return
+        self.fs.makedirs(key.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(f"{key}.tmp", data)
+        self.fs.mv(f"{key}.tmp", key)
+
+    def _local(self) -> bool:
+        return "file" in self.fs.protocol
+
+    # --- restoring -------------------------------------------------------------------------------------------
+
+    def restore(self, resume: bool) -> None:
+        """Bring the run in the store down into the run folder when that is missing or older."""
+        remote = self.pointer.get("last", {}).get("global_step")
+        if remote is None:
+            try:  # a store that cannot be written to is said now, not after hours of training
+                self._write_small(POINTER, json.dumps({**self.pointer, "format": FORMAT}).encode())
+            except Exception as e:
+                raise UserError(f"--mirror {self.url}: cannot write there ({storage.redact(str(e))}); check the "
+                                "bucket, the permissions and the credentials") from None
+            self.note = f"mirroring {self.out_dir} to {self.url}"
+            return
+        if not resume:
+            raise UserError(f"--mirror {self.url} already holds a run (checkpoint at global step {remote}); add "
+                            "--resume to continue it, or pick another --mirror")
+        local = local_step(self.out_dir)
+        if local is not None and local >= remote:
+            self.note = (f"mirroring {self.out_dir} to {self.url}; the run folder (global step {local}) is as new "
+                         f"as the mirror's (global step {remote}) or newer, so it continues from here")
+            return
+        self._download_run()
+        self.note = (f"restored {self.out_dir} from {self.url} (checkpoint at global step {remote}"
+                     + (f"; the run folder's was at global step {local})" if local is not None else ")")
+                     + "; mirroring it there")
+
+    def _download_run(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for role, name in (("last", "last.pt"), ("previous", "previous.pt"), ("best", "best.pt")):
+            entry = self.pointer.get(role)
+            same = next((n for r, n in (("last", "last.pt"), ("previous", "previous.pt")) if r != role and
+                         self.pointer.get(r, {}).get("sha256") == (entry or {}).get("sha256")), None)
+            if entry and same and (self.out_dir / same).exists():  # best.pt is often last.pt: copied, not fetched
+                write_atomic((self.out_dir / same).read_bytes(), self.out_dir / name)
+                self._uploaded[name] = _stat_key((self.out_dir / name).stat())
+            elif entry:
+                self._download(entry["key"], name, entry)
+        for key in self.fs.find(self.root):
+            name = key[len(self.root):].strip("/")
+            if name != POINTER and not name.startswith("checkpoints/") and not name.endswith(".tmp"):
+                self._download(name, name)
+
+    def _download(self, key: str, name: str, expected: dict | None = None) -> None:
+        """The object `key` as RUN/name, written atomically; a checkpoint is checked against the pointer."""
+        path = self.out_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            digest = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out, self.fs.open(self._key(key), "rb", block_size=CHUNK) as f:
+                while block := f.read(CHUNK):
+                    digest.update(block)
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+            if expected is not None and digest.hexdigest() != expected["sha256"]:
+                raise UserError(f"--mirror {self.url}: {key} does not match the checksum {POINTER} gives; the store "
+                                "holds a damaged copy: resume from the run folder, or from another copy")
+            os.replace(tmp, path)
+            self._uploaded[name] = _stat_key(path.stat())  # it is in the store already
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    # --- what the trainer calls ------------------------------------------------------------------------------
+
+    def report_to(self, log) -> None:
+        self.log = log
+        log(f"mirror: {self.note}")
+
+    def notify(self, path: Path, **meta) -> None:
+        """`path` in the run folder was just written: queue its upload (a checkpoint's `meta`: epoch and
+        global_step). Takes no time: a stat and a lock."""
+        name = Path(path).relative_to(self.out_dir).as_posix()
+        with self._cond:
+            if name in CHECKPOINTS:
+                self._versions[name] = (_stat_key(os.stat(path)), meta)
+                self._next_sweep = 0.0  # the logs go up with each checkpoint
+            self._pending[name] = min(self._pending.get(name, time.monotonic()), time.monotonic())
+            self._cond.notify_all()
+
+    def __enter__(self) -> "Mirror":
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is KeyboardInterrupt:  # a second Ctrl-C: quit now
+            self._stop()
+            return
+        self._finish()
+
+    # --- the uploading thread --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._collect_garbage(set())
+        while True:
+            name = self._next()
+            if name is None:
+                return
+            try:
+                self._upload(name)
+            except Exception as e:  # the store: unreachable, refusing, or slow; the file stays queued
+                self._failed(name, e)
+            else:
+                self._succeeded()
+            finally:
+                with self._cond:
+                    self._busy = None
+                    self._cond.notify_all()
+
+    def _next(self) -> str | None:
+        """The next file due (checkpoints first), sweeping the run folder when a sweep is due; None once closed."""
+        while True:
+            if time.monotonic() >= self._next_sweep:
+                self._sweep()
+            with self._cond:
+                now = time.monotonic()
+                due = [n for n, at in self._pending.items() if at <= now]
+                if due and now >= self._retry_at:
+                    name = min(due, key=lambda n: (n not in CHECKPOINTS, n != "last.pt", self._pending[n]))
+                    del self._pending[name]
+                    self._busy = name
+                    return name
+                if self._closing and not self._pending:
+                    return None
+                wake = min([self._next_sweep, *self._pending.values()])
+                self._cond.wait(max(0.05, min(max(wake, self._retry_at) - now, SWEEP_SECONDS)))
+
+    def _sweep(self) -> None:
+        """Queue every file of the run folder that changed since its last upload."""
+        found = {}
+        try:
+            for path in self.out_dir.rglob("*"):
+                name = path.relative_to(self.out_dir).as_posix()
+                if path.is_file() and not path.name.startswith(".") and name != "previous.pt":
+                    try:
+                        found[name] = _stat_key(path.stat())
+                    except FileNotFoundError:  # replaced (a checkpoint) or removed since it was listed
+                        continue
+        except OSError:  # a folder removed while listed: the next sweep sees the run folder as it is then
+            pass
+        with self._cond:
+            for name, key in found.items():
+                if self._uploaded.get(name) != key and name not in self._pending and name != self._busy:
+                    self._pending[name] = time.monotonic()
+            self._next_sweep = time.monotonic() + SWEEP_SECONDS
+            self._cond.notify_all()
+
+    def _upload(self, name: str) -> None:
+        path = self.out_dir / name
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:  # replaced or removed since it was queued: a newer version is announced
+            return
+        with f:
+            key = _stat_key(os.fstat(f.fileno()))
+            if name in CHECKPOINTS:
+                self._upload_checkpoint(name, f, key)
+            else:
+                self._write_small(name, f.read())
+        self._uploaded[name] = key
+
+    def _upload_checkpoint(self, name: str, f, stat_key: tuple) -> None:
+        announced, meta = self._versions.get(name, (None, {}))
+        if announced is not None and announced != stat_key:
+            return  # replaced since it was announced: the newer version's announcement follows
+        if announced is None:  # found by a sweep (a run folder from before the mirror): read where it stands
+            try:
+                saved = torch.load(self.out_dir / name, map_location="cpu", weights_only=True, mmap=True)
+                meta = {"epoch": saved["progress"]["epoch"], "global_step": saved["progress"]["global_step"]}
+            except Exception:  # damaged: not worth a place in the store (the resume says what happened to it)
+                return
+            if _stat_key(os.stat(self.out_dir / name)) != stat_key:
+                return  # replaced meanwhile: the new one is announced
+        sha, size = _sha256(f)
+        entry = next((e for e in self.pointer.values() if isinstance(e, dict) and e.get("sha256") == sha), None)
+        if entry is None:
+            entry = {"key": f"checkpoints/{sha[:20]}.pt", "size": size, "sha256": sha}
+            f.seek(0)
+            self._put_checked(f, entry)
+        self._point("last" if name == "last.pt" else "best", {**entry, **meta, "uploaded": time.time()})
+
+    def _put_checked(self, f, entry: dict) -> None:
+        """Upload, then read back: the object must have the size and the SHA-256 of the file."""
+        key = self._key(entry["key"])
+        if self._local():
+            self.fs.makedirs(self._key("checkpoints"), exist_ok=True)
+        out = self.fs.open(key, "wb", block_size=max(CHUNK, 5 << 20))
+        try:
+            shutil.copyfileobj(f, out, CHUNK)
+        except BaseException:
+            if hasattr(out, "discard"):
+                out.discard()  # an unfinished multipart upload is aborted
+            raise
+        out.close()
+        self.fs.invalidate_cache(key)
+        if self.fs.size(key) != entry["size"]:
+            raise OSError(f"{entry['key']}: the uploaded object has {self.fs.size(key)} bytes, not {entry['size']}")
+        with self.fs.open(key, "rb", block_size=CHUNK) as back:
+            if _sha256(back)[0] != entry["sha256"]:
+                raise OSError(f"{entry['key']}: the uploaded object differs from the checkpoint (SHA-256)")
+
+    def _point(self, role: str, entry: dict) -> None:
+        """Name `entry` in the pointer (the last checkpoint before it becomes `previous`), then delete the
+        checkpoint objects nothing names any more."""
+        pointer = {**self.pointer, "format": FORMAT}
+        if role == "last" and pointer.get("last", {}).get("sha256") not in (None, entry["sha256"]):
+            pointer["previous"] = pointer["last"]
+        pointer[role] = entry
+        self._write_small(POINTER, json.dumps(pointer, indent=1).encode())
+        dropped = {e["key"] for e in self.pointer.values() if isinstance(e, dict)}
+        self.pointer = pointer
+        self._collect_garbage(dropped)
+
+    def _collect_garbage(self, candidates: set[str]) -> None:
+        """Delete checkpoint objects the pointer does not name: `candidates`, or (empty) all there are."""
+        named = {e["key"] for e in self.pointer.values() if isinstance(e, dict)}
+        try:
+            if not candidates:
+                candidates = {k[len(self.root):].strip("/") for k in self.fs.find(self._key("checkpoints"))}
+            for key in candidates - named:
+                self.fs.rm(self._key(key))
+        except Exception:  # only tidying: the next time does it
+            pass
+
+    # --- outages and the end -----------------------------------------------------------------------------------
+
+    def _failed(self, name: str, error: Exception) -> None:
+        with self._cond:
+            self._pending.setdefault(name, time.monotonic())
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(2 * self._backoff, RETRY_MAX_SECONDS if not self._draining else 5.0)
+            first = self._outage_since is None
+            if first:
+                self._outage_since = time.monotonic()
+        if first:
+            message = storage.redact(f"{type(error).__name__}: {error}").split("\n")[0][:300]
+            self.log(f"mirror: warning: cannot upload {name} to {self.url} ({message}); training goes on, and the "
+                     "uploads are retried")
+
+    def _succeeded(self) -> None:
+        with self._cond:
+            self._backoff = RETRY_FIRST_SECONDS
+            caught_up = self._outage_since is not None and not self._pending
+            since = self._outage_since
+            if caught_up:
+                self._outage_since = None
+        if caught_up:
+            self.log(f"mirror: caught up with {self.url} after {time.monotonic() - since:.0f} s of failed uploads")
+
+    def _idle(self, deadline: float) -> bool:
+        """Wait until nothing is queued or uploading, or the deadline; whether everything is uploaded."""
+        with self._cond:
+            self._retry_at = min(self._retry_at, time.monotonic() + 1.0)
+            while (self._pending or self._busy) and time.monotonic() < deadline and self._thread.is_alive():
+                self._cond.wait(min(1.0, deadline - time.monotonic()))
+            return not (self._pending or self._busy)
+
+    def _finish(self) -> None:
+        """Upload what is left, waiting at most `wait` seconds, and say how it ended."""
+        deadline = time.monotonic() + self.wait
+        self._draining = True
+        self._sweep()
+        if self._pending or self._busy:
+            self.log(f"mirror: uploading {len(self._pending) + bool(self._busy)} files to {self.url} before exiting "
+                     f"(waiting at most {self.wait:.0f} s)")
+        if self._idle(deadline):
+            step = self.pointer.get("last", {}).get("global_step")
+            self.log(f"mirror: {self.url} is up to date (checkpoint at global step {step})")
+            self._sweep()  # the log line just written
+            self._idle(min(deadline + 30, time.monotonic() + 30))
+        else:
+            left = sorted(self._pending) + ([self._busy] if self._busy else [])
+            self.log(f"mirror: warning: {', '.join(left)} not uploaded to {self.url} within {self.wait:.0f} s; it "
+                     f"holds the checkpoint at global step {self.pointer.get('last', {}).get('global_step')}; run "
+                     "again with --resume --mirror to upload the rest")
+        self._stop()
+
+    def _stop(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._pending.clear()
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=1.0)

@@ -1,0 +1,282 @@
+"""train --mirror and prepare from s3://, against a real S3 API: moto's server on loopback (the same HTTP
+protocol as AWS, with s3fs as the client), started here with test credentials that must never be written."""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+from conftest import run_cli, tiny_train_args  # noqa: E402
+from imagenet_fixtures import ImageNetLike, prepared_pairs  # noqa: E402
+from imagenet_resnet import cli, storage  # noqa: E402
+from imagenet_resnet.data.index import ImageIndex  # noqa: E402
+from imagenet_resnet.data.prepare import prepare, verify  # noqa: E402
+from imagenet_resnet.errors import UserError  # noqa: E402
+from imagenet_resnet.training import checkpoint, mirror  # noqa: E402
+from imagenet_resnet.training.checkpoint import write_atomic  # noqa: E402
+
+BUCKET = "runs"
+SECRETS = {"AWS_ACCESS_KEY_ID": "AKIDMIRRORTEST7QX2", "AWS_SECRET_ACCESS_KEY": "mirror-secret-9d1f4b7e2a"}
+STEPS_PER_EPOCH = 7  # 120 images // batch 16
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """moto's S3 server in a thread of this process, so that its buckets outlive a stop and a restart."""
+
+    def __init__(self):
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = None
+
+    def start(self):
+        self.server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self):
+        self.server.stop()
+
+    def fs(self):
+        import s3fs
+
+        fs = s3fs.S3FileSystem()
+        fs.invalidate_cache()
+        return fs
+
+
+@pytest.fixture(scope="module")
+def s3():
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = S3Server()
+    env = {**SECRETS, "AWS_ENDPOINT_URL": server.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_MAX_ATTEMPTS": "2",  # a refused connection fails in a second, not after botocore's 5 tries
+           "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
+    os.environ.update(env)
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(k, None)
+    server.start()
+    server.fs().mkdir(BUCKET)
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _assert_no_secrets(s3, *folders):
+    """No credential in any file of the run folders nor in any object of the bucket."""
+    fs = s3.fs()
+    blobs = {f"s3://{key}": fs.cat_file(key) for key in fs.find(BUCKET)}
+    blobs.update({str(p): p.read_bytes() for folder in folders for p in folder.rglob("*") if p.is_file()})
+    assert any(k.endswith("checkpoints.json") for k in blobs) and any(k.endswith("last.pt") for k in blobs)
+    for where, data in blobs.items():
+        for secret in SECRETS.values():
+            assert secret.encode() not in data, f"{secret} in {where}"
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _pointer(s3, prefix: str) -> dict:
+    return json.loads(s3.fs().cat_file(f"{BUCKET}/{prefix}/checkpoints.json"))
+
+
+def test_sigterm_then_a_new_machine_resumes_from_the_bucket_alone(s3, tiny_data, tmp_path, outage_run):
+    straight = outage_run[0]  # 2 epochs in one go (mirrored, through an outage: neither changes the weights)
+    url = f"s3://{BUCKET}/spot"
+    first = tmp_path / "first-machine"
+    args = tiny_train_args(tiny_data, first, "--epochs", "2", "--mirror", url,
+                           "--set", "train.checkpoint_every_steps=2")
+    proc = subprocess.Popen([sys.executable, "-m", "imagenet_resnet", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in proc.stdout:
+        if " step 3/" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    output = proc.stdout.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, output
+    stopped_at = checkpoint.load(first / "last.pt")["progress"]["global_step"]
+    assert 3 <= stopped_at < 2 * STEPS_PER_EPOCH
+    assert f"mirror: {url} is up to date (checkpoint at global step {stopped_at})" in output
+    pointer = _pointer(s3, "spot")
+    assert pointer["last"]["global_step"] == stopped_at and pointer["last"]["sha256"] == _sha(first / "last.pt")
+    shutil.rmtree(first)  # the instance is gone, and its disk with it
+
+    second = tmp_path / "second-machine"
+    done = run_cli(*tiny_train_args(tiny_data, second, "--epochs", "2", "--mirror", url, "--resume"))
+    assert f"mirror: restored {second} from {url} (checkpoint at global step {stopped_at})" in done.stdout
+    assert "resumed" in done.stdout and f"(global step {stopped_at})" in done.stdout
+    for key, value in checkpoint.load(straight / "last.pt")["model"].items():
+        assert torch.equal(checkpoint.load(second / "last.pt")["model"][key], value), key
+    assert [json.loads(line)["epoch"] for line in (second / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    pointer = _pointer(s3, "spot")
+    assert pointer["last"]["global_step"] == 2 * STEPS_PER_EPOCH
+    assert pointer["last"]["sha256"] == _sha(second / "last.pt")
+    assert pointer["previous"]["global_step"] < pointer["last"]["global_step"]
+    objects = {k.rsplit("/", 1)[-1] for k in s3.fs().find(f"{BUCKET}/spot")}
+    assert {"config.yaml", "metrics.jsonl", "metrics.csv", "steps.jsonl", "train.log"} <= objects
+    _assert_no_secrets(s3, second)
+
+
+@pytest.fixture(scope="module")
+def outage_run(s3, tiny_data, tmp_path_factory):
+    """A mirrored run of 2 epochs whose server goes away once the first checkpoints are uploaded, and comes back
+    only after the mirror has warned. Training runs in a process of its own, as on a real machine (a process
+    forked from this one would hold the server's socket open). Returns the run folder and the global steps
+    reached when the server went and when it came back."""
+    out = tmp_path_factory.mktemp("outage") / "run"
+    args = tiny_train_args(tiny_data, out, "--epochs", "2", "--mirror", f"s3://{BUCKET}/outage", "--set",
+                           "train.checkpoint_every_steps=1", "--set", "train.log_every_steps=0")
+    proc = subprocess.Popen([sys.executable, "-m", "imagenet_resnet", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: _pointer(s3, "outage").get("last", {}).get("global_step", 0) >= 2)
+        s3.stop()
+        down_at = mirror.local_step(out)
+        _wait_for(lambda: "mirror: warning: cannot upload" in (out / "train.log").read_text())
+        _wait_for(lambda: (mirror.local_step(out) or 0) > down_at, "no step while the store was away")
+        up_at = mirror.local_step(out)
+    finally:
+        s3.start()
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    return out, down_at, up_at
+
+
+def test_an_unreachable_bucket_does_not_stop_training(s3, outage_run):
+    out, down_at, up_at = outage_run
+    url = f"s3://{BUCKET}/outage"
+    assert up_at > down_at  # the steps went on while the store was away
+    log = (out / "train.log").read_text()
+    assert log.count("mirror: warning: cannot upload") == 1 and "mirror: caught up with" in log
+    assert f"mirror: {url} is up to date (checkpoint at global step {2 * STEPS_PER_EPOCH})" in log
+    pointer = _pointer(s3, "outage")
+    assert pointer["last"]["sha256"] == _sha(out / "last.pt") and pointer["best"]["sha256"] == _sha(out / "best.pt")
+    assert s3.fs().cat_file(f"{BUCKET}/outage/train.log").decode() == log
+    _assert_no_secrets(s3, out)
+
+
+def _wait_for(condition, failure: str = "timed out", timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.05)
+
+
+def test_a_url_with_credentials_is_refused_in_one_line(s3, tiny_data, tmp_path, capsys):
+    secret = SECRETS["AWS_SECRET_ACCESS_KEY"]
+    code = cli.main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"),
+                     "--mirror", f"s3://{SECRETS['AWS_ACCESS_KEY_ID']}:{secret}@{BUCKET}/x"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "holds credentials" in err and secret not in err
+    assert not any(p.is_file() for p in (tmp_path / "run").rglob("*"))
+
+
+def test_a_second_run_into_a_used_mirror_needs_resume(s3, tmp_path):
+    url = f"s3://{BUCKET}/used"
+    fs = s3.fs()
+    fs.pipe_file(f"{BUCKET}/used/checkpoints.json", json.dumps(
+        {"format": mirror.FORMAT, "last": {"key": "checkpoints/x.pt", "global_step": 5}}).encode())
+    with pytest.raises(UserError, match="already holds a run .checkpoint at global step 5.; add --resume"):
+        mirror.open_mirror(url, tmp_path / "run", resume=False, is_main=True, wait=1)
+
+
+def test_the_newest_checkpoint_wins_and_announcing_one_takes_no_time(tmp_path, monkeypatch):
+    """A store slower than the checkpoints (here: a local folder, its first upload held back): the queue keeps
+    one entry per file, and what goes up next is the newest version."""
+    out, store = tmp_path / "run", tmp_path / "store"
+    out.mkdir()
+    m = mirror.Mirror(str(store), out, wait=30)
+    m.restore(resume=False)
+    lines = []
+    m.report_to(lines.append)
+    release, held = threading.Event(), threading.Event()
+    put = m._put_checked
+
+    def slow_put(f, entry):
+        held.set()
+        release.wait(10)
+        put(f, entry)
+
+    monkeypatch.setattr(m, "_put_checked", slow_put)
+    with m:
+        for step in range(1, 6):
+            write_atomic(f"checkpoint {step}".encode() * 1000, out / "last.pt")
+            started = time.perf_counter()
+            m.notify(out / "last.pt", epoch=0, global_step=step)
+            assert time.perf_counter() - started < 0.5  # while an upload is held for up to 10 s
+            held.wait(10)
+            assert list(m._pending).count("last.pt") <= 1
+        release.set()
+    pointer = json.loads((store / "checkpoints.json").read_text())
+    assert pointer["last"]["global_step"] == 5 and pointer["previous"]["global_step"] == 1
+    assert len(list((store / "checkpoints").iterdir())) == 2  # steps 2-4 never went up
+    assert (store / pointer["last"]["key"]).read_bytes() == (out / "last.pt").read_bytes()
+
+
+def test_without_the_cloud_extra_the_error_names_it(monkeypatch):
+    import fsspec.registry  # noqa: F401 (the module; fsspec.registry is a mapping)
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)
+    monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "s3", raising=False)  # the class imported already
+    with pytest.raises(UserError, match=r'pip install "imagenet-resnet\[cloud\]"'):
+        storage.filesystem("s3://bucket/x")
+    monkeypatch.setitem(sys.modules, "fsspec", None)
+    monkeypatch.setitem(sys.modules, "fsspec.core", None)
+    with pytest.raises(UserError, match=r'pip install "imagenet-resnet\[cloud\]"'):
+        storage.filesystem("s3://bucket/x")
+
+
+@pytest.mark.parametrize("layout", ["official", "parquet"])
+def test_prepare_from_s3_gives_the_same_index_as_from_the_local_copy(s3, tmp_path, layout):
+    source = getattr(ImageNetLike(), layout)(tmp_path / "src")
+    s3.fs().put(str(source), f"{BUCKET}/imagenet-{layout}", recursive=True)
+    url = f"s3://{BUCKET}/imagenet-{layout}"
+    local = prepare(source, tmp_path / "local", pack=True, workers=2)
+    remote = prepare(url, tmp_path / "remote", pack=True, workers=2)
+    assert remote["source"] == {"kind": layout, "path": url}
+    assert {k: v for k, v in remote.items() if k not in ("source", "created")} == \
+        {k: v for k, v in local.items() if k not in ("source", "created")}
+    for split in ("train", "val"):
+        a = ImageIndex.load(tmp_path / "local" / "packed" / f"{split}.index.npz")
+        b = ImageIndex.load(tmp_path / "remote" / "packed" / f"{split}.index.npz")
+        for field in ("names", "labels", "offsets", "sizes"):
+            assert np.array_equal(getattr(a, field), getattr(b, field)), (split, field)
+    assert prepared_pairs(tmp_path / "remote", packed=True) == prepared_pairs(tmp_path / "local", packed=True)
+    if layout == "official":
+        assert verify(tmp_path / "remote", workers=1) == []  # the index over the tars in the bucket too
+    with pytest.raises(UserError, match="is prepared with --pack"):
+        prepare(url, tmp_path / "unpacked")
+    with pytest.raises(UserError, match="prepare writes a local folder"):
+        prepare(url, f"s3://{BUCKET}/prepared", pack=True)
+    with pytest.raises(UserError, match=r"^s3://\.\.\.@runs/x: the URL holds credentials") as refused:
+        prepare(f"s3://AKID:{SECRETS['AWS_SECRET_ACCESS_KEY']}@{BUCKET}/x", tmp_path / "out", pack=True)
+    assert SECRETS["AWS_SECRET_ACCESS_KEY"] not in str(refused.value)
