@@ -24,6 +24,8 @@ from conftest import run_cli, tiny_train_args  # noqa: E402
 from imagenet_fixtures import ImageNetLike, prepared_pairs  # noqa: E402
 from imagenet_resnet import cli, storage  # noqa: E402
 from imagenet_resnet.data.index import ImageIndex  # noqa: E402
+from imagenet_resnet.data import prepare as prepare_module  # noqa: E402
+from imagenet_resnet.data import upload  # noqa: E402
 from imagenet_resnet.data.prepare import prepare, verify  # noqa: E402
 from imagenet_resnet.errors import UserError  # noqa: E402
 from imagenet_resnet.training import checkpoint, mirror  # noqa: E402
@@ -85,12 +87,12 @@ def s3():
             os.environ[k] = v
 
 
-def _assert_no_secrets(s3, *folders):
+def _assert_no_secrets(s3, *folders, expect=("checkpoints.json", "last.pt")):
     """No credential in any file of the run folders nor in any object of the bucket."""
     fs = s3.fs()
     blobs = {f"s3://{key}": fs.cat_file(key) for key in fs.find(BUCKET)}
     blobs.update({str(p): p.read_bytes() for folder in folders for p in folder.rglob("*") if p.is_file()})
-    assert any(k.endswith("checkpoints.json") for k in blobs) and any(k.endswith("last.pt") for k in blobs)
+    assert all(any(k.endswith(name) for k in blobs) for name in expect)
     for where, data in blobs.items():
         for secret in SECRETS.values():
             assert secret.encode() not in data, f"{secret} in {where}"
@@ -275,8 +277,100 @@ def test_prepare_from_s3_gives_the_same_index_as_from_the_local_copy(s3, tmp_pat
         assert verify(tmp_path / "remote", workers=1) == []  # the index over the tars in the bucket too
     with pytest.raises(UserError, match="is prepared with --pack"):
         prepare(url, tmp_path / "unpacked")
-    with pytest.raises(UserError, match="prepare writes a local folder"):
-        prepare(url, f"s3://{BUCKET}/prepared", pack=True)
+    with pytest.raises(UserError, match="goes to object storage only packed"):
+        prepare(url, f"s3://{BUCKET}/unpacked")
     with pytest.raises(UserError, match=r"^s3://\.\.\.@runs/x: the URL holds credentials") as refused:
         prepare(f"s3://AKID:{SECRETS['AWS_SECRET_ACCESS_KEY']}@{BUCKET}/x", tmp_path / "out", pack=True)
     assert SECRETS["AWS_SECRET_ACCESS_KEY"] not in str(refused.value)
+
+
+# --- prepare --out s3://...: packed in a local work folder, uploaded as it is written ---------------------------
+
+@pytest.fixture(scope="module")
+def imagenet_folders(tmp_path_factory):
+    return ImageNetLike().folders(tmp_path_factory.mktemp("imagenet") / "src")  # 1,000 train + 30 val images
+
+
+def _prepare_to(url: str, source, work, capsys) -> tuple[int, str, str]:
+    code = cli.main(["prepare", str(source), "--out", url, "--pack", "--work-dir", str(work), "--shard-images", "256",
+                     "--workers", "2"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _objects(s3, prefix: str) -> dict[str, bytes]:
+    fs = s3.fs()
+    return {key[len(f"{BUCKET}/{prefix}/"):]: fs.cat_file(key) for key in fs.find(f"{BUCKET}/{prefix}")}
+
+
+def _local_files(work) -> dict[str, bytes]:
+    return {p.relative_to(work).as_posix(): p.read_bytes() for p in work.rglob("*") if p.is_file()}
+
+
+def _slow_pack_shard(shard: int):
+    time.sleep(0.3)  # a shard that takes a while, as a real one does: the upload thread sees each one finish
+    return prepare_module._pack_shard_unpatched(shard)
+
+
+def test_prepare_out_s3_uploads_every_file_and_the_manifest_last(s3, imagenet_folders, tmp_path, capsys, monkeypatch):
+    url, work = f"s3://{BUCKET}/prepared", tmp_path / "work"
+    order, threads, put = [], set(), upload.Uploader._put
+
+    def recorded(self, path, name, checksum):
+        put(self, path, name, checksum)
+        order.append(name)
+        threads.add((name.endswith(".bin"), threading.current_thread().name))
+
+    monkeypatch.setattr(upload.Uploader, "_put", recorded)
+    monkeypatch.setattr(upload.Uploader, "POLL", 0.05)
+    monkeypatch.setattr(prepare_module, "_pack_shard_unpatched", prepare_module._pack_shard, raising=False)
+    monkeypatch.setattr(prepare_module, "_pack_shard", _slow_pack_shard)
+    code, out, err = _prepare_to(url, imagenet_folders, work, capsys)
+    assert code == 0, err
+    assert f"packing in the work folder {work}" in err and "upload: 5 shards uploaded, 0 already" in err
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"{url} is complete") and f"--data {work}" in last and f"aws s3 sync {url} DATA" in last
+    local = _local_files(work)
+    assert {"prepared.json", "train.index.npz", "val.index.npz", "problems.tsv", "packed/train.index.npz",
+            "packed/train-00003.bin", "packed/val-00000.bin"} <= local.keys()
+    assert _objects(s3, "prepared") == local  # every file, byte for byte
+    assert order[-1] == "prepared.json" and len(order) == len(local)
+    assert (True, "prepare-upload") in threads  # shards went up while packing went on
+    assert (False, "prepare-upload") not in threads  # the rest only at the end
+    assert max(order.index(n) for n in order if n.endswith(".bin")) < order.index("packed/train.index.npz")
+    assert verify(work, workers=1) == []
+    _assert_no_secrets(s3, work, expect=("prepared/prepared.json", "prepared/packed/train-00000.bin"))
+
+
+def test_prepare_out_s3_resumes_and_uploads_only_what_is_missing(s3, imagenet_folders, tmp_path, capsys,
+                                                                 monkeypatch):
+    url, work, fs = f"s3://{BUCKET}/resumed", tmp_path / "work", s3.fs()
+    put = upload.Uploader._put
+
+    def cut_before_the_manifest(self, path, name, checksum):
+        if name == "prepared.json":
+            raise ConnectionError("connection reset")
+        put(self, path, name, checksum)
+
+    monkeypatch.setattr(upload.Uploader, "_put", cut_before_the_manifest)
+    code, _, err = _prepare_to(url, imagenet_folders, work, capsys)
+    assert code == 2 and "run the same prepare again to finish the upload" in err
+    assert "prepared.json" not in _objects(s3, "resumed")  # incomplete: no manifest
+    monkeypatch.setattr(upload.Uploader, "_put", put)
+    fs.rm_file(f"{BUCKET}/resumed/packed/train-00001.bin")
+    kept = fs.info(f"{BUCKET}/resumed/packed/train-00002.bin")["LastModified"]
+    code, out, err = _prepare_to(url, imagenet_folders, work, capsys)
+    assert code == 0, err
+    assert "5 of 5 shards already written; resuming" not in err  # the local folder was complete: nothing repacked
+    assert "upload: 1 shards uploaded, 4 already" in err, err
+    fs.invalidate_cache()
+    assert fs.info(f"{BUCKET}/resumed/packed/train-00002.bin")["LastModified"] == kept
+    assert _objects(s3, "resumed") == _local_files(work)
+
+
+def test_prepare_out_url_without_pack_is_refused_in_one_line(s3, imagenet_folders, tmp_path, capsys):
+    code = cli.main(["prepare", str(imagenet_folders), "--out", f"s3://{BUCKET}/nopack", "--work-dir",
+                     str(tmp_path / "work")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "only packed" in err and "add --pack" in err
+    assert not (tmp_path / "work").exists() and not s3.fs().find(f"{BUCKET}/nopack")

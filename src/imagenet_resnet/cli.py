@@ -113,7 +113,12 @@ def _add_data_commands(sub) -> None:
                  "All or nothing: the new files replace the old ones in --out only once all are complete.")
     p.add_argument("source", nargs="?", help="ILSVRC2012 tars + devkit, Kaggle layout, HF parquet shards, "
                    "tiny-imagenet-200, or train/<class>/ + val/<class>/")
-    p.add_argument("--out", help="the prepared folder to write (train with --data OUT)")
+    p.add_argument("--out", help="the prepared folder to write (train with --data OUT); or a URL (s3://bucket/prefix, "
+                   "any fsspec URL; with --pack): packed in --work-dir, each shard uploaded once written, "
+                   "prepared.json last")
+    p.add_argument("--work-dir", metavar="DIR", help="with --out URL: the local folder to pack in, a complete "
+                   "prepared folder afterwards; a rerun resumes there (default: ~/.cache/imagenet-resnet/prepare/"
+                   "<hash of the URL>)")
     p.add_argument("--pack", action="store_true", help="also write a packed copy (JPEG shards with an offset index)")
     p.add_argument("--short-side", type=int, default=256,
                    help="packed images' short side cap in px (0: keep; 256 suits the resize-256-crop-224 eval)")
@@ -394,10 +399,17 @@ def cmd_prepare(args) -> int:
         return 0 if not found else 1
     if not args.source or not args.out:
         raise UserError("give SOURCE and --out DATA (or --verify DATA)")
+    if args.work_dir and not is_url(args.out):
+        raise UserError(f"--work-dir goes with an --out at a URL; --out {args.out} is the folder prepared here")
     settings = PackSettings(args.short_side, args.quality, args.shard_images)
     manifest = prepare(args.source, args.out, pack=args.pack, settings=settings, limit=args.limit_per_class,
-                       workers=args.workers, val_only=args.val_only)
-    print(next_step_after_prepare(args.out, manifest))
+                       workers=args.workers, val_only=args.val_only, work_dir=args.work_dir)
+    if is_url(args.out):
+        from .data import upload
+
+        print(upload.next_step(args.out.rstrip("/"), Path(args.work_dir or upload.default_work_dir(args.out))))
+    else:
+        print(next_step_after_prepare(args.out, manifest))
     return 0
 
 

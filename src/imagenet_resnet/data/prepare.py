@@ -11,6 +11,7 @@
 
 A source at a URL (s3://...: the official tars or parquet shards) is read in place, without a local copy, and
 always packed: the images are fetched by byte range, a few hundred at a time, nearby ones in one request.
+With --out at a URL, the folder is prepared in a local work folder and uploaded as it is written (upload.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from .. import storage
 from ..errors import DISK_FULL, UserError, disk_full
+from . import upload
 from .index import ImageIndex
 from .prepared import FORMAT, MANIFEST, SPLITS, STAGING, finish_switch, index_path, read_manifest, write_switch
 from .presets import unreadable_reason
@@ -285,15 +287,36 @@ def _print_summary(source: Source, counts: dict, problems: list, out: Path, pack
 
 
 def prepare(source_path: str | Path, out: str | Path, pack: bool = False, settings: PackSettings | None = None,
-            limit: int = 0, workers: int = -1, val_only: bool = False) -> dict:
+            limit: int = 0, workers: int = -1, val_only: bool = False, work_dir: str | Path | None = None) -> dict:
     """Check and index the source (and pack it) into `out`, all or nothing: everything is checked before
     anything is written, new files are written beside the old ones (DATA/.prepare-staging/), and they replace
     the old ones only when all are complete. Killed or failed, it leaves the previous preparation as it was;
-    run again with the same settings, it resumes packing at the first unfinished shard."""
+    run again with the same settings, it resumes packing at the first unfinished shard.
+
+    `out` at a URL: the same, in the local `work_dir`, each shard uploaded as soon as it is written and the
+    manifest last (data/upload.py)."""
     if storage.is_url(out):
-        raise UserError(f"--out {out}: prepare writes a local folder (training reads it image by image); copy it to "
-                        "object storage afterwards if you want it there")
-    out = Path(out)
+        return _prepare_to_url(source_path, out, pack, settings, limit, workers, val_only, work_dir)
+    return _prepare_here(source_path, Path(out), pack, settings, limit, workers, val_only)
+
+
+def _prepare_to_url(source_path, url: str, pack: bool, settings, limit: int, workers: int, val_only: bool,
+                    work_dir) -> dict:
+    url = storage.check_url(url)
+    if not pack:
+        raise UserError(f"--out {url}: a prepared folder goes to object storage only packed (training reads the "
+                        "packed copy); add --pack")
+    work = Path(work_dir) if work_dir else upload.default_work_dir(url)
+    print(f"--out {url}: packing in the work folder {work} (--work-dir), each shard uploaded once written",
+          file=sys.stderr)
+    with upload.Uploader(url, work) as uploader:
+        manifest = _prepare_here(source_path, work, pack, settings, limit, workers, val_only, uploader)
+        uploader.finish()
+    return manifest
+
+
+def _prepare_here(source_path, out: Path, pack: bool, settings: PackSettings | None, limit: int, workers: int,
+                  val_only: bool, uploader=None) -> dict:
     settings = settings or PackSettings()
     workers = workers if workers > 0 else min(len(os.sched_getaffinity(0)), 32)
     if storage.is_url(source_path):
@@ -311,7 +334,7 @@ def prepare(source_path: str | Path, out: str | Path, pack: bool = False, settin
         packed_info, packed_bytes = None, None
         if pack:
             packed_info, packed_bytes = _pack(source_path, out, indexes, kinds_of, counts, problems, settings, limit,
-                                              workers)
+                                              workers, uploader)
         manifest = {
             "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "source": {"kind": source.kind, "path": _where(source_path)},
@@ -369,7 +392,7 @@ def _check_splits(source: Source, limit: int, pack: bool, workers: int):
 
 
 def _pack(source_path, out: Path, indexes, kinds_of, counts, problems: list, settings: PackSettings,
-          limit: int, workers: int) -> tuple[dict, int]:
+          limit: int, workers: int, uploader=None) -> tuple[dict, int]:
     """Write the packed copy of the splits: in place when DATA/packed holds these very images with these very
     settings (it resumes), else beside it in the staging folder (resuming there too). Adds what failed to
     `problems`; returns the manifest's `packed` entry and the bytes written."""
@@ -392,6 +415,8 @@ def _pack(source_path, out: Path, indexes, kinds_of, counts, problems: list, set
                           "--short-side, or pack elsewhere with --out")
     packed_dir.mkdir(parents=True, exist_ok=True)
     (packed_dir / "settings.json").write_text(json.dumps(wanted, indent=1))
+    if uploader is not None:
+        uploader.watch(packed_dir)  # each shard goes up as soon as it is complete
     packed_bytes, splits_info = 0, {}
     for split in indexes:
         packed, failed = pack_split(indexes[split], kinds_of[split], settings, packed_dir, split, workers)

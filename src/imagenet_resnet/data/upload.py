@@ -1,0 +1,141 @@
+"""`prepare SOURCE --out URL --pack`: the prepared folder is written in a local work folder, exactly as a local
+prepare writes it (resumable, all or nothing), and goes up to the URL as it is written.
+
+- A background thread uploads each packed shard once it is complete (its `.sizes.npz` exists); packing never
+  waits for it. A shard already at the URL with the right size (a rerun) is not uploaded again.
+- At the end: the shards still missing, the rest of `packed/`, the index files and problems.tsv, and the
+  manifest (prepared.json) LAST. An existing manifest at the URL is removed before anything is uploaded, so a
+  prepared folder at the URL is complete exactly when its manifest is there.
+- Every upload is checked: its size, and for everything but the shards a SHA-256 of the bytes read back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import threading
+from pathlib import Path
+
+from .. import storage
+from ..errors import UserError
+from .prepared import MANIFEST, STAGING
+
+CACHE = Path.home() / ".cache" / "imagenet-resnet" / "prepare"
+
+
+def default_work_dir(url: str) -> Path:
+    """Where `prepare --out URL` packs when no --work-dir is given: one folder per URL, so a rerun resumes."""
+    return CACHE / hashlib.sha256(storage.check_url(url).encode()).hexdigest()[:16]
+
+
+class Uploader:
+    """Uploads a prepared folder being written in `work` to `url`: shards while packing, the rest at finish()."""
+
+    POLL = 0.5  # seconds between looks for newly completed shards
+
+    def __init__(self, url: str, work: Path):
+        self.url, self.work = storage.check_url(url), Path(work)
+        self.fs, self.root = storage.filesystem(self.url)
+        self.remote: dict[str, int] = {}  # name under the URL -> size, as listed at the start
+        self.uploaded: list[str] = []
+        self.skipped: list[str] = []
+        self.watching: Path | None = None  # the packed folder being written
+        self.error: str | None = None
+        self._done: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prepare-upload", daemon=True)
+
+    def __enter__(self) -> Uploader:
+        self.remote = self._listing()
+        if MANIFEST in self.remote:  # from here on, the folder at the URL is incomplete until the new manifest
+            self._guard(lambda: self.fs.rm_file(self._key(MANIFEST)))
+            del self.remote[MANIFEST]
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def watch(self, packed_dir: Path) -> None:
+        """Upload the shards completed in `packed_dir` (DATA/packed, or its staging copy) as they appear."""
+        self.watching = Path(packed_dir)
+
+    def finish(self) -> None:
+        """After the local prepare is complete: everything not yet uploaded, the manifest last."""
+        self.__exit__()
+        self.watching, self.error = self.work / "packed", None
+        self._upload_shards()
+        if self.error:
+            raise UserError(f"--out {self.url}: upload failed ({self.error}); the local folder {self.work} is "
+                            "complete: run the same prepare again to finish the upload")
+        files = sorted(p for p in self.work.rglob("*") if p.is_file() and STAGING not in p.parts)
+        for path in (p for p in files if p.suffix != ".bin" and p.name != MANIFEST):
+            self._guard(lambda: self._put(path, path.relative_to(self.work).as_posix(), checksum=True))
+        self._guard(lambda: self._put(self.work / MANIFEST, MANIFEST, checksum=True))
+        shards = sum(1 for name in self.uploaded if name.endswith(".bin"))
+        print(f"upload: {shards} shards uploaded, {len(self.skipped)} already at {self.url}; "
+              f"{len(self.uploaded) - shards} other files, {MANIFEST} last", file=sys.stderr)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.POLL):
+            self._upload_shards(self._stop)
+
+    def _upload_shards(self, stop: threading.Event | None = None) -> None:
+        if self.watching is None:
+            return
+        for marker in sorted(self.watching.glob("*.sizes.npz")):
+            shard = marker.with_name(marker.name[: -len(".sizes.npz")] + ".bin")
+            name = f"packed/{shard.name}"
+            if stop is not None and stop.is_set():
+                return
+            if name in self._done:
+                continue
+            if self.remote.get(name) == shard.stat().st_size:
+                self.skipped.append(name)
+                self._done.add(name)
+                continue
+            try:
+                self._put(shard, name, checksum=False)
+                self._done.add(name)
+            except Exception as e:  # noqa: BLE001 - kept for the message; finish() tries again and reports
+                self.error = storage.redact(f"{name}: {type(e).__name__}: {e}")
+
+    def _put(self, path: Path, name: str, checksum: bool) -> None:
+        """Upload `path` as `name` under the URL and check it there."""
+        key = self._key(name)
+        self.fs.put_file(str(path), key)
+        self.fs.invalidate_cache(key)
+        local = path.stat().st_size
+        if int(self.fs.size(key)) != local:
+            raise OSError(f"{name}: {self.fs.size(key)} bytes at the URL after the upload, {local} here")
+        if checksum and hashlib.sha256(self.fs.cat_file(key)).digest() != hashlib.sha256(path.read_bytes()).digest():
+            raise OSError(f"{name}: the bytes read back differ from the local file")
+        self.uploaded.append(name)
+
+    def _guard(self, action) -> None:
+        try:
+            action()
+        except Exception as e:  # noqa: BLE001 - any store error becomes one line, without credentials
+            raise UserError(storage.redact(f"--out {self.url}: upload failed ({type(e).__name__}: {e}); the local "
+                                           f"folder {self.work} is complete: run the same prepare again to finish "
+                                           "the upload")) from None
+
+    def _key(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def _listing(self) -> dict[str, int]:
+        self.fs.invalidate_cache(self.root)
+        try:
+            found = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+        prefix = self.root.rstrip("/") + "/"
+        return {p[len(prefix):]: int(info.get("size") or 0) for p, info in found.items() if p.startswith(prefix)}
+
+
+def next_step(url: str, work: Path) -> str:
+    """How to use the uploaded folder: train reads a local prepared folder."""
+    copy = f"aws s3 sync {url} DATA" if url.startswith("s3://") else f"copy {url} to a local folder DATA"
+    return (f"{url} is complete ({MANIFEST} is there). Train here with --data {work} (the same prepared folder); "
+            f"on another machine copy it down first ({copy}) and train with --data DATA")
