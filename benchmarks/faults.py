@@ -28,7 +28,6 @@ import random
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 
 from imagenet_resnet.data.synthetic import make_shapes_dataset
+from load_serve import free_port
 from imagenet_resnet.training import checkpoint
 
 # A narrow ResNet-18 on 32 px shapes, deterministic: two runs of the same steps give the same bits.
@@ -53,17 +53,11 @@ VARIANTS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train_command(data: Path, out: Path, settings: list[str], epochs: int, torchrun: bool = False) -> list[str]:
     launcher = [sys.executable, "-m", "imagenet_resnet"]
     if torchrun:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                    f"--master-port={_free_port()}", "-m", "imagenet_resnet"]
+                    f"--master-port={free_port()}", "-m", "imagenet_resnet"]
     args = ["train", "--data", str(data), "--out", str(out), "--epochs", str(epochs), "--resume"]
     for setting in TINY + settings:
         args += ["--set", setting]

@@ -20,7 +20,6 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,14 +28,10 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from load_serve import free_port
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SECRETS = {"AWS_ACCESS_KEY_ID": "benchmark-key", "AWS_SECRET_ACCESS_KEY": "benchmark-secret"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_s3(env: dict) -> subprocess.Popen:

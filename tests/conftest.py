@@ -10,6 +10,8 @@ from imagenet_resnet.data.synthetic import make_shapes_dataset
 from imagenet_resnet.training.trainer import train
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The benchmarks' helpers (free_port, the fault scenarios, the Imagenette subset) serve the tests too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 # A few seconds per run on two CPU cores: a narrow ResNet-18 on 32 px shapes.
 TINY_SETTINGS = [

@@ -4,7 +4,6 @@ distributed evaluation. Each test starts real processes through torchrun, as a u
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,10 @@ import torch
 import torch.distributed as dist
 
 from conftest import TINY_SETTINGS, run_cli
+from load_serve import free_port
 from imagenet_resnet.training import checkpoint
 from imagenet_resnet.data.loader import DeviceNormalize, EpochBatchSampler
 from imagenet_resnet.training.step import train_step
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _settings(*extra: str) -> list[str]:
@@ -33,7 +27,7 @@ def _settings(*extra: str) -> list[str]:
 
 
 def _torchrun(*args: str, nproc: int = 2, launcher: list[str] | None = None) -> subprocess.Popen:
-    launcher = launcher or [f"--nproc-per-node={nproc}", f"--master-port={_free_port()}"]
+    launcher = launcher or [f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "imagenet_resnet", *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -126,7 +120,7 @@ def test_distributed_evaluation_counts_each_image_once(tmp_path, tiny_data):
 
 
 def test_two_nodes_meet_through_c10d_rendezvous(tmp_path, tiny_data):
-    port = _free_port()
+    port = free_port()
     launcher = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                 "--rdzv-id=test-two-nodes"]
     args = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--epochs", "2", *_settings()]
@@ -140,7 +134,7 @@ def test_a_killed_worker_restarts_the_job_which_resumes_and_finishes(tmp_path, t
     run = tmp_path / "run"
     job = _torchrun("train", "--data", str(tiny_data), "--out", str(run), "--epochs", "6", "--resume",
                     *_settings("train.checkpoint_every_steps=2", "train.batch_size=4"),
-                    launcher=["--nproc-per-node=2", "--max-restarts=1", f"--master-port={_free_port()}"])
+                    launcher=["--nproc-per-node=2", "--max-restarts=1", f"--master-port={free_port()}"])
     try:
         deadline = time.time() + 120
         while not (run / "last.pt").exists():

@@ -3,18 +3,10 @@ checkpoint write, damaged checkpoints, a full disk, a killed prepare, files dama
 loader worker, untrusted checkpoints. Real processes, killed for real; each must recover with nothing lost."""
 
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import faults  # noqa: E402 (the benchmark's own scenarios)
-
-
-@pytest.fixture(scope="module")
-def shapes(tiny_data):
-    return tiny_data
+import faults  # the benchmark's own scenarios (benchmarks/ is on sys.path: conftest.py)
 
 
 def _all_recovered(rows):
@@ -23,33 +15,33 @@ def _all_recovered(rows):
 
 
 @pytest.mark.parametrize("variant", list(faults.VARIANTS))
-def test_kill_9_at_random_moments_then_resume_ends_bitwise_equal(tmp_path, shapes, variant):
-    _all_recovered([faults.random_kills(tmp_path, shapes, variant, kills=2, rng=random.Random(1), epochs=2)])
+def test_kill_9_at_random_moments_then_resume_ends_bitwise_equal(tmp_path, tiny_data, variant):
+    _all_recovered([faults.random_kills(tmp_path, tiny_data, variant, kills=2, rng=random.Random(1), epochs=2)])
 
 
-def test_kill_9_inside_a_checkpoint_write(tmp_path, shapes):
-    _all_recovered([faults.kill_inside_checkpoint_write(tmp_path, shapes, tries=2, rng=random.Random(2))])
+def test_kill_9_inside_a_checkpoint_write(tmp_path, tiny_data):
+    _all_recovered([faults.kill_inside_checkpoint_write(tmp_path, tiny_data, tries=2, rng=random.Random(2))])
 
 
-def test_damaged_checkpoints_fall_back_or_stop_in_one_line(tmp_path, shapes):
-    _all_recovered(faults.damaged_checkpoints(tmp_path, shapes))
+def test_damaged_checkpoints_fall_back_or_stop_in_one_line(tmp_path, tiny_data):
+    _all_recovered(faults.damaged_checkpoints(tmp_path, tiny_data))
 
 
-def test_a_full_disk_loses_nothing(tmp_path, shapes):
-    _all_recovered(faults.full_disk(tmp_path, shapes))
+def test_a_full_disk_loses_nothing(tmp_path, tiny_data):
+    _all_recovered(faults.full_disk(tmp_path, tiny_data))
 
 
-def test_kill_9_of_prepare_then_prepare_again(tmp_path, shapes):
-    _all_recovered([faults.killed_prepare(tmp_path, shapes, kills=3, rng=random.Random(3))])
+def test_kill_9_of_prepare_then_prepare_again(tmp_path, tiny_data):
+    _all_recovered([faults.killed_prepare(tmp_path, tiny_data, kills=3, rng=random.Random(3))])
 
 
-def test_files_damaged_after_prepare_are_skipped_and_named(tmp_path, shapes):
-    _all_recovered([faults.bad_files_after_prepare(tmp_path, shapes)])
+def test_files_damaged_after_prepare_are_skipped_and_named(tmp_path, tiny_data):
+    _all_recovered([faults.bad_files_after_prepare(tmp_path, tiny_data)])
 
 
-def test_a_killed_loader_worker_stops_the_run_resumably(tmp_path, shapes):
-    _all_recovered([faults.killed_worker(tmp_path, shapes)])
+def test_a_killed_loader_worker_stops_the_run_resumably(tmp_path, tiny_data):
+    _all_recovered([faults.killed_worker(tmp_path, tiny_data)])
 
 
-def test_untrusted_checkpoints_are_refused_unread(tmp_path, shapes):
-    _all_recovered([faults.untrusted_checkpoints(tmp_path, shapes)])
+def test_untrusted_checkpoints_are_refused_unread(tmp_path, tiny_data):
+    _all_recovered([faults.untrusted_checkpoints(tmp_path, tiny_data)])

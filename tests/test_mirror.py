@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
 from conftest import run_cli, tiny_train_args  # noqa: E402
+from load_serve import free_port  # noqa: E402
 from imagenet_fixtures import ImageNetLike, prepared_pairs  # noqa: E402
 from imagenet_resnet import cli, storage  # noqa: E402
 from imagenet_resnet.data.index import ImageIndex  # noqa: E402
@@ -36,17 +36,11 @@ SECRETS = {"AWS_ACCESS_KEY_ID": "AKIDMIRRORTEST7QX2", "AWS_SECRET_ACCESS_KEY": "
 STEPS_PER_EPOCH = 7  # 120 images // batch 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class S3Server:
     """moto's S3 server in a thread of this process, so that its buckets outlive a stop and a restart."""
 
     def __init__(self):
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.server = None
 

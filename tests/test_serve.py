@@ -20,7 +20,6 @@ import yaml
 from PIL import Image
 
 from conftest import run_cli, train_tiny
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from load_serve import free_port, png_header, start_server, stop  # noqa: E402 (the load test's own helpers)
 from imagenet_resnet.serving.inference import load_model
 from imagenet_resnet.serving.serve import MAX_UPLOAD_BYTES, Classifier, ImageRejected, example_images, safe_open_image

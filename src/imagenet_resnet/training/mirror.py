@@ -172,15 +172,17 @@ class Mirror:
 
     def _download_run(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        fetched: dict[str, Path] = {}  # SHA-256 -> the checkpoint brought down with it
         for role, name in (("last", "last.pt"), ("previous", "previous.pt"), ("best", "best.pt")):
             entry = self.pointer.get(role)
-            same = next((n for r, n in (("last", "last.pt"), ("previous", "previous.pt")) if r != role and
-                         self.pointer.get(r, {}).get("sha256") == (entry or {}).get("sha256")), None)
-            if entry and same and (self.out_dir / same).exists():  # best.pt is often last.pt: copied, not fetched
-                write_atomic((self.out_dir / same).read_bytes(), self.out_dir / name)
+            if entry is None:
+                continue
+            if entry["sha256"] in fetched:  # best.pt is often last.pt: copied, not fetched again
+                write_atomic(fetched[entry["sha256"]].read_bytes(), self.out_dir / name)
                 self._uploaded[name] = _stat_key((self.out_dir / name).stat())
-            elif entry:
+            else:
                 self._download(entry["key"], name, entry)
+            fetched[entry["sha256"]] = self.out_dir / name
         for key in self.fs.find(self.root):
             name = key[len(self.root):].strip("/")
             if name != POINTER and not name.startswith("checkpoints/") and not name.endswith(".tmp"):

@@ -136,10 +136,12 @@ class MetricsSink:
 
 def read_records(path: Path) -> list[dict]:
     """The JSON lines of a metrics file; a line cut short (by a kill, or a full disk) is left out."""
-    if not path.exists():
-        return []
+    return _parse_records(path.read_text().splitlines()) if path.exists() else []
+
+
+def _parse_records(lines: list[str]) -> list[dict]:
     records = []
-    for line in path.read_text().splitlines():
+    for line in lines:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -163,9 +165,9 @@ def drop_records_after(path: Path, key: str, last: int) -> None:
     kill cut short."""
     if not path.exists():
         return
-    records = read_records(path)
-    kept = [r for r in records if r[key] <= last]
-    if len(kept) != len(path.read_text().splitlines()):
+    lines = path.read_text().splitlines()
+    kept = [r for r in _parse_records(lines) if r[key] <= last]
+    if len(kept) != len(lines):
         write_atomic("".join(json.dumps(r) + "\n" for r in kept).encode(), path)
 
 
