@@ -3,14 +3,17 @@
     python benchmarks/faults.py [--kills 20] [--seed 0] [--json FILE] [--only NAME ...]
 
 Everything runs on the CPU, on loopback, in a temporary folder that is removed afterwards. Each scenario
-reports how many faults it injected and after how many the run (or prepare) recovered with nothing lost:
+reports how many faults it injected and after how many the run (or prepare) recovered with nothing lost; it
+passes only when it injected at least one, as many random kills landed as were asked for, and every one was
+recovered from (`shortfall`):
 
-- kill -9 at random moments of a training run (alone, with gradient accumulation and EMA, and 2 processes
-  under torchrun), each followed by --resume: the final weights must equal an uninterrupted run's, bit for bit;
+- kill -9 at random moments of a run's training (alone, with gradient accumulation and EMA, and 2 processes
+  under torchrun; never during start-up), each followed by --resume: the final weights must equal an
+  uninterrupted run's, bit for bit;
 - kill -9 inside a checkpoint write, and a half-written temporary file left behind (a power loss);
 - a truncated or corrupted last.pt, best.pt, or both last.pt and previous.pt;
 - a full disk (a file-size limit) while writing a checkpoint and while packing;
-- kill -9 at random moments of `prepare --pack`, then the same prepare again;
+- kill -9 at random moments of `prepare --pack` (past its start-up), then the same prepare again;
 - an image replaced, and a packed shard truncated, after prepare;
 - a loader worker killed (as by the out-of-memory killer);
 - a checkpoint carrying pickled code, and --init-from weights of another architecture.
@@ -31,6 +34,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +55,10 @@ VARIANTS = {
                              "train.ema_decay=0.9"],
     "torchrun, 2 processes": ["train.checkpoint_every_steps=2", "data.workers=0"],
 }
+# The first line of a process's output once its start-up (importing torch alone takes seconds) is over: a kill
+# before it would hit the interpreter, not the work. The straight runs fail loudly should the wording change.
+TRAINING_BEGAN = "global batch"  # train's plan line: rank 0 logs it after any resume, just before the first step
+PACKING_BEGAN = " layout, "  # prepare's first line, once the source is opened
 
 
 def _train_command(data: Path, out: Path, settings: list[str], epochs: int, torchrun: bool = False) -> list[str]:
@@ -85,6 +93,50 @@ def _run(command: list[str], timeout: float = 600, **kw) -> tuple[int, str]:
         kill_all(proc)
         raise
     return proc.returncode, out
+
+
+class _Watched:
+    """A process of _start whose output a thread reads as it comes (so the pipe never fills), noting when the
+    first line holding `began` came out and when the output ended."""
+
+    def __init__(self, command: list[str], began: str):
+        self.proc, self.began, self.lines = _start(command), began, []
+        self.began_at: float | None = None
+        self.ended_at: float | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if self.began_at is None and self.began in line:
+                self.began_at = time.perf_counter()
+            self.lines.append(line)
+        self.ended_at = time.perf_counter()
+
+    def wait_until_began(self, timeout: float = 600) -> bool:
+        """True once the line came out; False when the process ended without it."""
+        deadline = time.perf_counter() + timeout
+        while self.began_at is None and self._reader.is_alive():
+            if time.perf_counter() > deadline:
+                kill_all(self.proc)
+                raise TimeoutError(f"no line with {self.began!r} after {timeout} s: {''.join(self.lines)[-3000:]}")
+            time.sleep(0.02)
+        return self.began_at is not None
+
+    def finish(self, timeout: float = 600) -> tuple[int, str]:
+        self._reader.join(timeout)
+        if self._reader.is_alive():
+            kill_all(self.proc)
+            raise TimeoutError(f"still running after {timeout} s: {''.join(self.lines)[-3000:]}")
+        return self.proc.wait(), "".join(self.lines)
+
+
+def _seconds_past_start_up(command: list[str], began: str) -> float:
+    """How long an uninterrupted run of `command` works: from its line holding `began` to its end."""
+    watched = _Watched(command, began)
+    code, out = watched.finish()
+    assert code == 0 and watched.began_at is not None, out[-3000:]
+    return watched.ended_at - watched.began_at
 
 
 def _descendants(pid: int) -> list[int]:
@@ -124,22 +176,25 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _kill_until_done(command: list[str], duration: float, rng: random.Random, most: int) -> tuple[int, bool]:
-    """Start `command` again and again, each time killing all of it (kill -9) at a uniform random moment
-    within `duration`, until it gets to its end or `most` kills have landed. Returns the kills that landed, and
-    whether a start ever failed by itself (a loss, whatever comes after)."""
-    landed, failed = 0, False
+def _kill_until_done(command: list[str], began: str, duration: float, rng: random.Random,
+                     most: int) -> tuple[int, int]:
+    """Start `command` again and again, each time killing all of it (kill -9) at a uniform random moment within
+    `duration` after its start-up (the line holding `began`), until it gets to its end before the kill, or
+    `most` kills have landed and it is run once more to its end. A kill counts only when the process died of
+    it. Returns the kills that landed and the exit status of the start that got to its end."""
+    landed = 0
     while landed < most:
-        proc = _start(command)
-        time.sleep(rng.uniform(0.2, duration))
-        if proc.poll() is not None:  # got to its end first
-            proc.communicate()
-            failed |= proc.returncode != 0
-            break
-        kill_all(proc)
-        proc.communicate()
+        watched = _Watched(command, began)
+        if watched.wait_until_began():
+            with contextlib.suppress(subprocess.TimeoutExpired):  # the kill's moment, unless it ends before
+                watched.proc.wait(timeout=rng.uniform(0, duration))
+            if watched.proc.poll() is None:
+                kill_all(watched.proc)
+        code, _ = watched.finish()
+        if code != -signal.SIGKILL:  # got to its end first
+            return landed, code
         landed += 1
-    return landed, failed
+    return landed, _run(command)[0]
 
 
 def random_kills(work: Path, data: Path, variant: str, kills: int, rng: random.Random, epochs: int = 3) -> dict:
@@ -147,22 +202,18 @@ def random_kills(work: Path, data: Path, variant: str, kills: int, rng: random.R
     have landed; a run that gets to its end is compared with an uninterrupted one, and the next starts anew."""
     settings, torchrun = VARIANTS[variant], variant.startswith("torchrun")
     straight = work / f"straight-{len(os.listdir(work))}"
-    started = time.perf_counter()
-    code, out = _run(_train_command(data, straight, settings, epochs, torchrun))
-    assert code == 0, out[-3000:]
-    duration = time.perf_counter() - started
+    training = _seconds_past_start_up(_train_command(data, straight, settings, epochs, torchrun), TRAINING_BEGAN)
     tried = recovered = runs = 0
-    while tried < kills and runs < 4 * kills:
+    while tried < kills and runs < 4 * kills:  # a guard: a fresh run takes a kill but for a rare early end
         run = work / f"killed-{len(os.listdir(work))}"
         command = _train_command(data, run, settings, epochs, torchrun)
-        landed, failed = _kill_until_done(command, duration, rng, kills - tried)
-        code, out = _run(command)
-        if code == 0 and not failed and _same(_weights(run), _weights(straight)):
+        landed, code = _kill_until_done(command, TRAINING_BEGAN, training, rng, kills - tried)
+        if code == 0 and _same(_weights(run), _weights(straight)):
             recovered += landed
         tried, runs = tried + landed, runs + 1
     return {"fault": f"kill -9 at a random moment ({variant})", "injected": "SIGKILL to every process of the run at a "
-            f"uniform random time within one run's duration ({duration:.0f} s), then --resume; {runs} run(s)",
-            "tried": tried, "recovered": recovered,
+            f"uniform random time within one run's training ({training:.0f} s, counted from the plan line: never "
+            f"during start-up), then --resume; {runs} run(s)", "asked": kills, "tried": tried, "recovered": recovered,
             "detail": "final weights bitwise equal to an uninterrupted run's"}
 
 
@@ -290,22 +341,19 @@ def killed_prepare(work: Path, data: Path, kills: int, rng: random.Random) -> di
 
     command = [sys.executable, "-m", "imagenet_resnet", "prepare", str(data), "--pack", "--shard-images", "16",
                "--workers", "2", "--short-side", "24", "--out"]
-    started = time.perf_counter()
-    code, _ = _run(command + [str(work / "prepare-straight")])
-    duration = time.perf_counter() - started
+    packing = _seconds_past_start_up(command + [str(work / "prepare-straight")], PACKING_BEGAN)
     tried = recovered = rounds = 0
-    while tried < kills and rounds < 4 * kills:
+    while tried < kills and rounds < 4 * kills:  # a guard: a fresh prepare takes a kill but for a rare early end
         out_dir = work / f"prepare-killed-{rounds}"
-        landed, failed = _kill_until_done(command + [str(out_dir)], duration, rng, kills - tried)
-        code, _ = _run(command + [str(out_dir)])
+        landed, code = _kill_until_done(command + [str(out_dir)], PACKING_BEGAN, packing, rng, kills - tried)
         verified, _ = _run([sys.executable, "-m", "imagenet_resnet", "prepare", "--verify", str(out_dir)])
-        if code == 0 and verified == 0 and not failed and pairs(out_dir) == pairs(work / "prepare-straight"):
+        if code == 0 and verified == 0 and pairs(out_dir) == pairs(work / "prepare-straight"):
             recovered += landed
         tried, rounds = tried + landed, rounds + 1
     return {"fault": "kill -9 at a random moment of prepare --pack",
-            "injected": "SIGKILL to every process of the run at a "
-            f"uniform random time within one prepare's duration ({duration:.0f} s), then the same prepare; "
-            f"{rounds} folder(s)", "tried": tried, "recovered": recovered,
+            "injected": "SIGKILL to every process of the run at a uniform random time within one prepare's work "
+            f"({packing:.0f} s, counted from its first line: never during start-up), then the same prepare; "
+            f"{rounds} folder(s)", "asked": kills, "tried": tried, "recovered": recovered,
             "detail": "--verify passes; every image present exactly once, bytes equal to an uninterrupted prepare"}
 
 
@@ -414,14 +462,32 @@ def run_suite(kills: int, seed: int, only: list[str] | None = None) -> list[dict
             for row in scenario(work, data):
                 row.update(scenario=name, seconds=round(time.perf_counter() - started, 1))
                 rows.append(row)
-                print(f"{row['recovered']:3d} of {row['tried']:3d} recovered: {row['fault']}", file=sys.stderr,
+                print(f"{row['recovered']:3d} of {_tried(row):>3} recovered: {row['fault']}", file=sys.stderr,
                       flush=True)
     return rows
 
 
+def shortfall(row: dict) -> str | None:
+    """Why a scenario's row is a failure, or None: a row that injected nothing proves nothing, and random kills
+    that landed fewer times than asked (the runs kept getting to their end first) are a test not done."""
+    if row["tried"] < 1:
+        return "no fault was injected"
+    if row["tried"] != row.get("asked", row["tried"]):
+        return f"only {row['tried']} of the {row['asked']} kills asked for landed"
+    if row["recovered"] != row["tried"]:
+        return f"recovered from {row['recovered']} of {row['tried']}"
+    return None
+
+
+def _tried(row: dict) -> str:
+    """The faults injected, and those asked for where fewer landed."""
+    short = row["tried"] != row.get("asked", row["tried"])
+    return f"{row['tried']} of {row['asked']} asked" if short else str(row["tried"])
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| fault | how it is injected | tried | recovered, nothing lost | checked |", "|---|---|---:|---:|---|"]
-    lines += [f"| {r['fault']} | {r['injected']} | {r['tried']} | {r['recovered']} | {r['detail']} |" for r in rows]
+    lines += [f"| {r['fault']} | {r['injected']} | {_tried(r)} | {r['recovered']} | {r['detail']} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -440,7 +506,10 @@ def main() -> int:
 
         Path(args.json).write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "environment": environment(),
                                                "rows": rows}, indent=1) + "\n")
-    return 0 if all(r["recovered"] == r["tried"] for r in rows) else 1
+    failures = [f"{r['fault']}: {shortfall(r)}" for r in rows if shortfall(r)]
+    for failure in failures:
+        print(f"FAILED {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -1,24 +1,67 @@
 #!/usr/bin/env bash
-# The GPU checks of the core issue, run on a lent H100 from the repository root:
-#   bash benchmarks/gpu_checks.sh OUT_DIR DATA_DIR
-# DATA_DIR: a class-folder ImageNet subset (train/ and val/). Writes raw results into OUT_DIR.
+# The GPU correctness checks, in one device call of under 5 minutes, from the repository root on a lent GPU:
+#   bash benchmarks/gpu_checks.sh OUT [DATA]
+# 1. tests/test_cuda.py (marked `cuda`): a CUDA run stopped by train.stop_at_step and resumed, and one stopped
+#    by SIGTERM and resumed, each bitwise equal to an uninterrupted run (EMA, Mixup/CutMix, clipping, mid-epoch
+#    checkpoints on); 20 steps of the loop's step with EMA and Mixup under torch.cuda.set_sync_debug_mode("error");
+#    bf16 and fp16 steps; torch.compile at two resolutions. Then the CPU-side tests that use torchvision where
+#    it imports (the device image has it).
+# 2. bench train: the loop's step alone and with EMA + Mixup + CutMix, ResNet-50 at 224 px, eager: the cost of
+#    the per-step extras, which used to sync the host every step.
+# 3. With DATA (a class-folder or prepared ImageNet subset): ResNet-50 trained end to end for 2 epochs, resumed
+#    from its epoch-1 checkpoint on the GPU, and evaluated.
+# Writes the raw outputs into OUT and OUT/gpu_checks.json (command, GPU, versions, each part's exit status).
+# Tried on a machine without a GPU as far as it goes (the CUDA sync check left out, small benchmark sizes):
+#   GPU_CHECKS_DEVICE=cpu GPU_CHECKS_BENCH="--device cpu --model resnet18 --res 64 --batch-size 16 --steps 3
+#   --warmup 1" bash benchmarks/gpu_checks.sh OUT
 set -uo pipefail
-out=${1:?output folder}; data=${2:?data folder}
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+out=${1:?output folder}; data=${2:-}
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+CLI="python3 -m imagenet_resnet"
+bench=(${GPU_CHECKS_BENCH:---res 224 --steps 30 --warmup 10})
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-nproc | tee -a "$out/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv | tee "$out/gpu.txt"
+status=()
 
-# torchvision is installed there: the weight-compatibility test runs instead of skipping.
+python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py -rs > "$out/pytest_cuda.txt" 2>&1
+status+=("pytest_cuda=$?")
+tail -n 3 "$out/pytest_cuda.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_models.py tests/test_presets.py tests/test_engine.py \
-  tests/test_data.py 2>&1 | tee "$out/pytest_gpu.txt"
+  tests/test_device_paths.py > "$out/pytest_cpu_side.txt" 2>&1
+status+=("pytest_cpu_side=$?")
+tail -n 3 "$out/pytest_cpu_side.txt"
 
-# The training step alone, synthetic data on the GPU: eager at three resolutions, then torch.compile.
-python3 -m imagenet_resnet bench train --res 224 192 160 --json "$out/bench_train_eager.json"
-python3 -m imagenet_resnet bench train --res 224 --compile default --json "$out/bench_train_compile.json"
+$CLI bench train "${bench[@]}" --json "$out/bench_train_step.json" > "$out/bench.txt" 2>&1
+status+=("bench_train_step=$?")
+$CLI bench train "${bench[@]}" --ema-decay 0.9999 --mixup 0.2 --cutmix 1.0 \
+  --json "$out/bench_train_step_ema_mix.json" >> "$out/bench.txt" 2>&1
+status+=("bench_train_step_ema_mix=$?")
+cat "$out/bench.txt"
 
-# ResNet-50 end to end from JPEG files on disk: 16 loader workers, bf16, channels_last, batch 256.
-python3 -m imagenet_resnet train --data "$data" --out /tmp/r50 --recipe recipes/resnet50_onecycle40.yaml \
-  --epochs 6 --batch-size 256 --set data.workers=16 --set train.log_every_steps=5 2>&1 | tee "$out/train_r50.txt"
-cp /tmp/r50/metrics.jsonl "$out/train_r50_metrics.jsonl"
-python3 -m imagenet_resnet evaluate --json --checkpoint /tmp/r50/last.pt --data "$data" --workers 16 | tee "$out/evaluate_r50.json"
+if [ -n "$data" ]; then
+  run=/tmp/gpu-checks-r50
+  rm -rf "$run"
+  r50=(--data "$data" --out "$run" --recipe resnet50_onecycle40 --epochs 2 --batch-size 256
+       --set data.workers=16 --set train.log_every_steps=5 --set train.ema_decay=0.999)
+  $CLI train "${r50[@]}" --set train.stop_at_step=1 > "$out/train_r50.txt" 2>&1
+  status+=("train_r50_stop=$?")
+  $CLI train "${r50[@]}" --resume >> "$out/train_r50.txt" 2>&1
+  status+=("train_r50_stop_resume=$?")
+  cp "$run/metrics.jsonl" "$out/train_r50_metrics.jsonl"
+  $CLI evaluate --json --ema --checkpoint "$run/last.pt" --data "$data" --workers 16 > "$out/evaluate_r50.json"
+  status+=("evaluate_r50=$?")
+fi
+
+python3 - "$out" "$0 $*" "${status[@]}" <<'PY'
+import json, sys
+from pathlib import Path
+sys.path.insert(0, "src")
+from imagenet_resnet.bench.record import environment
+out, command, parts = Path(sys.argv[1]), sys.argv[2], dict(s.split("=") for s in sys.argv[3:])
+record = {"command": f"bash {command}", "environment": environment(),
+          "exit_status": {name: int(code) for name, code in parts.items()},
+          "pytest_cuda": (out / "pytest_cuda.txt").read_text().strip().splitlines()[-1:],
+          "bench": [json.loads(line) for line in (out / "bench.txt").read_text().splitlines() if line.startswith("{")]}
+(out / "gpu_checks.json").write_text(json.dumps(record, indent=1) + "\n")
+print(json.dumps(record["exit_status"]))
+PY

@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,19 @@ def train_tiny(data: Path, out: Path, *settings: str, epochs: int = 2, resume: b
     the tests that involve no signal and no torchrun, a new process per run would only cost time."""
     cfg = load_config(None, [*TINY_SETTINGS, f"data.path={data}", f"train.epochs={epochs}", *settings])
     return train(cfg, out, resume=resume)
+
+
+def sigterm_after(args: list[str], line_part: str) -> str:
+    """Run `python -m imagenet_resnet ARGS`, send it SIGTERM (a spot instance reclaimed) once it printed a line
+    holding `line_part`, and return its whole output after checking it exited as a signalled run does."""
+    proc = subprocess.Popen([sys.executable, "-m", "imagenet_resnet", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if line_part in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    output.append(proc.stdout.read())
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, "".join(output)
+    return "".join(output)

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ import torch
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
-from conftest import run_cli, tiny_train_args  # noqa: E402
+from conftest import run_cli, sigterm_after, tiny_train_args  # noqa: E402
 from load_serve import free_port  # noqa: E402
 from imagenet_fixtures import ImageNetLike, prepared_pairs  # noqa: E402
 from imagenet_resnet import cli, storage  # noqa: E402
@@ -106,14 +105,7 @@ def test_sigterm_then_a_new_machine_resumes_from_the_bucket_alone(s3, tiny_data,
     first = tmp_path / "first-machine"
     args = tiny_train_args(tiny_data, first, "--epochs", "2", "--mirror", url,
                            "--set", "train.checkpoint_every_steps=2")
-    proc = subprocess.Popen([sys.executable, "-m", "imagenet_resnet", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    for line in proc.stdout:
-        if " step 3/" in line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    output = proc.stdout.read()
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, output
+    output = sigterm_after(args, " step 3/")
     stopped_at = checkpoint.load(first / "last.pt")["progress"]["global_step"]
     assert 3 <= stopped_at < 2 * STEPS_PER_EPOCH
     assert f"mirror: {url} is up to date (checkpoint at global step {stopped_at})" in output

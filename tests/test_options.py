@@ -8,6 +8,7 @@ import torch
 from conftest import run_cli, tiny_train_args, train_tiny
 from imagenet_resnet.training import checkpoint
 from imagenet_resnet.training.augment import MixAugment
+from imagenet_resnet.training.ema import ModelEma
 from imagenet_resnet.config import load_config
 from imagenet_resnet.data.loader import DeviceNormalize
 from imagenet_resnet.training.distributed import Dist
@@ -84,9 +85,35 @@ def test_ema_is_evaluated_saved_and_resumed_exactly(tmp_path, tiny_data):
     assert all(0 <= m["val_top1_ema"] <= 1 for m in metrics)
     a = checkpoint.load(tmp_path / "straight" / "last.pt")
     b = checkpoint.load(tmp_path / "resumed" / "last.pt")
-    assert a["model_ema"]["n_averaged"].item() == 2 * 7
+    assert a["model_ema"].keys() == a["model"].keys()  # loads into a bare model, as evaluate --ema does
+    assert not torch.equal(a["model_ema"]["fc.weight"], a["model"]["fc.weight"])
     assert all(torch.equal(a["model_ema"][k], b["model_ema"][k]) for k in a["model_ema"])
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # best.pt is picked by the weights the run is for: the EMA's top-1.
+    best = max(metrics, key=lambda m: m["val_top1_ema"])
+    assert checkpoint.load(tmp_path / "straight" / "best.pt")["progress"]["best_top1"] == best["val_top1_ema"]
+
+
+def test_ema_averages_with_the_warm_up_decay():
+    """After updates toward weights w_1..w_n, the average is the closed form of the EMA recursion with decay
+    min(d, (1 + k) / (10 + k)) at update k; integer buffers (BN's batch counter) are copied, not averaged."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = ModelEma(model, decay=0.5)
+    expected = {k: v.double() for k, v in model.state_dict().items() if v.is_floating_point()}
+    for k in range(1, 6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(float(k))
+            model[1].num_batches_tracked += 3
+        decay = min(0.5, (1 + k) / (10 + k))
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                expected[key] = decay * expected[key] + (1 - decay) * value.double()
+        ema.update()
+    averaged = ema.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(averaged[key].double(), value)
+    assert averaged["1.num_batches_tracked"].item() == 15 and ema.updates == 5
 
 
 def test_lamb_trains_a_network():

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import run_cli, tiny_train_args, train_tiny
+from conftest import run_cli, sigterm_after, tiny_train_args, train_tiny
 from imagenet_resnet.evaluation import evaluate_checkpoint
 from imagenet_resnet.training import checkpoint
 from imagenet_resnet.training.stopping import RunStopped
@@ -49,7 +49,8 @@ def test_run_folder_contract(straight_run):
     state = checkpoint.load(straight_run / "last.pt")
     assert state["progress"]["epoch"] == 2 and state["progress"]["global_step"] == 2 * STEPS_PER_EPOCH
     assert state["config"]["train"]["epochs"] == 2 and state["classes"][0] == "checkerboard"
-    assert {"model", "optimizer", "scaler", "rng", "data_order"} <= state.keys()
+    assert {"model", "optimizer", "scaler", "progress", "config", "metrics"} <= state.keys()
+    assert not {"rng", "data_order"} & state.keys()  # nothing reads them on resume: the order comes from the seed
 
 
 @pytest.mark.parametrize("stop_at", [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 3], ids=["epoch-end", "mid-epoch"])
@@ -72,7 +73,7 @@ def test_resume_with_gradient_accumulation_is_bitwise_identical(tiny_data, tmp_p
     with pytest.raises(RunStopped):
         train_tiny(tiny_data, tmp_path / "run", *settings, "train.stop_at_step=10")
     saved = checkpoint.load(tmp_path / "run" / "last.pt")
-    assert saved["data_order"]["batches_done"] == 2 * (10 - STEPS_PER_EPOCH)  # 3 steps into epoch 2
+    assert saved["progress"]["step_in_epoch"] == 10 - STEPS_PER_EPOCH  # 3 steps (6 micro-batches) into epoch 2
     train_tiny(tiny_data, tmp_path / "run", *settings, resume=True)
     _assert_bitwise_equal(_weights(tmp_path / "run" / "last.pt"), _weights(tmp_path / "straight" / "last.pt"))
 
@@ -87,6 +88,13 @@ def test_eval_every_skips_validation_but_not_on_the_last_epoch(tiny_data, tmp_pa
     assert checkpoint.load(tmp_path / "run" / "best.pt")["progress"]["epoch"] == best["epoch"]
 
 
+def test_eval_every_0_evaluates_the_last_epoch_only(tiny_data, tmp_path):
+    train_tiny(tiny_data, tmp_path / "run", "train.eval_every=0", epochs=2)
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["val_images"] for l in lines] == [0, 40]
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["progress"]["epoch"] == 2
+
+
 def test_existing_run_without_resume_is_refused(straight_run, tiny_data):
     proc = run_cli(*tiny_train_args(tiny_data, straight_run, "--epochs", "2"), check=False)
     assert proc.returncode == 2 and "add --resume" in proc.stderr
@@ -94,15 +102,7 @@ def test_existing_run_without_resume_is_refused(straight_run, tiny_data):
 
 def test_sigterm_checkpoints_exits_and_resumes(tiny_data, tmp_path):
     out = tmp_path / "spot"
-    args = tiny_train_args(tiny_data, out, "--epochs", "50")
-    proc = subprocess.Popen([sys.executable, "-m", "imagenet_resnet", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # wait until training has taken a few steps
-        if " step 3/" in line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    output = proc.stdout.read()
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, output
+    output = sigterm_after(tiny_train_args(tiny_data, out, "--epochs", "50"), " step 3/")  # a few steps in
     assert "SIGTERM: stopping after this step and saving last.pt" in output and "received SIGTERM" in output
     state = checkpoint.load(out / "last.pt")
     steps = state["progress"]["global_step"]

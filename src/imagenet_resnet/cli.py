@@ -85,6 +85,12 @@ def _train_parser(sub, name: str, help: str, description: str) -> argparse.Argum
 def _inference_options(p, checkpoint_help: str = "one of our checkpoints (.pt) or a .safetensors export") -> None:
     p.add_argument("--checkpoint", required=True, help=checkpoint_help)
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda:N")
+    _ema_option(p)
+
+
+def _ema_option(p) -> None:
+    p.add_argument("--ema", action="store_true", help="use the exponential moving average of the weights "
+                   "(train.ema_decay) instead of the raw weights")
 
 
 def _add_training_commands(sub) -> None:
@@ -189,6 +195,7 @@ def _add_shipping_commands(sub) -> None:
                  "Each export is read back and its logits compared with PyTorch's before it counts as written; "
                  'prints a JSON summary (pip install "imagenet-resnet[export]").')
     p.add_argument("--checkpoint", required=True, help="one of our checkpoints (.pt) or a .safetensors export")
+    _ema_option(p)
     p.add_argument("--format", required=True, choices=["safetensors", "onnx", "torchscript", "space"],
                    help="what to write")
     p.add_argument("--out", required=True, help="the file to write (the format sets its suffix; the JSON sidecar "
@@ -274,11 +281,11 @@ def cmd_evaluate(args) -> int:
     from .evaluation import evaluate_checkpoint
 
     report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.workers, args.device, args.size,
-                                 args.flip, args.pipeline, args.per_class_csv)
+                                 args.flip, args.pipeline, args.per_class_csv, args.ema)
     if args.json:
         print(json.dumps(report))
         return 0
-    lines = [f"checkpoint  {report['checkpoint']}",
+    lines = [f"checkpoint  {report['checkpoint']}", f"weights     {report['weights']}",
              f"data        {report['data']}: {report['images']:,} val images"
              + (f" ({report['skipped_images']} unreadable, skipped)" if report["skipped_images"] else "")
              + f", {report['size']} px, {report['pipeline']} pipeline" + (", flip averaged" if report["flip"] else ""),
@@ -305,7 +312,7 @@ def cmd_report(args) -> int:
 def cmd_predict(args) -> int:
     from .serving.inference import image_sources, load_model, predict
 
-    loaded = load_model(args.checkpoint, args.device)
+    loaded = load_model(args.checkpoint, args.device, args.ema)
     results = predict(loaded, image_sources(args.inputs), args.top_k)
     if args.json:
         print(json.dumps(results, indent=1))
@@ -326,7 +333,7 @@ def cmd_explain(args) -> int:
 
     if not args.inputs and not args.data:
         raise UserError("give IMAGE... to explain, or --data DIR for a gallery of misclassified validation images")
-    loaded = load_model(args.checkpoint, args.device)
+    loaded = load_model(args.checkpoint, args.device, args.ema)
     args.layer = args.layer or cam_layer(loaded.preset().size)
     if args.inputs:
         results = explain_images(loaded, image_sources(args.inputs), args.out, args.layer)
@@ -352,7 +359,7 @@ def cmd_export(args) -> int:
     if args.check_images and not images:
         raise UserError(f"no images in {' '.join(args.check_images)}: give --check-images image files "
                         "or folders holding some")
-    loaded = load_model(args.checkpoint, "cpu")  # exports are made on the CPU, whatever machine this is
+    loaded = load_model(args.checkpoint, "cpu", args.ema)  # exports are made on the CPU, whatever machine this is
     if args.format == "safetensors":
         summary = export.export_safetensors(loaded, args.out)
         summary["parity"] = export.check_safetensors(loaded, summary["weights"], images)
@@ -365,7 +372,8 @@ def cmd_export(args) -> int:
     written = [Path(v) for v in summary.values() if isinstance(v, str) and Path(v).exists()]
     sizes = {str(path): sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir()
              else path.stat().st_size for path in written}
-    print(json.dumps({"format": args.format, "checkpoint": str(args.checkpoint), **summary, "bytes": sizes}, indent=1))
+    print(json.dumps({"format": args.format, "checkpoint": str(args.checkpoint), "weights_used": loaded.card["weights"],
+                      **summary, "bytes": sizes}, indent=1))
     return 0
 
 
@@ -376,7 +384,7 @@ def cmd_serve(args) -> int:
     from .serving.serve import build_app, check_port, example_images, run_server
 
     check_port(args.host, args.port)
-    loaded = load_model(args.checkpoint, args.device)
+    loaded = load_model(args.checkpoint, args.device, args.ema)
     if args.examples:
         examples = image_files(args.examples)
     else:

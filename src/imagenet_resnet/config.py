@@ -19,6 +19,7 @@ PIPELINES = ("fast", "full-decode", "reference")  # data.pipeline: see data/pres
 VARIANTS = ("b", "c", "d")  # model.variant: see models.py
 SCHEDULES = ("step", "cosine", "flat-cosine", "onecycle", "linear", "constant")
 OPTIMIZERS = ("sgd", "adamw", "radam", "lamb")
+LR_SCALINGS = ("auto", "linear", "sqrt")
 
 
 @dataclass
@@ -54,14 +55,17 @@ class DataConfig:
     mixup_alpha: float = 0.0  # Mixup, lambda ~ Beta(a, a); 0 = off (0.2 is common)
     cutmix_alpha: float = 0.0  # CutMix; 0 = off (1.0 is common); with both on, one of the two per batch
     color_jitter: float = 0.0  # brightness/contrast/saturation factors drawn from [1-j, 1+j]; 0 = off
-    workers: int = -1  # data-loading processes; -1 = one per CPU core, at most 16
+    workers: int = -1  # loader processes per training process; -1 = the node's cores / its training processes
+    # (at most 16), and half that for validation
     prefetch_batches: int = 4  # batches each worker prepares ahead
 
 
 @dataclass
 class OptimConfig:
     name: str = "sgd"  # sgd | adamw | radam | lamb
-    lr: float = 0.1  # per 256 images: the LR used is lr * global_batch / 256
+    lr: float = 0.1  # per 256 images: the LR used is lr scaled by global_batch / 256 (see lr_scaling)
+    lr_scaling: str = "auto"  # linear | sqrt | auto: linear for sgd (Goyal et al. 2017), sqrt for adamw, radam
+    # and lamb (as timm's train.py; Malladi et al. 2022 for Adam's square-root rule)
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw, radam, lamb
@@ -71,7 +75,7 @@ class OptimConfig:
     decay_bn_and_bias: bool = False  # weight decay on BN parameters and biases too (usually hurts)
     label_smoothing: float = 0.0
     find_lr: bool = False  # run the LR range test first and train with its suggestion instead of `lr`
-    fused: bool = False  # one fused CUDA kernel for the whole SGD update (CUDA only)
+    fused: bool = False  # one fused CUDA kernel for the whole SGD or AdamW update (CUDA only; always on in fp16)
 
 
 @dataclass
@@ -95,18 +99,21 @@ class TrainConfig:
     epochs: int = 90
     batch_size: int = 256  # images per process (per GPU) per forward pass: a micro-batch, not the global batch
     accumulation_steps: int = 1  # micro-batches per optimizer step: global batch = batch_size * this * world size
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on GPUs with native bf16 - A100, H100, RTX 30xx on -, fp16 with loss
+    # scaling on older ones - T4, V100 -, fp32 on CPU) | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     sync_bn: bool = False  # under torchrun, BatchNorm statistics over the global batch (slower; for small per-GPU batches)
     deterministic: bool = False  # bitwise-reproducible kernels (slower on GPU)
-    eval_every: int = 1  # epochs between validations; the last epoch is always evaluated
+    eval_every: int = 1  # epochs between validations; the last epoch is always evaluated (0: only the last)
     checkpoint_every_steps: int = 0  # also write last.pt every N optimizer steps; 0 = epoch ends only
     log_every_steps: int = 50
     sample_system_seconds: float = 2.0  # CPU (and GPU, through NVML) use sampled this often in the background; 0 = off
     tensorboard: bool = True  # event files in RUN/tensorboard when the tensorboard package is installed
     stop_at_step: int = 0  # checkpoint and stop after this many optimizer steps (a time-boxed session); 0 = off
-    ema_decay: float = 0.0  # keep an exponential moving average of the weights (e.g. 0.9999), evaluated too; 0 = off
+    ema_decay: float = 0.0  # keep an exponential moving average of the weights (e.g. 0.9999), evaluated too, and
+    # picking best.pt; 0 = off. evaluate/predict/serve/export --ema use it
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at update n, so early averages forget the init
     compile: str = ""  # torch.compile mode: "" = off, default, reduce-overhead, max-autotune, ...
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no C++ compiler needed)
     init_from: str = ""  # start from these weights (torchvision/timm format or our checkpoint); a different head is replaced
@@ -232,6 +239,10 @@ def validate(cfg: Config) -> None:
     t, s = cfg.train, cfg.schedule
     if t.batch_size < 1 or t.accumulation_steps < 1 or t.epochs < 1:
         raise ConfigError("train.batch_size, train.accumulation_steps and train.epochs must be >= 1")
+    if t.eval_every < 0:
+        raise ConfigError(f"train.eval_every={t.eval_every}: give epochs between validations, or 0 for the last epoch only")
+    if cfg.optim.lr_scaling not in LR_SCALINGS:
+        raise ConfigError(f"optim.lr_scaling={cfg.optim.lr_scaling!r}: choose {', '.join(LR_SCALINGS)}")
     if cfg.model.name not in MODEL_NAMES:
         raise ConfigError(f"model.name={cfg.model.name!r}: choose {', '.join(MODEL_NAMES)}")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):

@@ -18,11 +18,12 @@ from .training.step import evaluate
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, batch_size: int = 128, workers: int = -1,
                         device: str = "auto", size: int | None = None, flip: bool = False, pipeline: str | None = None,
-                        per_class_csv: str | Path | None = None) -> dict:
+                        per_class_csv: str | Path | None = None, ema: bool = False) -> dict:
     """The report `evaluate` prints; `size` and `pipeline` default to the run's own eval settings. Data that
     holds a subset of the model's classes (Imagenette for an ImageNet-1k model) is evaluated on those classes:
-    the model's choice is restricted to them, and the report says so."""
-    loaded = load_model(checkpoint, device)
+    the model's choice is restricted to them, and the report says so. `ema`: the checkpoint's EMA weights;
+    the report's `weights` says which were evaluated."""
+    loaded = load_model(checkpoint, device, ema)
     val_index = open_split(data, "val")
     subset = model_labels(val_index.classes, loaded.classes, f"{data} (val)")
     names = loaded.names if subset is None else [loaded.names[k] for k in subset]
@@ -39,7 +40,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, batch_size: in
     report = {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"], "images": result["images"],
               "skipped_images": skipped.count, "size": size, "flip": flip,
               "pipeline": pipeline_description(pipeline), "most_confused": most_confused(confusion, names),
-              "checkpoint": str(checkpoint), "data": str(data)}
+              "checkpoint": str(checkpoint), "weights": loaded.card["weights"], "data": str(data)}
     if subset is not None:
         report["classes"] = (f"the data holds {n} of the model's {len(loaded.classes)} classes: the model chose "
                              f"among those {n} only")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 
@@ -22,10 +23,29 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+BF16_NATIVE_FROM = (8, 0)  # Ampere (A100, A10, RTX 30xx) and later have bf16 tensor cores; T4 (7.5), V100 (7.0) do not
+
+
+def auto_precision(device_type: str, capability: tuple[int, int] | None = None) -> str:
+    """What `precision: auto` means for a device: bf16 where the GPU computes it natively (no loss scaling
+    needed), fp16 with the loss scaler on older GPUs (their tensor cores take fp16), fp32 on the CPU.
+    `torch.cuda.is_bf16_supported()` is not the test: it is true on a T4 or V100 too, where bf16 is emulated
+    at a fraction of fp16's speed."""
+    if device_type != "cuda":
+        return "fp32"
+    return "bf16" if capability is not None and tuple(capability) >= BF16_NATIVE_FROM else "fp16"
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
-    """`auto` is bf16 on CUDA (tensor cores, no loss scaling needed) and fp32 on the CPU."""
+    """The precision a run uses on `device`; `auto` as auto_precision says. bf16 asked for on a GPU without
+    native bf16 runs as asked, with a warning."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     if name == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return auto_precision(device.type, capability)
+    if name == "bf16" and device.type == "cuda" and auto_precision("cuda", capability) != "bf16":
+        warnings.warn(f"train.precision=bf16 on {torch.cuda.get_device_name(device)} (compute capability "
+                      f"{capability[0]}.{capability[1]}): bf16 is emulated there, much slower than fp16; "
+                      "use --set train.precision=auto (fp16 with loss scaling)")
     return name
 
 
@@ -55,7 +75,12 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 
 
 def compile_model(model: torch.nn.Module, mode: str, backend: str = "inductor") -> torch.nn.Module:
-    """`mode` as train.compile takes it: "" = not compiled, "default", or any torch.compile mode name."""
+    """`mode` as train.compile takes it: "" = not compiled, "default", or any torch.compile mode name.
+
+    Static shapes (`dynamic=False`): each input shape gets a graph of its own. By default torch.compile turns
+    the graph dynamic at the second shape it sees, so progressive resizing (and the evaluation size) would
+    run the rest of the run through a slower dynamic-shape graph. A run sees a handful of sizes (progressive
+    resizing moves in steps of 32), well inside dynamo's recompile limit."""
     if not mode:
         return model
-    return torch.compile(model, mode=None if mode == "default" else mode, backend=backend)
+    return torch.compile(model, mode=None if mode == "default" else mode, backend=backend, dynamic=False)

@@ -35,8 +35,9 @@ def _json(p) -> None:
 
 def _train(bench_sub) -> None:
     t = bench_sub.add_parser("train", help="training-step throughput on synthetic data already on the device",
-                             description="Times the training step with CUDA events after a warm-up: images/s, step "
-                             "time, peak memory and the FLOP rate beside the GPU's measured bf16 matrix rate.")
+                             description="Times the training loop's step (with the EMA and Mixup/CutMix when asked) "
+                             "with CUDA events after a warm-up: images/s, step time, peak memory and the FLOP rate "
+                             "beside the GPU's measured bf16 matrix rate.")
     t.add_argument("--model", default="resnet50", choices=MODEL_NAMES, help="default resnet50")
     t.add_argument("--res", type=int, nargs="+", default=[224], help="input sides to time (default 224)")
     t.add_argument("--batch-size", type=int, nargs="+", default=[256], help="batch sizes to time (default 256)")
@@ -46,6 +47,10 @@ def _train(bench_sub) -> None:
                    "no mode named: default (not given: eager)")
     t.add_argument("--no-channels-last", action="store_true", help="NCHW instead of NHWC")
     t.add_argument("--fused", action="store_true", help="fused CUDA SGD kernel instead of the foreach one")
+    t.add_argument("--ema-decay", type=float, default=0.0, help="also update an EMA of the weights each step, as "
+                   "train.ema_decay does (default 0: off)")
+    t.add_argument("--mixup", type=float, default=0.0, help="Mixup alpha, as data.mixup_alpha (default 0: off)")
+    t.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha, as data.cutmix_alpha (default 0: off)")
     t.add_argument("--steps", type=int, default=50, help="timed steps (default 50)")
     t.add_argument("--warmup", type=int, default=15, help="untimed steps first (default 15)")
     t.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda:N")

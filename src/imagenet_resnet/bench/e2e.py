@@ -19,9 +19,9 @@ from ..data.loader import ImageDataset, build_loader, default_workers
 from ..data.prepared import open_split, read_manifest
 from ..data.presets import TrainPreset
 from ..runtime import resolve_device
-from ..training.step import train_step
+from ..training.step import StepSums
 from .record import write_record
-from .train import bench_train, training_parts
+from .train import bench_train, training_step
 
 
 class EndlessRandomBatches:
@@ -47,22 +47,22 @@ def bench_e2e(data: Path, model_name: str = "resnet50", res: int = 224, batch_si
     workers = default_workers() if workers < 0 else workers
     dataset = ImageDataset(index, TrainPreset(res))
     loader = build_loader(dataset, EndlessRandomBatches(len(dataset), batch_size), workers, pin_memory=device.type == "cuda")
-    runner, optimizer, scaler, normalize = training_parts(model_name, len(index.classes), device, precision,
-                                                          compile_mode, channels_last, fused)
+    step, sums = training_step(model_name, len(index.classes), device, precision, compile_mode, channels_last,
+                               fused), StepSums(device)
     batches = iter(loader)
-    for _ in range(warmup):  # also starts the workers and fills their prefetch queues
-        train_step(runner, optimizer, scaler, [next(batches)], normalize, precision, 0.1)
+    for k in range(warmup):  # also starts the workers and fills their prefetch queues
+        step([next(batches)], 0.1, k, sums)
     if device.type == "cuda":
         torch.cuda.synchronize()
     waited, images, skipped = 0.0, 0, 0
     started = time.perf_counter()
-    for _ in range(steps):
+    for k in range(warmup, warmup + steps):
         asked = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - asked
         images += len(batch[1])
         skipped += len(batch[2])
-        train_step(runner, optimizer, scaler, [batch], normalize, precision, 0.1)
+        step([batch], 0.1, k, sums)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started

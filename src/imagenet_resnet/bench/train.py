@@ -1,7 +1,9 @@
 """`imagenet-resnet bench train`: the training step alone, on synthetic data already on the device.
 
 Times steps with CUDA events after a warm-up and reports images/s, step time, peak memory and the achieved
-FLOP rate beside the GPU's measured bf16 matrix rate. The JSON record carries the command, GPU, driver and
+FLOP rate beside the GPU's measured bf16 matrix rate. The step timed is the training loop's own (TrainStep:
+the LR set, forward, backward, update, and with --ema-decay/--mixup/--cutmix the EMA and mixing too), so a
+host sync added to the loop's per-step work shows here as lost images/s. The JSON record carries the command, GPU, driver and
 versions so a figure can be traced to how it was made.
 """
 
@@ -18,7 +20,9 @@ from ..config import load_config
 from ..data.loader import DeviceNormalize
 from ..models import build_model
 from ..runtime import compile_model, memory_format, resolve_device, set_backend_flags
-from ..training.step import build_optimizer, train_step
+from ..training.augment import MixAugment
+from ..training.ema import ModelEma
+from ..training.step import StepSums, TrainStep, build_optimizer
 from .record import environment, save_record
 
 # Multiply-accumulates of one forward pass at 224 px (torchvision's published GFLOPS, which count MACs).
@@ -40,31 +44,36 @@ def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> flo
     return 2 * n**3 * repeats / (start.elapsed_time(end) / 1e3) / 1e12
 
 
-def training_parts(model_name: str, num_classes: int, device: torch.device, precision: str, compile_mode: str | None,
-                   channels_last: bool, fused: bool):
-    """What a timed training step needs: the (compiled) model, SGD, the loss scaler and the normaliser."""
+def training_step(model_name: str, num_classes: int, device: torch.device, precision: str, compile_mode: str | None,
+                  channels_last: bool, fused: bool, ema_decay: float = 0.0, mixup: float = 0.0,
+                  cutmix: float = 0.0) -> TrainStep:
+    """The training loop's step for a timed run: the (compiled) model, SGD, the loss scaler, the normaliser, and
+    the EMA and Mixup/CutMix when asked for."""
     set_backend_flags(deterministic=False)
     model = build_model(model_name, num_classes, zero_init_residual=True)
     model = model.to(device, memory_format=memory_format(channels_last))
-    cfg = load_config(None, ["optim.weight_decay=5e-5", f"optim.fused={str(fused).lower()}"])
-    optimizer = build_optimizer(model, cfg, lr=0.1)
+    cfg = load_config(None, ["optim.weight_decay=5e-5", "optim.label_smoothing=0.1", f"optim.fused={str(fused).lower()}"])
+    optimizer = build_optimizer(model, cfg, 0.1, precision)
     runner = compile_model(model, compile_mode or "")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    return runner, optimizer, scaler, DeviceNormalize(device, channels_last)
+    mix = MixAugment(mixup, cutmix) if mixup or cutmix else None
+    ema = ModelEma(model, ema_decay) if ema_decay else None
+    return TrainStep(runner, optimizer, scaler, DeviceNormalize(device, channels_last), precision, cfg.optim, mix, ema)
 
 
 def bench_train(model_name: str = "resnet50", res: int = 224, batch_size: int = 256, precision: str = "bf16",
                 compile_mode: str | None = None, channels_last: bool = True, fused: bool = False, steps: int = 50,
-                warmup: int = 15, device_name: str = "auto", num_classes: int = 1000) -> dict:
+                warmup: int = 15, device_name: str = "auto", num_classes: int = 1000, ema_decay: float = 0.0,
+                mixup: float = 0.0, cutmix: float = 0.0) -> dict:
     device = resolve_device(device_name)
-    runner, optimizer, scaler, normalize = training_parts(model_name, num_classes, device, precision, compile_mode,
-                                                          channels_last, fused)
+    step = training_step(model_name, num_classes, device, precision, compile_mode, channels_last, fused, ema_decay,
+                         mixup, cutmix)
     images = torch.randint(0, 256, (batch_size, res, res, 3), dtype=torch.uint8, device=device)
     labels = torch.randint(0, num_classes, (batch_size,), device=device)
-    batch = [(images, labels, [])]
+    batch, sums = [(images, labels, [])], StepSums(device)
     compile_started = time.perf_counter()
-    for _ in range(warmup):
-        train_step(runner, optimizer, scaler, batch, normalize, precision, 0.1)
+    for k in range(warmup):
+        step(batch, 0.1, k, sums)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -73,8 +82,8 @@ def bench_train(model_name: str = "resnet50", res: int = 224, batch_size: int = 
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-    for _ in range(steps):
-        train_step(runner, optimizer, scaler, batch, normalize, precision, 0.1)
+    for k in range(warmup, warmup + steps):
+        step(batch, 0.1, k, sums)
     if device.type == "cuda":
         end.record()
         torch.cuda.synchronize()
@@ -86,7 +95,8 @@ def bench_train(model_name: str = "resnet50", res: int = 224, batch_size: int = 
     train_flops_per_image = 3 * 2 * FORWARD_GMACS_224[model_name] * 1e9 * (res / 224) ** 2  # fwd + 2x bwd
     result = {
         "model": model_name, "res": res, "batch_size": batch_size, "precision": precision,
-        "compile": compile_mode or "none", "channels_last": channels_last, "fused_sgd": fused, "steps": steps, "warmup_steps": warmup,
+        "compile": compile_mode or "none", "channels_last": channels_last, "fused_sgd": fused, "ema_decay": ema_decay,
+        "mixup_alpha": mixup, "cutmix_alpha": cutmix, "steps": steps, "warmup_steps": warmup,
         "images_per_sec": round(imgs, 1), "step_ms": round(step_ms, 2), "warmup_seconds": round(warmup_seconds, 1),
         "achieved_tflops": round(imgs * train_flops_per_image / 1e12, 1),
     }
@@ -103,7 +113,8 @@ def main(args) -> int:
     compile_modes = [None] if args.compile is None else args.compile or ["default"]
     for res, batch_size, compile_mode in itertools.product(args.res, args.batch_size, compile_modes):
         result = bench_train(args.model, res, batch_size, args.precision, compile_mode, not args.no_channels_last,
-                             args.fused, args.steps, args.warmup, args.device)
+                             args.fused, args.steps, args.warmup, args.device, ema_decay=args.ema_decay,
+                             mixup=args.mixup, cutmix=args.cutmix)
         if "bf16_matmul_tflops" in record:
             result["share_of_matmul_rate"] = round(result["achieved_tflops"] / record["bf16_matmul_tflops"], 3)
         record["results"].append(result)

@@ -107,8 +107,25 @@ class EpochBatchSampler:
             yield [(self.epoch, int(i)) for i in chunk]
 
 
+MAX_WORKERS = 16  # past this many, the loader of one GPU is no longer what limits it (bench e2e)
+
+
 def default_workers() -> int:
-    return min(len(os.sched_getaffinity(0)), 16)
+    """Loader processes per training process: this node's cores shared among the node's training processes
+    (torchrun's LOCAL_WORLD_SIZE), at most MAX_WORKERS. Counted per process, 8 GPUs on a 16-core node would
+    start 128 training workers, 8 per core."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(len(os.sched_getaffinity(0)) // local_processes, MAX_WORKERS))
+
+
+def resolve_workers(workers: int) -> tuple[int, int]:
+    """(training, validation) loader processes for `data.workers` (-1: the default). Validation gets half the
+    default: its persistent workers sit idle while the run trains, and evaluation is a small share of an
+    epoch's images."""
+    if workers >= 0:
+        return workers, workers
+    train = default_workers()
+    return train, max(1, train // 2)
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
@@ -168,8 +185,10 @@ class SkippedImages:
 
 
 class DeviceNormalize:
-    """uint8 NHWC batch -> normalised float NCHW on the device. NHWC uint8 permuted to NCHW is already in
-    channels_last layout, so the model gets that layout for free; the copy moves a quarter of the bytes."""
+    """The one way batches reach the device: uint8 NHWC images -> normalised float NCHW, and labels, each
+    copied without blocking the host (the loader pins their memory on CUDA, so the copies overlap the work
+    already queued). NHWC uint8 permuted to NCHW is already in channels_last layout, so the model gets that
+    layout for free; the copy moves a quarter of the bytes of a float batch."""
 
     def __init__(self, device: torch.device, channels_last: bool):
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
@@ -181,3 +200,6 @@ class DeviceNormalize:
         if not self.channels_last:
             x = x.contiguous()
         return (x - self.mean) / self.std
+
+    def labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return labels.to(self.device, non_blocking=True)

@@ -2,8 +2,10 @@
 Hugging Face Space folder.
 
 Exports are made from a CPU fp32 copy of the model, so they work the same on any machine and leave the loaded
-model alone. Each written model is read back and its logits compared with PyTorch's, on a random batch and on
-images preprocessed as `predict` does them, before the export counts as done.
+model alone. They carry the weights it was loaded with: the raw ones, or the EMA's (`load_model(..., ema=True)`,
+`export --ema`); the sidecar's `weights` ("raw" or "ema") and its card's `weights` say which. Each written model
+is read back and its logits compared with PyTorch's, on a random batch and on images preprocessed as `predict`
+does them, before the export counts as done.
 
 The ONNX contract: input `images`, float32 N x 3 x S x S with N dynamic and S the sidecar's `card.eval_size`,
 RGB, every pixel (value / 255 - mean) / std with ImageNet's mean and std (the sidecar's `preprocessing`);
@@ -140,7 +142,8 @@ def export_safetensors(loaded: LoadedModel, out: str | Path) -> dict:
     out = Path(out).with_suffix(".safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     weights = {name: tensor.detach().to("cpu").contiguous() for name, tensor in loaded.model.state_dict().items()}
-    save_file(weights, out, metadata={"format": "imagenet-resnet/1", "sidecar": out.with_suffix(".json").name})
+    save_file(weights, out, metadata={"format": "imagenet-resnet/1", "sidecar": out.with_suffix(".json").name,
+                                      "weights": "ema" if loaded.ema else "raw"})
     out.chmod(0o644)  # safetensors writes owner-only (0600); a Space or a model server reads it as another user
     meta = _write_sidecar(loaded, out.with_suffix(".json"))
     return {"weights": str(out), "sidecar": str(meta)}

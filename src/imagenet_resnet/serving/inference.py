@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..models import build_model, clean_state_dict
 from ..runtime import memory_format, resolve_device, resolve_precision
 from ..training import checkpoint
+from ..training.ema import saved_ema
 from .images import ImageRejected, decodes_as_stored, open_image, read_image_bytes, safe_open_image
 
 
@@ -36,6 +37,7 @@ class LoadedModel:
     precision: str
     normalize: DeviceNormalize
     card: dict[str, Any]  # what a model card shows: see model_card()
+    ema: bool = False  # the weights are the run's exponential moving average (card["weights"] says which)
 
     def preset(self, size: int | None = None) -> EvalPreset:
         return EvalPreset(size or self.cfg.data.eval_size, self.cfg.data.eval_crop_ratio)
@@ -62,16 +64,20 @@ SIDECAR_FORMAT = "imagenet-resnet/1"
 
 
 def model_card(cfg: Config, classes: list[str], metrics: dict[str, Any], saved_at: float | None,
-               parameters: int) -> dict[str, Any]:
-    """Plain facts about a trained model: architecture, classes, validation accuracy, epochs, when."""
+               parameters: int, ema_updates: int | None = None) -> dict[str, Any]:
+    """Plain facts about a trained model: architecture, classes, which weights, validation accuracy, epochs,
+    when. `ema_updates`: the weights are the EMA's after that many updates, and the accuracy is theirs (the
+    training run's own `val_top1_ema`), never the raw weights' figures."""
     m = cfg.model
+    ema = ema_updates is not None
     return {
         "architecture": m.describe(),
         "blurpool": m.blurpool,
         "parameters": parameters,
         "num_classes": len(classes),
-        "val_top1": metrics.get("val_top1"),
-        "val_top5": metrics.get("val_top5"),
+        "weights": f"EMA (decay {cfg.train.ema_decay:g}, {ema_updates:,} updates)" if ema else "raw",
+        "val_top1": metrics.get("val_top1_ema" if ema else "val_top1"),
+        "val_top5": metrics.get("val_top5_ema" if ema else "val_top5"),
         "epochs_trained": metrics.get("epoch"),
         "epochs_planned": cfg.train.epochs,
         "trained_at": datetime.datetime.fromtimestamp(saved_at, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -85,6 +91,7 @@ def sidecar(loaded: "LoadedModel") -> dict[str, Any]:
     preset = loaded.preset()
     return {
         "format": SIDECAR_FORMAT,
+        "weights": "ema" if loaded.ema else "raw",  # which the file holds; the card says it in words
         "card": loaded.card,
         "classes": loaded.classes,
         "class_names": loaded.names,
@@ -98,8 +105,10 @@ def sidecar(loaded: "LoadedModel") -> dict[str, Any]:
     }
 
 
-def load_model(path: str | Path, device_name: str = "auto") -> LoadedModel:
-    """From one of our checkpoints (.pt), or an exported .safetensors file with its .json sidecar beside it."""
+def load_model(path: str | Path, device_name: str = "auto", ema: bool = False) -> LoadedModel:
+    """From one of our checkpoints (.pt), or an exported .safetensors file with its .json sidecar beside it.
+    `ema`: a checkpoint's exponential moving average of the weights (train.ema_decay) instead of its raw
+    weights. An export holds one set of weights, named in its sidecar: `ema` asks that they be the EMA's."""
     path, device = Path(path), resolve_device(device_name)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -112,11 +121,23 @@ def load_model(path: str | Path, device_name: str = "auto") -> LoadedModel:
             raise UserError(f"{meta_path} is not an imagenet-resnet sidecar (format {meta.get('format')!r})")
         cfg, classes, names = Config.from_dict(meta["config"], source=str(meta_path)), meta["classes"], meta["class_names"]
         weights, card = load_file(path), meta["card"]
+        exported_ema = meta.get("weights") == "ema"  # sidecars from before EMA exports hold the raw weights
+        if ema and not exported_ema:
+            raise UserError(f"{path} holds the raw weights (its sidecar {meta_path.name} says so): an export "
+                            "carries one set of weights; drop --ema, or export the checkpoint again with --ema")
+        ema = exported_ema
+        card.setdefault("weights", "raw")
     else:
-        state = checkpoint.load(path, map_location="cpu")
+        state = checkpoint.load(path)
         cfg = Config.from_dict(state["config"], source=str(path))
         classes, names, weights = state["classes"], state.get("class_names", state["classes"]), state["model"]
-        card = None
+        card, ema_updates = None, None
+        if ema:
+            averaged = saved_ema(state)
+            if averaged is None:
+                raise UserError(f"{path} holds no EMA weights: its run was trained without train.ema_decay; "
+                                "drop --ema (or train with --set train.ema_decay=0.9999 to have them)")
+            weights, ema_updates = averaged
     model = build_model(cfg.model.name, len(classes), cfg.model.width, blurpool=cfg.model.blurpool,
                         variant=cfg.model.variant)
     model.load_state_dict(clean_state_dict(weights))
@@ -125,10 +146,10 @@ def load_model(path: str | Path, device_name: str = "auto") -> LoadedModel:
         metrics = state.get("metrics") or {"epoch": progress.get("epoch"),  # checkpoints before 0.1 had no metrics
                                             "val_top1": progress["best_top1"] if progress.get("best_top1", -1) >= 0 else None}
         saved_at = state.get("saved_at") or path.stat().st_mtime
-        card = model_card(cfg, classes, metrics, saved_at, sum(p.numel() for p in model.parameters()))
+        card = model_card(cfg, classes, metrics, saved_at, sum(p.numel() for p in model.parameters()), ema_updates)
     model = model.to(device, memory_format=memory_format(cfg.model.channels_last)).eval()
     return LoadedModel(model, cfg, classes, names, device, resolve_precision(cfg.train.precision, device),
-                       DeviceNormalize(device, cfg.model.channels_last), card)
+                       DeviceNormalize(device, cfg.model.channels_last), card, ema)
 
 
 def image_sources(inputs: list[str]) -> list[tuple[Path, str | None]]:

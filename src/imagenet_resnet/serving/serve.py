@@ -122,6 +122,7 @@ def model_card_markdown(loaded: LoadedModel) -> str:
         f"- **architecture**: {card['architecture']}{' with BlurPool' if card.get('blurpool') else ''}, "
         f"{card['parameters'] / 1e6:.2f} M parameters",
         f"- **classes**: {card['num_classes']}: {names}",
+        f"- **weights**: {card.get('weights', 'raw')}",
         f"- **validation accuracy**: top-1 {share(card.get('val_top1'))}, top-5 {share(card.get('val_top5'))}",
         f"- **epochs**: {epochs if epochs is not None else '?'} of {card.get('epochs_planned')}",
         f"- **trained**: {card.get('trained_at') or 'not recorded'}",

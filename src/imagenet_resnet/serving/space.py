@@ -139,7 +139,7 @@ research and education).
 | file | what |
 |---|---|
 | `app.py` | the app: `python app.py` serves it on http://127.0.0.1:7860 |
-| `model.safetensors`, `model.json` | the weights, and what rebuilds the model around them (classes, preprocessing, model card, training config) |
+| `model.safetensors`, `model.json` | the {card.get('weights', 'raw')} weights, and what rebuilds the model around them (classes, preprocessing, model card, training config) |
 | `imagenet_resnet/` | the package's source that app.py imports |
 | `examples/` | example images offered on the page |
 

@@ -24,6 +24,8 @@ from ..config import Config
 from ..data.classes import display_name
 from ..errors import DISK_FULL, UserError, disk_full
 from ..models import clean_state_dict
+from .ema import ModelEma, saved_ema
+
 
 def write_atomic(data: bytes, path: str | Path, keep_previous: str | Path | None = None) -> None:
     """Write `data` as `path` or not at all. With `keep_previous`, the file it replaces is kept under that name."""
@@ -48,16 +50,12 @@ def write_atomic(data: bytes, path: str | Path, keep_previous: str | Path | None
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # makes the rename itself durable
+    except OSError as e:  # the file is in place; the folder's record of it may not be on disk yet
+        if e.errno in DISK_FULL:
+            raise disk_full(path, e) from e
+        raise
     finally:
         os.close(dir_fd)
-
-
-def save_atomic(obj: dict[str, Any], path: str | Path, keep_previous: str | Path | None = None) -> None:
-    """torch.save, all or nothing. Serialised in memory first, so that a full disk is an OSError of our own
-    write, not an error deep inside torch's zip writer."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_atomic(buffer.getbuffer(), path, keep_previous)
 
 
 class DamagedCheckpoint(UserError):
@@ -66,9 +64,12 @@ class DamagedCheckpoint(UserError):
         self.reason = reason
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint's contents, after checking every record against its CRC-32: torch.load itself reads a
-    flipped bit as a different weight, silently."""
+def load(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents in host memory, after checking every record against its CRC-32: torch.load
+    itself reads a flipped bit as a different weight, silently. Whatever device the tensors were saved from,
+    they load to the CPU, and `load_state_dict` places them beside the tensors they are copied into (as
+    torchvision's and timm's resumes do): the file of a GPU run loads on any machine, and nothing of it is
+    put on a device by accident."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found")
@@ -80,23 +81,10 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if failed is not None:
         raise DamagedCheckpoint(path, f"is damaged: its record {failed} fails its checksum")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for files it refuses (pickled code among them)
         raise DamagedCheckpoint(path, f"could not be read ({type(e).__name__}); it is damaged or not one of "
                                 "ours") from e
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass
@@ -122,7 +110,7 @@ class TrainingState:
     model: torch.nn.Module  # the bare network, without DDP or torch.compile wrappers
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    ema: torch.optim.swa_utils.AveragedModel | None = None
+    ema: ModelEma | None = None
     progress: Progress = field(default_factory=Progress)
     metrics: dict[str, Any] = field(default_factory=dict)  # the latest epoch's record: the model card's figures
 
@@ -132,11 +120,11 @@ class Checkpointer:
     the state assembled into one dict, written atomically by rank 0, and read back into a run, falling back
     to previous.pt when last.pt is damaged."""
 
-    def __init__(self, out_dir: Path, is_main: bool, cfg: Config, classes: list[str], accumulation_steps: int = 1,
-                 on_write=None):
+    def __init__(self, out_dir: Path, is_main: bool, cfg: Config, classes: list[str], on_write=None):
         self.last, self.previous, self.best = out_dir / "last.pt", out_dir / "previous.pt", out_dir / "best.pt"
-        self.is_main, self.cfg, self.classes, self.accumulation_steps = is_main, cfg, classes, accumulation_steps
+        self.is_main, self.cfg, self.classes = is_main, cfg, classes
         self.on_write = on_write or (lambda path, **meta: None)  # told of each checkpoint written (the mirror)
+        self.saved_step: int | None = None  # the global step of the newest checkpoint written or resumed from
         if is_main:  # temporary files of writes that a kill cut short
             for stale in out_dir.glob(".*.pt.*.tmp"):
                 stale.unlink(missing_ok=True)
@@ -144,14 +132,18 @@ class Checkpointer:
     def exists(self) -> bool:
         return self.last.exists() or self.previous.exists()
 
+    def last_good(self) -> str:
+        """Where the run's newest checkpoint stands, said for a message."""
+        if self.saved_step is None:
+            return "no checkpoint was written yet"
+        return f"{self.last} (global step {self.saved_step}) is the last good checkpoint"
+
     def state_dict(self, state: TrainingState) -> dict[str, Any]:
-        p = state.progress
         return {
             "model": clean_state_dict(state.model.state_dict()), "optimizer": state.optimizer.state_dict(),
             "model_ema": state.ema.state_dict() if state.ema is not None else None,
-            "scaler": state.scaler.state_dict(), "progress": asdict(p), "rng": rng_state(),
-            "data_order": {"seed": self.cfg.train.seed, "epoch": p.epoch,
-                           "batches_done": p.step_in_epoch * self.accumulation_steps},
+            "ema_updates": state.ema.updates if state.ema is not None else 0,
+            "scaler": state.scaler.state_dict(), "progress": asdict(state.progress),
             "config": self.cfg.to_dict(), "classes": self.classes,
             "class_names": [display_name(c) for c in self.classes],
             "metrics": state.metrics, "saved_at": time.time(),  # the model card: accuracy, epochs, when
@@ -160,6 +152,7 @@ class Checkpointer:
     def save(self, state: TrainingState, best: bool = False) -> None:
         """last.pt (the one before kept as previous.pt), and first best.pt when `best`: should the process die
         between the two, the resume from the older last.pt redoes the epoch and writes best.pt again. Rank 0 only."""
+        self.saved_step = state.progress.global_step
         if not self.is_main:
             return
         buffer = io.BytesIO()
@@ -171,9 +164,9 @@ class Checkpointer:
         write_atomic(buffer.getbuffer(), self.last, keep_previous=self.previous)
         self.on_write(self.last, **where)
 
-    def resume(self, state: TrainingState, map_location: torch.device) -> tuple[dict[str, Any] | None, str | None]:
+    def resume(self, state: TrainingState) -> tuple[dict[str, Any] | None, str | None]:
         """Load the newest intact checkpoint (last.pt, else previous.pt) into `state`: weights, optimizer, scaler,
-        EMA, RNG, progress, metrics. Returns the config it was saved with (None: no checkpoint yet) and, when
+        EMA, progress, metrics. Returns the config it was saved with (None: no checkpoint yet) and, when
         last.pt could not be used, what happened to it."""
         damaged = []
         for path in (self.last, self.previous):
@@ -181,11 +174,12 @@ class Checkpointer:
                 damaged.append(f"{path.name} missing")
                 continue
             try:
-                saved = load(path, map_location=map_location)
+                saved = load(path)
             except DamagedCheckpoint as e:
                 damaged.append(f"{path.name} {e.reason}")
                 continue
             self._restore(state, saved)
+            self.saved_step = state.progress.global_step
             note = None if path == self.last else f"{'; '.join(damaged)}: resumed from {path.name}, one checkpoint older"
             return saved["config"], note
         if not self.exists():
@@ -198,9 +192,9 @@ class Checkpointer:
         state.model.load_state_dict(clean_state_dict(saved["model"]))
         state.optimizer.load_state_dict(saved["optimizer"])
         state.scaler.load_state_dict(saved["scaler"])
-        if state.ema is not None and saved.get("model_ema"):
-            state.ema.load_state_dict(saved["model_ema"])
-        set_rng_state(saved["rng"])
+        ema = saved_ema(saved)
+        if state.ema is not None and ema is not None:
+            state.ema.load_state_dict(*ema)
         for key, value in saved["progress"].items():
             setattr(state.progress, key, value)
         state.metrics = saved.get("metrics") or {}

@@ -30,9 +30,15 @@ class Dist:
         return self.rank == 0
 
 
+# Small agreements between processes that the host needs at once (a micro-batch's size) go over gloo, on the
+# host: over NCCL they would need a device tensor and a host-device sync to read the answer.
+_host_group = None
+
+
 def init(device_name: str) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT), and pick
     this process's device: cuda:LOCAL_RANK, so no process lands on GPU 0 by mistake."""
+    global _host_group
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Dist(), resolve_device(device_name)
@@ -48,12 +54,25 @@ def init(device_name: str) -> tuple[Dist, torch.device]:
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                                 store=dist.PrefixStore(f"imagenet-resnet/restart-{restart}/", store))
+        _host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None  # None: the default, gloo
     return info, device
 
 
 def shutdown() -> None:
+    global _host_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _host_group = None
+
+
+def host_all_gather(values: list[int]) -> list[list[int]]:
+    """Every process's `values` (lists of the same length), in rank order, exchanged on the host."""
+    if not dist.is_initialized():
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.int64)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine, group=_host_group)
+    return [t.tolist() for t in everyone]
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

@@ -52,9 +52,12 @@ class LRSweep:
 
 def sweep(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, normalize: DeviceNormalize,
           precision: str, label_smoothing: float, start_lr: float = 1e-5, end_lr: float = 10.0,
-          steps: int = 200, smoothing: float = 0.98, stop_factor: float = 4.0) -> LRSweep:
-    """`batches` yields (uint8 images, labels, problems); `model` is the bare network; `optimizer` is the
-    configured optimizer of that model, whose hyper-parameters and state the copy takes over."""
+          steps: int = 200, smoothing: float = 0.98, stop_factor: float = 4.0,
+          accumulation_steps: int = 1) -> LRSweep:
+    """`batches` yields (uint8 images, labels, problems) micro-batches; `model` is the bare network;
+    `optimizer` is the configured optimizer of that model, whose hyper-parameters and state the copy takes
+    over. Each step of the sweep is a whole optimizer step of the run, `accumulation_steps` micro-batches, so
+    the LR it finds is the LR for the run's global batch."""
     probe = copy.deepcopy(model)
     copy_of = dict(zip(map(id, model.parameters()), probe.parameters()))
     groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [copy_of[id(p)] for p in group["params"]]}
@@ -74,7 +77,8 @@ def sweep(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, nor
         lr = start_lr * (end_lr / start_lr) ** (step / max(steps - 1, 1))
         for group in probe_optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, images = train_step(runner, probe_optimizer, scaler, [next(batches)], normalize, precision,
+        micro_batches = [next(batches) for _ in range(accumulation_steps)]
+        loss_sum, images = train_step(runner, probe_optimizer, scaler, micro_batches, normalize, precision,
                                       label_smoothing)
         loss_sum, images = distributed.all_sum([loss_sum.item(), images], normalize.device)
         loss = loss_sum / max(images, 1)

@@ -1,40 +1,56 @@
 """The pieces a training step is made of: the optimizer, the LR per batch size, one optimizer step over
-micro-batches, and evaluation. The trainer, the LR finder and the benchmarks all use these."""
+micro-batches (train_step; TrainStep with everything else the loop does per step), the running sums, and
+evaluation. The trainer, the LR finder and the benchmarks all use these."""
 
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 import torch.nn.functional as F
 
-from ..config import Config
+from ..config import Config, OptimConfig
 from ..data.loader import DeviceNormalize, SkippedImages
 from ..runtime import autocast
 from . import distributed
 from .augment import MixAugment
+from .ema import ModelEma
 from .optim import Lamb
 
-LR_REFERENCE_BATCH = 256  # optim.lr is given per 256 images and scaled linearly (Goyal et al. 2017)
+LR_REFERENCE_BATCH = 256  # optim.lr is given per 256 images
+ADAPTIVE_OPTIMIZERS = ("adamw", "radam", "lamb")
 
 
-def lr_for_batch(lr_per_256: float, global_batch: int) -> float:
+def lr_scale(optim: OptimConfig, global_batch: int) -> float:
+    """The factor from `optim.lr` (per 256 images) to the LR used at `global_batch`: the batch ratio for SGD
+    (Goyal et al. 2017), its square root for the adaptive optimizers (timm's default; Malladi et al. 2022)."""
+    rule = optim.lr_scaling if optim.lr_scaling != "auto" else "sqrt" if optim.name in ADAPTIVE_OPTIMIZERS else "linear"
+    ratio = global_batch / LR_REFERENCE_BATCH
+    return ratio**0.5 if rule == "sqrt" else ratio
+
+
+def lr_for_batch(optim: OptimConfig, global_batch: int) -> float:
     """The LR used at `global_batch` for a config's `optim.lr`."""
-    return lr_per_256 * global_batch / LR_REFERENCE_BATCH
+    return optim.lr * lr_scale(optim, global_batch)
 
 
-def lr_per_256(lr: float, global_batch: int) -> float:
+def lr_per_256(lr: float, optim: OptimConfig, global_batch: int) -> float:
     """The inverse: what to put in `optim.lr` for an LR used at `global_batch`."""
-    return lr * LR_REFERENCE_BATCH / global_batch
+    return lr / lr_scale(optim, global_batch)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
-    """SGD, AdamW, RAdam or LAMB, with weight decay on conv and linear weights only unless optim.decay_bn_and_bias."""
+def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float, precision: str = "fp32") -> torch.optim.Optimizer:
+    """SGD, AdamW, RAdam or LAMB, with weight decay on conv and linear weights only unless optim.decay_bn_and_bias.
+
+    SGD and AdamW are fused on CUDA with optim.fused, and always in fp16: the fused kernels take the loss
+    scaler's inverse scale and found-inf flag on the GPU and skip an overflowed step there, where the others
+    make GradScaler read the flag on the host every step (RAdam and LAMB still do)."""
     o = cfg.optim
     decay = [p for p in model.parameters() if p.ndim > 1 or o.decay_bn_and_bias]
     no_decay = [p for p in model.parameters() if not (p.ndim > 1 or o.decay_bn_and_bias)]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = (o.fused and next(model.parameters()).is_cuda) or None
+    fused = ((o.fused or precision == "fp16") and next(model.parameters()).is_cuda) or None
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
     if o.name == "radam":  # Liu et al. 2020: Adam with its early variance rectified, a built-in warm-up
@@ -63,7 +79,7 @@ def evaluate(model, loader, normalize: DeviceNormalize, precision: str, skipped:
             skipped.add(problems)
         if len(labels) == 0:
             continue
-        labels = labels.to(device, non_blocking=True)
+        labels = normalize.labels(labels)
         with autocast(precision, device):
             images_in = normalize(batch)
             logits = model(images_in).float()
@@ -89,18 +105,24 @@ def train_step(model, optimizer, scaler, micro_batches, normalize: DeviceNormali
                label_smoothing: float = 0.0, clip_grad_norm: float = 0.0, mix: MixAugment | None = None,
                step: int = 0, correct: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """One optimizer step over one or more micro-batches (gradient accumulation). Each micro-batch's mean
-    loss is weighted by its share of the step's images, so the gradient equals that of one big batch even
-    when unreadable images made the micro-batches unequal. Returns the summed loss (on the device) and images."""
+    loss is weighted by its share of the step's images over all processes, so the gradient equals that of one
+    big batch even when unreadable images made the micro-batches unequal. Returns this process's summed loss
+    (on the device) and images.
+
+    BatchNorm cannot train on a single image, so a micro-batch with fewer than two readable images is dropped,
+    and under torchrun by every process at once: the processes first exchange their micro-batch sizes (on the
+    host, no device sync), since a process that dropped one alone would leave the others waiting for its
+    gradients forever."""
     device = normalize.device
-    # BatchNorm cannot train on a single image: a micro-batch left with fewer than two readable ones is dropped.
-    micro_batches = [micro_batch for micro_batch in micro_batches if len(micro_batch[1]) >= 2]
-    step_images = sum(len(labels) for _, labels, _ in micro_batches)
+    sizes = distributed.host_all_gather([len(labels) for _, labels, _ in micro_batches])
+    kept = [k for k in range(len(micro_batches)) if min(per_process[k] for per_process in sizes) >= 2]
+    all_images = sum(per_process[k] for per_process in sizes for k in kept)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    last = len(micro_batches) - 1
-    for k, (batch, labels, _) in enumerate(micro_batches):
-        labels = labels.to(device, non_blocking=True)
+    for position, k in enumerate(kept):
+        batch, labels, _ = micro_batches[k]
+        labels = normalize.labels(labels)
         # Under DDP, gradients are all-reduced once per step, on the last micro-batch, not on every one.
-        skip_sync = k != last and hasattr(model, "no_sync")
+        skip_sync = position != len(kept) - 1 and hasattr(model, "no_sync")
         with model.no_sync() if skip_sync else contextlib.nullcontext():
             images = normalize(batch)
             if mix is not None:
@@ -110,15 +132,88 @@ def train_step(model, optimizer, scaler, micro_batches, normalize: DeviceNormali
                 loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
                 if mix is not None:
                     loss = lam * loss + (1 - lam) * F.cross_entropy(logits, other_labels, label_smoothing=label_smoothing)
-            scaler.scale(loss * (len(labels) / step_images)).backward()
+            # DDP averages the processes' gradients: len(sizes) x this share makes it the mean over all images.
+            scaler.scale(loss * (len(labels) * len(sizes) / all_images)).backward()
         loss_sum += loss.detach() * len(labels)
         if correct is not None:  # top-1 hits on the training batch (the first label, when mixed), no sync
             correct += (logits.detach().argmax(1) == labels).sum()
-    if step_images:
+    if kept:
         if clip_grad_norm:
             scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, step_images
+    return loss_sum, sum(len(micro_batches[k][1]) for k in kept)
+
+
+class StepSums:
+    """Training loss and top-1 hits of the steps since the last fold, and the first step whose loss was not
+    finite, all kept on the device: adding a step costs no sync; they are read when a step is logged, and
+    folded (all ranks together, with a check of the weights) before a checkpoint and at the epoch's end."""
+
+    NO_STEP = 2**62
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.first_nonfinite = torch.full((), self.NO_STEP, device=device, dtype=torch.int64)
+        self.images, self.started = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, images: int, global_step: int) -> None:
+        self.loss += loss
+        self.images += images
+        self.first_nonfinite = torch.where(torch.isfinite(loss), self.first_nonfinite,
+                                           torch.clamp(self.first_nonfinite, max=global_step))
+
+    def running(self, progress) -> tuple[float, float]:
+        """The epoch's running (loss, top-1) so far, this process's share: read only when a step is logged."""
+        images = max(progress.epoch_images + self.images, 1)
+        return ((progress.epoch_loss_sum + self.loss.item()) / images,
+                (progress.epoch_correct + self.correct.item()) / images)
+
+    def fold_into(self, progress, model: torch.nn.Module) -> int | None:
+        """Move the sums, added up over all ranks, into `progress` (a checkpoint.Progress, which a checkpoint
+        carries across a restart), in one read from the device. Returns the first step (0-based global step)
+        since the last fold whose loss was not finite on any rank, or the last step when `model`'s weights are
+        not finite (an update can break them before any loss shows it); None when all is well."""
+        tensors = [t.detach() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        weights_finite = torch.stack([t.abs().amax() for t in tensors]).isfinite().all()
+        loss, hits, first_nonfinite, finite = torch.stack(
+            [self.loss, self.correct.double(), self.first_nonfinite.double(), weights_finite.double()]).tolist()
+        loss, hits, images = distributed.all_sum([loss, hits, self.images], self.device)
+        if not finite:  # the same weights on every rank under DDP
+            first_nonfinite = min(first_nonfinite, progress.global_step - 1)
+        first_nonfinite = -distributed.any_rank(-int(first_nonfinite), self.device)
+        progress.epoch_loss_sum += loss
+        progress.epoch_correct += int(hits)
+        progress.epoch_images += int(images)
+        progress.epoch_seconds += time.perf_counter() - self.started
+        self.loss.zero_()
+        self.correct.zero_()
+        self.first_nonfinite.fill_(self.NO_STEP)
+        self.images, self.started = 0, time.perf_counter()
+        return None if first_nonfinite == self.NO_STEP else first_nonfinite
+
+
+class TrainStep:
+    """One optimizer step as a run takes it: the LR set, the micro-batches' forward and backward passes, the
+    update, the EMA's update and the running sums, all queued on the device with nothing for the host to wait
+    for. The trainer and `bench train` both call it, so the benchmark times the work the loop does per step."""
+
+    def __init__(self, runner: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 normalize: DeviceNormalize, precision: str, optim: OptimConfig, mix: MixAugment | None = None,
+                 ema: ModelEma | None = None):
+        self.runner, self.optimizer, self.scaler, self.normalize = runner, optimizer, scaler, normalize
+        self.precision, self.optim, self.mix, self.ema = precision, optim, mix, ema
+
+    def __call__(self, micro_batches, lr: float, global_step: int, sums: StepSums) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, images = train_step(self.runner, self.optimizer, self.scaler, micro_batches, self.normalize,
+                                  self.precision, self.optim.label_smoothing, self.optim.clip_grad_norm, self.mix,
+                                  global_step, sums.correct)
+        if self.ema is not None:
+            self.ema.update()
+        sums.add(loss, images, global_step)

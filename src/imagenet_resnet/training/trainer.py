@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -16,7 +15,8 @@ import yaml
 
 from ..config import Config, save_config
 from ..data.index import ImageIndex
-from ..data.loader import DeviceNormalize, EpochBatchSampler, ImageDataset, SkippedImages, build_loader, stop_workers
+from ..data.loader import (DeviceNormalize, EpochBatchSampler, ImageDataset, SkippedImages, build_loader,
+                           resolve_workers, stop_workers)
 from ..data.prepared import open_splits
 from ..data.presets import make_eval_preset, make_train_preset, pipeline_description, progressive_size
 from ..errors import UserError
@@ -29,7 +29,8 @@ from .lr_finder import LRSweep, save_plot, sweep
 from .mirror import open_mirror
 from .monitor import MetricsSink, StepReporter, SystemSampler
 from .schedules import LRSchedule
-from .step import build_optimizer, evaluate, lr_for_batch, lr_per_256, train_step
+from .ema import ModelEma
+from .step import StepSums, TrainStep, build_optimizer, evaluate, lr_for_batch, lr_per_256
 from .stopping import StopPolicy
 
 
@@ -66,8 +67,9 @@ class Run:
     global_batch: int
     normalize: DeviceNormalize
     state: TrainingState  # the bare model (saved and evaluated), optimizer, scaler, EMA, progress
-    mix: MixAugment | None
-    skipped: SkippedImages
+    optimizer_step: TrainStep  # one optimizer step, as the loop takes it
+    skipped: SkippedImages  # this process's unreadable images (rank 0's also those before a resume)
+    loader_workers: tuple[int, int]  # (training, validation) loader processes of this process
 
     @property
     def model(self) -> torch.nn.Module:
@@ -96,12 +98,13 @@ def _build_data(cfg: Config, world: distributed.Dist, device: torch.device):
     val_sampler = EpochBatchSampler(len(val_set), t.batch_size, shuffle=False, drop_last=False,
                                     rank=world.rank, world_size=world.world_size)
     pin = device.type == "cuda"
-    train_loader = build_loader(train_set, train_sampler, d.workers, pin, d.prefetch_batches)
-    val_loader = build_loader(val_set, val_sampler, d.workers, pin, d.prefetch_batches)
+    workers = resolve_workers(d.workers)
+    train_loader = build_loader(train_set, train_sampler, workers[0], pin, d.prefetch_batches)
+    val_loader = build_loader(val_set, val_sampler, workers[1], pin, d.prefetch_batches)
     if len(train_sampler) < t.accumulation_steps:
         raise UserError(f"{train_index.root}: {len(train_set)} images are fewer than one optimizer step "
                         f"({t.batch_size} x {t.accumulation_steps}); lower --batch-size")
-    return train_index, train_set, val_set, train_sampler, train_loader, val_loader
+    return train_index, train_set, val_set, train_sampler, train_loader, val_loader, workers
 
 
 def _build_model(cfg: Config, world: distributed.Dist, device: torch.device, num_classes: int):
@@ -129,19 +132,18 @@ def build_run(cfg: Config, world: distributed.Dist, device: torch.device) -> Run
     precision = resolve_precision(t.precision, device)
     torch.manual_seed(t.seed)
     set_backend_flags(t.deterministic)
-    train_index, train_set, val_set, train_sampler, train_loader, val_loader = _build_data(cfg, world, device)
+    train_index, train_set, val_set, train_sampler, train_loader, val_loader, workers = _build_data(cfg, world, device)
     model, runner = _build_model(cfg, world, device, len(train_index.classes))
     global_batch = t.batch_size * t.accumulation_steps * world.world_size
-    optimizer = build_optimizer(model, cfg, lr_for_batch(cfg.optim.lr, global_batch))  # the schedule sets it per step
-    ema = None
-    if t.ema_decay:  # weights and BatchNorm statistics both averaged
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
+    optimizer = build_optimizer(model, cfg, lr_for_batch(cfg.optim, global_batch), precision)  # LR: the schedule's
+    ema = ModelEma(model, t.ema_decay, t.ema_warmup) if t.ema_decay else None  # weights and BN statistics
     state = TrainingState(model, optimizer, torch.amp.GradScaler(device.type, enabled=precision == "fp16"), ema)
     mix = MixAugment(cfg.data.mixup_alpha, cfg.data.cutmix_alpha, t.seed) if cfg.data.mixup_alpha or cfg.data.cutmix_alpha else None
+    normalize = DeviceNormalize(device, cfg.model.channels_last)
+    optimizer_step = TrainStep(runner, optimizer, state.scaler, normalize, precision, cfg.optim, mix, ema)
     return Run(cfg, world, device, precision, train_index, train_set, val_set, train_sampler, train_loader,
-               val_loader, len(train_sampler) // t.accumulation_steps, runner, global_batch,
-               DeviceNormalize(device, cfg.model.channels_last), state, mix, SkippedImages())
+               val_loader, len(train_sampler) // t.accumulation_steps, runner, global_batch, normalize, state,
+               optimizer_step, SkippedImages(), workers)
 
 
 def _sweep(run: Run, start_lr: float = 1e-5, end_lr: float = 10.0, steps: int = 200) -> LRSweep:
@@ -155,7 +157,7 @@ def _sweep(run: Run, start_lr: float = 1e-5, end_lr: float = 10.0, steps: int = 
             epoch += 1
 
     return sweep(run.model, run.state.optimizer, batches(), run.normalize, run.precision, run.cfg.optim.label_smoothing,
-                 start_lr, end_lr, steps)
+                 start_lr, end_lr, steps, accumulation_steps=run.cfg.train.accumulation_steps)
 
 
 def find_lr(cfg: Config, out_png: str | Path, start_lr: float = 1e-5, end_lr: float = 10.0,
@@ -167,14 +169,14 @@ def find_lr(cfg: Config, out_png: str | Path, start_lr: float = 1e-5, end_lr: fl
     picks = result.suggestion()
     if world.is_main:
         save_plot(result, out_png, run.global_batch)
-    return {**picks, "suggested_optim_lr_per_256": lr_per_256(picks["suggested_lr"], run.global_batch),
+    return {**picks, "suggested_optim_lr_per_256": lr_per_256(picks["suggested_lr"], cfg.optim, run.global_batch),
             "global_batch": run.global_batch, "steps": len(result.lrs), "diverged": result.diverged}
 
 
 def _resume(run: Run, checkpointer: Checkpointer, log: RunLog) -> None:
     """Continue from the newest intact checkpoint: its state, and its LR if the LR finder chose it."""
     cfg = run.cfg
-    saved, fell_back = checkpointer.resume(run.state, run.device)
+    saved, fell_back = checkpointer.resume(run.state)
     if saved is None:
         log(f"--resume: no {checkpointer.last} yet, starting a new run")
         return
@@ -182,7 +184,8 @@ def _resume(run: Run, checkpointer: Checkpointer, log: RunLog) -> None:
         log(fell_back)
     if cfg.optim.find_lr:  # keep the LR the finder chose when the run started
         cfg.optim.lr = saved["optim"]["lr"]
-    run.skipped.count = run.progress.skipped_images
+    # The checkpoint holds the count over all processes: rank 0 carries it on, so that sums over ranks stay right.
+    run.skipped.count = run.progress.skipped_images if run.world.is_main else 0
     changed = checkpointer.changed_settings(saved, cfg.to_dict())
     if changed:
         log(f"resuming with settings changed since the checkpoint: {', '.join(changed)}")
@@ -207,7 +210,8 @@ def _plan(run: Run, peak_lr: float) -> str:
             f"{len(run.val_set)} images{pipeline} | {run.device} {run.precision} | {world.world_size} process(es) | "
             f"global batch {run.global_batch} ({t.batch_size} per process x {t.accumulation_steps} accumulation x "
             f"{world.world_size}) | peak LR {peak_lr:.4g} ({cfg.optim.lr} per 256) | {run.steps_per_epoch} "
-            f"steps/epoch x {t.epochs} epochs")
+            f"steps/epoch x {t.epochs} epochs | loader workers {run.loader_workers[0]} + {run.loader_workers[1]} "
+            f"(validation) per process")
 
 
 @contextlib.contextmanager
@@ -233,7 +237,7 @@ def dry_run(cfg: Config) -> str:
     world = distributed.Dist(world_size=int(os.environ.get("WORLD_SIZE", "1")))
     device = resolve_device(cfg.train.device)
     run = build_run(cfg, world, device)
-    plan = _plan(run, lr_for_batch(cfg.optim.lr, run.global_batch))
+    plan = _plan(run, lr_for_batch(cfg.optim, run.global_batch))
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False) + f"\nplan: {plan}\n" + (f"{_cpu_hint(run)}\n" if _cpu_hint(run) else "")
 
 
@@ -253,7 +257,7 @@ def _worker_deaths(checkpointer: Checkpointer):
 
 
 def _save(run: Run, checkpointer: Checkpointer, best: bool = False) -> None:
-    run.progress.skipped_images = run.skipped.count
+    run.progress.skipped_images = int(distributed.all_sum([run.skipped.count], run.device)[0])
     checkpointer.save(run.state, best)
     distributed.barrier()  # nobody goes on (or exits) while rank 0 is still writing
 
@@ -272,17 +276,16 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | 
     store.report_to(log)
     run = build_run(cfg, world, device)
     t = cfg.train
-    checkpointer = Checkpointer(out_dir, world.is_main, cfg, run.train_index.classes, t.accumulation_steps,
-                                store.notify)
+    checkpointer = Checkpointer(out_dir, world.is_main, cfg, run.train_index.classes, store.notify)
     if cfg.optim.find_lr and not (resume and checkpointer.exists()):
         picks = _sweep(run).suggestion()
-        cfg.optim.lr = lr_per_256(picks["suggested_lr"], run.global_batch)  # per 256 images, as configs give it
+        cfg.optim.lr = lr_per_256(picks["suggested_lr"], cfg.optim, run.global_batch)  # per 256, as configs give it
         log(f"LR finder: lowest smoothed loss at {picks['min_loss_lr']:.3g}; training with peak LR "
             f"{picks['suggested_lr']:.3g} (optim.lr={cfg.optim.lr:.4g} per 256 images)")
     if resume:
         _resume(run, checkpointer, log)
     metrics = MetricsSink(out_dir, world.is_main, t.tensorboard, run.progress, store.notify)
-    peak_lr = lr_for_batch(cfg.optim.lr, run.global_batch)
+    peak_lr = lr_for_batch(cfg.optim, run.global_batch)
     schedule = LRSchedule(cfg.schedule, peak_lr, t.epochs, run.steps_per_epoch)
     if world.is_main:  # resolved: with the LR the finder chose, if it ran
         save_config(cfg, out_dir / "config.yaml")
@@ -297,9 +300,11 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | 
         for epoch in range(run.progress.epoch, t.epochs):
             lr = train_one_epoch(run, epoch, schedule, stop, reporter, checkpointer, log)
             record = end_epoch(run, epoch, lr, system, log)
-            is_best = record["val_top1"] is not None and record["val_top1"] > run.progress.best_top1
+            # best.pt follows the weights the run is for: the EMA's when there is one.
+            score = record.get("val_top1_ema") if run.state.ema is not None else record["val_top1"]
+            is_best = score is not None and score > run.progress.best_top1
             if is_best:
-                run.progress.best_top1 = record["val_top1"]
+                run.progress.best_top1 = score
             run.state.metrics = record
             # The record first: should the process die before last.pt is written, the resume drops it and
             # redoes the epoch, where in the other order the record would be lost.
@@ -313,75 +318,49 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | 
 def train_one_epoch(run: Run, epoch: int, schedule: LRSchedule, stop: StopPolicy, reporter: StepReporter,
                     checkpointer: Checkpointer, log: RunLog) -> float:
     """The optimizer steps of one epoch, from where a resumed run left off; returns the last LR. Stops the
-    run (checkpoint, then RunStopped) when the stop policy says so."""
+    run (checkpoint, then RunStopped) when the stop policy says so. Nothing here waits for the device except
+    a logged step (the running loss), a checkpoint and the epoch's end."""
     t, p = run.cfg.train, run.progress
     run.model.train()
     run.train_sampler.set_epoch(epoch, start_batch=p.step_in_epoch * t.accumulation_steps)
-    sums = _EpochSums(run.device)
+    sums = StepSums(run.device)
     micro_batches = iter(run.train_loader)
     lr = schedule(p.global_step)
     reporter.start_epoch(epoch, t.epochs, p.step_in_epoch)
     for step in range(p.step_in_epoch, run.steps_per_epoch):
         lr = schedule(p.global_step)
-        for group in run.state.optimizer.param_groups:
-            group["lr"] = lr
         waiting = time.perf_counter()
         step_batches = [next(micro_batches) for _ in range(t.accumulation_steps)]
         p.epoch_data_wait += time.perf_counter() - waiting
         for _, _, problems in step_batches:
             run.skipped.add(problems)
-        loss, images = train_step(run.runner, run.state.optimizer, run.state.scaler, step_batches, run.normalize,
-                                  run.precision, run.cfg.optim.label_smoothing, run.cfg.optim.clip_grad_norm,
-                                  run.mix, p.global_step, sums.correct)
-        if run.state.ema is not None:
-            run.state.ema.update_parameters(run.model)
-        sums.add(loss, images)
+        run.optimizer_step(step_batches, lr, p.global_step, sums)
         p.global_step += 1
         p.step_in_epoch = step + 1
         reporter.step(epoch, step, p.global_step, functools.partial(sums.running, p), lr,
                       sums.images * run.world.world_size / (time.perf_counter() - sums.started))
         stopping = stop.after_step(p.global_step)
         if stopping or (stop.checkpoint_due(p.global_step) and step + 1 < run.steps_per_epoch):
-            sums.fold_into(p)
+            _fold(run, sums, checkpointer)
             _save(run, checkpointer)
             if stopping:
                 log(f"{stopping}: saved {checkpointer.last} at {_where(run)}; run the same command with --resume "
                     f"to continue")
                 raise stopping
-    sums.fold_into(p)
+    _fold(run, sums, checkpointer)
     reporter.end_epoch()
     return lr
 
 
-class _EpochSums:
-    """Training loss and top-1 hits of the steps since the last fold, kept on the device (no sync per step)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.loss = torch.zeros((), device=device, dtype=torch.float64)
-        self.correct = torch.zeros((), device=device, dtype=torch.int64)
-        self.images, self.started = 0, time.perf_counter()
-
-    def add(self, loss: torch.Tensor, images: int) -> None:
-        self.loss += loss
-        self.images += images
-
-    def running(self, progress: Progress) -> tuple[float, float]:
-        """The epoch's running (loss, top-1) so far, this process's share: read only when a step is logged."""
-        images = max(progress.epoch_images + self.images, 1)
-        return ((progress.epoch_loss_sum + self.loss.item()) / images,
-                (progress.epoch_correct + self.correct.item()) / images)
-
-    def fold_into(self, progress: Progress) -> None:
-        """Move the sums, added up over all ranks, into `progress`, which a checkpoint carries across a restart."""
-        loss, hits, images = distributed.all_sum([self.loss.item(), self.correct.item(), self.images], self.device)
-        progress.epoch_loss_sum += loss
-        progress.epoch_correct += int(hits)
-        progress.epoch_images += int(images)
-        progress.epoch_seconds += time.perf_counter() - self.started
-        self.loss.zero_()
-        self.correct.zero_()
-        self.images, self.started = 0, time.perf_counter()
+def _fold(run: Run, sums: StepSums, checkpointer: Checkpointer) -> None:
+    """Fold the steps' sums into the run's progress. A loss or weights that are not finite stop the run here,
+    before anything is saved: last.pt and previous.pt stay the last good ones."""
+    first_nonfinite = sums.fold_into(run.progress, run.model)
+    if first_nonfinite is not None:
+        raise UserError(f"training diverged: the loss or the weights became NaN or infinite at global step "
+                        f"{first_nonfinite + 1}; stopped without saving: {checkpointer.last_good()}. Lower optim.lr "
+                        "(or lengthen schedule.warmup_epochs, or set optim.clip_grad_norm), then run the same "
+                        "command with --resume")
 
 
 def end_epoch(run: Run, epoch: int, lr: float, system: SystemSampler | None, log: RunLog) -> dict[str, Any]:
@@ -396,7 +375,7 @@ def end_epoch(run: Run, epoch: int, lr: float, system: SystemSampler | None, log
         torch.cuda.reset_peak_memory_stats(run.device)
     distributed.broadcast_buffers(run.model)
     head = f"epoch {epoch + 1}/{t.epochs} train loss {record['train_loss']:.4f} |"
-    if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+    if epoch + 1 == t.epochs or (t.eval_every and (epoch + 1) % t.eval_every == 0):
         val = evaluate(run.model, run.val_loader, run.normalize, run.precision, run.skipped, cfg.data.eval_flip)
         record.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"], val_images=val["images"])
         if run.state.ema is not None:
@@ -430,6 +409,4 @@ def _training_record(progress: Progress, epoch: int, lr: float) -> dict[str, Any
     progress.epoch, progress.step_in_epoch = epoch + 1, 0
     progress.epoch_loss_sum, progress.epoch_images, progress.epoch_seconds, progress.epoch_data_wait = 0.0, 0, 0.0, 0.0
     progress.epoch_correct = 0
-    if not math.isfinite(record["train_loss"]):
-        raise UserError(f"training loss became {record['train_loss']} in epoch {epoch + 1}; lower optim.lr")
     return record
