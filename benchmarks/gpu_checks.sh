@@ -11,6 +11,8 @@
 # 3. With DATA (a class-folder or prepared ImageNet subset): ResNet-50 trained end to end for 2 epochs, resumed
 #    from its epoch-1 checkpoint on the GPU, and evaluated.
 # Writes the raw outputs into OUT and OUT/gpu_checks.json (command, GPU, versions, each part's exit status).
+# Not covered on one GPU: NCCL between processes. The agreement on dropped micro-batches goes over a gloo
+# group that CPU runs create too, so tests/test_distributed.py and test_device_paths.py run that same path.
 # Tried on a machine without a GPU as far as it goes (the CUDA sync check left out, small benchmark sizes):
 #   GPU_CHECKS_DEVICE=cpu GPU_CHECKS_BENCH="--device cpu --model resnet18 --res 64 --batch-size 16 --steps 3
 #   --warmup 1" bash benchmarks/gpu_checks.sh OUT

@@ -101,8 +101,8 @@ def _learn(precision: str, steps: int = 40) -> list[float]:
     model = build_model("resnet18", 5, width=16).to(DEVICE)
     cfg = load_config(None, ["optim.weight_decay=0"])
     scaler = torch.amp.GradScaler(DEVICE.type, enabled=precision == "fp16")
-    step = TrainStep(model, build_optimizer(model, cfg, lr=0.05), scaler, DeviceNormalize(DEVICE, False), precision,
-                     cfg.optim)
+    optimizer = build_optimizer(model, cfg, 0.05, precision)  # fused on the GPU in fp16, as training builds it
+    step = TrainStep(model, optimizer, scaler, DeviceNormalize(DEVICE, False), precision, cfg.optim)
     losses = []
     for k in range(steps):
         labels = torch.randint(0, 5, (32,), generator=g)

@@ -153,6 +153,26 @@ class _Silent:
         pass
 
 
+def test_batches_reach_the_device_without_blocking_the_host():
+    """DeviceNormalize, the one way batches and labels reach the device, asks every copy to be non-blocking
+    (from the memory the loader pins on CUDA): a blocking copy there would stall the host once per micro-batch,
+    and CUDA's sync check does not see copies to the GPU."""
+    copies = []
+
+    class Copies(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.copy_):
+                copies.append(bool(kwargs.get("non_blocking")))
+            return func(*args, **kwargs)
+
+    normalize = DeviceNormalize(CPU, channels_last=True)
+    with Copies():
+        normalize(torch.zeros(2, 8, 8, 3, dtype=torch.uint8))
+        normalize.labels(torch.zeros(2, dtype=torch.int64))
+    assert copies == [True, True]
+
+
 def test_cutmix_gathers_the_box_not_the_batch():
     x = torch.randn(8, 3, 32, 32)
     shapes = []

@@ -240,7 +240,8 @@ def validate(cfg: Config) -> None:
     if t.batch_size < 1 or t.accumulation_steps < 1 or t.epochs < 1:
         raise ConfigError("train.batch_size, train.accumulation_steps and train.epochs must be >= 1")
     if t.eval_every < 0:
-        raise ConfigError(f"train.eval_every={t.eval_every}: give epochs between validations, or 0 for the last epoch only")
+        raise ConfigError(f"train.eval_every={t.eval_every}: give epochs between validations, or 0 for the last "
+                          "epoch only")
     if cfg.optim.lr_scaling not in LR_SCALINGS:
         raise ConfigError(f"optim.lr_scaling={cfg.optim.lr_scaling!r}: choose {', '.join(LR_SCALINGS)}")
     if cfg.model.name not in MODEL_NAMES:

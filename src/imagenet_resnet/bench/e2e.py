@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.loader import ImageDataset, build_loader, default_workers
+from ..data.loader import ImageDataset, build_loader, resolve_workers
 from ..data.prepared import open_split, read_manifest
 from ..data.presets import TrainPreset
 from ..runtime import resolve_device
@@ -44,7 +44,7 @@ def bench_e2e(data: Path, model_name: str = "resnet50", res: int = 224, batch_si
               synthetic: bool = True) -> dict:
     device = resolve_device(device_name)
     index = open_split(data, "train", packed=True)
-    workers = default_workers() if workers < 0 else workers
+    workers = resolve_workers(workers)[0]
     dataset = ImageDataset(index, TrainPreset(res))
     loader = build_loader(dataset, EndlessRandomBatches(len(dataset), batch_size), workers, pin_memory=device.type == "cuda")
     step, sums = training_step(model_name, len(index.classes), device, precision, compile_mode, channels_last,

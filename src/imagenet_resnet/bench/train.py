@@ -3,8 +3,8 @@
 Times steps with CUDA events after a warm-up and reports images/s, step time, peak memory and the achieved
 FLOP rate beside the GPU's measured bf16 matrix rate. The step timed is the training loop's own (TrainStep:
 the LR set, forward, backward, update, and with --ema-decay/--mixup/--cutmix the EMA and mixing too), so a
-host sync added to the loop's per-step work shows here as lost images/s. The JSON record carries the command, GPU, driver and
-versions so a figure can be traced to how it was made.
+host sync added to the loop's per-step work shows here as lost images/s. The JSON record carries the
+command, GPU, driver and versions so a figure can be traced to how it was made.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def training_step(model_name: str, num_classes: int, device: torch.device, preci
     set_backend_flags(deterministic=False)
     model = build_model(model_name, num_classes, zero_init_residual=True)
     model = model.to(device, memory_format=memory_format(channels_last))
-    cfg = load_config(None, ["optim.weight_decay=5e-5", "optim.label_smoothing=0.1", f"optim.fused={str(fused).lower()}"])
+    cfg = load_config(None, ["optim.weight_decay=5e-5", "optim.label_smoothing=0.1",
+                             f"optim.fused={str(fused).lower()}"])
     optimizer = build_optimizer(model, cfg, 0.1, precision)
     runner = compile_model(model, compile_mode or "")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -24,7 +24,6 @@ class ModelEma:
     def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.warmup, self.updates = decay, warmup, 0
-        self._source = model
         self._floats: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         self._others: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # BN's num_batches_tracked
         for averaged, current in zip(self._tensors(self.module), self._tensors(model), strict=True):
@@ -71,4 +70,4 @@ def saved_ema(saved: dict[str, Any]) -> tuple[dict[str, torch.Tensor], int] | No
         weights = dict(weights)
         updates = int(weights.pop("n_averaged"))
         return clean_state_dict(weights), updates
-    return dict(weights), int(saved.get("ema_updates", 0))
+    return weights, int(saved.get("ema_updates", 0))

@@ -170,8 +170,8 @@ class StepSums:
     def running(self, progress) -> tuple[float, float]:
         """The epoch's running (loss, top-1) so far, this process's share: read only when a step is logged."""
         images = max(progress.epoch_images + self.images, 1)
-        return ((progress.epoch_loss_sum + self.loss.item()) / images,
-                (progress.epoch_correct + self.correct.item()) / images)
+        loss, hits = torch.stack([self.loss, self.correct.double()]).tolist()  # one read
+        return (progress.epoch_loss_sum + loss) / images, (progress.epoch_correct + hits) / images
 
     def fold_into(self, progress, model: torch.nn.Module) -> int | None:
         """Move the sums, added up over all ranks, into `progress` (a checkpoint.Progress, which a checkpoint

@@ -69,7 +69,6 @@ class Run:
     state: TrainingState  # the bare model (saved and evaluated), optimizer, scaler, EMA, progress
     optimizer_step: TrainStep  # one optimizer step, as the loop takes it
     skipped: SkippedImages  # this process's unreadable images (rank 0's also those before a resume)
-    loader_workers: tuple[int, int]  # (training, validation) loader processes of this process
 
     @property
     def model(self) -> torch.nn.Module:
@@ -104,7 +103,7 @@ def _build_data(cfg: Config, world: distributed.Dist, device: torch.device):
     if len(train_sampler) < t.accumulation_steps:
         raise UserError(f"{train_index.root}: {len(train_set)} images are fewer than one optimizer step "
                         f"({t.batch_size} x {t.accumulation_steps}); lower --batch-size")
-    return train_index, train_set, val_set, train_sampler, train_loader, val_loader, workers
+    return train_index, train_set, val_set, train_sampler, train_loader, val_loader
 
 
 def _build_model(cfg: Config, world: distributed.Dist, device: torch.device, num_classes: int):
@@ -132,7 +131,7 @@ def build_run(cfg: Config, world: distributed.Dist, device: torch.device) -> Run
     precision = resolve_precision(t.precision, device)
     torch.manual_seed(t.seed)
     set_backend_flags(t.deterministic)
-    train_index, train_set, val_set, train_sampler, train_loader, val_loader, workers = _build_data(cfg, world, device)
+    train_index, train_set, val_set, train_sampler, train_loader, val_loader = _build_data(cfg, world, device)
     model, runner = _build_model(cfg, world, device, len(train_index.classes))
     global_batch = t.batch_size * t.accumulation_steps * world.world_size
     optimizer = build_optimizer(model, cfg, lr_for_batch(cfg.optim, global_batch), precision)  # LR: the schedule's
@@ -143,7 +142,7 @@ def build_run(cfg: Config, world: distributed.Dist, device: torch.device) -> Run
     optimizer_step = TrainStep(runner, optimizer, state.scaler, normalize, precision, cfg.optim, mix, ema)
     return Run(cfg, world, device, precision, train_index, train_set, val_set, train_sampler, train_loader,
                val_loader, len(train_sampler) // t.accumulation_steps, runner, global_batch, normalize, state,
-               optimizer_step, SkippedImages(), workers)
+               optimizer_step, SkippedImages())
 
 
 def _sweep(run: Run, start_lr: float = 1e-5, end_lr: float = 10.0, steps: int = 200) -> LRSweep:
@@ -210,8 +209,8 @@ def _plan(run: Run, peak_lr: float) -> str:
             f"{len(run.val_set)} images{pipeline} | {run.device} {run.precision} | {world.world_size} process(es) | "
             f"global batch {run.global_batch} ({t.batch_size} per process x {t.accumulation_steps} accumulation x "
             f"{world.world_size}) | peak LR {peak_lr:.4g} ({cfg.optim.lr} per 256) | {run.steps_per_epoch} "
-            f"steps/epoch x {t.epochs} epochs | loader workers {run.loader_workers[0]} + {run.loader_workers[1]} "
-            f"(validation) per process")
+            f"steps/epoch x {t.epochs} epochs | loader workers {run.train_loader.num_workers} + "
+            f"{run.val_loader.num_workers} (validation) per process")
 
 
 @contextlib.contextmanager
