@@ -74,3 +74,12 @@ def test_out_of_memory_keeps_its_traceback_and_adds_a_hint(monkeypatch, capsys):
 def test_user_error_is_a_value_error():
     """Callers that catch bad values (the server's upload checks) keep catching the project's errors."""
     assert issubclass(UserError, ValueError)
+
+
+def test_train_without_data_or_recipe_takes_the_demos_settings(tmp_path):
+    """As it says: the built-in shapes with the demo's small network, not the config's ResNet-50 on a CPU."""
+    proc = subprocess.run([sys.executable, "-m", "imagenet_resnet", "train", "--dry-run"], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "with the demo's settings" in proc.stdout
+    assert "plan: resnet18 (width 12) | 10 classes" in proc.stdout and "9 epochs" in proc.stdout

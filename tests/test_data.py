@@ -78,8 +78,8 @@ def test_sampler_order_depends_on_epoch_and_resumes_mid_epoch():
     epoch0 = list(sampler)
     sampler.set_epoch(1)
     epoch1 = list(sampler)
-    assert [i for _, i in sum(epoch0, [])] != [i for _, i in sum(epoch1, [])]
-    assert sorted(i for _, i in sum(epoch0, [])) == list(range(100))
+    assert [i for _, i, _ in sum(epoch0, [])] != [i for _, i, _ in sum(epoch1, [])]
+    assert sorted(i for _, i, _ in sum(epoch0, [])) == list(range(100))
     sampler.set_epoch(0, start_batch=4)
     assert list(sampler) == epoch0[4:]
 
@@ -88,7 +88,7 @@ def test_sampler_shards_ranks_without_overlap():
     keys = []
     for rank in range(3):
         s = EpochBatchSampler(31, 4, shuffle=True, drop_last=True, seed=0, rank=rank, world_size=3)
-        keys += [i for batch in s for _, i in batch]
+        keys += [i for batch in s for _, i, _ in batch]
         assert len(s) == 2
     assert len(keys) == len(set(keys)) == 24
 

@@ -133,7 +133,7 @@ def test_twenty_steps_with_ema_mixup_and_cutmix_wait_for_the_device_only_at_the_
     checkpointer = Checkpointer(tmp_path, True, cfg, run.train_index.classes)
     reporter = _Silent()
     with HostSyncs() as syncs:
-        train_one_epoch(run, 0, schedule, StopPolicy(run.world, CPU), reporter, checkpointer, print)
+        train_one_epoch(run, 0, schedule, None, StopPolicy(run.world, CPU), reporter, checkpointer, print)
     assert run.progress.global_step == 20 and run.state.ema.updates == 20
     # DataLoader draws its workers' base seed as a host tensor once an epoch: no device is involved.
     waits = [where for _, where in syncs.calls if "torch/utils/data/" not in where]

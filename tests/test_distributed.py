@@ -59,7 +59,7 @@ def test_ranks_take_blocks_of_the_global_batch_like_accumulation():
 
 def test_validation_shards_cover_every_image_once():
     shards = [EpochBatchSampler(41, 8, shuffle=False, drop_last=False, rank=r, world_size=3) for r in range(3)]
-    seen = sorted(i for s in shards for batch in s for _, i in batch)
+    seen = sorted(i for s in shards for batch in s for _, i, _ in batch)
     assert seen == list(range(41))
     assert [len(s) for s in shards] == [2, 2, 2]
 
@@ -160,3 +160,19 @@ def test_find_lr_under_torchrun(tmp_path, tiny_data):
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert len(records) == 1 and records[0]["global_batch"] == 16  # printed once, by rank 0
     assert (tmp_path / "lr.png").exists() and (tmp_path / "lr.json").exists()
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_under_torchrun_ends_on_time_with_its_ranks_agreeing(tmp_path, tiny_data):
+    """Rank 0 fits and broadcasts: had a rank fitted another length, it would wait for a gradient exchange
+    its peer never joins, and the run would hang past the timeout instead of finishing."""
+    run = tmp_path / "run"
+    started = time.time()
+    out = _finish(_torchrun("train", "--data", str(tiny_data), "--out", str(run), "--budget", "40s",
+                            *_settings("train.epochs=20", "train.log_every_steps=0")))
+    wall = time.time() - started
+    progress = checkpoint.load(run / "last.pt")["progress"]
+    assert progress["global_step"] == progress["total_steps"] and progress["budget_used_seconds"] <= 40
+    assert wall <= 40 + 10  # rank 0's clock starts after torchrun's own start-up
+    assert "fitted to" in out and "replay this schedule" in out
+    assert _metrics(run)[-1]["step"] == progress["total_steps"]

@@ -344,8 +344,8 @@ def test_endless_batches_fill_every_batch_from_a_small_set():
 
     batches = iter(EndlessRandomBatches(size=5, batch_size=8))
     first, second = next(batches), next(batches)
-    assert len(first) == len(second) == 8 and {i for _, i in first + second} <= set(range(5))
-    assert {e for e, _ in first} == {0} and {e for e, _ in second} == {1}  # fresh augmentations per batch
+    assert len(first) == len(second) == 8 and {i for _, i, _ in first + second} <= set(range(5))
+    assert {e for e, _, _ in first} == {0} and {e for e, _, _ in second} == {1}  # fresh augmentations per batch
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "imagenet-meta").exists(), reason="needs ../shared/data/imagenet-meta")

@@ -1,4 +1,3 @@
-import functools
 import json
 import math
 from pathlib import Path
@@ -53,16 +52,17 @@ def test_progressive_size_follows_ffcvs_ramp():
 
 
 def test_loader_batches_take_the_epochs_size(tiny_data):
+    """The trainer decides each epoch's side; it reaches the loader's persistent workers with the keys."""
     index = scan_class_folders(tiny_data / "train")
-    preset = TrainPreset(40, size_at_epoch=functools.partial(progressive_size, start_size=24, end_size=40,
-                                                             start_epoch=1, end_epoch=3))
     sampler = EpochBatchSampler(len(index), 8, shuffle=True, drop_last=True)
-    loader = build_loader(ImageDataset(index, preset), sampler, workers=1, pin_memory=False)
+    loader = build_loader(ImageDataset(index, TrainPreset(40)), sampler, workers=1, pin_memory=False)
     shapes = []
     for epoch in range(4):
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch, side=progressive_size(epoch, 24, 40, 1, 3))
         shapes.append(next(iter(loader))[0].shape[1:3])
-    assert shapes == [(24, 24), (24, 24), (32, 32), (40, 40)]
+    sampler.set_epoch(4)  # side 0: the preset's own
+    shapes.append(next(iter(loader))[0].shape[1:3])
+    assert shapes == [(24, 24), (24, 24), (32, 32), (40, 40), (40, 40)]
 
 
 def test_training_records_the_progressive_size(tmp_path, tiny_data):

@@ -73,8 +73,15 @@ def _train_parser(sub, name: str, help: str, description: str) -> argparse.Argum
                        'profiles; pip install "imagenet-resnet[cloud]")')
         p.add_argument("--mirror-wait", type=float, default=300.0, metavar="SECONDS", help="at the end (or on "
                        "SIGTERM), wait at most this long for the uploads to finish")
+        p.add_argument("--budget", metavar="TIME|MONEY", help="fit the whole run to this much wall time (6h, 90m, "
+                       "600s) or money (25usd, with --price-per-hour), start-up, evaluations and checkpoints "
+                       "included: the recipe's epochs stretched or shrunk to what fits, ending with the LR "
+                       "annealed; replaces --epochs; a resumed run gets what is left")
+        p.add_argument("--price-per-hour", type=float, metavar="USD", help="what the run's machines cost per hour, "
+                       "all together, for --budget in usd")
         p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan (model, "
-                       "device, precision, global batch, steps) and exit without training")
+                       "device, precision, global batch, steps) and exit without training; with --budget, "
+                       "measure a few steps at each of the recipe's resolutions and print the epochs that fit")
         p.add_argument("--init-from", help="start from these weights (torchvision/timm ResNet state dict or one of "
                        "our checkpoints); a head for another number of classes is replaced")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -218,8 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_for_train(args) -> Config:
-    overrides = [] if args.recipe else list(DEMO_SETTINGS) if not args.data else []
+    demo = not args.recipe and (not args.data or getattr(args, "shapes", False))
+    overrides = list(DEMO_SETTINGS) if demo else []
     overrides += [f"data.path={args.data}"] if args.data else []
+    if getattr(args, "budget", None):
+        if args.epochs is not None:
+            raise UserError(f"--budget {args.budget} fits the recipe's epochs to the budget: drop --epochs {args.epochs}")
+        overrides.append(f"train.budget={json.dumps(args.budget)}")
+    if getattr(args, "price_per_hour", None) is not None:
+        overrides.append(f"train.price_per_hour={args.price_per_hour}")
     for flag, key in (("model", "model.name"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
                       ("init_from", "train.init_from")):
         if getattr(args, flag, None) is not None:
@@ -239,7 +253,7 @@ def cmd_train(args) -> int:
         raise UserError(f"--out {args.out}: the run folder is on this machine; to keep it in object storage too, "
                         "add --mirror URL")
     if not args.data:
-        args.data = str(make_shapes_dataset(DEMO_DATA_DEFAULT))
+        args.data, args.shapes = str(make_shapes_dataset(DEMO_DATA_DEFAULT)), True
         print(f"no --data given: training on the built-in shapes dataset in {args.data}"
               + ("" if args.recipe else " with the demo's settings"), flush=True)
     cfg = _config_for_train(args)
@@ -264,7 +278,7 @@ def cmd_find_lr(args) -> int:
     from .training.trainer import find_lr
 
     if not args.data:
-        args.data = str(make_shapes_dataset(DEMO_DATA_DEFAULT))
+        args.data, args.shapes = str(make_shapes_dataset(DEMO_DATA_DEFAULT)), True
     try:
         picks = find_lr(_config_for_train(args), args.plot, args.start_lr, args.end_lr, args.steps)
     finally:

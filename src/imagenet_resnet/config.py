@@ -6,6 +6,7 @@ The resolved config is saved as YAML in the run folder and as a plain dict insid
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,29 @@ class TrainConfig:
     compile: str = ""  # torch.compile mode: "" = off, default, reduce-overhead, max-autotune, ...
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no C++ compiler needed)
     init_from: str = ""  # start from these weights (torchvision/timm format or our checkpoint); a different head is replaced
+    budget: str = ""  # fit the whole run to this much wall time (6h, 90m, 600s) or money (25usd, with
+    # price_per_hour): the recipe's epochs stretched or shrunk to fit (training/budget.py); "" = off
+    price_per_hour: float = 0.0  # what the run's machines cost together per hour, for a budget in usd
+    total_steps: int = 0  # the run's length in optimizer steps, the recipe stretched to it; 0 = epochs x steps per
+    # epoch. With schedule_knots, replays a budgeted run without its budget (its train.log prints both)
+    schedule_knots: list = field(default_factory=list)  # [[step, recipe step, rate], ...]: where a budgeted
+    # run's re-fits re-stretched the rest of its schedule (training/budget.py Timeline)
+
+    def budget_seconds(self) -> float:
+        """train.budget in seconds of wall time (0: no budget)."""
+        if not self.budget:
+            return 0.0
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|m|h|usd)\s*", self.budget.lower())
+        if not match or float(match[1]) <= 0:
+            raise ConfigError(f"train.budget={self.budget!r}: give wall time as 6h, 90m or 600s, or money as 25usd "
+                              "with --price-per-hour")
+        value, unit = float(match[1]), match[2]
+        if unit == "usd":
+            if self.price_per_hour <= 0:
+                raise ConfigError(f"--budget {self.budget}: a budget in money needs what the machines cost, e.g. "
+                                  "--price-per-hour 4.10 (dollars per hour, all the run's machines together)")
+            return value / self.price_per_hour * 3600
+        return value * {"s": 1, "m": 60, "h": 3600}[unit]
 
 
 @dataclass
@@ -258,6 +282,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.variant={cfg.model.variant!r}: choose {', '.join(VARIANTS)}")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay={t.ema_decay}: need 0 <= decay < 1 (0 turns it off)")
+    if t.budget_seconds() and (t.total_steps or t.schedule_knots):
+        raise ConfigError("train.budget fits the run's length itself: drop train.total_steps and "
+                          "train.schedule_knots (they replay a budgeted run without a budget)")
+    if t.total_steps < 0 or (t.schedule_knots and not t.total_steps):
+        raise ConfigError("train.total_steps must be >= 1 when set, and is needed with train.schedule_knots")
     lo, hi = cfg.data.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"data.crop_scale={cfg.data.crop_scale}: need 0 < min <= max <= 1")

@@ -64,7 +64,7 @@ def bench_data(data: Path, size: int = 224, images: int = 1000, seconds: float =
         rng = np.random.default_rng(0)
         baseline = _rate(lambda i: torchvision_like_sample(original.read(i), size, rng), picks, seconds)
         dataset = ImageDataset(packed, TrainPreset(size))
-        ours = _rate(lambda i: dataset[(0, i)], picks, seconds)
+        ours = _rate(lambda i: dataset[(0, i, 0)], picks, seconds)
     finally:
         torch.set_num_threads(threads)
     mean_bytes = lambda index: float(np.mean([len(index.read(int(i))) for i in picks[:200]]))

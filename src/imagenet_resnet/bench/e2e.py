@@ -34,7 +34,7 @@ class EndlessRandomBatches:
     def __iter__(self):
         rng, batch = np.random.default_rng(self.seed), 0
         while True:
-            yield [(batch, int(i)) for i in rng.integers(0, self.size, self.batch_size)]
+            yield [(batch, int(i), 0) for i in rng.integers(0, self.size, self.batch_size)]
             batch += 1
 
 

@@ -38,7 +38,8 @@ class SampleRandom(random.Random):
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Items are keyed by (epoch, index); an unreadable image comes back as None with the reason."""
+    """Items are keyed by (epoch, index, side): side 0 is the preset's own size, another the epoch's (progressive
+    resizing, decided by the trainer). An unreadable image comes back as None with the reason."""
 
     def __init__(self, index: ImageIndex, preset, seed: int = 0):
         self.index, self.preset, self.seed = index, preset, seed
@@ -46,13 +47,13 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, i = key
+    def __getitem__(self, key: tuple[int, int, int]):
+        epoch, i, side = key
         rng = SampleRandom(self.seed, epoch, i)
         data = b""
         try:
             data = self.index.read(i)
-            pixels = self.preset(data, rng, epoch)
+            pixels = self.preset(data, rng, side)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             return None, int(self.index.labels[i]), f"{self.index.describe(i)}: {unreadable_reason(data, e)}"
         return pixels, int(self.index.labels[i]), None
@@ -70,17 +71,17 @@ def collate(samples):
 
 
 class EpochBatchSampler:
-    """Batches of (epoch, index) keys: a fresh permutation per epoch, this rank's share of it, and a start
-    batch so a resumed run skips what it already trained on."""
+    """Batches of (epoch, index, side) keys: a fresh permutation per epoch, this rank's share of it, a start
+    batch so a resumed run skips what it already trained on, and the epoch's training side (0: the preset's)."""
 
     def __init__(self, size: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0,
                  rank: int = 0, world_size: int = 1):
         self.size, self.batch_size, self.shuffle, self.drop_last = size, batch_size, shuffle, drop_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch, self.start_batch = 0, 0
+        self.epoch, self.start_batch, self.side = 0, 0, 0
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
+    def set_epoch(self, epoch: int, start_batch: int = 0, side: int = 0) -> None:
+        self.epoch, self.start_batch, self.side = epoch, start_batch, side
 
     def _order(self) -> np.ndarray:
         if self.shuffle:
@@ -104,7 +105,7 @@ class EpochBatchSampler:
         order = self._order()
         for b in range(self.start_batch, len(self)):
             chunk = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield [(self.epoch, int(i)) for i in chunk]
+            yield [(self.epoch, int(i), self.side) for i in chunk]
 
 
 MAX_WORKERS = 16  # past this many, the loader of one GPU is no longer what limits it (bench e2e)

@@ -145,9 +145,9 @@ def color_jitter(pixels: np.ndarray, strength: float, rng) -> np.ndarray:
     return np.clip(x + 0.5, 0, 255).astype(np.uint8)
 
 
-def progressive_size(epoch: int, start_size: int, end_size: int, start_epoch: int, end_epoch: int) -> int:
+def progressive_size(epoch: float, start_size: int, end_size: int, start_epoch: float, end_epoch: float) -> int:
     """FFCV's progressive resizing: start_size up to start_epoch, end_size from end_epoch, and in between
-    the linear ramp rounded to a multiple of 32 (epochs counted from 0)."""
+    the linear ramp rounded to a multiple of 32 (epochs counted from 0; a budget's stretch makes them fractional)."""
     if epoch <= start_epoch:
         return start_size
     if epoch >= end_epoch:
@@ -164,20 +164,16 @@ class TrainPreset:
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: bool = True,
         jitter: float = 0.0,
-        size_at_epoch=None,
         full_decode: bool = False,
     ):
-        """`size_at_epoch`: a picklable callable epoch -> side (progressive resizing), else always `size`.
-        `full_decode`: no reduced-size decode and the accurate IDCT (the `full-decode` pipeline)."""
+        """`full_decode`: no reduced-size decode and the accurate IDCT (the `full-decode` pipeline)."""
         self.size, self.scale, self.ratio, self.hflip, self.jitter = size, tuple(scale), tuple(ratio), hflip, jitter
-        self.size_at_epoch, self.full_decode = size_at_epoch, full_decode
+        self.full_decode = full_decode
 
-    def side(self, epoch: int) -> int:
-        return self.size_at_epoch(epoch) if self.size_at_epoch else self.size
-
-    def __call__(self, data: bytes, rng, epoch: int = 0) -> np.ndarray:
-        """`rng`: numpy's Generator or loader.SampleRandom (uniform, integers, random)."""
-        side = self.side(epoch)
+    def __call__(self, data: bytes, rng, side: int = 0) -> np.ndarray:
+        """`rng`: numpy's Generator or loader.SampleRandom (uniform, integers, random). `side`: this epoch's
+        crop side under progressive resizing; 0 = `size`."""
+        side = side or self.size
         size = image_size(data)
         box = random_resized_crop_box(*size, self.scale, self.ratio, rng)
         # The fast IDCT and chroma upsampling cost a little accuracy that random augmentation drowns out.
@@ -200,7 +196,8 @@ class EvalPreset:
         x0, y0 = (width - side) / 2, (height - side) / 2
         return x0, y0, x0 + side, y0 + side
 
-    def __call__(self, data: bytes, rng=None, epoch: int = 0) -> np.ndarray:
+    def __call__(self, data: bytes, rng=None, side: int = 0) -> np.ndarray:
+        """`rng` and `side` are the training preset's arguments, unused: evaluation is the same every epoch."""
         size = image_size(data)
         return decode_region(data, size, self.centre_box(*size), self.size, self.size, scaled=not self.full_decode)
 
@@ -232,8 +229,8 @@ class ReferenceTrainPreset(TrainPreset):
     scripts apply them (crop, then bilinear resize, antialiased by PIL). The crop box and the flip come
     from the same draws as the fast preset's. Colour jitter, when on, is the fast preset's."""
 
-    def __call__(self, data: bytes, rng, epoch: int = 0) -> np.ndarray:
-        side = self.side(epoch)
+    def __call__(self, data: bytes, rng, side: int = 0) -> np.ndarray:
+        side = side or self.size
         img = _open_rgb(data)
         x0, y0, x1, y1 = random_resized_crop_box(*img.size, self.scale, self.ratio, rng)
         flip = self.hflip and rng.random() < 0.5
@@ -270,11 +267,10 @@ class ReferenceEvalPreset(EvalPreset):
         return np.array(img.crop((left, top, left + self.size, top + self.size)))
 
 
-def make_train_preset(pipeline: str, size: int, scale, ratio, hflip: bool = True, jitter: float = 0.0,
-                      size_at_epoch=None) -> TrainPreset:
+def make_train_preset(pipeline: str, size: int, scale, ratio, hflip: bool = True, jitter: float = 0.0) -> TrainPreset:
     if pipeline == "reference":
-        return ReferenceTrainPreset(size, scale, ratio, hflip, jitter, size_at_epoch)
-    return TrainPreset(size, scale, ratio, hflip, jitter, size_at_epoch, full_decode=pipeline == "full-decode")
+        return ReferenceTrainPreset(size, scale, ratio, hflip, jitter)
+    return TrainPreset(size, scale, ratio, hflip, jitter, full_decode=pipeline == "full-decode")
 
 
 def make_eval_preset(pipeline: str, size: int, crop_ratio: float) -> EvalPreset:

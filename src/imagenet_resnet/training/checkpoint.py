@@ -101,6 +101,10 @@ class Progress:
     epoch_seconds: float = 0.0
     epoch_data_wait: float = 0.0  # seconds this epoch spent waiting for the loader (rank 0)
     skipped_images: int = 0
+    total_steps: int = 0  # a budgeted run's fitted length in optimizer steps (0: the config's)
+    schedule_knots: list = field(default_factory=list)  # its re-fits: [[step, recipe step, rate], ...]
+    budget_used_seconds: float = 0.0  # wall time its processes had spent when this checkpoint was written
+    budget_costs: dict = field(default_factory=dict)  # the costs measured on its machine (budget.Costs)
 
 
 @dataclass

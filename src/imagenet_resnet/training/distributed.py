@@ -75,6 +75,15 @@ def host_all_gather(values: list[int]) -> list[list[int]]:
     return [t.tolist() for t in everyone]
 
 
+def host_broadcast(values: list[float]) -> list[float]:
+    """Rank 0's `values` on every process, exchanged on the host (no GPU sync): a decision rank 0 made."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.broadcast(t, src=0, group=_host_group)
+    return t.tolist()
+
+
 def all_sum(values: list[float], device: torch.device) -> list[float]:
     """Element-wise sum over all processes (float64: counts stay exact up to 2**53)."""
     if not dist.is_initialized():

@@ -1,6 +1,8 @@
 """Per-step learning-rate schedules, as pure functions of the optimizer step.
 
-A pure function needs no state of its own in a checkpoint: resuming at step k gives the LR of step k.
+A pure function needs no state of its own in a checkpoint: resuming at step k gives the LR of step k. Under a
+budget the run's steps are mapped onto the recipe's by its Timeline (training/budget.py), which the
+checkpoint holds.
 """
 
 from __future__ import annotations
@@ -19,18 +21,20 @@ def _lin_interp(start: float, end: float, frac: float) -> float:
 
 
 class LRSchedule:
-    """LR at each optimizer step of a run of `epochs` x `steps_per_epoch` steps, peaking at `peak_lr`."""
+    """LR at each optimizer step of a recipe of `epochs` x `steps_per_epoch` steps, peaking at `peak_lr`. With a
+    `timeline` the run's steps are stretched onto the recipe's (a budget's fit, or train.total_steps)."""
 
-    def __init__(self, cfg: ScheduleConfig, peak_lr: float, epochs: int, steps_per_epoch: int):
-        self.cfg, self.peak_lr = cfg, peak_lr
+    def __init__(self, cfg: ScheduleConfig, peak_lr: float, epochs: int, steps_per_epoch: int, timeline=None):
+        self.cfg, self.peak_lr, self.timeline = cfg, peak_lr, timeline
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.total_steps = epochs * self.steps_per_epoch
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
 
     def __call__(self, step: int) -> float:
-        return self.peak_lr * self.factor(step)
+        return self.peak_lr * self.factor(step if self.timeline is None else self.timeline.recipe_step(step))
 
-    def factor(self, step: int) -> float:
+    def factor(self, step: float) -> float:
+        """The LR factor at a step of the recipe (fractional where a run is stretched onto it)."""
         c = self.cfg
         if c.name == "onecycle":
             # As torch.optim.lr_scheduler.OneCycleLR (cos annealing, two phases).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..config import Config, save_config
+from ..config import Config, TrainConfig, save_config
 from ..data.index import ImageIndex
 from ..data.loader import (DeviceNormalize, EpochBatchSampler, ImageDataset, SkippedImages, build_loader,
                            resolve_workers, stop_workers)
@@ -24,6 +25,8 @@ from ..models import build_model, load_weights
 from ..runtime import compile_model, memory_format, resolve_device, resolve_precision, set_backend_flags
 from . import distributed
 from .augment import MixAugment
+from .budget import (EXIT_SECONDS, SAFETY_SHARE, Budget, BudgetTooSmall, Costs, RunShape, Timeline, duration,
+                     fit_total_steps, projected_top1, seconds_to_finish)
 from .checkpoint import Checkpointer, Progress, TrainingState
 from .lr_finder import LRSweep, save_plot, sweep
 from .mirror import open_mirror
@@ -69,6 +72,7 @@ class Run:
     state: TrainingState  # the bare model (saved and evaluated), optimizer, scaler, EMA, progress
     optimizer_step: TrainStep  # one optimizer step, as the loop takes it
     skipped: SkippedImages  # this process's unreadable images (rank 0's also those before a resume)
+    timeline: Timeline  # the run's optimizer steps on its recipe's: stretched by a budget or train.total_steps
 
     @property
     def model(self) -> torch.nn.Module:
@@ -84,12 +88,7 @@ def _build_data(cfg: Config, world: distributed.Dist, device: torch.device):
     sampler drops the last partial batch; validation sees every image exactly once, over all ranks."""
     train_index, val_index = open_splits(cfg.data.path, packed=cfg.data.packed)
     d, t = cfg.data, cfg.train
-    size_at_epoch = None
-    if d.progressive_start_size:
-        size_at_epoch = functools.partial(progressive_size, start_size=d.progressive_start_size, end_size=d.train_size,
-                                          start_epoch=d.progressive_start_epoch, end_epoch=d.progressive_end_epoch)
-    train_preset = make_train_preset(d.pipeline, d.train_size, d.crop_scale, d.crop_ratio, d.hflip, d.color_jitter,
-                                     size_at_epoch)
+    train_preset = make_train_preset(d.pipeline, d.train_size, d.crop_scale, d.crop_ratio, d.hflip, d.color_jitter)
     train_set = ImageDataset(train_index, train_preset, t.seed)
     val_set = ImageDataset(val_index, make_eval_preset(d.pipeline, d.eval_size, d.eval_crop_ratio), t.seed)
     train_sampler = EpochBatchSampler(len(train_set), t.batch_size, shuffle=True, drop_last=True, seed=t.seed,
@@ -140,22 +139,28 @@ def build_run(cfg: Config, world: distributed.Dist, device: torch.device) -> Run
     mix = MixAugment(cfg.data.mixup_alpha, cfg.data.cutmix_alpha, t.seed) if cfg.data.mixup_alpha or cfg.data.cutmix_alpha else None
     normalize = DeviceNormalize(device, cfg.model.channels_last)
     optimizer_step = TrainStep(runner, optimizer, state.scaler, normalize, precision, cfg.optim, mix, ema)
+    steps_per_epoch = len(train_sampler) // t.accumulation_steps
+    timeline = Timeline(t.epochs * steps_per_epoch, t.total_steps, t.schedule_knots)
     return Run(cfg, world, device, precision, train_index, train_set, val_set, train_sampler, train_loader,
-               val_loader, len(train_sampler) // t.accumulation_steps, runner, global_batch, normalize, state,
-               optimizer_step, SkippedImages())
+               val_loader, steps_per_epoch, runner, global_batch, normalize, state, optimizer_step, SkippedImages(),
+               timeline)
+
+
+def epoch_side(run: Run, timeline: Timeline, epoch: int) -> int:
+    """The training crop side of an epoch: the recipe's progressive resizing at the recipe epoch where the
+    epoch's first step falls (the epoch itself, unless a budget stretched the run)."""
+    d, spe = run.cfg.data, run.steps_per_epoch
+    if not d.progressive_start_size:
+        return d.train_size
+    recipe_epoch = round(timeline.recipe_step(epoch * spe) / spe, 9)  # a whole epoch stays whole
+    return progressive_size(recipe_epoch, d.progressive_start_size, d.train_size, d.progressive_start_epoch,
+                            d.progressive_end_epoch)
 
 
 def _sweep(run: Run, start_lr: float = 1e-5, end_lr: float = 10.0, steps: int = 200) -> LRSweep:
     """The LR range test on copies of this run's model and optimizer, fed by its training loader."""
 
-    def batches():
-        epoch = 0
-        while True:  # a small dataset may need several passes
-            run.train_sampler.set_epoch(10_000 + epoch)  # epochs the run itself never uses
-            yield from run.train_loader
-            epoch += 1
-
-    return sweep(run.model, run.state.optimizer, batches(), run.normalize, run.precision, run.cfg.optim.label_smoothing,
+    return sweep(run.model, run.state.optimizer, _endless_batches(run), run.normalize, run.precision, run.cfg.optim.label_smoothing,
                  start_lr, end_lr, steps, accumulation_steps=run.cfg.train.accumulation_steps)
 
 
@@ -185,16 +190,23 @@ def _resume(run: Run, checkpointer: Checkpointer, log: RunLog) -> None:
         cfg.optim.lr = saved["optim"]["lr"]
     # The checkpoint holds the count over all processes: rank 0 carries it on, so that sums over ranks stay right.
     run.skipped.count = run.progress.skipped_images if run.world.is_main else 0
+    if run.progress.total_steps:  # a budgeted run goes on with its fit
+        run.timeline = Timeline(run.timeline.recipe_steps, run.progress.total_steps, run.progress.schedule_knots)
     changed = checkpointer.changed_settings(saved, cfg.to_dict())
     if changed:
         log(f"resuming with settings changed since the checkpoint: {', '.join(changed)}")
     log(f"resumed {checkpointer.previous if fell_back else checkpointer.last} at {_where(run)}")
 
 
+def run_epochs(run: Run) -> int:
+    """The run's epochs, the last one partial where a budget's fit ends mid-epoch."""
+    return math.ceil(run.timeline.total_steps / run.steps_per_epoch)
+
+
 def _where(run: Run) -> str:
     """Where the run stands, numbered as the progress lines number epochs and steps (from 1)."""
-    p, epochs = run.progress, run.cfg.train.epochs
-    if p.epoch >= epochs:
+    p, epochs = run.progress, run_epochs(run)
+    if p.global_step >= run.timeline.total_steps and p.step_in_epoch == 0:
         return f"the end of all {epochs} epochs (global step {p.global_step})"
     if p.step_in_epoch == 0:
         return f"the start of epoch {p.epoch + 1}/{epochs} (global step {p.global_step})"
@@ -205,11 +217,16 @@ def _plan(run: Run, peak_lr: float) -> str:
     """The first log line: what will be trained, where, and how."""
     cfg, t, world = run.cfg, run.cfg.train, run.world
     pipeline = "" if cfg.data.pipeline == "fast" else f" | {pipeline_description(cfg.data.pipeline)} pipeline"
+    length = f"{t.epochs} epochs"
+    if t.budget:
+        length = f"the {t.epochs}-epoch recipe fitted to --budget {t.budget} (measured after the first steps)"
+    elif run.timeline.stretched:
+        length = f"{run.timeline.total_steps / run.steps_per_epoch:.2f} epochs (the {t.epochs}-epoch recipe stretched)"
     return (f"{cfg.model.describe()} | {len(run.train_index.classes)} classes | train {len(run.train_set)} / val "
             f"{len(run.val_set)} images{pipeline} | {run.device} {run.precision} | {world.world_size} process(es) | "
             f"global batch {run.global_batch} ({t.batch_size} per process x {t.accumulation_steps} accumulation x "
             f"{world.world_size}) | peak LR {peak_lr:.4g} ({cfg.optim.lr} per 256) | {run.steps_per_epoch} "
-            f"steps/epoch x {t.epochs} epochs | loader workers {run.train_loader.num_workers} + "
+            f"steps/epoch x {length} | loader workers {run.train_loader.num_workers} + "
             f"{run.val_loader.num_workers} (validation) per process")
 
 
@@ -237,7 +254,64 @@ def dry_run(cfg: Config) -> str:
     device = resolve_device(cfg.train.device)
     run = build_run(cfg, world, device)
     plan = _plan(run, lr_for_batch(cfg.optim, run.global_batch))
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False) + f"\nplan: {plan}\n" + (f"{_cpu_hint(run)}\n" if _cpu_hint(run) else "")
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False) + f"\nplan: {plan}\n" + (f"{_cpu_hint(run)}\n" if _cpu_hint(run) else "")
+    return text + (_budget_plan(run) if cfg.train.budget else "")
+
+
+DRY_RUN_STEPS = 4  # steps timed at each of the recipe's sides by `train --budget ... --dry-run` (after one more)
+
+
+def _budget_plan(run: Run) -> str:
+    """`train --budget B --dry-run`: a few steps timed at each side the recipe trains at, and the fit they
+    give; for ImageNet-sized data, the top-1 published runs of that length reached."""
+    t, spe = run.cfg.train, run.steps_per_epoch
+    budget = _budget(run)
+    startup = budget.used()
+    sides = sorted({epoch_side(run, run.timeline, epoch) for epoch in range(t.epochs)})
+    sums = StepSums(run.device)
+    with _loader_workers(run):
+        for side in sides:
+            batches = _endless_batches(run, side)
+            for step in range(DRY_RUN_STEPS + 1):
+                if step == 1:  # the first step warms up (loader start, kernel selection)
+                    _device_sync(run.device)
+                    started = time.perf_counter()
+                run.optimizer_step([next(batches) for _ in range(t.accumulation_steps)], 1e-6, step, sums)
+            _device_sync(run.device)
+            budget.costs.step_seconds[side] = (time.perf_counter() - started) / DRY_RUN_STEPS
+    seconds = budget.seconds - startup - EXIT_SECONDS - SAFETY_SHARE * budget.seconds
+    total = fit_total_steps(budget.shape, budget.costs, run.timeline, 0, seconds)
+    if total < 1:
+        finish = seconds_to_finish(budget.shape, budget.costs, run.timeline, 0, 1, False)
+        raise _budget_refused(t, (startup + finish + EXIT_SECONDS) / (1 - SAFETY_SHARE))
+    paces = ", ".join(f"{budget.costs.step_seconds[side]:.3g} s at {side} px" for side in sides)
+    epochs = total / spe
+    end = time.strftime("%H:%M", time.localtime(time.time() + budget.seconds))
+    lines = [f"budget {t.budget} ({duration(budget.seconds)}): a step takes {paces} here (measured, {DRY_RUN_STEPS} "
+             f"steps each); an evaluation about {budget.shape.eval_estimate(budget.costs):.0f} s and a checkpoint "
+             f"about {budget.shape.save_estimate:.1f} s (estimated; the run measures them); start-up {startup:.0f} s",
+             f"fits {total} steps: {epochs:.2f} epochs of the {t.epochs}-epoch recipe, every landmark stretched "
+             f"x{total / (t.epochs * spe):.2f}; ends about {end} if started now"]
+    if len(run.train_set) >= 1_000_000 and len(run.train_index.classes) >= 1000:
+        lines += [f"projected ImageNet-1k top-1 at {epochs:.1f} epochs (not measured: published runs of that length):"]
+        lines += [f"  {line}" for line in projected_top1(run.cfg.model.name, epochs)] or ["  no published table for "
+                                                                                         f"{run.cfg.model.name}"]
+    return "".join(line + "\n" for line in lines)
+
+
+def _device_sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _endless_batches(run: Run, side: int = 0, first_epoch: int = 10_000):
+    """Training micro-batches over epochs the run itself never uses, pass after pass (a small dataset may
+    need several): for the LR finder and the budget's dry-run."""
+    epoch = first_epoch
+    while True:
+        run.train_sampler.set_epoch(epoch, side=side)
+        yield from run.train_loader
+        epoch += 1
 
 
 @contextlib.contextmanager
@@ -255,10 +329,53 @@ def _worker_deaths(checkpointer: Checkpointer):
                         f"--resume: {checkpointer.last.name} holds the last checkpoint") from e
 
 
-def _save(run: Run, checkpointer: Checkpointer, best: bool = False) -> None:
-    run.progress.skipped_images = int(distributed.all_sum([run.skipped.count], run.device)[0])
-    checkpointer.save(run.state, best)
-    distributed.barrier()  # nobody goes on (or exits) while rank 0 is still writing
+def _save(run: Run, checkpointer: Checkpointer, budget: Budget | None, best: bool = False) -> None:
+    p = run.progress
+    p.skipped_images = int(distributed.all_sum([run.skipped.count], run.device)[0])
+    with budget.timed("save_seconds") if budget else contextlib.nullcontext():
+        if budget is not None:
+            p.total_steps, p.schedule_knots = run.timeline.total_steps, [list(k) for k in run.timeline.knots]
+            p.budget_used_seconds, p.budget_costs = budget.used(), budget.costs.to_dict()
+        checkpointer.save(run.state, best)
+        distributed.barrier()  # nobody goes on (or exits) while rank 0 is still writing
+
+
+def _budget(run: Run) -> Budget:
+    """The run's budget, with what a resumed run had spent and measured."""
+    t, p = run.cfg.train, run.progress
+    ema_and_flip = (2 if t.ema_decay else 1) * (2 if run.cfg.data.eval_flip else 1)
+
+    def eval_estimate(costs: Costs) -> float:
+        # A validation batch costs about EVAL_SHARE of a training micro-batch at the same side (forward only,
+        # through half the loader processes); measured at the first validation.
+        micro_batch = costs.step(run.cfg.data.eval_size) / t.accumulation_steps
+        return EVAL_SHARE * ema_and_flip * len(run.val_loader) * micro_batch
+
+    state_bytes = sum(v.numel() * v.element_size() for v in run.model.state_dict().values())
+    save_estimate = 0.2 + state_bytes * (3 if t.ema_decay else 2) / SAVE_BYTES_PER_SECOND
+    shape = RunShape(run.steps_per_epoch, t.eval_every, t.checkpoint_every_steps,
+                     functools.partial(epoch_side, run), eval_estimate, save_estimate)
+    return Budget(t.budget_seconds(), p.budget_used_seconds, Costs.from_dict(p.budget_costs), shape, run.timeline,
+                  distributed.host_broadcast)
+
+
+# A validation batch's seconds over a training micro-batch's: 0.36 measured for the CPU demo, about a third on a
+# GPU (forward only); 0.5 errs long until the first validation is measured.
+EVAL_SHARE = 0.5
+SAVE_BYTES_PER_SECOND = 200e6  # a checkpoint's write, before one is measured
+
+
+def _budget_refused(t: TrainConfig, seconds: float) -> UserError:
+    """The one-line refusal of a budget too small, naming the smallest one that works here, in its unit."""
+    if t.budget.strip().lower().endswith("usd"):
+        smallest = f"{math.ceil(seconds / 3600 * t.price_per_hour * 100) / 100:g}usd"
+    elif seconds < 600:
+        smallest = f"{math.ceil(seconds)}s"
+    else:
+        smallest = f"{math.ceil(seconds / 60)}m"
+    return UserError(f"--budget {t.budget} is too small for this run on this machine: its start-up, first steps, "
+                     f"one evaluation and one checkpoint need more; the smallest budget that works here is "
+                     f"--budget {smallest} (or make the run cheaper: a smaller model, batch or data.eval_size)")
 
 
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | None = None,
@@ -285,20 +402,27 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | 
         _resume(run, checkpointer, log)
     metrics = MetricsSink(out_dir, world.is_main, t.tensorboard, run.progress, store.notify)
     peak_lr = lr_for_batch(cfg.optim, run.global_batch)
-    schedule = LRSchedule(cfg.schedule, peak_lr, t.epochs, run.steps_per_epoch)
+    schedule = LRSchedule(cfg.schedule, peak_lr, t.epochs, run.steps_per_epoch, run.timeline)
+    budget = _budget(run) if t.budget else None
     if world.is_main:  # resolved: with the LR the finder chose, if it ran
         save_config(cfg, out_dir / "config.yaml")
     log(_plan(run, peak_lr))
     if _cpu_hint(run):
         log(_cpu_hint(run))
     system = SystemSampler(device, t.sample_system_seconds) if world.is_main and t.sample_system_seconds > 0 else None
-    reporter = StepReporter(out_dir, world.is_main, log, run.steps_per_epoch, run.steps_per_epoch * t.epochs,
+    reporter = StepReporter(out_dir, world.is_main, log, run.steps_per_epoch, run.timeline.total_steps,
                             t.log_every_steps, system, metrics.tensorboard)
     stop = StopPolicy(world, device, t.stop_at_step, t.checkpoint_every_steps)
     with store, stop, metrics, system or contextlib.nullcontext(), _loader_workers(run), _worker_deaths(checkpointer):
-        for epoch in range(run.progress.epoch, t.epochs):
-            lr = train_one_epoch(run, epoch, schedule, stop, reporter, checkpointer, log)
-            record = end_epoch(run, epoch, lr, system, log)
+        if budget is not None and budget.costs.step_seconds:  # resumed: fit what is left with what was measured
+            _refit(run, budget, reporter, log)
+        # An epoch stopped at its last step (a signal) still needs its end: its validation and checkpoint.
+        while run.progress.global_step < run.timeline.total_steps or run.progress.step_in_epoch:
+            epoch = run.progress.epoch
+            lr = train_one_epoch(run, epoch, schedule, budget, stop, reporter, checkpointer, log)
+            if budget is not None and run.progress.step_in_epoch == run.steps_per_epoch:
+                _refit(run, budget, reporter, log)  # with this epoch's costs measured
+            record = end_epoch(run, epoch, lr, system, log, budget)
             # best.pt follows the weights the run is for: the EMA's when there is one.
             score = record.get("val_top1_ema") if run.state.ema is not None else record["val_top1"]
             is_best = score is not None and score > run.progress.best_top1
@@ -308,25 +432,47 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | 
             # The record first: should the process die before last.pt is written, the resume drops it and
             # redoes the epoch, where in the other order the record would be lost.
             metrics.epoch(record, run.progress.global_step)
-            _save(run, checkpointer, best=is_best)
+            _save(run, checkpointer, budget, best=is_best)
+            if budget is not None:
+                log(budget.describe(run.progress.global_step))
         if run.skipped.count:
             log(f"{run.skipped.count} unreadable images were skipped (named in the warnings above)")
+        if budget is not None:
+            log(budget.summary())
     return run.state.metrics
 
 
-def train_one_epoch(run: Run, epoch: int, schedule: LRSchedule, stop: StopPolicy, reporter: StepReporter,
-                    checkpointer: Checkpointer, log: RunLog) -> float:
-    """The optimizer steps of one epoch, from where a resumed run left off; returns the last LR. Stops the
-    run (checkpoint, then RunStopped) when the stop policy says so. Nothing here waits for the device except
-    a logged step (the running loss), a checkpoint and the epoch's end."""
+def _refit(run: Run, budget: Budget, reporter: StepReporter, log: RunLog) -> None:
+    """Fit the rest of the run to the budget left; the first fit of a new run refuses a budget too small."""
+    first, p = not budget.fitted, run.progress
+    try:  # an epoch whose steps are all done (its step count not yet reset) has its end still to come
+        budget.refit(p.global_step, epoch_end_due=p.step_in_epoch == run.steps_per_epoch)
+    except BudgetTooSmall as e:
+        raise _budget_refused(run.cfg.train, e.seconds) from None
+    reporter.total_steps = run.timeline.total_steps
+    if first:
+        log(budget.describe(run.progress.global_step))
+
+
+def train_one_epoch(run: Run, epoch: int, schedule: LRSchedule, budget: Budget | None, stop: StopPolicy,
+                    reporter: StepReporter, checkpointer: Checkpointer, log: RunLog) -> float:
+    """The optimizer steps of one epoch, from where a resumed run left off, up to the run's end when that
+    comes first (a budget's fit); returns the last LR. Stops the run (checkpoint, then RunStopped) when the
+    stop policy says so. Nothing here waits for the device except a logged step (the running loss), a
+    checkpoint and the epoch's end."""
     t, p = run.cfg.train, run.progress
     run.model.train()
-    run.train_sampler.set_epoch(epoch, start_batch=p.step_in_epoch * t.accumulation_steps)
+    side = epoch_side(run, run.timeline, epoch)
+    run.train_sampler.set_epoch(epoch, start_batch=p.step_in_epoch * t.accumulation_steps, side=side)
     sums = StepSums(run.device)
     micro_batches = iter(run.train_loader)
     lr = schedule(p.global_step)
-    reporter.start_epoch(epoch, t.epochs, p.step_in_epoch)
+    reporter.start_epoch(epoch, run_epochs(run), p.step_in_epoch)
+    if budget is not None:
+        budget.start_epoch(p.global_step, side)
     for step in range(p.step_in_epoch, run.steps_per_epoch):
+        if p.global_step >= run.timeline.total_steps:  # a budget's fit ends the run mid-epoch
+            break
         lr = schedule(p.global_step)
         waiting = time.perf_counter()
         step_batches = [next(micro_batches) for _ in range(t.accumulation_steps)]
@@ -338,10 +484,12 @@ def train_one_epoch(run: Run, epoch: int, schedule: LRSchedule, stop: StopPolicy
         p.step_in_epoch = step + 1
         reporter.step(epoch, step, p.global_step, functools.partial(sums.running, p), lr,
                       sums.images * run.world.world_size / (time.perf_counter() - sums.started))
+        if budget is not None and budget.refit_due(p.global_step):
+            _refit(run, budget, reporter, log)
         stopping = stop.after_step(p.global_step)
         if stopping or (stop.checkpoint_due(p.global_step) and step + 1 < run.steps_per_epoch):
             _fold(run, sums, checkpointer)
-            _save(run, checkpointer)
+            _save(run, checkpointer, budget)
             if stopping:
                 log(f"{stopping}: saved {checkpointer.last} at {_where(run)}; run the same command with --resume "
                     f"to continue")
@@ -362,26 +510,36 @@ def _fold(run: Run, sums: StepSums, checkpointer: Checkpointer) -> None:
                         "command with --resume")
 
 
-def end_epoch(run: Run, epoch: int, lr: float, system: SystemSampler | None, log: RunLog) -> dict[str, Any]:
-    """The epoch's record: training figures, machine use, and validation when it is due (of the EMA weights too)."""
-    cfg, t = run.cfg, run.cfg.train
+def end_epoch(run: Run, epoch: int, lr: float, system: SystemSampler | None, log: RunLog,
+              budget: Budget | None = None) -> dict[str, Any]:
+    """The epoch's record: training figures, machine use, and validation when it is due (of the EMA weights
+    too; always at the run's last epoch, partial or not)."""
+    cfg, t, epochs = run.cfg, run.cfg.train, run_epochs(run)
+    last = run.progress.global_step >= run.timeline.total_steps
     record = _training_record(run.progress, epoch, lr)
-    record["train_size"] = run.train_set.preset.side(epoch)
+    record["train_size"] = epoch_side(run, run.timeline, epoch)
+    if run.timeline.stretched:
+        record.update(total_steps=run.timeline.total_steps, epochs_fitted=run.timeline.total_steps / run.steps_per_epoch)
+    if budget is not None:
+        record.update(budget_seconds=budget.seconds, budget_used_seconds=budget.used())
     if system is not None:
         record.update(system.take("epoch"))
     if run.device.type == "cuda":  # the most the tensors needed, against the GPU memory NVML sees in use
         record["gpu_peak_allocated_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
         torch.cuda.reset_peak_memory_stats(run.device)
     distributed.broadcast_buffers(run.model)
-    head = f"epoch {epoch + 1}/{t.epochs} train loss {record['train_loss']:.4f} |"
-    if epoch + 1 == t.epochs or (t.eval_every and (epoch + 1) % t.eval_every == 0):
-        val = evaluate(run.model, run.val_loader, run.normalize, run.precision, run.skipped, cfg.data.eval_flip)
+    head = f"epoch {epoch + 1}/{epochs} train loss {record['train_loss']:.4f} |"
+    if last or (t.eval_every and (epoch + 1) % t.eval_every == 0):
+        with budget.timed("eval_seconds") if budget else contextlib.nullcontext():
+            val = evaluate(run.model, run.val_loader, run.normalize, run.precision, run.skipped, cfg.data.eval_flip)
+            if run.state.ema is not None:
+                distributed.broadcast_buffers(run.state.ema.module)
+                ema = evaluate(run.state.ema.module, run.val_loader, run.normalize, run.precision, None,
+                               cfg.data.eval_flip)
         record.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"], val_images=val["images"])
         if run.state.ema is not None:
-            distributed.broadcast_buffers(run.state.ema.module)
-            ema = evaluate(run.state.ema.module, run.val_loader, run.normalize, run.precision, None, cfg.data.eval_flip)
             record.update(val_loss_ema=ema["loss"], val_top1_ema=ema["top1"], val_top5_ema=ema["top5"])
-            log(f"epoch {epoch + 1}/{t.epochs} EMA weights: val top-1 {ema['top1']:.4f} top-5 {ema['top5']:.4f}")
+            log(f"epoch {epoch + 1}/{epochs} EMA weights: val top-1 {ema['top1']:.4f} top-5 {ema['top5']:.4f}")
         log(f"{head} val loss {val['loss']:.4f} top-1 {val['top1']:.4f} top-5 {val['top5']:.4f} | "
             f"{record['images_per_sec']:.0f} img/s {record['epoch_seconds']:.1f} s")
     else:
