@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU correctness checks, in one device call of under 5 minutes, from the repository root on a lent GPU:
+# The GPU correctness checks, in one device call of about 7 minutes, from the repository root on a lent GPU:
 #   bash benchmarks/gpu_checks.sh OUT [DATA]
 # 1. tests/test_cuda.py (marked `cuda`): a CUDA run stopped by train.stop_at_step and resumed, and one stopped
 #    by SIGTERM and resumed, each bitwise equal to an uninterrupted run (EMA, Mixup/CutMix, clipping, mid-epoch
@@ -9,7 +9,8 @@
 # 2. bench train: the loop's step alone and with EMA + Mixup + CutMix, ResNet-50 at 224 px, eager: the cost of
 #    the per-step extras, which used to sync the host every step.
 # 3. With DATA (a class-folder or prepared ImageNet subset): ResNet-50 trained end to end for 2 epochs, resumed
-#    from its epoch-1 checkpoint on the GPU, and evaluated.
+#    from its epoch-1 checkpoint on the GPU, and evaluated; then --budget 90s: its dry-run (steps timed with CUDA
+#    syncs) and a budgeted imagenette_128_20ep run that must end within 90 s with its fit run to the end.
 # Writes the raw outputs into OUT and OUT/gpu_checks.json (command, GPU, versions, each part's exit status).
 # Not covered on one GPU: NCCL between processes. The agreement on dropped micro-batches goes over a gloo
 # group that CPU runs create too, so tests/test_distributed.py and test_device_paths.py run that same path.
@@ -52,6 +53,20 @@ if [ -n "$data" ]; then
   cp "$run/metrics.jsonl" "$out/train_r50_metrics.jsonl"
   $CLI evaluate --json --ema --checkpoint "$run/last.pt" --data "$data" --workers 16 > "$out/evaluate_r50.json"
   status+=("evaluate_r50=$?")
+  # --budget on the GPU: the dry-run times each resolution (CUDA syncs around the timed steps), and a
+  # budgeted run must end within its budget, its fit run to the end.
+  $CLI train --data "$data" --recipe imagenette_128_20ep --budget 90s --dry-run --set data.workers=16 \
+    > "$out/budget_dry_run.txt" 2>&1
+  status+=("budget_dry_run=$?")
+  brun=/tmp/gpu-checks-budget
+  rm -rf "$brun"
+  $CLI train --data "$data" --out "$brun" --recipe imagenette_128_20ep --budget 90s --set data.workers=16 \
+    --set train.log_every_steps=0 > "$out/train_budget.txt" 2>&1
+  status+=("train_budget=$?")
+  python3 -c "import sys, torch; p = torch.load(sys.argv[1], weights_only=True)['progress']; \
+assert p['budget_used_seconds'] <= 90 and p['global_step'] == p['total_steps'], p" "$brun/last.pt" \
+    >> "$out/train_budget.txt" 2>&1
+  status+=("train_budget_on_time=$?")
 fi
 
 python3 - "$out" "$0 $*" "${status[@]}" <<'PY'

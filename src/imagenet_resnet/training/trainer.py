@@ -423,12 +423,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | 
             if budget is not None and run.progress.step_in_epoch == run.steps_per_epoch:
                 _refit(run, budget, reporter, log)  # with this epoch's costs measured
             record = end_epoch(run, epoch, lr, system, log, budget)
-            # best.pt follows the weights the run is for: the EMA's when there is one.
-            score = record.get("val_top1_ema") if run.state.ema is not None else record["val_top1"]
-            is_best = score is not None and score > run.progress.best_top1
-            if is_best:
-                run.progress.best_top1 = score
-            run.state.metrics = record
+            is_best = _keep_record(run, record)
             # The record first: should the process die before last.pt is written, the resume drops it and
             # redoes the epoch, where in the other order the record would be lost.
             metrics.epoch(record, run.progress.global_step)
@@ -440,6 +435,17 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | 
         if budget is not None:
             log(budget.summary())
     return run.state.metrics
+
+
+def _keep_record(run: Run, record: dict[str, Any]) -> bool:
+    """The epoch's record becomes the run's latest; returns whether it is the best so far. best.pt follows
+    the weights the run is for: the EMA's when there is one."""
+    score = record.get("val_top1_ema") if run.state.ema is not None else record["val_top1"]
+    is_best = score is not None and score > run.progress.best_top1
+    if is_best:
+        run.progress.best_top1 = score
+    run.state.metrics = record
+    return is_best
 
 
 def _refit(run: Run, budget: Budget, reporter: StepReporter, log: RunLog) -> None:
