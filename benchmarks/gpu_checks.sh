@@ -8,8 +8,9 @@
 #    it imports (the device image has it).
 # 2. bench train: the loop's step alone and with EMA + Mixup + CutMix, ResNet-50 at 224 px, eager: the cost of
 #    the per-step extras, which used to sync the host every step.
-# 3. With DATA (a class-folder or prepared ImageNet subset): ResNet-50 trained end to end for 2 epochs, resumed
-#    from its epoch-1 checkpoint on the GPU, and evaluated; then --budget 90s: its dry-run (steps timed with CUDA
+# 3. With DATA (a class-folder or prepared ImageNet subset): ResNet-50 trained end to end for 2 epochs, stopped
+#    at step 1 and resumed on the GPU at half the batch (the resume chooses 2 steps of accumulation to keep the
+#    global batch: the GPU's name in the run's shape, BatchNorm's frozen statistics on CUDA), and evaluated; then --budget 90s: its dry-run (steps timed with CUDA
 #    syncs) and a budgeted imagenette_128_20ep run that must end within 90 s with its fit run to the end.
 # Writes the raw outputs into OUT and OUT/gpu_checks.json (command, GPU, versions, each part's exit status).
 # Not covered on one GPU: NCCL between processes. The agreement on dropped micro-batches goes over a gloo
@@ -48,8 +49,10 @@ if [ -n "$data" ]; then
        --set data.workers=16 --set train.log_every_steps=5 --set train.ema_decay=0.999)
   $CLI train "${r50[@]}" --set train.stop_at_step=1 > "$out/train_r50.txt" 2>&1
   status+=("train_r50_stop=$?")
-  $CLI train "${r50[@]}" --resume >> "$out/train_r50.txt" 2>&1
+  $CLI train "${r50[@]}" --resume --batch-size 128 >> "$out/train_r50.txt" 2>&1
   status+=("train_r50_stop_resume=$?")
+  grep -q "continues as 1 process(es) x batch 128 x accumulation 2" "$out/train_r50.txt"
+  status+=("train_r50_resumed_at_half_batch=$?")
   cp "$run/metrics.jsonl" "$out/train_r50_metrics.jsonl"
   $CLI evaluate --json --ema --checkpoint "$run/last.pt" --data "$data" --workers 16 > "$out/evaluate_r50.json"
   status+=("evaluate_r50=$?")

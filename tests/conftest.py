@@ -1,7 +1,9 @@
+import logging
 import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,67 @@ def sigterm_after(args: list[str], line_part: str) -> str:
     output.append(proc.stdout.read())
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, "".join(output)
     return "".join(output)
+
+
+# --- moto's S3 server on loopback (the tests of --mirror, --data s3://, report/status of a URL) --------------
+
+S3_BUCKET = "runs"
+S3_SECRETS = {"AWS_ACCESS_KEY_ID": "AKIDMIRRORTEST7QX2", "AWS_SECRET_ACCESS_KEY": "mirror-secret-9d1f4b7e2a"}
+
+
+class S3Server:
+    """moto's S3 server in a thread of this process, so that its buckets outlive a stop and a restart."""
+
+    def __init__(self):
+        from load_serve import free_port
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = None
+
+    def start(self):
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self):
+        self.server.stop()
+
+    def fs(self):
+        import s3fs
+
+        fs = s3fs.S3FileSystem()
+        fs.invalidate_cache()
+        return fs
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server for the module, with test credentials in the environment (never written anywhere)."""
+    s3fs = pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = S3Server()
+    env = {**S3_SECRETS, "AWS_ENDPOINT_URL": server.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_MAX_ATTEMPTS": "2",  # a refused connection fails in a second, not after botocore's 5 tries
+           "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
+    os.environ.update(env)
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(k, None)
+    # Each module that uses this fixture gets a server of its own (its own port) but moto keeps its buckets in
+    # this process: they are emptied first. And fsspec keeps one S3FileSystem per set of arguments, bound to the
+    # endpoint it was made for: none is left bound to a server that is gone.
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.start()
+    urllib.request.urlopen(urllib.request.Request(f"{server.endpoint}/moto-api/reset", method="POST")).close()
+    server.fs().mkdir(S3_BUCKET)
+    yield server
+    server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -44,8 +44,9 @@ def test_resume_places_the_checkpoint_beside_the_runs_own_tensors(tmp_path, tiny
     model = build_model("resnet18", 10, width=8).to("meta")
     optimizer = build_optimizer(model, cfg, lr=0.1)
     state = TrainingState(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), ModelEma(model, 0.9))
-    config, fell_back = Checkpointer(tmp_path / "run", True, cfg, saved["classes"]).resume(state)
-    assert config == saved["config"] and fell_back is None
+    newest, fell_back = checkpoint.load_newest(tmp_path / "run")
+    Checkpointer(tmp_path / "run", True, cfg, saved["classes"]).resume(state, (newest, fell_back))
+    assert newest["config"] == saved["config"] and fell_back is None
     assert state.progress.global_step == saved["progress"]["global_step"] and state.ema.updates == 7
     assert all(p.device.type == "meta" for p in model.parameters())
     assert all(s.device.type == "meta" for s in optimizer.state[next(model.parameters())].values())

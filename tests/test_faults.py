@@ -1,6 +1,7 @@
 """The fault suite's short version (benchmarks/faults.py runs each with more faults): kills, a kill inside a
 checkpoint write, damaged checkpoints, a full disk, a killed prepare, files damaged after prepare, a killed
-loader worker, untrusted checkpoints. Real processes, killed for real; each must recover with nothing lost."""
+loader worker, untrusted checkpoints, a resume on another process count from the bucket, a zombie writer, a spot
+notice. Real processes, killed for real; each must recover with nothing lost."""
 
 import random
 
@@ -54,3 +55,29 @@ def test_a_killed_loader_worker_stops_the_run_resumably(tmp_path, tiny_data):
 
 def test_untrusted_checkpoints_are_refused_unread(tmp_path, tiny_data):
     _all_recovered([faults.untrusted_checkpoints(tmp_path, tiny_data)])
+
+
+@pytest.fixture(scope="module")
+def faults_s3():
+    """The fault suite's own S3 server (moto in a process group of its own), as the benchmark runs it."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    with faults.s3_server() as fs:
+        yield fs
+
+
+@pytest.mark.parametrize("change", ["2 -> 1", "4 -> 2"])  # 1 -> 2 is the torchrun test's (test_distributed.py)
+def test_kill_9_then_resume_on_another_process_count_from_the_bucket(tmp_path, tiny_data, faults_s3, change):
+    _all_recovered([faults.resumed_on_another_split(tmp_path, tiny_data, change, 1, random.Random(4), faults_s3)])
+
+
+def test_a_zombie_writer_stops_and_the_bucket_keeps_the_new_run(tmp_path, tiny_data, faults_s3):
+    row = faults.zombie_writer(tmp_path, tiny_data, 1, faults_s3)
+    assert row["failures"] == []
+    _all_recovered([row])
+
+
+def test_a_spot_notice_ends_the_run_cleanly_and_a_new_machine_resumes(tmp_path, tiny_data, faults_s3):
+    row = faults.spot_notices(tmp_path, tiny_data, 1, random.Random(5), faults_s3)
+    assert row["failures"] == []
+    _all_recovered([row])

@@ -3,8 +3,6 @@ protocol as AWS, with s3fs as the client), started here with test credentials th
 
 import hashlib
 import json
-import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -16,10 +14,9 @@ import pytest
 import torch
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
-from conftest import run_cli, sigterm_after, tiny_train_args  # noqa: E402
-from load_serve import free_port  # noqa: E402
+from conftest import S3_BUCKET as BUCKET, S3_SECRETS as SECRETS, run_cli, sigterm_after, tiny_train_args  # noqa: E402
 from imagenet_fixtures import ImageNetLike, prepared_pairs  # noqa: E402
 from imagenet_resnet import cli, storage  # noqa: E402
 from imagenet_resnet.data.index import ImageIndex  # noqa: E402
@@ -30,54 +27,7 @@ from imagenet_resnet.errors import UserError  # noqa: E402
 from imagenet_resnet.training import checkpoint, mirror  # noqa: E402
 from imagenet_resnet.training.checkpoint import write_atomic  # noqa: E402
 
-BUCKET = "runs"
-SECRETS = {"AWS_ACCESS_KEY_ID": "AKIDMIRRORTEST7QX2", "AWS_SECRET_ACCESS_KEY": "mirror-secret-9d1f4b7e2a"}
 STEPS_PER_EPOCH = 7  # 120 images // batch 16
-
-
-class S3Server:
-    """moto's S3 server in a thread of this process, so that its buckets outlive a stop and a restart."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.server = None
-
-    def start(self):
-        self.server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-    def stop(self):
-        self.server.stop()
-
-    def fs(self):
-        import s3fs
-
-        fs = s3fs.S3FileSystem()
-        fs.invalidate_cache()
-        return fs
-
-
-@pytest.fixture(scope="module")
-def s3():
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-    server = S3Server()
-    env = {**SECRETS, "AWS_ENDPOINT_URL": server.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_MAX_ATTEMPTS": "2",  # a refused connection fails in a second, not after botocore's 5 tries
-           "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
-    saved = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
-    os.environ.update(env)
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        os.environ.pop(k, None)
-    server.start()
-    server.fs().mkdir(BUCKET)
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _assert_no_secrets(s3, *folders, expect=("checkpoints.json", "last.pt")):
@@ -315,7 +265,8 @@ def test_prepare_out_s3_uploads_every_file_and_the_manifest_last(s3, imagenet_fo
     assert code == 0, err
     assert f"packing in the work folder {work}" in err and "upload: 5 shards uploaded, 0 already" in err
     last = out.strip().splitlines()[-1]
-    assert last.startswith(f"{url} is complete") and f"--data {work}" in last and f"aws s3 sync {url} DATA" in last
+    assert last.startswith(f"{url} is complete") and f"--data {work}" in last
+    assert f"imagenet-resnet train --data {url} [--data-cache DIR]" in last
     local = _local_files(work)
     assert {"prepared.json", "train.index.npz", "val.index.npz", "problems.tsv", "packed/train.index.npz",
             "packed/train-00003.bin", "packed/val-00000.bin"} <= local.keys()
@@ -360,3 +311,35 @@ def test_prepare_out_url_without_pack_is_refused_in_one_line(s3, imagenet_folder
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "only packed" in err and "add --pack" in err
     assert not (tmp_path / "work").exists() and not s3.fs().find(f"{BUCKET}/nopack")
+
+
+# --- one writer per mirror: the lease ------------------------------------------------------------------------
+
+def _lease(s3, prefix: str) -> dict:
+    return json.loads(s3.fs().cat_file(f"{BUCKET}/{prefix}/lease.json"))
+
+
+def _someone_elses_lease(s3, prefix: str, heartbeat_age: float) -> None:
+    """The lease a trainer on another machine left (this test's own data: no trainer of ours runs there)."""
+    lease = {"format": mirror.LEASE_FORMAT, "owner": "0" * 32, "machine": "other-host/boot", "pid": 4242,
+             "generation": 3, "heartbeat": time.time() - heartbeat_age, "released": False}
+    s3.fs().pipe_file(f"{BUCKET}/{prefix}/lease.json", json.dumps(lease).encode())
+
+
+def test_a_live_lease_from_another_machine_holds_the_mirror_and_a_stale_one_is_taken_over(s3, tmp_path):
+    url = f"s3://{BUCKET}/lease-unit"
+    _someone_elses_lease(s3, "lease-unit", heartbeat_age=5)
+    for resume in (False, True):
+        with pytest.raises(UserError, match=r"is being written by another trainer on other-host \(process 4242, "
+                                             r"generation 3, last heartbeat \d s ago\).*--take-over"):
+            mirror.Mirror(url, tmp_path / "run", lease_seconds=60).take_lease(resume=resume, take_over=False)
+    assert _lease(s3, "lease-unit")["owner"] == "0" * 32  # refused before writing anything
+
+    taker = mirror.Mirror(url, tmp_path / "run", lease_seconds=60)
+    taker.take_lease(resume=True, take_over=True)
+    assert _lease(s3, "lease-unit")["generation"] == 4 and "took over the lease from other-host" in taker.lease_note
+
+    _someone_elses_lease(s3, "lease-unit", heartbeat_age=61)  # no heartbeat for longer than the lease lasts
+    stale = mirror.Mirror(url, tmp_path / "run", lease_seconds=60)
+    stale.take_lease(resume=True, take_over=False)
+    assert _lease(s3, "lease-unit")["owner"] == stale.lease["owner"]

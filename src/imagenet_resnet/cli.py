@@ -1,5 +1,5 @@
-"""The `imagenet-resnet` command: prepare, train, find-lr, evaluate, report, predict, explain, export, serve, bench,
-demo.
+"""The `imagenet-resnet` command: prepare, train, find-lr, evaluate, report, status, predict, explain, export, serve,
+bench, demo.
 
 Nothing heavy is imported before a subcommand runs (torch alone takes seconds): `--help` answers at once, and
 each command imports what it needs when it starts.
@@ -73,6 +73,17 @@ def _train_parser(sub, name: str, help: str, description: str) -> argparse.Argum
                        'profiles; pip install "imagenet-resnet[cloud]")')
         p.add_argument("--mirror-wait", type=float, default=300.0, metavar="SECONDS", help="at the end (or on "
                        "SIGTERM), wait at most this long for the uploads to finish")
+        p.add_argument("--take-over", action="store_true", help="take the mirror's lease from a trainer whose lease "
+                       "is still live (one you know is gone); that trainer, should it come back, stops writing")
+        p.add_argument("--lease-timeout", type=float, default=120.0, metavar="SECONDS", help="a mirror's lease "
+                       "without a heartbeat for this long is stale, and --resume takes it over (renewed every "
+                       "quarter of it)")
+        p.add_argument("--spot-notice", choices=("aws", "gcp"), help="poll the instance metadata service for a spot "
+                       "preemption notice (AWS: 2 minutes' warning, GCP: 30 s); on one, checkpoint, finish the "
+                       "mirror's uploads and exit 0; --resume continues")
+        p.add_argument("--data-cache", metavar="DIR", help="with --data s3://... (a folder `prepare --out URL --pack` "
+                       "wrote): where its local copy is kept, fetched once and checked (default: "
+                       "~/.cache/imagenet-resnet/data)")
         p.add_argument("--budget", metavar="TIME|MONEY", help="fit the whole run to this much wall time (6h, 90m, "
                        "600s) or money (25usd, with --price-per-hour), start-up, evaluations and checkpoints "
                        "included: the recipe's epochs stretched or shrunk to what fits, ending with the LR "
@@ -161,9 +172,18 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--per-class-csv", help="also write accuracy per class (with names) to this CSV")
 
     p = _command(sub, "report", "plots (loss, accuracy, LR, speed) and training_log.md for a run folder",
-                 "Reads metrics.jsonl and steps.jsonl only: works on a finished, running or resumed run.")
-    p.add_argument("run", help="the run folder (finished, still going, or resumed)")
-    p.add_argument("--out", help="folder for the plots (default: RUN/report)")
+                 "Reads metrics.jsonl and steps.jsonl only: works on a finished, running or resumed run, and on "
+                 "the bucket a run is mirrored to (train --mirror URL) from any machine.")
+    p.add_argument("run", metavar="RUN|URL", help="the run folder (finished, still going, or resumed), or the "
+                   "URL it is mirrored to (s3://bucket/run, any fsspec URL)")
+    p.add_argument("--out", help="folder for the plots (default: RUN/report; for a URL, ./report-<its last part>)")
+
+    p = _command(sub, "status", "one line: epoch, step, last val top-1, images/s, ETA, age of the last record",
+                 "Where a run stands, from its run folder or the bucket it is mirrored to (train --mirror URL): "
+                 "reads config.yaml, metrics.jsonl and the ends of steps.jsonl and train.log, never a "
+                 "checkpoint. A run that stopped writing shows as stale.")
+    p.add_argument("run", metavar="RUN|URL", help="the run folder, or the URL it is mirrored to (s3://bucket/run)")
+    p.add_argument("--json", action="store_true", help="the same as a JSON object (times in Unix seconds)")
 
     p = _command(sub, "predict", "top-k classes with names and probabilities for images",
                  "Images are read as the server reads uploads: any format and mode, 16-bit, alpha, EXIF rotation.")
@@ -235,7 +255,7 @@ def _config_for_train(args) -> Config:
     if getattr(args, "price_per_hour", None) is not None:
         overrides.append(f"train.price_per_hour={args.price_per_hour}")
     for flag, key in (("model", "model.name"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
-                      ("init_from", "train.init_from")):
+                      ("init_from", "train.init_from"), ("spot_notice", "train.spot_notice")):
         if getattr(args, flag, None) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     return load_config(args.recipe, overrides + args.overrides)
@@ -256,13 +276,18 @@ def cmd_train(args) -> int:
         args.data, args.shapes = str(make_shapes_dataset(DEMO_DATA_DEFAULT)), True
         print(f"no --data given: training on the built-in shapes dataset in {args.data}"
               + ("" if args.recipe else " with the demo's settings"), flush=True)
+    elif is_url(args.data):  # before torchrun's group forms: a long fetch would time out its collectives
+        from .data.cache import fetch_prepared
+
+        args.data = str(fetch_prepared(args.data, args.data_cache))
     cfg = _config_for_train(args)
     if args.dry_run:
         print(dry_run(cfg), end="")
         return 0
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        metrics = train(cfg, out, resume=args.resume, mirror=args.mirror, mirror_wait=args.mirror_wait)
+        metrics = train(cfg, out, resume=args.resume, mirror=args.mirror, mirror_wait=args.mirror_wait,
+                        take_over=args.take_over, lease_seconds=args.lease_timeout)
     except RunStopped as stop:
         return stop.exit_code
     finally:
@@ -320,6 +345,14 @@ def cmd_report(args) -> int:
     from .report import make_report
 
     print(json.dumps(make_report(args.run, args.out)))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .status import run_status, status_line
+
+    status = run_status(args.run)
+    print(json.dumps(status) if args.json else status_line(status))
     return 0
 
 
@@ -503,7 +536,8 @@ next:
 
 COMMANDS = {"train": "cmd_train", "evaluate": "cmd_evaluate", "prepare": "cmd_prepare", "find-lr": "cmd_find_lr",
             "report": "cmd_report", "predict": "cmd_predict", "explain": "cmd_explain", "export": "cmd_export",
-            "serve": "cmd_serve", "demo": "cmd_demo", "bench": "cmd_bench", "recipes": "cmd_recipes"}
+            "status": "cmd_status", "serve": "cmd_serve", "demo": "cmd_demo", "bench": "cmd_bench",
+            "recipes": "cmd_recipes"}
 OUT_OF_MEMORY_HINT = ("the GPU ran out of memory: lower --batch-size (the LR follows it) and raise "
                       "--set train.accumulation_steps=N to keep the global batch")
 

@@ -21,6 +21,7 @@ VARIANTS = ("b", "c", "d")  # model.variant: see models.py
 SCHEDULES = ("step", "cosine", "flat-cosine", "onecycle", "linear", "constant")
 OPTIMIZERS = ("sgd", "adamw", "radam", "lamb")
 LR_SCALINGS = ("auto", "linear", "sqrt")
+SPOT_PROVIDERS = ("", "aws", "gcp")  # train.spot_notice: see training/spot.py
 
 
 @dataclass
@@ -109,6 +110,8 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validations; the last epoch is always evaluated (0: only the last)
     checkpoint_every_steps: int = 0  # also write last.pt every N optimizer steps; 0 = epoch ends only
     log_every_steps: int = 50
+    record_samples: bool = False  # append the image indices of every optimizer step to RUN/samples.jsonl: which
+    # images a step trained on (a loss spike's batch), the same on any split into processes
     sample_system_seconds: float = 2.0  # CPU (and GPU, through NVML) use sampled this often in the background; 0 = off
     tensorboard: bool = True  # event files in RUN/tensorboard when the tensorboard package is installed
     stop_at_step: int = 0  # checkpoint and stop after this many optimizer steps (a time-boxed session); 0 = off
@@ -125,6 +128,11 @@ class TrainConfig:
     # epoch. With schedule_knots, replays a budgeted run without its budget (its train.log prints both)
     schedule_knots: list = field(default_factory=list)  # [[step, recipe step, rate], ...]: where a budgeted
     # run's re-fits re-stretched the rest of its schedule (training/budget.py Timeline)
+    spot_notice: str = ""  # aws | gcp: watch the instance metadata service for a spot/preemption notice, and on
+    # one checkpoint and exit 0 (training/spot.py); "" = off
+    spot_metadata_url: str = ""  # the metadata service's address; "" = the provider's (http://169.254.169.254 on
+    # AWS, http://metadata.google.internal on GCP)
+    spot_poll_seconds: float = 5.0  # how often the metadata service is asked (AWS warns 2 minutes ahead, GCP 30 s)
 
     def budget_seconds(self) -> float:
         """train.budget in seconds of wall time (0: no budget)."""
@@ -285,6 +293,15 @@ def validate(cfg: Config) -> None:
     if t.budget_seconds() and (t.total_steps or t.schedule_knots):
         raise ConfigError("train.budget fits the run's length itself: drop train.total_steps and "
                           "train.schedule_knots (they replay a budgeted run without a budget)")
+    if t.spot_notice not in SPOT_PROVIDERS:
+        raise ConfigError(f"train.spot_notice={t.spot_notice!r}: choose aws or gcp (the cloud whose spot or "
+                          "preemptible instance the run is on), or \"\" for off")
+    if t.spot_poll_seconds <= 0:
+        raise ConfigError(f"train.spot_poll_seconds={t.spot_poll_seconds}: give seconds between looks at the "
+                          "metadata service, e.g. 5")
+    if t.spot_metadata_url and not re.match(r"https?://", t.spot_metadata_url):
+        raise ConfigError(f"train.spot_metadata_url={t.spot_metadata_url!r}: give an http:// address, e.g. "
+                          "http://169.254.169.254, or \"\" for the provider's")
     if t.total_steps < 0 or (t.schedule_knots and not t.total_steps):
         raise ConfigError("train.total_steps must be >= 1 when set, and is needed with train.schedule_knots")
     lo, hi = cfg.data.crop_scale

@@ -1,7 +1,9 @@
 """`imagenet-resnet report RUN`: plots and an epoch-by-epoch Markdown log from a run folder's metrics.
 
 Reads only metrics.jsonl and steps.jsonl, so it works on a run that is still going (it shows what has been
-written) and on a resumed one (a resume drops the records past its checkpoint before writing new ones).
+written) and on a resumed one (a resume drops the records past its checkpoint before writing new ones). RUN may
+be the URL a run is mirrored to (`train --mirror s3://bucket/run`): those two files are read from the bucket,
+and the plots written to a local folder.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .training.monitor import read_records
+from .run_files import RunFiles
 
 
 def training_log_markdown(epochs: list[dict]) -> str:
@@ -115,16 +117,20 @@ def _plots(s: _Series) -> list[tuple]:
 
 
 def make_report(run: str | Path, out: str | Path | None = None) -> dict:
-    import matplotlib  # optional and slow to import: only when a report is asked for
+    files = RunFiles(run)
+    epochs, steps = files.records("metrics.jsonl"), files.records("steps.jsonl")
+    if not epochs and not steps:
+        raise UserError(f"{files}: no metrics.jsonl or steps.jsonl yet; is this a run folder?" if not files.remote
+                        else f"{files}: no metrics.jsonl or steps.jsonl there; give the URL the run was mirrored "
+                        "to (train --mirror URL), or wait for its first records")
+    # A mirror's plots go to this machine (./report-NAME), beside its training_log.md: the bucket is the run's.
+    out = Path(out) if out else (Path(f"report-{files.name}") if files.remote else files.root / "report")
+    log_path = out / "training_log.md" if files.remote else files.root / "training_log.md"
+    import matplotlib  # slow to import: once the records are read (a wrong URL is said at once)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run = Path(run)
-    epochs, steps = read_records(run / "metrics.jsonl"), read_records(run / "steps.jsonl")
-    if not epochs and not steps:
-        raise UserError(f"{run}: no metrics.jsonl or steps.jsonl yet; is this a run folder?")
-    out = Path(out) if out else run / "report"
     out.mkdir(parents=True, exist_ok=True)
     series, written = _Series(epochs, steps), []
     for name, title, ylabel, draw in _plots(series):
@@ -140,6 +146,6 @@ def make_report(run: str | Path, out: str | Path | None = None) -> dict:
         fig.savefig(out / name)
         plt.close(fig)
         written.append(str(out / name))
-    (run / "training_log.md").write_text(training_log_markdown(epochs))
-    written.append(str(run / "training_log.md"))
-    return {"run": str(run), "epochs": len(epochs), "sampled_steps": len(steps), "files": written}
+    log_path.write_text(training_log_markdown(epochs))
+    written.append(str(log_path))
+    return {"run": str(files), "epochs": len(epochs), "sampled_steps": len(steps), "files": written}

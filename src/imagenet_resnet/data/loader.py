@@ -79,15 +79,18 @@ class EpochBatchSampler:
         self.size, self.batch_size, self.shuffle, self.drop_last = size, batch_size, shuffle, drop_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch, self.start_batch, self.side = 0, 0, 0
+        self._cached_epoch, self._cached_order = None, None
 
     def set_epoch(self, epoch: int, start_batch: int = 0, side: int = 0) -> None:
         self.epoch, self.start_batch, self.side = epoch, start_batch, side
 
-    def _order(self) -> np.ndarray:
+    def _permutation(self) -> np.ndarray:
         if self.shuffle:
-            order = np.random.default_rng((self.seed, self.epoch, 0xDA7A)).permutation(self.size)
-        else:
-            order = np.arange(self.size)
+            return np.random.default_rng((self.seed, self.epoch, 0xDA7A)).permutation(self.size)
+        return np.arange(self.size)
+
+    def _order(self) -> np.ndarray:
+        order = self._permutation()
         if not self.drop_last:  # validation: every image exactly once over all ranks, no padding
             return order[self.rank :: self.world_size]
         # Training: global batch g is order[g*B*W : (g+1)*B*W] and rank r takes its r-th block of B, so
@@ -100,6 +103,14 @@ class EpochBatchSampler:
         if self.drop_last:
             return self.size // (self.batch_size * self.world_size)
         return -(-len(range(self.rank, self.size, self.world_size)) // self.batch_size)
+
+    def global_indices(self, first_batch: int, batches: int) -> list[int]:
+        """The image indices of micro-batches first_batch ... first_batch + batches - 1 of every rank (training:
+        what those micro-batches of the global batch hold over all processes), in the order dealt."""
+        if self._cached_epoch != self.epoch:
+            self._cached_order, self._cached_epoch = self._permutation(), self.epoch
+        block = self.batch_size * self.world_size
+        return self._cached_order[first_batch * block : (first_batch + batches) * block].tolist()
 
     def __iter__(self):
         order = self._order()

@@ -135,7 +135,8 @@ class Uploader:
 
 
 def next_step(url: str, work: Path) -> str:
-    """How to use the uploaded folder: train reads a local prepared folder."""
-    copy = f"aws s3 sync {url} DATA" if url.startswith("s3://") else f"copy {url} to a local folder DATA"
+    """How to use the uploaded folder: here the work folder; elsewhere the URL, which train fetches once into a
+    local cache (data/cache.py)."""
     return (f"{url} is complete ({MANIFEST} is there). Train here with --data {work} (the same prepared folder); "
-            f"on another machine copy it down first ({copy}) and train with --data DATA")
+            f"on another machine: imagenet-resnet train --data {url} [--data-cache DIR] (fetched once into "
+            "~/.cache/imagenet-resnet/data/ by default, or DIR, and reused by later runs)")

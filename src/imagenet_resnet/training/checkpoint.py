@@ -119,14 +119,36 @@ class TrainingState:
     metrics: dict[str, Any] = field(default_factory=dict)  # the latest epoch's record: the model card's figures
 
 
+def load_newest(out_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The newest intact checkpoint of a run folder (last.pt, else previous.pt) and, when last.pt could not be
+    used, what happened to it; (None, None) when the folder holds no checkpoint yet."""
+    damaged = []
+    for path in (out_dir / "last.pt", out_dir / "previous.pt"):
+        if not path.exists():
+            damaged.append(f"{path.name} missing")
+            continue
+        try:
+            saved = load(path)
+        except DamagedCheckpoint as e:
+            damaged.append(f"{path.name} {e.reason}")
+            continue
+        return saved, None if path.name == "last.pt" else f"{'; '.join(damaged)}: resumed from {path.name}, one checkpoint older"
+    if len(damaged) == 2 and all(d.endswith("missing") for d in damaged):
+        return None, None
+    raise UserError(f"{out_dir}: no intact checkpoint to resume from ({'; '.join(damaged)}); move the folder aside to "
+                    "start the run again")
+
+
 class Checkpointer:
     """last.pt (with previous.pt, its predecessor) and best.pt of one run folder, as timm's CheckpointSaver:
     the state assembled into one dict, written atomically by rank 0, and read back into a run, falling back
     to previous.pt when last.pt is damaged."""
 
-    def __init__(self, out_dir: Path, is_main: bool, cfg: Config, classes: list[str], on_write=None):
+    def __init__(self, out_dir: Path, is_main: bool, cfg: Config, classes: list[str], on_write=None,
+                 shape: dict[str, Any] | None = None):
         self.last, self.previous, self.best = out_dir / "last.pt", out_dir / "previous.pt", out_dir / "best.pt"
         self.is_main, self.cfg, self.classes = is_main, cfg, classes
+        self.shape = shape or {}  # how the run is split over processes (see trainer.run_shape)
         self.on_write = on_write or (lambda path, **meta: None)  # told of each checkpoint written (the mirror)
         self.saved_step: int | None = None  # the global step of the newest checkpoint written or resumed from
         if is_main:  # temporary files of writes that a kill cut short
@@ -147,7 +169,7 @@ class Checkpointer:
             "model": clean_state_dict(state.model.state_dict()), "optimizer": state.optimizer.state_dict(),
             "model_ema": state.ema.state_dict() if state.ema is not None else None,
             "ema_updates": state.ema.updates if state.ema is not None else 0,
-            "scaler": state.scaler.state_dict(), "progress": asdict(state.progress),
+            "scaler": state.scaler.state_dict(), "progress": asdict(state.progress), "shape": self.shape,
             "config": self.cfg.to_dict(), "classes": self.classes,
             "class_names": [display_name(c) for c in self.classes],
             "metrics": state.metrics, "saved_at": time.time(),  # the model card: accuracy, epochs, when
@@ -168,28 +190,12 @@ class Checkpointer:
         write_atomic(buffer.getbuffer(), self.last, keep_previous=self.previous)
         self.on_write(self.last, **where)
 
-    def resume(self, state: TrainingState) -> tuple[dict[str, Any] | None, str | None]:
-        """Load the newest intact checkpoint (last.pt, else previous.pt) into `state`: weights, optimizer, scaler,
-        EMA, progress, metrics. Returns the config it was saved with (None: no checkpoint yet) and, when
-        last.pt could not be used, what happened to it."""
-        damaged = []
-        for path in (self.last, self.previous):
-            if not path.exists():
-                damaged.append(f"{path.name} missing")
-                continue
-            try:
-                saved = load(path)
-            except DamagedCheckpoint as e:
-                damaged.append(f"{path.name} {e.reason}")
-                continue
+    def resume(self, state: TrainingState, newest: tuple[dict[str, Any] | None, str | None]) -> None:
+        """Load `newest` (what load_newest gave) into `state`: weights, optimizer, scaler, EMA, progress, metrics."""
+        saved, _ = newest
+        if saved is not None:
             self._restore(state, saved)
             self.saved_step = state.progress.global_step
-            note = None if path == self.last else f"{'; '.join(damaged)}: resumed from {path.name}, one checkpoint older"
-            return saved["config"], note
-        if not self.exists():
-            return None, None
-        raise UserError(f"{self.last.parent}: no intact checkpoint to resume from ({'; '.join(damaged)}); move the "
-                        "folder aside to start the run again")
 
     @staticmethod
     def _restore(state: TrainingState, saved: dict[str, Any]) -> None:

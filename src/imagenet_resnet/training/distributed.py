@@ -65,6 +65,10 @@ def shutdown() -> None:
     _host_group = None
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def host_all_gather(values: list[int]) -> list[list[int]]:
     """Every process's `values` (lists of the same length), in rank order, exchanged on the host."""
     if not dist.is_initialized():

@@ -6,6 +6,7 @@ Under URL (any fsspec URL: s3://bucket/prefix, gs://..., a local path):
     checkpoints.json       the pointer: the newest good checkpoint (last), the one before it (previous) and
                            best, each with its key, size, SHA-256, epoch and global step
     checkpoints/<hash>.pt  the checkpoints it names, each under its content hash
+    lease.json             who writes here: owner, machine, process, generation and heartbeat
     config.yaml, metrics.jsonl, metrics.csv, steps.jsonl, train.log, tensorboard/, report/: as in RUN/
 
 Rank 0 only. The trainer tells the mirror about each file once it is written (atomically), and a background
@@ -18,19 +19,32 @@ thread uploads it, so a training step never waits on the store:
   and SHA-256), and only then named in checkpoints.json: an upload cut short never replaces a good one.
 - While the store cannot be reached: one warning, retries with backoff, and a line when it has caught up.
 - At the end of the run, a stop signal included, it waits for the queue to empty (at most `wait` seconds).
+One writer per mirror. A trainer takes the lease at its start (a conditional write: S3's If-None-Match or
+If-Match on the lease's ETag; elsewhere a compare-and-write under a file lock) and renews it every quarter of
+`lease_seconds`. A second trainer stops in one line while the lease is live; `--resume` takes over a stale one
+(no heartbeat for `lease_seconds`, or its process gone from this machine), `--take-over` a live one. Taking over
+also rewrites checkpoints.json, on which every writer's updates are conditional (S3), so a writer that was
+taken over (a zombie instance back from the dead) has its next pointer update refused; it reads the lease
+before every other upload too, and on finding another owner stops writing, says so in one line and ends the
+run (StopPolicy). On other stores than S3 the pointer's condition is a read just before the write.
+
 Credentials come from the environment or the provider's config files, never from the URL (refused), and are
 never written: messages from the store are redacted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -42,6 +56,9 @@ from .checkpoint import write_atomic
 
 POINTER = "checkpoints.json"
 FORMAT = "imagenet-resnet-mirror/1"
+LEASE = "lease.json"
+LEASE_FORMAT = "imagenet-resnet-lease/1"
+LEASE_SECONDS = 120.0  # without a heartbeat for this long, a lease is stale (renewed every quarter of it)
 CHECKPOINTS = ("last.pt", "best.pt")  # uploaded through the pointer; previous.pt is the pointer's previous
 SWEEP_SECONDS = 30.0
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 1.0, 60.0
@@ -74,6 +91,8 @@ def local_step(out_dir: Path) -> int | None:
 class NoMirror:
     """What the trainer holds without --mirror (and on ranks other than 0): every call does nothing."""
 
+    superseded: str | None = None
+
     def notify(self, path: Path, **meta) -> None:
         pass
 
@@ -87,22 +106,60 @@ class NoMirror:
         pass
 
 
-def open_mirror(url: str | None, out_dir: Path, resume: bool, is_main: bool, wait: float) -> "Mirror | NoMirror":
-    """The run's mirror (rank 0; the others get NoMirror). With `resume`, a run in the store newer than the
-    run folder (or a run folder that is missing) is brought down first; every rank waits for that."""
-    mirror = Mirror(url, out_dir, wait) if url and is_main else NoMirror()
+def open_mirror(url: str | None, out_dir: Path, resume: bool, is_main: bool, wait: float, take_over: bool = False,
+                lease_seconds: float = LEASE_SECONDS, local_rank: int = 0) -> "Mirror | NoMirror":
+    """The run's mirror (rank 0; the others get NoMirror), its lease taken. With `resume`, a run in the store
+    newer than the run folder (or a run folder that is missing) is brought down first, on every node (by its
+    first process: each node reads its own run folder); every rank waits for that."""
+    mirror = Mirror(url, out_dir, wait, lease_seconds) if url and is_main else NoMirror()
     if isinstance(mirror, Mirror):
+        mirror.take_lease(resume, take_over)
         mirror.restore(resume)
+    elif url and resume and local_rank == 0:  # another node: a copy only, the writer is rank 0
+        Mirror(url, out_dir, wait, lease_seconds).bring_down()
     if url:
         distributed.barrier()
     return mirror
 
 
+def _machine() -> str:
+    """This machine since its last boot: a process id means something only there."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "?"
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's process
+        return False
+    return False
+
+
+class LeaseChanged(Exception):
+    """A conditional write found the object changed since it was read."""
+
+
+def _precondition_failed(error: Exception) -> bool:
+    """A conditional PUT refused (HTTP 412), as s3fs raises it (FileExistsError for If-None-Match)."""
+    code = getattr(error.__cause__, "response", {}).get("Error", {}).get("Code", "")
+    return isinstance(error, FileExistsError) or code == "PreconditionFailed" or "pre-condition" in str(error)
+
+
 class Mirror:
-    def __init__(self, url: str, out_dir: Path, wait: float = 300.0):
+    def __init__(self, url: str, out_dir: Path, wait: float = 300.0, lease_seconds: float = LEASE_SECONDS):
         self.url = storage.check_url(url, "--mirror")
         self.fs, self.root = storage.filesystem(self.url)
         self.out_dir, self.wait, self.log = Path(out_dir), wait, print
+        self.lease_seconds, self.generation, self.superseded = lease_seconds, 0, None
+        self.lease = {"format": LEASE_FORMAT, "owner": uuid.uuid4().hex, "machine": _machine(), "pid": os.getpid()}
+        self._tags: dict[str, str | None] = {}  # lease.json / checkpoints.json -> the version this writer last saw
+        self._next_heartbeat, self.lease_note = 0.0, ""
         self.pointer: dict = self._read_pointer()
         self.note = ""  # what the start did, for the run log
         self._pending: dict[str, float] = {}  # file name in the run folder -> when it is due (time.monotonic)
@@ -121,9 +178,10 @@ class Mirror:
 
     def _read_pointer(self) -> dict:
         try:
-            pointer = json.loads(self.fs.cat_file(self._key(POINTER)))
-        except FileNotFoundError:
-            return {}
+            data, self._tags[POINTER] = self._read_tagged(POINTER)
+            if data is None:
+                return {}
+            pointer = json.loads(data)
         except Exception as e:
             raise UserError(f"--mirror {self.url}: cannot read it ({storage.redact(str(e))}); check the URL, the "
                             "network and the credentials (AWS_* variables, AWS_PROFILE, AWS_ENDPOINT_URL)") from None
@@ -144,6 +202,129 @@ class Mirror:
     def _local(self) -> bool:
         return "file" in self.fs.protocol
 
+    def _s3(self) -> bool:
+        return "s3" in self.fs.protocol
+
+    # --- conditional writes: the lease and the pointer ------------------------------------------------------------
+
+    def _read_tagged(self, name: str) -> tuple[bytes | None, str | None]:
+        """An object's bytes and its version tag (S3's ETag, read in the same request; elsewhere a hash of the
+        bytes); (None, None) when there is none."""
+        key = self._key(name)
+        try:
+            if self._s3():
+                self.fs.invalidate_cache(key)
+                with self.fs.open(key, "rb") as f:
+                    return f.read(), f.details.get("ETag")
+            data = self.fs.cat_file(key)
+        except FileNotFoundError:
+            return None, None
+        return data, hashlib.sha256(data).hexdigest()
+
+    @contextlib.contextmanager
+    def _local_lock(self):
+        """On a file system, compare-and-write under an exclusive lock beside the store's files."""
+        if not self._local():
+            yield
+            return
+        self.fs.makedirs(self.root, exist_ok=True)
+        with open(f"{self.root}/.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _write_if(self, name: str, data: bytes) -> None:
+        """Write `name` only if it is still the version this writer last saw (or still missing); LeaseChanged
+        otherwise. S3 checks that itself (If-Match / If-None-Match); elsewhere it is a read just before."""
+        seen = self._tags.get(name)
+        if self._s3():
+            bucket, key, _ = self.fs.split_path(self._key(name))
+            condition = {"IfMatch": seen} if seen else {"IfNoneMatch": "*"}
+            try:
+                reply = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+            except OSError as e:
+                if _precondition_failed(e):
+                    raise LeaseChanged(name) from None
+                raise
+            self.fs.invalidate_cache(self._key(name))
+            self._tags[name] = reply.get("ETag")
+            return
+        with self._local_lock():
+            if self._read_tagged(name)[1] != seen:
+                raise LeaseChanged(name)
+            self._write_small(name, data)
+        self._tags[name] = hashlib.sha256(data).hexdigest()
+
+    @staticmethod
+    def _holder(lease: dict) -> str:
+        age = max(time.time() - float(lease.get("heartbeat", 0)), 0)
+        return (f"{str(lease.get('machine', '?')).split('/')[0]} (process {lease.get('pid')}, generation "
+                f"{lease.get('generation')}, last heartbeat {age:.0f} s ago)")
+
+    def _live(self, lease: dict | None) -> bool:
+        """Whether someone's lease still holds the mirror."""
+        if not lease or lease.get("released"):
+            return False
+        if lease.get("machine") == self.lease["machine"] and _process_gone(int(lease.get("pid", 0))):
+            return False  # its process ended on this machine (killed, or a torchrun restart)
+        return time.time() - float(lease.get("heartbeat", 0)) < self.lease_seconds
+
+    def take_lease(self, resume: bool, take_over: bool) -> None:
+        """Become the mirror's one writer, or stop in one line while another trainer's lease is live."""
+        data, self._tags[LEASE] = self._read_tagged(LEASE)
+        held = json.loads(data) if data else None
+        if self._live(held) and not take_over:
+            raise UserError(f"--mirror {self.url} is being written by another trainer on {self._holder(held)}: two "
+                            "trainers must never write one mirror; stop that one, or wait until its lease is stale "
+                            f"({self.lease_seconds:.0f} s without a heartbeat), or add --take-over if it is gone for good")
+        remote = self.pointer.get("last", {}).get("global_step")
+        if remote is not None and not resume:
+            raise UserError(f"--mirror {self.url} already holds a run (checkpoint at global step {remote}); add "
+                            "--resume to continue it, or pick another --mirror")
+        self.generation = int(held.get("generation", 0)) + 1 if held else 1
+        try:
+            self._heartbeat()
+        except LeaseChanged:
+            raise UserError(f"--mirror {self.url}: another trainer took its lease at the same moment; two trainers must "
+                            "never write one mirror: stop one of them") from None
+        if held and not held.get("released"):
+            self.lease_note = f"took over the lease from {self._holder(held)}; this trainer is generation {self.generation}"
+        # Fencing: the pointer rewritten with the new generation, so a writer taken over has its next pointer
+        # update refused (S3). A writer that updated it meanwhile makes this retry with what it wrote.
+        for _ in range(10):
+            self.pointer = self._read_pointer()
+            if not self.pointer:
+                return
+            try:
+                self._write_if(POINTER, json.dumps({**self.pointer, "generation": self.generation}, indent=1).encode())
+                self.pointer["generation"] = self.generation
+                return
+            except LeaseChanged:
+                continue
+        raise UserError(f"--mirror {self.url}: its {POINTER} keeps changing: another trainer is still writing there")
+
+    def _heartbeat(self) -> None:
+        """Renew the lease (conditional on the version this writer wrote last)."""
+        self.lease.update(generation=self.generation, heartbeat=time.time(), released=False)
+        self._write_if(LEASE, json.dumps(self.lease, indent=1).encode())
+        self._next_heartbeat = time.monotonic() + self.lease_seconds / 4
+
+    def _still_the_writer(self) -> bool:
+        """Whether the lease is still this writer's; if not, stop writing for good and say so once."""
+        if self.superseded is None:
+            data, _ = self._read_tagged(LEASE)
+            lease = json.loads(data) if data else {}
+            if lease.get("owner") == self.lease["owner"]:
+                return True
+            # Said by the trainer as it stops (StopPolicy), in one line.
+            self.superseded = (f"mirror: {self.url} was taken over by another trainer on "
+                               f"{str(lease.get('machine', '?')).split('/')[0]} (process {lease.get('pid')}, generation "
+                               f"{lease.get('generation')}); this one (generation {self.generation}) stopped writing there")
+            with self._cond:
+                self._closing = True
+                self._pending.clear()
+                self._cond.notify_all()
+        return False
+
     # --- restoring -------------------------------------------------------------------------------------------
 
     def restore(self, resume: bool) -> None:
@@ -151,24 +332,23 @@ class Mirror:
         remote = self.pointer.get("last", {}).get("global_step")
         if remote is None:
             try:  # a store that cannot be written to is said now, not after hours of training
-                self._write_small(POINTER, json.dumps({**self.pointer, "format": FORMAT}).encode())
+                self._write_if(POINTER, json.dumps({**self.pointer, "format": FORMAT, "generation": self.generation}).encode())
             except Exception as e:
                 raise UserError(f"--mirror {self.url}: cannot write there ({storage.redact(str(e))}); check the "
                                 "bucket, the permissions and the credentials") from None
             self.note = f"mirroring {self.out_dir} to {self.url}"
             return
-        if not resume:
-            raise UserError(f"--mirror {self.url} already holds a run (checkpoint at global step {remote}); add "
-                            "--resume to continue it, or pick another --mirror")
-        local = local_step(self.out_dir)
-        if local is not None and local >= remote:
-            self.note = (f"mirroring {self.out_dir} to {self.url}; the run folder (global step {local}) is as new "
-                         f"as the mirror's (global step {remote}) or newer, so it continues from here")
-            return
+        self.note = self.bring_down() + "; mirroring it there"
+
+    def bring_down(self) -> str:
+        """Download the run in the store when the run folder is missing or older; says what it did."""
+        remote, local = self.pointer.get("last", {}).get("global_step"), local_step(self.out_dir)
+        if remote is None or (local is not None and local >= remote):
+            return (f"the run folder {self.out_dir} (global step {local}) is as new as the mirror {self.url}'s "
+                    f"(global step {remote}) or newer, so it continues from here")
         self._download_run()
-        self.note = (f"restored {self.out_dir} from {self.url} (checkpoint at global step {remote}"
-                     + (f"; the run folder's was at global step {local})" if local is not None else ")")
-                     + "; mirroring it there")
+        return (f"restored {self.out_dir} from {self.url} (checkpoint at global step {remote}"
+                + (f"; the run folder's was at global step {local})" if local is not None else ")"))
 
     def _download_run(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +365,7 @@ class Mirror:
             fetched[entry["sha256"]] = self.out_dir / name
         for key in self.fs.find(self.root):
             name = key[len(self.root):].strip("/")
-            if name != POINTER and not name.startswith("checkpoints/") and not name.endswith(".tmp"):
+            if name not in (POINTER, LEASE, ".lock") and not name.startswith("checkpoints/") and not name.endswith(".tmp"):
                 self._download(name, name)
 
     def _download(self, key: str, name: str, expected: dict | None = None) -> None:
@@ -213,12 +393,14 @@ class Mirror:
 
     def report_to(self, log) -> None:
         self.log = log
-        log(f"mirror: {self.note}")
+        log(f"mirror: {self.note}" + (f"; {self.lease_note}" if self.lease_note else ""))
 
     def notify(self, path: Path, **meta) -> None:
         """`path` in the run folder was just written: queue its upload (a checkpoint's `meta`: epoch and
         global_step). Takes no time: a stat and a lock."""
         name = Path(path).relative_to(self.out_dir).as_posix()
+        if self.superseded:
+            return
         with self._cond:
             if name in CHECKPOINTS:
                 self._versions[name] = (_stat_key(os.stat(path)), meta)
@@ -258,6 +440,8 @@ class Mirror:
     def _next(self) -> str | None:
         """The next file due (checkpoints first), sweeping the run folder when a sweep is due; None once closed."""
         while True:
+            if time.monotonic() >= self._next_heartbeat:
+                self._renew()
             if time.monotonic() >= self._next_sweep:
                 self._sweep()
             with self._cond:
@@ -270,8 +454,16 @@ class Mirror:
                     return name
                 if self._closing and not self._pending:
                     return None
-                wake = min([self._next_sweep, *self._pending.values()])
+                wake = min([self._next_sweep, self._next_heartbeat, *self._pending.values()])
                 self._cond.wait(max(0.05, min(max(wake, self._retry_at) - now, SWEEP_SECONDS)))
+
+    def _renew(self) -> None:
+        try:
+            self._heartbeat()
+        except LeaseChanged:
+            self._still_the_writer()
+        except Exception:  # the store unreachable: the uploads say so; the next heartbeat tries again
+            self._next_heartbeat = time.monotonic() + min(5.0, self.lease_seconds / 4)
 
     def _sweep(self) -> None:
         """Queue every file of the run folder that changed since its last upload."""
@@ -301,6 +493,8 @@ class Mirror:
             return
         with f:
             key = _stat_key(os.fstat(f.fileno()))
+            if not self._still_the_writer():  # a lease taken over: nothing more goes up from here
+                return
             if name in CHECKPOINTS:
                 self._upload_checkpoint(name, f, key)
             else:
@@ -354,7 +548,13 @@ class Mirror:
         if role == "last" and pointer.get("last", {}).get("sha256") not in (None, entry["sha256"]):
             pointer["previous"] = pointer["last"]
         pointer[role] = entry
-        self._write_small(POINTER, json.dumps(pointer, indent=1).encode())
+        try:
+            self._write_if(POINTER, json.dumps(pointer, indent=1).encode())
+        except LeaseChanged:  # rewritten by a trainer that took the lease over (or raced this one's read of it)
+            if self._still_the_writer():
+                self._read_pointer()  # its version tag: the next attempt is made on it
+                raise OSError(f"{POINTER} changed in the store; writing it again") from None
+            return
         dropped = {e["key"] for e in self.pointer.values() if isinstance(e, dict)}
         self.pointer = pointer
         self._collect_garbage(dropped)
@@ -404,7 +604,10 @@ class Mirror:
             return not (self._pending or self._busy)
 
     def _finish(self) -> None:
-        """Upload what is left, waiting at most `wait` seconds, and say how it ended."""
+        """Upload what is left, waiting at most `wait` seconds, and say how it ended; then give the lease up."""
+        if self.superseded:
+            self._stop()
+            return
         deadline = time.monotonic() + self.wait
         self._draining = True
         self._sweep()
@@ -422,6 +625,16 @@ class Mirror:
                      f"holds the checkpoint at global step {self.pointer.get('last', {}).get('global_step')}; run "
                      "again with --resume --mirror to upload the rest")
         self._stop()
+        self._release()  # after the thread stopped: no heartbeat renews it behind this
+
+    def _release(self) -> None:
+        """The lease given up as the process ends, so that a --resume can start at once (a trainer killed leaves
+        it to go stale)."""
+        self.lease["released"] = True
+        try:
+            self._write_if(LEASE, json.dumps(self.lease, indent=1).encode())
+        except Exception:  # taken over meanwhile, or the store unreachable: it goes stale
+            pass
 
     def _stop(self) -> None:
         with self._cond:

@@ -29,6 +29,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+class SampleLog:
+    """RUN/samples.jsonl (train.record_samples), rank 0: the image indices each optimizer step trained on, over
+    all processes, a line per step. A step redone after a resume is written again; its last line counts."""
+
+    def __init__(self, out_dir: Path):
+        self.file = open(out_dir / "samples.jsonl", "a", buffering=1)
+
+    def write(self, global_step: int, epoch: int, indices: list[int]) -> None:
+        self.file.write(json.dumps({"step": global_step, "epoch": epoch, "indices": indices}) + "\n")
+
+
 class StepReporter:
     """Rank 0 only (`enabled`). Every `every` steps it records step, loss, LR and images/s in steps.jsonl and
     shows them: on the bar's postfix on a terminal, as a log line otherwise. The loss is read from the

@@ -101,6 +101,21 @@ def evaluate(model, loader, normalize: DeviceNormalize, precision: str, skipped:
     return {"top1": c1 / n, "top5": c5 / n, "loss": loss / n, "images": int(images)}
 
 
+@contextlib.contextmanager
+def running_stats_frozen(model: torch.nn.Module):
+    """BatchNorm layers normalise by the batch's statistics but leave their running statistics (and counters)
+    as they are: PyTorch reads `track_running_stats` at each forward, and passes no running buffers while
+    training without it."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.track_running_stats = True
+
+
 def train_step(model, optimizer, scaler, micro_batches, normalize: DeviceNormalize, precision: str,
                label_smoothing: float = 0.0, clip_grad_norm: float = 0.0, mix: MixAugment | None = None,
                step: int = 0, correct: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
@@ -112,9 +127,14 @@ def train_step(model, optimizer, scaler, micro_batches, normalize: DeviceNormali
     BatchNorm cannot train on a single image, so a micro-batch with fewer than two readable images is dropped,
     and under torchrun by every process at once: the processes first exchange their micro-batch sizes (on the
     host, no device sync), since a process that dropped one alone would leave the others waiting for its
-    gradients forever."""
+    gradients forever.
+
+    The step is the same whatever its split into processes and micro-batches (a resume on another machine):
+    BatchNorm's running statistics follow the step's first micro-batch only (under DDP, rank 0's, whose
+    buffers it broadcasts), and Mixup's draws are keyed by the micro-batch's place in the global batch."""
     device = normalize.device
     sizes = distributed.host_all_gather([len(labels) for _, labels, _ in micro_batches])
+    rank = distributed.rank()
     kept = [k for k in range(len(micro_batches)) if min(per_process[k] for per_process in sizes) >= 2]
     all_images = sum(per_process[k] for per_process in sizes for k in kept)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -123,10 +143,11 @@ def train_step(model, optimizer, scaler, micro_batches, normalize: DeviceNormali
         labels = normalize.labels(labels)
         # Under DDP, gradients are all-reduced once per step, on the last micro-batch, not on every one.
         skip_sync = position != len(kept) - 1 and hasattr(model, "no_sync")
-        with model.no_sync() if skip_sync else contextlib.nullcontext():
+        with (model.no_sync() if skip_sync else contextlib.nullcontext(),
+              running_stats_frozen(model) if position else contextlib.nullcontext()):
             images = normalize(batch)
-            if mix is not None:
-                images, other_labels, lam = mix(images, labels, step, k)
+            if mix is not None:  # the sampler deals micro-batch k of every process out as global chunk k x W + rank
+                images, other_labels, lam = mix(images, labels, step, k * len(sizes) + rank)
             with autocast(precision, device):
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)

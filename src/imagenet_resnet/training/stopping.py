@@ -1,6 +1,7 @@
-"""When a run stops early: a signal (SIGTERM from a spot instance being reclaimed, or Ctrl-C), or
-train.stop_at_step (a time-boxed session). Either way the current step finishes, last.pt is written and the
-process exits; the same command with --resume continues. Under torchrun every rank must stop at the same step."""
+"""When a run stops early: a signal (SIGTERM from a spot instance being reclaimed, or Ctrl-C), a spot
+instance's preemption notice (train.spot_notice: training/spot.py), or train.stop_at_step (a time-boxed
+session). Either way the current step finishes, last.pt is written and the process exits; the same command with
+--resume continues. Under torchrun every rank must stop at the same step."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import torch
 
 from . import distributed
+from .spot import SpotNotice
 
 STOP_CHECK_STEPS = 10  # a SIGTERM is acted on within this many steps under torchrun (well inside a spot notice)
 
@@ -23,22 +25,37 @@ class RunStopped(Exception):
         self.exit_code = exit_code
 
 
+class MirrorTakenOver(RunStopped):
+    """Another trainer took the run's mirror over (this one is a zombie): it stops, and must not resume there."""
+
+
 class StopPolicy:
-    """Catches SIGTERM and SIGINT while the run trains (a second signal stops at once) and says after each
-    step whether to stop, and whether a periodic checkpoint (train.checkpoint_every_steps) is due.
+    """Catches SIGTERM and SIGINT while the run trains (a second signal stops at once), watches for a spot
+    notice with `spot` when given, and says after each step whether to stop, and whether a periodic checkpoint
+    (train.checkpoint_every_steps) is due.
 
     Agreeing across ranks costs a collective and a GPU sync, so under torchrun it happens every
     STOP_CHECK_STEPS steps and at checkpoint steps, not on every step."""
 
     def __init__(self, world: distributed.Dist, device: torch.device, stop_at_step: int = 0,
-                 checkpoint_every_steps: int = 0):
+                 checkpoint_every_steps: int = 0, spot: SpotNotice | None = None, mirror=None):
         self.world, self.device = world, device
         self.stop_at_step, self.checkpoint_every_steps = stop_at_step, checkpoint_every_steps
         self.signal: int | None = None
+        # One poller per node (local rank 0): the node's metadata service speaks for all its processes, and the
+        # agreement in after_step tells the others.
+        self.spot = spot if world.local_rank == 0 else None
+        self.mirror = mirror  # rank 0's: its `superseded` says when another trainer took the mirror over
 
     def __enter__(self) -> "StopPolicy":
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        if self.spot is not None:
+            self.spot.start(on_notice=self._notice_arrived)
         return self
+
+    def _notice_arrived(self, notice: str) -> None:
+        if self.world.is_main:  # said at once, as for a signal; called from the poller's thread
+            print(f"{notice}; stopping after this step and saving last.pt", file=sys.stderr, flush=True)
 
     def _handle(self, signum, frame) -> None:
         if self.signal is not None:  # a second signal stops at once, without a checkpoint
@@ -54,6 +71,8 @@ class StopPolicy:
     def __exit__(self, *exc) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        if self.spot is not None:
+            self.spot.stop()
 
     def checkpoint_due(self, global_step: int) -> bool:
         return bool(self.checkpoint_every_steps) and global_step % self.checkpoint_every_steps == 0
@@ -63,9 +82,18 @@ class StopPolicy:
         stop_at = bool(self.stop_at_step) and global_step >= self.stop_at_step
         agree = (not self.world.enabled or stop_at or self.checkpoint_due(global_step)
                  or global_step % STOP_CHECK_STEPS == 0)
-        signum = distributed.any_rank(self.signal or 0, self.device) if agree else 0
-        if signum:
+        notice = self.spot.notice if self.spot is not None else None
+        taken_over = getattr(self.mirror, "superseded", None)
+        # Signal, mirror and notice in one collective: 4 x signal + 2 for a mirror taken over + 1 for a notice,
+        # so the largest signal on any rank wins (a signal's exit status), then the mirror, then any notice.
+        agreed = distributed.any_rank(4 * (self.signal or 0) + 2 * bool(taken_over) + bool(notice), self.device) if agree else 0
+        if agreed >= 4:
+            signum = agreed // 4
             return RunStopped(f"received {signal.Signals(signum).name}", 128 + signum)
+        if agreed >= 2:
+            return MirrorTakenOver(taken_over or "the mirror was taken over by another trainer", 1)
+        if agreed == 1:
+            return RunStopped(notice or "a spot notice on another node", 0)
         if stop_at:
             return RunStopped(f"reached train.stop_at_step={self.stop_at_step}", 0)
         return None

@@ -27,14 +27,15 @@ from . import distributed
 from .augment import MixAugment
 from .budget import (EXIT_SECONDS, SAFETY_SHARE, Budget, BudgetTooSmall, Costs, RunShape, Timeline, duration,
                      fit_total_steps, projected_top1, seconds_to_finish)
-from .checkpoint import Checkpointer, Progress, TrainingState
+from .checkpoint import Checkpointer, Progress, TrainingState, load_newest
 from .lr_finder import LRSweep, save_plot, sweep
-from .mirror import open_mirror
-from .monitor import MetricsSink, StepReporter, SystemSampler
+from .mirror import LEASE_SECONDS, open_mirror
+from .monitor import MetricsSink, SampleLog, StepReporter, SystemSampler
 from .schedules import LRSchedule
 from .ema import ModelEma
+from .spot import spot_notice_for
 from .step import StepSums, TrainStep, build_optimizer, evaluate, lr_for_batch, lr_per_256
-from .stopping import StopPolicy
+from .stopping import MirrorTakenOver, StopPolicy
 
 
 class RunLog:
@@ -73,6 +74,7 @@ class Run:
     optimizer_step: TrainStep  # one optimizer step, as the loop takes it
     skipped: SkippedImages  # this process's unreadable images (rank 0's also those before a resume)
     timeline: Timeline  # the run's optimizer steps on its recipe's: stretched by a budget or train.total_steps
+    samples: SampleLog | None = None  # train.record_samples: each step's image indices
 
     @property
     def model(self) -> torch.nn.Module:
@@ -177,22 +179,71 @@ def find_lr(cfg: Config, out_png: str | Path, start_lr: float = 1e-5, end_lr: fl
             "global_batch": run.global_batch, "steps": len(result.lrs), "diverged": result.diverged}
 
 
-def _resume(run: Run, checkpointer: Checkpointer, log: RunLog) -> None:
+def run_shape(run: Run) -> dict[str, Any]:
+    """How the run is split over processes and machines, saved in every checkpoint: a resume on another
+    process count or batch size keeps the global batch (and with it the LR, the schedule and the sample order)."""
+    t = run.cfg.train
+    device = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else run.device.type
+    return {"global_batch": run.global_batch, "processes": run.world.world_size, "batch_size": t.batch_size,
+            "accumulation_steps": t.accumulation_steps, "train_images": len(run.train_set), "device": device}
+
+
+def _split(shape: dict[str, Any]) -> str:
+    return f"{shape['processes']} process(es) x batch {shape['batch_size']} x accumulation {shape['accumulation_steps']}"
+
+
+def reshape_for_resume(cfg: Config, saved: dict[str, Any], processes: int) -> str | None:
+    """Make this machine's split add up to the saved run's global batch: `processes` x `train.batch_size` x the
+    accumulation chosen here. The optimizer step k then sees the same images, at the same LR, whatever the
+    split (the sampler deals each global batch out in the same order). Returns the line that says so when the
+    split is not the one asked for; a global batch this machine cannot split is refused, naming what works."""
+    shape, t = saved.get("shape") or {}, cfg.train
+    if "global_batch" not in shape:  # a checkpoint from before shapes were saved: its config's split
+        return None
+    total, asked = shape["global_batch"], t.accumulation_steps
+    if total % processes:
+        counts = ", ".join(str(n) for n in range(1, total + 1) if total % n == 0 and n <= 64)
+        raise UserError(f"--resume: the run's global batch {total} ({_split(shape)}) cannot be split over "
+                        f"{processes} processes; process counts that work: {counts}")
+    if total % (t.batch_size * processes):
+        sizes = ", ".join(str(n) for n in range(total // processes, 0, -1) if (total // processes) % n == 0)
+        raise UserError(f"--resume: the run's global batch {total} ({_split(shape)}) cannot be split over {processes} "
+                        f"process(es) at --batch-size {t.batch_size}; batch sizes that work here: {sizes} (the "
+                        "accumulation is chosen to match)")
+    t.accumulation_steps = total // (t.batch_size * processes)
+    now = {"processes": processes, "batch_size": t.batch_size, "accumulation_steps": t.accumulation_steps}
+    if all(shape[k] == v for k, v in now.items()) and asked == t.accumulation_steps:
+        return None
+    return (f"the run's global batch {total} ({_split(shape)} when saved) continues as {_split(now)}: the same "
+            "global batch, LR, schedule and sample order")
+
+
+def _resume(run: Run, checkpointer: Checkpointer, newest: tuple[dict | None, str | None], reshaped: str | None,
+            log: RunLog) -> None:
     """Continue from the newest intact checkpoint: its state, and its LR if the LR finder chose it."""
-    cfg = run.cfg
-    saved, fell_back = checkpointer.resume(run.state)
+    cfg, (saved, fell_back) = run.cfg, newest
     if saved is None:
         log(f"--resume: no {checkpointer.last} yet, starting a new run")
         return
+    shape, now = saved.get("shape") or {}, run_shape(run)
+    if shape.get("train_images", now["train_images"]) != now["train_images"]:
+        raise UserError(f"--resume: {checkpointer.last.parent} was trained on {shape['train_images']} training images "
+                        f"and {cfg.data.path} has {now['train_images']}: a resume continues the same run on the same "
+                        "data; give the run's --data, or start a new run with another --out")
+    checkpointer.resume(run.state, newest)
     if fell_back:
         log(fell_back)
+    if reshaped:
+        log(reshaped)
+    if shape and any(shape.get(k) != now[k] for k in ("processes", "batch_size", "device")):
+        run.progress.budget_costs = {}  # another machine or split: a budget measures its pace again
     if cfg.optim.find_lr:  # keep the LR the finder chose when the run started
-        cfg.optim.lr = saved["optim"]["lr"]
+        cfg.optim.lr = saved["config"]["optim"]["lr"]
     # The checkpoint holds the count over all processes: rank 0 carries it on, so that sums over ranks stay right.
     run.skipped.count = run.progress.skipped_images if run.world.is_main else 0
     if run.progress.total_steps:  # a budgeted run goes on with its fit
         run.timeline = Timeline(run.timeline.recipe_steps, run.progress.total_steps, run.progress.schedule_knots)
-    changed = checkpointer.changed_settings(saved, cfg.to_dict())
+    changed = checkpointer.changed_settings(saved["config"], cfg.to_dict())
     if changed:
         log(f"resuming with settings changed since the checkpoint: {', '.join(changed)}")
     log(f"resumed {checkpointer.previous if fell_back else checkpointer.last} at {_where(run)}")
@@ -379,27 +430,28 @@ def _budget_refused(t: TrainConfig, seconds: float) -> UserError:
 
 
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | None = None,
-          mirror_wait: float = 300.0) -> dict[str, Any]:
-    """Train, evaluate and checkpoint for cfg.train.epochs, mirrored to the URL `mirror` if given; returns the
-    last epoch's record."""
+          mirror_wait: float = 300.0, take_over: bool = False, lease_seconds: float = LEASE_SECONDS) -> dict[str, Any]:
+    """Train, evaluate and checkpoint for cfg.train.epochs, mirrored to the URL `mirror` if given (its lease taken,
+    over a live one with `take_over`); returns the last epoch's record."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if ((out_dir / "last.pt").exists() or (out_dir / "previous.pt").exists()) and not resume:
         raise UserError(f"{out_dir} already holds a run; add --resume to continue it, or pick another --out")
     world, device = distributed.init(cfg.train.device)
-    store = open_mirror(mirror, out_dir, resume, world.is_main, mirror_wait)  # a newer run there comes down first
+    # A newer run in the mirror comes down first (on every node).
+    store = open_mirror(mirror, out_dir, resume, world.is_main, mirror_wait, take_over, lease_seconds, world.local_rank)
     log = RunLog(out_dir, enabled=world.is_main)
     store.report_to(log)
+    newest = load_newest(out_dir) if resume else (None, None)
+    reshaped = reshape_for_resume(cfg, newest[0], world.world_size) if newest[0] is not None else None
     run = build_run(cfg, world, device)
     t = cfg.train
-    checkpointer = Checkpointer(out_dir, world.is_main, cfg, run.train_index.classes, store.notify)
-    if cfg.optim.find_lr and not (resume and checkpointer.exists()):
-        picks = _sweep(run).suggestion()
-        cfg.optim.lr = lr_per_256(picks["suggested_lr"], cfg.optim, run.global_batch)  # per 256, as configs give it
-        log(f"LR finder: lowest smoothed loss at {picks['min_loss_lr']:.3g}; training with peak LR "
-            f"{picks['suggested_lr']:.3g} (optim.lr={cfg.optim.lr:.4g} per 256 images)")
+    checkpointer = Checkpointer(out_dir, world.is_main, cfg, run.train_index.classes, store.notify, run_shape(run))
+    if cfg.optim.find_lr and newest[0] is None:  # a resumed run keeps the LR it chose
+        _choose_lr(run, log)
     if resume:
-        _resume(run, checkpointer, log)
+        _resume(run, checkpointer, newest, reshaped, log)
+    run.samples = SampleLog(out_dir) if t.record_samples and world.is_main else None
     metrics = MetricsSink(out_dir, world.is_main, t.tensorboard, run.progress, store.notify)
     peak_lr = lr_for_batch(cfg.optim, run.global_batch)
     schedule = LRSchedule(cfg.schedule, peak_lr, t.epochs, run.steps_per_epoch, run.timeline)
@@ -412,7 +464,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | 
     system = SystemSampler(device, t.sample_system_seconds) if world.is_main and t.sample_system_seconds > 0 else None
     reporter = StepReporter(out_dir, world.is_main, log, run.steps_per_epoch, run.timeline.total_steps,
                             t.log_every_steps, system, metrics.tensorboard)
-    stop = StopPolicy(world, device, t.stop_at_step, t.checkpoint_every_steps)
+    stop = StopPolicy(world, device, t.stop_at_step, t.checkpoint_every_steps, spot_notice_for(t), store)
     with store, stop, metrics, system or contextlib.nullcontext(), _loader_workers(run), _worker_deaths(checkpointer):
         if budget is not None and budget.costs.step_seconds:  # resumed: fit what is left with what was measured
             _refit(run, budget, reporter, log)
@@ -435,6 +487,14 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | 
         if budget is not None:
             log(budget.summary())
     return run.state.metrics
+
+
+def _choose_lr(run: Run, log: RunLog) -> None:
+    """The LR finder's suggestion becomes optim.lr (per 256 images, as configs give it)."""
+    picks, optim = _sweep(run).suggestion(), run.cfg.optim
+    optim.lr = lr_per_256(picks["suggested_lr"], optim, run.global_batch)
+    log(f"LR finder: lowest smoothed loss at {picks['min_loss_lr']:.3g}; training with peak LR "
+        f"{picks['suggested_lr']:.3g} (optim.lr={optim.lr:.4g} per 256 images)")
 
 
 def _keep_record(run: Run, record: dict[str, Any]) -> bool:
@@ -485,6 +545,9 @@ def train_one_epoch(run: Run, epoch: int, schedule: LRSchedule, budget: Budget |
         p.epoch_data_wait += time.perf_counter() - waiting
         for _, _, problems in step_batches:
             run.skipped.add(problems)
+        if run.samples is not None:
+            run.samples.write(p.global_step, epoch, run.train_sampler.global_indices(step * t.accumulation_steps,
+                                                                                      t.accumulation_steps))
         run.optimizer_step(step_batches, lr, p.global_step, sums)
         p.global_step += 1
         p.step_in_epoch = step + 1
@@ -497,8 +560,8 @@ def train_one_epoch(run: Run, epoch: int, schedule: LRSchedule, budget: Budget |
             _fold(run, sums, checkpointer)
             _save(run, checkpointer, budget)
             if stopping:
-                log(f"{stopping}: saved {checkpointer.last} at {_where(run)}; run the same command with --resume "
-                    f"to continue")
+                hint = "" if isinstance(stopping, MirrorTakenOver) else "; run the same command with --resume to continue"
+                log(f"{stopping}: saved {checkpointer.last} at {_where(run)}{hint}")
                 raise stopping
     _fold(run, sums, checkpointer)
     reporter.end_epoch()
