@@ -497,6 +497,13 @@ def _text(fs, path) -> str | None:
         return None
 
 
+def _bytes(fs, key: str) -> bytes:
+    try:
+        return fs.cat_file(key)
+    except FileNotFoundError:
+        return b""
+
+
 def _sha_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -604,7 +611,7 @@ def zombie_writer(work: Path, data: Path, tries: int, fs) -> dict:
             "the pointer names the new trainer's last.pt": new_code == 0 and pointer.get("generation") == 2
             and pointer["last"]["sha256"] == _sha(new / "last.pt"),
             "every checkpoint named is whole": len(named) == 3 and all(
-                _sha_bytes(fs.cat_file(f"{BUCKET}/{prefix}/{e['key']}")) == e["sha256"] for e in named),
+                _sha_bytes(_bytes(fs, f"{BUCKET}/{prefix}/{e['key']}")) == e["sha256"] for e in named),
             "the zombie's last checkpoint never went up": not fs.exists(
                 f"{BUCKET}/{prefix}/checkpoints/{_sha(work / f'{prefix}-old' / 'last.pt')[:20]}.pt"),
             "the bucket's metrics are the new trainer's": new_code == 0 and _text(fs, f"{BUCKET}/{prefix}/metrics.jsonl")
@@ -612,7 +619,8 @@ def zombie_writer(work: Path, data: Path, tries: int, fs) -> dict:
         }
         failed = [name for name, ok in checks.items() if not ok]
         recovered += not failed
-        failures += [f"try {k}: not {', '.join(failed)}"] if failed else []
+        failures += [f"try {k}: not {', '.join(failed)} (the second trainer: {refused_code} {refused[-600:]!r}; the "
+                     f"zombie: {old_code} {old_out[-600:]!r}; pointer: {json.dumps(pointer)})"] if failed else []
     return {"fault": "two trainers on one mirror: a second one while the lease is live, then one taking it over "
             "while the first runs on (a zombie)", "injected": "real trainer processes on one s3:// mirror (moto), "
             "--lease-timeout 8, the take-over with --take-over --resume", "tried": tries, "recovered": recovered,
@@ -646,6 +654,8 @@ def spot_notices(work: Path, data: Path, tries: int, rng: random.Random, fs) -> 
                 continue
             metadata.preempted = True
             code, out = watched.finish(timeout=120)  # AWS's notice comes 2 minutes ahead
+        if code == 0 and "AWS spot interruption notice" not in out and '{"run": ' in out:
+            continue  # the notice came after the last step (the last validation, the exit): the run had ended
         tried += 1
         checks = {"exit 0 after the notice": code == 0 and "AWS spot interruption notice" in out,
                   "the bucket up to date": (first / "last.pt").exists()

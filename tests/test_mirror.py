@@ -343,3 +343,18 @@ def test_a_live_lease_from_another_machine_holds_the_mirror_and_a_stale_one_is_t
     stale = mirror.Mirror(url, tmp_path / "run", lease_seconds=60)
     stale.take_lease(resume=True, take_over=False)
     assert _lease(s3, "lease-unit")["owner"] == stale.lease["owner"]
+
+
+def test_the_lease_is_renewed_while_the_mirror_is_open_and_given_up_at_its_end(tmp_path):
+    store, run = tmp_path / "store", tmp_path / "run"
+    run.mkdir()
+    writer = mirror.Mirror(str(store), run, wait=5, lease_seconds=0.8)  # renewed every 0.2 s
+    writer.take_lease(resume=False, take_over=False)
+    writer.restore(resume=False)
+    taken = json.loads((store / "lease.json").read_text())
+    with writer:
+        time.sleep(1.0)
+        renewed = json.loads((store / "lease.json").read_text())
+        assert renewed["owner"] == taken["owner"] and renewed["heartbeat"] > taken["heartbeat"]
+        assert writer._live(renewed)  # noqa: SLF001 - what a second trainer would judge
+    assert json.loads((store / "lease.json").read_text())["released"] is True

@@ -35,6 +35,7 @@ never written: messages from the store are redacted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -59,6 +60,7 @@ FORMAT = "imagenet-resnet-mirror/1"
 LEASE = "lease.json"
 LEASE_FORMAT = "imagenet-resnet-lease/1"
 LEASE_SECONDS = 120.0  # without a heartbeat for this long, a lease is stale (renewed every quarter of it)
+READ_ATTEMPTS = 5  # reads of an object another writer may be rewriting at that moment (the lease, the pointer)
 CHECKPOINTS = ("last.pt", "best.pt")  # uploaded through the pointer; previous.pt is the pointer's previous
 SWEEP_SECONDS = 30.0
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 1.0, 60.0
@@ -170,6 +172,9 @@ class Mirror:
         self._retry_at, self._backoff, self._outage_since = 0.0, RETRY_FIRST_SECONDS, None
         self._next_sweep, self._draining, self._closing = 0.0, False, False
         self._thread = threading.Thread(target=self._run, name="mirror-upload", daemon=True)
+        # The lease is renewed by a thread of its own: an upload that takes longer than the lease lasts (a large
+        # checkpoint, a slow link) must not let it go stale under a live writer.
+        self._lease_thread = threading.Thread(target=self._keep_lease, name="mirror-lease", daemon=True)
 
     # --- the store's layout ---------------------------------------------------------------------------------
 
@@ -211,15 +216,20 @@ class Mirror:
         """An object's bytes and its version tag (S3's ETag, read in the same request; elsewhere a hash of the
         bytes); (None, None) when there is none."""
         key = self._key(name)
-        try:
-            if self._s3():
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                if not self._s3():
+                    data = self.fs.cat_file(key)
+                    return data, hashlib.sha256(data).hexdigest()
                 self.fs.invalidate_cache(key)
                 with self.fs.open(key, "rb") as f:
                     return f.read(), f.details.get("ETag")
-            data = self.fs.cat_file(key)
-        except FileNotFoundError:
-            return None, None
-        return data, hashlib.sha256(data).hexdigest()
+            except FileNotFoundError:
+                return None, None
+            except OSError as e:  # s3fs reads with If-Match: rewritten between its HEAD and its GET, read it again
+                if e.errno != errno.EBUSY or attempt == READ_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     @contextlib.contextmanager
     def _local_lock(self):
@@ -270,22 +280,26 @@ class Mirror:
 
     def take_lease(self, resume: bool, take_over: bool) -> None:
         """Become the mirror's one writer, or stop in one line while another trainer's lease is live."""
-        data, self._tags[LEASE] = self._read_tagged(LEASE)
-        held = json.loads(data) if data else None
-        if self._live(held) and not take_over:
-            raise UserError(f"--mirror {self.url} is being written by another trainer on {self._holder(held)}: two "
-                            "trainers must never write one mirror; stop that one, or wait until its lease is stale "
-                            f"({self.lease_seconds:.0f} s without a heartbeat), or add --take-over if it is gone for good")
         remote = self.pointer.get("last", {}).get("global_step")
-        if remote is not None and not resume:
-            raise UserError(f"--mirror {self.url} already holds a run (checkpoint at global step {remote}); add "
-                            "--resume to continue it, or pick another --mirror")
-        self.generation = int(held.get("generation", 0)) + 1 if held else 1
-        try:
-            self._heartbeat()
-        except LeaseChanged:
-            raise UserError(f"--mirror {self.url}: another trainer took its lease at the same moment; two trainers must "
-                            "never write one mirror: stop one of them") from None
+        for attempt in range(READ_ATTEMPTS):  # a live holder renews it meanwhile: read it again and decide again
+            data, self._tags[LEASE] = self._read_tagged(LEASE)
+            held = json.loads(data) if data else None
+            if self._live(held) and not take_over:
+                raise UserError(f"--mirror {self.url} is being written by another trainer on {self._holder(held)}: two "
+                                "trainers must never write one mirror; stop that one, or wait until its lease is stale "
+                                f"({self.lease_seconds:.0f} s without a heartbeat), or add --take-over if it is gone for good")
+            if remote is not None and not resume:
+                raise UserError(f"--mirror {self.url} already holds a run (checkpoint at global step {remote}); add "
+                                "--resume to continue it, or pick another --mirror")
+            self.generation = int(held.get("generation", 0)) + 1 if held else 1
+            try:
+                self._heartbeat()
+                break
+            except LeaseChanged:
+                continue
+        else:
+            raise UserError(f"--mirror {self.url}: its lease keeps changing hands; two trainers must never write one "
+                            "mirror: stop the others")
         if held and not held.get("released"):
             self.lease_note = f"took over the lease from {self._holder(held)}; this trainer is generation {self.generation}"
         # Fencing: the pointer rewritten with the new generation, so a writer taken over has its next pointer
@@ -310,6 +324,8 @@ class Mirror:
 
     def _still_the_writer(self) -> bool:
         """Whether the lease is still this writer's; if not, stop writing for good and say so once."""
+        if not self.generation:  # opened without a lease (take_lease): nobody to lose it to
+            return True
         if self.superseded is None:
             data, _ = self._read_tagged(LEASE)
             lease = json.loads(data) if data else {}
@@ -343,7 +359,9 @@ class Mirror:
     def bring_down(self) -> str:
         """Download the run in the store when the run folder is missing or older; says what it did."""
         remote, local = self.pointer.get("last", {}).get("global_step"), local_step(self.out_dir)
-        if remote is None or (local is not None and local >= remote):
+        if remote is None:
+            return f"{self.url} holds no checkpoint yet"
+        if local is not None and local >= remote:
             return (f"the run folder {self.out_dir} (global step {local}) is as new as the mirror {self.url}'s "
                     f"(global step {remote}) or newer, so it continues from here")
         self._download_run()
@@ -410,6 +428,8 @@ class Mirror:
 
     def __enter__(self) -> "Mirror":
         self._thread.start()
+        if self.generation:  # a lease was taken (take_lease); a mirror opened without one has none to keep
+            self._lease_thread.start()
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
@@ -440,8 +460,6 @@ class Mirror:
     def _next(self) -> str | None:
         """The next file due (checkpoints first), sweeping the run folder when a sweep is due; None once closed."""
         while True:
-            if time.monotonic() >= self._next_heartbeat:
-                self._renew()
             if time.monotonic() >= self._next_sweep:
                 self._sweep()
             with self._cond:
@@ -454,16 +472,25 @@ class Mirror:
                     return name
                 if self._closing and not self._pending:
                     return None
-                wake = min([self._next_sweep, self._next_heartbeat, *self._pending.values()])
+                wake = min([self._next_sweep, *self._pending.values()])
                 self._cond.wait(max(0.05, min(max(wake, self._retry_at) - now, SWEEP_SECONDS)))
 
-    def _renew(self) -> None:
-        try:
-            self._heartbeat()
-        except LeaseChanged:
-            self._still_the_writer()
-        except Exception:  # the store unreachable: the uploads say so; the next heartbeat tries again
-            self._next_heartbeat = time.monotonic() + min(5.0, self.lease_seconds / 4)
+    def _keep_lease(self) -> None:
+        """Renew the lease every quarter of its life until the mirror closes or another trainer takes it."""
+        while True:
+            with self._cond:
+                if not self._closing:
+                    self._cond.wait(max(0.05, self._next_heartbeat - time.monotonic()))
+                if self._closing:
+                    return
+            if time.monotonic() < self._next_heartbeat:
+                continue
+            try:
+                self._heartbeat()
+            except LeaseChanged:
+                self._still_the_writer()
+            except Exception:  # the store unreachable: the uploads say so; the next heartbeat tries again
+                self._next_heartbeat = time.monotonic() + min(5.0, self.lease_seconds / 4)
 
     def _sweep(self) -> None:
         """Queue every file of the run folder that changed since its last upload."""
@@ -630,6 +657,8 @@ class Mirror:
     def _release(self) -> None:
         """The lease given up as the process ends, so that a --resume can start at once (a trainer killed leaves
         it to go stale)."""
+        if not self.generation:
+            return
         self.lease["released"] = True
         try:
             self._write_if(LEASE, json.dumps(self.lease, indent=1).encode())
@@ -641,5 +670,6 @@ class Mirror:
             self._closing = True
             self._pending.clear()
             self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout=1.0)
+        for thread in (self._thread, self._lease_thread):
+            if thread.is_alive():
+                thread.join(timeout=1.0)
