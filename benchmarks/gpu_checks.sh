@@ -10,7 +10,8 @@
 #    the per-step extras, which used to sync the host every step.
 # 3. With DATA (a class-folder or prepared ImageNet subset): ResNet-50 trained end to end for 2 epochs, stopped
 #    at step 1 and resumed on the GPU at half the batch (the resume chooses 2 steps of accumulation to keep the
-#    global batch: the GPU's name in the run's shape, BatchNorm's frozen statistics on CUDA), and evaluated; then --budget 90s: its dry-run (steps timed with CUDA
+#    global batch: the GPU's name in the run's shape, BatchNorm's frozen statistics on CUDA), and evaluated;
+#    30 compiled steps with 2 micro-batches each; then --budget 90s: its dry-run (steps timed with CUDA
 #    syncs) and a budgeted imagenette_128_20ep run that must end within 90 s with its fit run to the end.
 # Writes the raw outputs into OUT and OUT/gpu_checks.json (command, GPU, versions, each part's exit status).
 # Not covered on one GPU: NCCL between processes. The agreement on dropped micro-batches goes over a gloo
@@ -54,6 +55,12 @@ if [ -n "$data" ]; then
   grep -q "continues as 1 process(es) x batch 128 x accumulation 2" "$out/train_r50.txt"
   status+=("train_r50_resumed_at_half_batch=$?")
   cp "$run/metrics.jsonl" "$out/train_r50_metrics.jsonl"
+  # torch.compile with accumulation: the step's later micro-batches freeze BatchNorm's running statistics
+  # (track_running_stats toggled), which should cost one recompile, not one per step.
+  $CLI train --data "$data" --out /tmp/gpu-checks-compile-accum --recipe imagenette_128_20ep --epochs 1 \
+    --set train.compile=default --set train.accumulation_steps=2 --set train.stop_at_step=30 \
+    --set data.workers=16 > "$out/train_compile_accumulation.txt" 2>&1
+  status+=("train_compile_accumulation=$?")
   $CLI evaluate --json --ema --checkpoint "$run/last.pt" --data "$data" --workers 16 > "$out/evaluate_r50.json"
   status+=("evaluate_r50=$?")
   # --budget on the GPU: the dry-run times each resolution (CUDA syncs around the timed steps), and a

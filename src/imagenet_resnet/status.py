@@ -84,6 +84,22 @@ def _seconds_per_step(steps: list[dict], epochs: list[dict]) -> float | None:
     return None
 
 
+def _run_length(train: dict, epochs: list, steps: list, head_lines: list, tail_lines: list):
+    """(steps per epoch, total steps) of a run, from what it wrote."""
+    # Steps per epoch: the plan line says it; the first epoch's record too (unless a budget cut it short).
+    steps_per_epoch = _last_match(_PLAN, head_lines + tail_lines)
+    if steps_per_epoch is None and epochs:
+        steps_per_epoch = round(epochs[0]["step"] / epochs[0]["epoch"])
+    # The run's length: a budget's latest fit (logged at each epoch's end, and recorded), a stretched run's
+    # recorded length, else the recipe's epochs.
+    total_steps = (steps[-1].get("total_steps") if steps else None) or _last_match(_FITTED, tail_lines)
+    total_steps = total_steps or next((r["total_steps"] for r in reversed(epochs) if "total_steps" in r), None)
+    total_steps = total_steps or _last_match(_FITTED, head_lines) or train.get("total_steps") or None
+    if not total_steps and steps_per_epoch and train.get("epochs"):
+        total_steps = train["epochs"] * steps_per_epoch
+    return steps_per_epoch, total_steps
+
+
 def run_status(run: str | Path, now: float | None = None) -> dict:
     """Where the run stands, as a dict (`status --json` prints it)."""
     files = RunFiles(run)
@@ -100,17 +116,7 @@ def run_status(run: str | Path, now: float | None = None) -> dict:
         raise UserError(f"{files}: no run there (no config.yaml, metrics.jsonl, steps.jsonl or train.log); give "
                         "the --out folder of a run, or the URL it is mirrored to (--mirror)")
 
-    # Steps per epoch: the plan line says it; the first epoch's record too (unless a budget cut it short).
-    steps_per_epoch = _last_match(_PLAN, log_lines)
-    if steps_per_epoch is None and epochs:
-        steps_per_epoch = round(epochs[0]["step"] / epochs[0]["epoch"])
-    # The run's length: a budget's latest fit (logged at each epoch's end, and recorded), a stretched run's
-    # recorded length, else the recipe's epochs.
-    total_steps = (steps[-1].get("total_steps") if steps else None) or _last_match(_FITTED, tail_lines)
-    total_steps = total_steps or next((r["total_steps"] for r in reversed(epochs) if "total_steps" in r), None)
-    total_steps = total_steps or _last_match(_FITTED, head_lines) or train.get("total_steps") or None
-    if not total_steps and steps_per_epoch and train.get("epochs"):
-        total_steps = train["epochs"] * steps_per_epoch
+    steps_per_epoch, total_steps = _run_length(train, epochs, steps, head_lines, tail_lines)
 
     last_step, last_epoch = (steps[-1] if steps else None), (epochs[-1] if epochs else None)
     step = max(last_step["step"] if last_step else 0, last_epoch["step"] if last_epoch else 0)

@@ -121,21 +121,29 @@ class _Remote:
         return {p[len(prefix):]: int(info.get("size") or 0) for p, info in found.items() if p.startswith(prefix)}
 
 
-def _fetch_locked(remote: _Remote, folder: Path, log, workers: int, chunk_bytes: int) -> Path:
-    url, complete = remote.url, _read_json(folder / COMPLETE)
+def _remote_manifest(remote: _Remote, folder: Path, complete: dict | None, log) -> bytes | None:
+    """The URL's manifest; None when the store is out of reach but a complete copy here still serves."""
+    url = remote.url
     try:
-        manifest_bytes = remote.manifest()
+        return remote.manifest()
     except FileNotFoundError:
         raise UserError(f"{url}: no {MANIFEST} there: not a prepared folder, or its upload has not finished (the "
                         f"manifest goes up last); run `imagenet-resnet prepare SOURCE --out {url} --pack` to "
                         "complete it") from None
-    except Exception as e:  # noqa: BLE001 - the store is out of reach: a complete copy here still serves
+    except Exception as e:  # noqa: BLE001
         if complete and complete.get("url") == url and not _damage(folder, complete):
             log(f"warning: cannot reach {url} ({_one_line(e)}); using the copy fetched into {folder} on "
                 f"{complete['fetched']}, without knowing whether the URL changed since")
-            return folder
+            return None
         raise UserError(f"{url}/{MANIFEST}: cannot read it ({_one_line(e)}); check the network and the "
                         "credentials, then run the same command again") from None
+
+
+def _fetch_locked(remote: _Remote, folder: Path, log, workers: int, chunk_bytes: int) -> Path:
+    url, complete = remote.url, _read_json(folder / COMPLETE)
+    manifest_bytes = _remote_manifest(remote, folder, complete, log)
+    if manifest_bytes is None:
+        return folder
     version = hashlib.sha256(manifest_bytes).hexdigest()
     if _copy_is_current(folder, url, version, complete, log):
         return folder

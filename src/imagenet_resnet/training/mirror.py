@@ -215,8 +215,8 @@ class Mirror:
     def _read_tagged(self, name: str) -> tuple[bytes | None, str | None]:
         """An object's bytes and its version tag (S3's ETag, read in the same request; elsewhere a hash of the
         bytes); (None, None) when there is none."""
-        key = self._key(name)
-        for attempt in range(READ_ATTEMPTS):
+        key, attempt = self._key(name), 1
+        while True:
             try:
                 if not self._s3():
                     data = self.fs.cat_file(key)
@@ -227,9 +227,9 @@ class Mirror:
             except FileNotFoundError:
                 return None, None
             except OSError as e:  # s3fs reads with If-Match: rewritten between its HEAD and its GET, read it again
-                if e.errno != errno.EBUSY or attempt == READ_ATTEMPTS - 1:
+                if e.errno != errno.EBUSY or attempt == READ_ATTEMPTS:
                     raise
-        raise AssertionError("unreachable")
+                attempt += 1
 
     @contextlib.contextmanager
     def _local_lock(self):

@@ -101,12 +101,15 @@ def evaluate(model, loader, normalize: DeviceNormalize, precision: str, skipped:
     return {"top1": c1 / n, "top5": c5 / n, "loss": loss / n, "images": int(images)}
 
 
+def batchnorm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 @contextlib.contextmanager
-def running_stats_frozen(model: torch.nn.Module):
-    """BatchNorm layers normalise by the batch's statistics but leave their running statistics (and counters)
-    as they are: PyTorch reads `track_running_stats` at each forward, and passes no running buffers while
-    training without it."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+def running_stats_frozen(layers: list[torch.nn.Module]):
+    """These BatchNorm layers normalise by the batch's statistics but leave their running statistics (and
+    counters) as they are: PyTorch reads `track_running_stats` at each forward, and passes no running buffers
+    while training without it."""
     for layer in layers:
         layer.track_running_stats = False
     try:
@@ -136,6 +139,7 @@ def train_step(model, optimizer, scaler, micro_batches, normalize: DeviceNormali
     sizes = distributed.host_all_gather([len(labels) for _, labels, _ in micro_batches])
     rank = distributed.rank()
     kept = [k for k in range(len(micro_batches)) if min(per_process[k] for per_process in sizes) >= 2]
+    frozen = batchnorm_layers(model) if len(kept) > 1 else []  # one walk of the model a step, with accumulation only
     all_images = sum(per_process[k] for per_process in sizes for k in kept)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     for position, k in enumerate(kept):
@@ -144,7 +148,7 @@ def train_step(model, optimizer, scaler, micro_batches, normalize: DeviceNormali
         # Under DDP, gradients are all-reduced once per step, on the last micro-batch, not on every one.
         skip_sync = position != len(kept) - 1 and hasattr(model, "no_sync")
         with (model.no_sync() if skip_sync else contextlib.nullcontext(),
-              running_stats_frozen(model) if position else contextlib.nullcontext()):
+              running_stats_frozen(frozen) if position else contextlib.nullcontext()):
             images = normalize(batch)
             if mix is not None:  # the sampler deals micro-batch k of every process out as global chunk k x W + rank
                 images, other_labels, lam = mix(images, labels, step, k * len(sizes) + rank)
