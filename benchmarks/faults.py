@@ -639,7 +639,9 @@ def spot_notices(work: Path, data: Path, tries: int, rng: random.Random, fs) -> 
     training = _seconds_past_start_up(_train_command(data, straight, VARIANTS["alone"], 2), TRAINING_BEGAN)
     tried = recovered = 0
     failures = []
-    for k in range(tries):
+    for k in range(4 * tries):  # a notice that comes after the run's end injects nothing: start again
+        if tried == tries:
+            break
         prefix = f"spot-{k}"
         first, second = work / f"{prefix}-first", work / f"{prefix}-second"
         mirror = ["--mirror", f"s3://{BUCKET}/{prefix}"]
