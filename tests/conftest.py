@@ -31,6 +31,23 @@ def tiny_data(tmp_path_factory) -> Path:
     return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), train_per_class=12, val_per_class=4, size=40)
 
 
+@pytest.fixture
+def read_only_dir(tmp_path) -> Path:
+    """A folder no command can write into: a read-only bind mount of an empty folder where this process may
+    mount (root here and in CI), else a path under /proc, where every mkdir and write is refused."""
+    source, target = tmp_path / "ro-source", tmp_path / "read-only"
+    source.mkdir()
+    target.mkdir()
+    mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(source), str(target)], capture_output=True)
+    if mounted.returncode != 0:
+        yield Path("/proc/imagenet-resnet-test/read-only")
+        return
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
 def run_cli(*args: str, timeout: float = 300, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `python -m imagenet_resnet ...` in a fresh process, as a user's shell would (in `cwd`: a folder
     outside the repository shows what a user who installed the package sees)."""

@@ -1,6 +1,7 @@
 """The project's one exception for expected problems, and the one expected problem every writer meets."""
 
 import errno
+import tempfile
 from pathlib import Path
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over a file-size limit
@@ -16,3 +17,24 @@ def disk_full(path: Path, error: OSError, again: str = "run the same command aga
               "run)") -> UserError:
     return UserError(f"{path}: no room to write it ({error.strerror}); what was saved before is intact: free space "
                      f"on {Path(path).parent}, then {again}")
+
+
+def check_writable(folder: Path, option: str) -> Path:
+    """Make `folder` (and its parents) if missing and prove a file can be written there, before any long work:
+    a read-only mount or a folder of someone else's is one line naming `option`, not a traceback hours later.
+    Trying a real write, not os.access: root passes every access check, and /proc or a read-only bind mount
+    only refuses the write itself."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except FileExistsError:
+        raise UserError(f"{folder}: not a folder (a file of that name is in the way); give {option} a folder")
+    except NotADirectoryError:
+        raise UserError(f"{folder}: a file is in the way of this folder; give {option} a folder you can write to")
+    except OSError as error:
+        if error.errno in DISK_FULL:
+            raise disk_full(folder, error, "run the same command again")
+        raise UserError(f"{folder}: cannot write there ({error.strerror}); give {option} a folder you can write to")
+    return folder
