@@ -87,7 +87,7 @@ def test_progress_bar_on_a_terminal_and_log_lines_elsewhere(tmp_path, monkeypatc
             reporter.step(0, step, step + 1, lambda: (1.5, 0.25), 0.1, 100.0)
         reporter.end_epoch()
         if expect_bar:
-            assert "epoch 1/2" in stdout.getvalue() and "loss 1.5000 acc 25.0% lr 0.1 100 img/s run ETA" in stdout.getvalue()
+            assert "epoch 1/2" in stdout.getvalue() and "loss 1.5000 train top-1 25.0% lr 0.1 100 img/s run ETA" in stdout.getvalue()
             assert logged == []
         else:
             assert stdout.getvalue() == "" and len(logged) == 2 and "run ETA" in logged[0]
@@ -128,7 +128,8 @@ def test_system_sampler_means_per_window():
         spin.start()
         spin.join()
         during = sampler.take("epoch")
-    assert set(during) == {"cpu_util"} and 0 < during["cpu_util"] <= 100
+    assert set(during) == {"cpu_util", "cpu_util_run"} and 0 < during["cpu_util"] <= 100
+    assert 0 < during["cpu_util_run"] <= 100  # the spinning thread is this process's
     assert not sampler.thread.is_alive()
 
 

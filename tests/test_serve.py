@@ -100,7 +100,7 @@ def test_safe_open_image_refuses_with_one_clear_line(tmp_path):
         assert refused.value.status == status and "\n" not in str(refused.value), name
     too_big = tmp_path / "big.jpg"
     too_big.write_bytes(b"\xff\xd8" + bytes(MAX_UPLOAD_BYTES))
-    with pytest.raises(ImageRejected, match="over the 20 MB limit"):
+    with pytest.raises(ImageRejected, match="over the 20 MiB limit"):
         safe_open_image(too_big)  # from the file's size, before reading it
 
 
@@ -180,7 +180,7 @@ def test_json_endpoint_classifies_odd_images_and_refuses_bad_ones_clearly(server
         answer = httpx.post(f"{server}/api/classify", content=data, timeout=30)
         assert answer.status_code == status and words in answer.json()["error"], (name, answer.text)
     answer = httpx.post(f"{server}/api/classify", content=b"\xff\xd8" + bytes(MAX_UPLOAD_BYTES), timeout=30)
-    assert answer.status_code == 413 and "over the 20 MB limit" in answer.json()["error"]
+    assert answer.status_code == 413 and "over the 20 MiB limit" in answer.json()["error"]
     answer = httpx.post(f"{server}/api/classify", files={"image": ("a.jpg", b"\xff\xd8 not quite")}, timeout=30)
     assert answer.status_code == 415 and "--data-binary" in answer.json()["error"]  # a form: say how to send it
 

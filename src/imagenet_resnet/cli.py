@@ -1,5 +1,5 @@
-"""The `imagenet-resnet` command: prepare, train, find-lr, evaluate, report, status, predict, explain, export, serve,
-bench, demo.
+"""The `imagenet-resnet` command: prepare, train, find-lr, recipes, demo, evaluate, report, status, predict,
+explain, serve, export, bench (`--help` lists them from the parser itself).
 
 Nothing heavy is imported before a subcommand runs (torch alone takes seconds): `--help` answers at once, and
 each command imports what it needs when it starts.
@@ -8,6 +8,7 @@ each command imports what it needs when it starts.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -21,7 +22,8 @@ from pathlib import Path
 from . import __version__
 from .bench import commands as bench_commands
 from .config import MODEL_NAMES, PIPELINES, Config, load_config
-from .errors import UserError
+from .errors import UserError, check_writable
+from .option_types import int_in, non_negative_float, non_negative_int, port, positive_float, positive_int, workers
 from .storage import is_url
 
 DEMO_DATA_DEFAULT = Path.home() / ".cache" / "imagenet-resnet" / "shapes"
@@ -63,21 +65,22 @@ def _train_parser(sub, name: str, help: str, description: str) -> argparse.Argum
     p.add_argument("--recipe", help="a shipped recipe's name (`imagenet-resnet recipes` lists them) or a YAML file "
                    "(default: the config's defaults, or the demo's settings when --data is not given either)")
     p.add_argument("--model", choices=MODEL_NAMES, help="override the recipe's model")
-    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
-    p.add_argument("--batch-size", type=int, help="images per process per forward pass (override the recipe's)")
+    p.add_argument("--epochs", type=positive_int, help="override the recipe's epochs")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="images per process per forward pass (override the recipe's)")
     if name == "train":
         p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt if there is one (with "
                        "--mirror: from the mirror's checkpoint when it is newer, or RUN is missing)")
         p.add_argument("--mirror", metavar="URL", help="also upload the run folder there as it is written, in the "
                        "background (s3://bucket/prefix or any fsspec URL; credentials from AWS_* variables or "
                        'profiles; pip install "imagenet-resnet[cloud]")')
-        p.add_argument("--mirror-wait", type=float, default=300.0, metavar="SECONDS", help="at the end (or on "
-                       "SIGTERM), wait at most this long for the uploads to finish")
+        p.add_argument("--mirror-wait", type=non_negative_float, default=300.0, metavar="SECONDS",
+                       help="at the end (or on SIGTERM), wait at most this long for the uploads to finish")
         p.add_argument("--take-over", action="store_true", help="take the mirror's lease from a trainer whose lease "
                        "is still live (one you know is gone); that trainer, should it come back, stops writing")
-        p.add_argument("--lease-timeout", type=float, default=120.0, metavar="SECONDS", help="a mirror's lease "
-                       "without a heartbeat for this long is stale, and --resume takes it over (renewed every "
-                       "quarter of it)")
+        p.add_argument("--lease-timeout", type=positive_float, default=120.0, metavar="SECONDS",
+                       help="a mirror's lease without a heartbeat for this long is stale, and --resume takes it "
+                       "over (renewed every quarter of it)")
         p.add_argument("--spot-notice", choices=("aws", "gcp"), help="poll the instance metadata service for a spot "
                        "preemption notice (AWS: 2 minutes' warning, GCP: 30 s); on one, checkpoint, finish the "
                        "mirror's uploads and exit 0; --resume continues")
@@ -88,8 +91,8 @@ def _train_parser(sub, name: str, help: str, description: str) -> argparse.Argum
                        "600s) or money (25usd, with --price-per-hour), start-up, evaluations and checkpoints "
                        "included: the recipe's epochs stretched or shrunk to what fits, ending with the LR "
                        "annealed; replaces --epochs; a resumed run gets what is left")
-        p.add_argument("--price-per-hour", type=float, metavar="USD", help="what the run's machines cost per hour, "
-                       "all together, for --budget in usd")
+        p.add_argument("--price-per-hour", type=positive_float, metavar="USD",
+                       help="what the run's machines cost per hour, all together, for --budget in usd")
         p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan (model, "
                        "device, precision, global batch, steps) and exit without training; with --budget, "
                        "measure a few steps at each of the recipe's resolutions and print the epochs that fit")
@@ -118,11 +121,13 @@ def _add_training_commands(sub) -> None:
                       "Trains copies of the model and optimizer while the LR grows exponentially, and suggests "
                       "--set optim.lr=... (per 256 images): a decade below the LR of the lowest smoothed loss.")
     p.add_argument("--plot", default="lr_find.png", help="where to write the plot (and its numbers as .json)")
-    p.add_argument("--start-lr", type=float, default=1e-5, help="the sweep's first LR")
-    p.add_argument("--end-lr", type=float, default=10.0, help="the sweep's last LR")
-    p.add_argument("--steps", type=int, default=200, help="steps of the sweep (it stops early once the loss explodes)")
+    p.add_argument("--start-lr", type=positive_float, default=1e-5, help="the sweep's first LR")
+    p.add_argument("--end-lr", type=positive_float, default=10.0, help="the sweep's last LR")
+    p.add_argument("--steps", type=positive_int, default=200,
+                   help="steps of the sweep (it stops early once the loss explodes)")
     _command(sub, "recipes", "list the shipped recipes", "Each recipe's model, epochs, batch size and what it "
-             "follows; pass its name to --recipe.")
+             "follows, and its top-1: as published (with the source's address) and as measured by us (with the "
+             "record in benchmarks/results), or that there is none; pass its name to --recipe.")
     p = _command(sub, "demo", "generate a small shapes dataset, train a small ResNet on CPU, evaluate",
                  "A first run in about a minute and a quarter on two CPU cores (96% val top-1), with no data to "
                  "download.")
@@ -144,28 +149,29 @@ def _add_data_commands(sub) -> None:
                    "prepared folder afterwards; a rerun resumes there (default: ~/.cache/imagenet-resnet/prepare/"
                    "<hash of the URL>)")
     p.add_argument("--pack", action="store_true", help="also write a packed copy (JPEG shards with an offset index)")
-    p.add_argument("--short-side", type=int, default=256,
+    p.add_argument("--short-side", type=non_negative_int, default=256,
                    help="packed images' short side cap in px (0: keep; 256 suits the resize-256-crop-224 eval)")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
-    p.add_argument("--shard-images", type=int, default=4096, help="images per packed shard file")
-    p.add_argument("--limit-per-class", type=int, default=0, metavar="N", help="only the first N images of each class "
-                   "(0: all)")
+    p.add_argument("--quality", type=int_in(1, 100), default=90, help="JPEG quality of re-encoded images")
+    p.add_argument("--shard-images", type=positive_int, default=4096, help="images per packed shard file")
+    p.add_argument("--limit-per-class", type=non_negative_int, default=0, metavar="N",
+                   help="only the first N images of each class, in train and in val alike: a quick subset (0: all)")
     p.add_argument("--val-only", action="store_true", help="the validation split alone (for `evaluate`), even where "
                    "the source has training images too")
-    p.add_argument("--workers", type=int, default=-1, help="processes (-1: one per core)")
+    p.add_argument("--workers", type=workers, default=-1, help="processes (-1: one per core)")
     p.add_argument("--verify", metavar="DATA", help="re-check a prepared folder instead")
 
 
 def _add_model_commands(sub) -> None:
-    p = _command(sub, "evaluate", "top-1/top-5, most confused classes, per-class accuracy",
+    p = _command(sub, "evaluate", "top-1/top-5 and the most confused classes (per-class accuracy: --per-class-csv)",
                  "Evaluates a checkpoint on the validation split of a prepared folder or class-folder tree; data "
-                 "with a subset of the model's classes is evaluated on those classes.")
+                 "with a subset of the model's classes is evaluated on those classes. Accuracy per class is "
+                 "written only with --per-class-csv.")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     _inference_options(p)
     p.add_argument("--data", required=True, help="a prepared folder, or one with val/<class>/")
-    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=-1, help="loader processes (-1: one per core, at most 16)")
-    p.add_argument("--size", type=int, help="evaluation resolution (default: the run's data.eval_size)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass")
+    p.add_argument("--workers", type=workers, default=-1, help="loader processes (-1: one per core, at most 16)")
+    p.add_argument("--size", type=positive_int, help="evaluation resolution (default: the run's data.eval_size)")
     p.add_argument("--flip", action="store_true", help="average each image's logits with its mirror image's")
     p.add_argument("--pipeline", choices=PIPELINES, help="how images are decoded and resized (default: the run's "
                    "data.pipeline); `reference` is torchvision's Resize + CenterCrop, to check the fast path")
@@ -176,7 +182,8 @@ def _add_model_commands(sub) -> None:
                  "the bucket a run is mirrored to (train --mirror URL) from any machine.")
     p.add_argument("run", metavar="RUN|URL", help="the run folder (finished, still going, or resumed), or the "
                    "URL it is mirrored to (s3://bucket/run, any fsspec URL)")
-    p.add_argument("--out", help="folder for the plots (default: RUN/report; for a URL, ./report-<its last part>)")
+    p.add_argument("--out", help="folder for the plots and training_log.md (default: the plots in RUN/report and the "
+                   "log in RUN; for a URL, both in ./report-<its last part>)")
 
     p = _command(sub, "status", "one line: epoch, step, last val top-1, images/s, ETA, age of the last record",
                  "Where a run stands, from its run folder or the bucket it is mirrored to (train --mirror URL): "
@@ -189,7 +196,7 @@ def _add_model_commands(sub) -> None:
                  "Images are read as the server reads uploads: any format and mode, 16-bit, alpha, EXIF rotation.")
     _inference_options(p)
     p.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files, or folders of them")
-    p.add_argument("--top-k", type=int, default=5, help="classes per image")
+    p.add_argument("--top-k", type=positive_int, default=5, help="classes per image")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
 
     p = _command(sub, "explain", "Grad-CAM: a gallery of misclassified validation images, or of given images",
@@ -197,7 +204,7 @@ def _add_model_commands(sub) -> None:
     _inference_options(p)
     p.add_argument("inputs", nargs="*", metavar="IMAGE|DIR", help="images to explain (else --data)")
     p.add_argument("--data", help="a prepared folder or class-folder tree: its misclassified val images")
-    p.add_argument("--num-show", type=int, default=20, help="mistakes in the gallery")
+    p.add_argument("--num-show", type=positive_int, default=20, help="mistakes in the gallery")
     p.add_argument("--layer", help="module to explain at (default: the deepest stage still at least 7 x 7: layer4 at "
                    "224 px, layer2 for the demo's 56 px)")
     p.add_argument("--out", default="gradcam.png", help="the gallery PNG to write")
@@ -210,11 +217,12 @@ def _add_shipping_commands(sub) -> None:
     _inference_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only; "
                    "0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=7860, help="port to listen on")
+    p.add_argument("--port", type=port, default=7860, help="port to listen on")
     p.add_argument("--examples", nargs="+", metavar="IMAGE|DIR",
                    help="example images to offer (default: one per class from the model's validation data, if here)")
-    p.add_argument("--concurrency", type=int, default=2, help="requests the model works on at once")
-    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more are told the server is busy")
+    p.add_argument("--concurrency", type=positive_int, default=2, help="requests the model works on at once")
+    p.add_argument("--max-queue", type=positive_int, default=32,
+                   help="requests that may wait; more are told the server is busy")
     p.add_argument("--layer", help="module for Grad-CAM (default: the deepest stage still at least 7 x 7: layer4 at "
                    "224 px)")
 
@@ -229,11 +237,11 @@ def _add_shipping_commands(sub) -> None:
                    "goes beside it), or for space the folder")
     p.add_argument("--check-images", nargs="+", metavar="IMAGE|DIR", help="images to compare the export's logits "
                    "with PyTorch's on (default: a few synthetic ones); for space, the example images")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the one the export is tested with)")
+    p.add_argument("--opset", type=positive_int, help="ONNX opset (default: the one the export is tested with)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imagenet-resnet", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="imagenet-resnet")
     parser.add_argument("--version", action="version", version=f"imagenet-resnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data_commands(sub)
@@ -241,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_shipping_commands(sub)
     bench_commands.add_parser(sub)
+    parser.description = f"The `imagenet-resnet` command: {', '.join(sub.choices)}."  # every one, from the parser
     return parser
 
 
@@ -272,6 +281,10 @@ def cmd_train(args) -> int:
     if is_url(args.out or ""):
         raise UserError(f"--out {args.out}: the run folder is on this machine; to keep it in object storage too, "
                         "add --mirror URL")
+    if args.resume and not args.out:  # else a new, timestamped folder: a new run, not the one meant
+        raise UserError("--resume continues the run in its run folder: give that folder as --out")
+    if not args.dry_run:  # before any data is made or fetched; the default runs/<date-time> goes in ./runs
+        check_writable(Path(args.out or "runs"), "--out")
     if not args.data:
         args.data, args.shapes = str(make_shapes_dataset(DEMO_DATA_DEFAULT)), True
         print(f"no --data given: training on the built-in shapes dataset in {args.data}"
@@ -293,7 +306,9 @@ def cmd_train(args) -> int:
     finally:
         distributed.shutdown()
     if os.environ.get("RANK", "0") == "0":
-        print(json.dumps({"run": str(out), **{k: metrics.get(k) for k in ("epoch", "val_top1", "val_top5")}}))
+        # The last epoch's record, its fractions to 4 places as train.log gives them (0.175, not 0.17500000000000002).
+        last = {k: metrics.get(k) for k in ("epoch", "val_top1", "val_top5")}
+        print(json.dumps({"run": str(out), **{k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()}}))
     return 0
 
 
@@ -302,6 +317,10 @@ def cmd_find_lr(args) -> int:
     from .training import distributed
     from .training.trainer import find_lr
 
+    if args.start_lr >= args.end_lr:
+        raise UserError(f"--start-lr {args.start_lr:g} is not below --end-lr {args.end_lr:g}: the sweep raises the LR "
+                        "from the first to the second")
+    _check_output_file(args.plot, "--plot")
     if not args.data:
         args.data, args.shapes = str(make_shapes_dataset(DEMO_DATA_DEFAULT)), True
     try:
@@ -319,6 +338,8 @@ def cmd_find_lr(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluation import evaluate_checkpoint
 
+    if args.per_class_csv:
+        _check_output_file(args.per_class_csv, "--per-class-csv")
     report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.workers, args.device, args.size,
                                  args.flip, args.pipeline, args.per_class_csv, args.ema)
     if args.json:
@@ -335,15 +356,28 @@ def cmd_evaluate(args) -> int:
     if report["most_confused"]:
         lines.append("most confused, images: true -> predicted")
         lines += [f"  {pair['images']:6d}: {pair['true']} -> {pair['predicted']}" for pair in report["most_confused"]]
-    if "per_class_csv" in report:
-        lines.append(f"per class   {report['per_class_csv']}")
+    lines.append(f"per class   {report['per_class_csv']}" if "per_class_csv" in report
+                 else "per class   not written (add --per-class-csv FILE)")
     print("\n".join(lines))
     return 0
+
+
+def _check_output_file(path: str | Path, option: str) -> None:
+    """A file a command writes at its end: its folder writable and the name not a folder's, said now in one
+    line rather than as a traceback once the work is done."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give {option} a file name (in it, or anywhere you can write)")
+    check_writable(path.parent, option)
 
 
 def cmd_report(args) -> int:
     from .report import make_report
 
+    if args.out or is_url(args.run):  # the plots and the log go to --out, or for a URL to ./report-NAME
+        check_writable(Path(args.out or "."), "--out")
+    elif Path(args.run).is_dir():  # the plots go to RUN/report, the log to RUN
+        check_writable(Path(args.run), "--out")
     print(json.dumps(make_report(args.run, args.out)))
     return 0
 
@@ -373,6 +407,16 @@ def cmd_predict(args) -> int:
     return 0 if all("error" not in r for r in results) else 1
 
 
+def check_cam_layer(model, layer: str | None) -> None:
+    """--layer names a module of this model (a stage, or a block or layer inside one): one line naming the
+    stages, not an AttributeError once the images are through the network."""
+    modules = {name for name, _ in model.named_modules() if name}  # "" is the whole model: no map there
+    if layer is not None and layer not in modules:
+        stages = sorted(name for name in modules if name.startswith("layer") and "." not in name)
+        raise UserError(f"--layer {layer}: this model has no such module; give one of {', '.join(stages)}, or a "
+                        f"block inside one such as {stages[-1]}.0")
+
+
 def cmd_explain(args) -> int:
     from .data.prepared import open_split
     from .serving.gradcam import cam_layer, explain_images, explain_mistakes
@@ -380,7 +424,9 @@ def cmd_explain(args) -> int:
 
     if not args.inputs and not args.data:
         raise UserError("give IMAGE... to explain, or --data DIR for a gallery of misclassified validation images")
+    _check_output_file(args.out, "--out")
     loaded = load_model(args.checkpoint, args.device, args.ema)
+    check_cam_layer(loaded.model, args.layer)
     args.layer = args.layer or cam_layer(loaded.preset().size)
     if args.inputs:
         results = explain_images(loaded, image_sources(args.inputs), args.out, args.layer)
@@ -399,9 +445,12 @@ def cmd_export(args) -> int:
     from .serving.inference import image_files, load_model
     from .serving.space import write_space
 
-    # before the checkpoint loads, to fail fast; a Space carries its weights as safetensors
-    needs = {"safetensors": ["safetensors"], "onnx": ["onnx", "onnxscript", "onnxruntime"], "space": ["safetensors"]}
+    # before the checkpoint loads, to fail fast; a Space (safetensors weights, Gradio's page) needs [serve] alone
+    needs = {"safetensors": ["safetensors"], "onnx": ["onnx", "onnxscript", "onnxruntime"]}
+    if args.format == "space":
+        export.require("safetensors", "gradio", extra="serve")
     export.require(*needs.get(args.format, []))
+    check_writable(Path(args.out) if args.format == "space" else Path(args.out).parent, "--out")
     images = image_files(args.check_images) if args.check_images else None
     if args.check_images and not images:
         raise UserError(f"no images in {' '.join(args.check_images)}: give --check-images image files "
@@ -432,6 +481,7 @@ def cmd_serve(args) -> int:
 
     check_port(args.host, args.port)
     loaded = load_model(args.checkpoint, args.device, args.ema)
+    check_cam_layer(loaded.model, args.layer)  # now, not at the first request
     if args.examples:
         examples = image_files(args.examples)
     else:
@@ -457,8 +507,12 @@ def cmd_prepare(args) -> int:
     if args.work_dir and not is_url(args.out):
         raise UserError(f"--work-dir goes with an --out at a URL; --out {args.out} is the folder prepared here")
     settings = PackSettings(args.short_side, args.quality, args.shard_images)
-    manifest = prepare(args.source, args.out, pack=args.pack, settings=settings, limit=args.limit_per_class,
-                       workers=args.workers, val_only=args.val_only, work_dir=args.work_dir)
+    try:
+        manifest = prepare(args.source, args.out, pack=args.pack, settings=settings, limit=args.limit_per_class,
+                           workers=args.workers, val_only=args.val_only, work_dir=args.work_dir)
+    except KeyboardInterrupt:  # finished shards and the previous preparation are kept: the same command resumes
+        print("imagenet-resnet prepare: interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
     if is_url(args.out):
         from .data import upload
 
@@ -496,27 +550,40 @@ def cmd_recipes(args) -> int:
     print(f"{'recipe':34s} {'model':9s} {'epochs':>6s} {'batch':>6s}  what")
     for name in recipe_names():
         cfg = load_config(name)
-        first = next((line[1:].strip() for line in (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()
-                      if line.startswith("#")), "")
-        print(f"{name:34s} {cfg.model.name:9s} {cfg.train.epochs:6d} {cfg.train.batch_size:6d}  {first}")
+        comments = [line[1:].strip() for line in (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()
+                    if line.startswith("#")]
+        print(f"{name:34s} {cfg.model.name:9s} {cfg.train.epochs:6d} {cfg.train.batch_size:6d}  "
+              f"{comments[0] if comments else ''}")
+        # A recipe's figures, each with its source, from its "# published:" and "# measured:" comment lines.
+        for kind, label, missing in (("published", "published", "published: none for this recipe"),
+                                     ("measured", "measured by us", "not measured by us")):
+            figures = [c.split(":", 1)[1].strip() for c in comments if c.startswith(f"{kind}:")]
+            for figure in figures:
+                print(f"    {label}: {figure}")
+            if not figures:
+                print(f"    {missing}")
     print(f"\nuse: imagenet-resnet train --recipe NAME ... (the files are in {RECIPES_DIR}; a path to your own "
           "YAML works too)")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .data.synthetic import make_shapes_dataset
-    from .training.trainer import train
+    from .data.synthetic import complete_stamp, make_shapes_dataset
 
     started = time.perf_counter()
     out = Path(args.out)
     if (out / "last.pt").exists():
-        print(f"{out} already holds a demo run; pass another --out or delete it", file=sys.stderr)
-        return 2
-    print(f"generating the shapes dataset (10 classes) in {args.data} ...", flush=True)
+        raise UserError(f"--out {out} already holds a demo run; pass another --out or delete it")
+    check_writable(out, "--out")
+    reuse = complete_stamp(args.data).exists()
+    if not reuse:
+        check_writable(Path(args.data), "--data")
+    print(f"{'reusing' if reuse else 'generating'} the shapes dataset (10 classes) in {args.data} ...", flush=True)
     data = make_shapes_dataset(args.data)
+    from .training.trainer import train  # after the first line: torch alone takes seconds to import
+
     cfg = load_config(None, DEMO_SETTINGS + [f"data.path={data}"])
-    metrics = train(cfg, out)
+    metrics = train(cfg, out, resume=True)  # a demo cut short before its first checkpoint starts again
     minutes = (time.perf_counter() - started) / 60
     print(f"""
 demo finished in {minutes:.1f} min: val top-1 {metrics['val_top1']:.1%}, top-5 {metrics['val_top5']:.1%}
@@ -546,11 +613,41 @@ def cmd_bench(args) -> int:
     return bench_commands.main(args)
 
 
+def _check_device(args) -> None:
+    """A --device that is not here, or no device name (`gpu` is taken as cuda), is one line before anything
+    loads, with advice naming this command's --device, not the config's --set train.device."""
+    if getattr(args, "device", "auto") != "auto":
+        from .runtime import resolve_device
+
+        args.device = str(resolve_device(args.device, "--device"))
+
+
+def _release_loader_workers(error: BaseException) -> None:
+    """Loader workers ignore SIGTERM (the trainer owns stop signals), and those of a loader whose first batches
+    failed to start (its sampler raised, say) are known only to its iterator, which only the failed frames hold:
+    multiprocessing's exit handler would wait on them forever. Clearing those frames' variables (the traceback
+    keeps its lines) frees the iterator, which stops its workers. Only when child processes are alive:
+    elsewhere the variables stay for a post-mortem debugger."""
+    multiprocessing = sys.modules.get("multiprocessing")  # not imported: no child processes to wait on
+    if multiprocessing is not None and multiprocessing.active_children():
+        traceback.clear_frames(error.__traceback__)
+        gc.collect()  # an iterator in a reference cycle too
+
+
+def _run_command(args) -> int:
+    try:
+        _check_device(args)
+        return globals()[COMMANDS[args.command]](args)
+    except BaseException as error:
+        _release_loader_workers(error)
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     try:
-        return globals()[COMMANDS[args.command]](args)
+        return _run_command(args)
     except UserError as e:  # expected, and the message says what to do: one line
         print(f"imagenet-resnet {args.command}: {e}", file=sys.stderr)
         return 2

@@ -267,10 +267,79 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
     return cfg
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: low <= value (low < value when low_open), and the same for high."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self, name: str) -> str:
+        """The range in words about `name`: "width >= 1", "0 <= momentum < 1"."""
+        if self.high is None:
+            return f"{name} {'>' if self.low_open else '>='} {self.low:g}"
+        low = "" if self.low is None else f"{self.low:g} {'<' if self.low_open else '<='} "
+        return f"{low}{name} {'<' if self.high_open else '<='} {self.high:g}"
+
+
+AT_LEAST_1, AT_LEAST_0, ABOVE_0 = Range(1), Range(0), Range(0, low_open=True)
+FRACTION, FRACTION_BELOW_1 = Range(0, 1), Range(0, 1, high_open=True)
+# Every numeric setting with an obvious valid range, checked when a config is loaded: a bad size fails here in
+# one line, not later in a loader worker. (train.eval_every, ema_decay, total_steps, spot_poll_seconds and
+# data.crop_scale have checks of their own below, with advice.)
+RANGES = {
+    "model.width": AT_LEAST_1,
+    "data.train_size": AT_LEAST_1, "data.eval_size": AT_LEAST_1, "data.progressive_start_size": AT_LEAST_0,
+    "data.progressive_start_epoch": AT_LEAST_0, "data.progressive_end_epoch": AT_LEAST_0,
+    "data.eval_crop_ratio": Range(0, 1, low_open=True), "data.crop_ratio": ABOVE_0,
+    "data.mixup_alpha": AT_LEAST_0, "data.cutmix_alpha": AT_LEAST_0, "data.color_jitter": AT_LEAST_0,
+    "data.workers": Range(-1), "data.prefetch_batches": AT_LEAST_1,
+    "optim.lr": ABOVE_0, "optim.momentum": FRACTION_BELOW_1, "optim.betas": FRACTION_BELOW_1, "optim.eps": ABOVE_0,
+    "optim.weight_decay": AT_LEAST_0, "optim.clip_grad_norm": AT_LEAST_0, "optim.label_smoothing": FRACTION_BELOW_1,
+    "schedule.warmup_epochs": AT_LEAST_0, "schedule.warmup_start_factor": AT_LEAST_0,
+    "schedule.milestones": AT_LEAST_0, "schedule.gamma": ABOVE_0, "schedule.min_lr_factor": FRACTION,
+    "schedule.pct_start": FRACTION, "schedule.div_factor": ABOVE_0, "schedule.final_div_factor": ABOVE_0,
+    "schedule.peak_epoch": AT_LEAST_0, "schedule.start_factor": AT_LEAST_0, "schedule.end_factor": AT_LEAST_0,
+    "train.epochs": AT_LEAST_1, "train.batch_size": AT_LEAST_1, "train.accumulation_steps": AT_LEAST_1,
+    "train.seed": AT_LEAST_0, "train.checkpoint_every_steps": AT_LEAST_0, "train.log_every_steps": AT_LEAST_0,
+    "train.sample_system_seconds": AT_LEAST_0, "train.stop_at_step": AT_LEAST_0, "train.price_per_hour": AT_LEAST_0,
+}
+PAIRS = ("data.crop_ratio", "optim.betas")  # lists of exactly two numbers
+
+
+def out_of_range(cfg: Config) -> list[str]:
+    """A phrase for each setting outside its range in RANGES (each element of a list setting), naming it."""
+    problems = []
+    for name, allowed in RANGES.items():
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        values = value if isinstance(value, list) else [value]
+        if name in PAIRS and len(values) != 2:
+            problems.append(f"{name}={value}: give two numbers, e.g. {getattr(getattr(Config(), section), key)}")
+        elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            problems.append(f"{name}={value}: give numbers")
+        elif any(v not in allowed for v in values):
+            about = "each value" if isinstance(value, list) else key
+            problems.append(f"{name}={value} is out of range: need {allowed.describe(about)}")
+    return problems
+
+
 def validate(cfg: Config) -> None:
     t, s = cfg.train, cfg.schedule
-    if t.batch_size < 1 or t.accumulation_steps < 1 or t.epochs < 1:
-        raise ConfigError("train.batch_size, train.accumulation_steps and train.epochs must be >= 1")
+    problems = out_of_range(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if cfg.data.progressive_start_size and cfg.data.progressive_end_epoch < cfg.data.progressive_start_epoch:
+        raise ConfigError(f"data.progressive_end_epoch={cfg.data.progressive_end_epoch} comes before "
+                          f"data.progressive_start_epoch={cfg.data.progressive_start_epoch}: the ramp needs "
+                          "start <= end")
     if t.eval_every < 0:
         raise ConfigError(f"train.eval_every={t.eval_every}: give epochs between validations, or 0 for the last "
                           "epoch only")

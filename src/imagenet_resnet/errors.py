@@ -20,11 +20,12 @@ def disk_full(path: Path, error: OSError, again: str = "run the same command aga
 
 
 def check_writable(folder: Path, option: str) -> Path:
-    """Make `folder` (and its parents) if missing and prove a file can be written there, before any long work:
-    a read-only mount or a folder of someone else's is one line naming `option`, not a traceback hours later.
-    Trying a real write, not os.access: root passes every access check, and /proc or a read-only bind mount
-    only refuses the write itself."""
+    """Prove a file can be written in `folder` before any long work: a read-only mount or a folder of someone
+    else's is one line naming `option`, not a traceback hours later. Trying a real write, not os.access: root
+    passes every access check, and /proc or a read-only bind mount only refuses the write itself. Folders made
+    for the probe are removed again, so a command refused later leaves nothing behind."""
     folder = Path(folder)
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder, prefix=".write-check-"):
@@ -37,4 +38,10 @@ def check_writable(folder: Path, option: str) -> Path:
         if error.errno in DISK_FULL:
             raise disk_full(folder, error, "run the same command again")
         raise UserError(f"{folder}: cannot write there ({error.strerror}); give {option} a folder you can write to")
+    finally:
+        for made in missing:  # deepest first; only the empty folders this probe made
+            try:
+                made.rmdir()
+            except OSError:
+                break
     return folder

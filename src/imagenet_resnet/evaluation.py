@@ -1,5 +1,5 @@
-"""`imagenet-resnet evaluate`: a checkpoint's top-1/top-5 on a validation set, its most confused class pairs
-and its accuracy per class."""
+"""`imagenet-resnet evaluate`: a checkpoint's top-1/top-5 on a validation set and its most confused class pairs;
+its accuracy per class in a CSV when asked."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from .data.classes import model_labels
 from .data.loader import EpochBatchSampler, ImageDataset, SkippedImages, build_loader
 from .data.prepared import open_split
 from .data.presets import make_eval_preset, pipeline_description
+from .errors import UserError
 from .serving.inference import load_model
 from .training.step import evaluate
 
@@ -23,11 +24,15 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, batch_size: in
     holds a subset of the model's classes (Imagenette for an ImageNet-1k model) is evaluated on those classes:
     the model's choice is restricted to them, and the report says so. `ema`: the checkpoint's EMA weights;
     the report's `weights` says which were evaluated."""
+    # Checked before the loader starts its workers: these are the values the command line also refuses.
+    if batch_size < 1 or workers < -1 or (size is not None and size < 1):
+        raise UserError(f"batch_size={batch_size}, workers={workers}, size={size}: need batch_size >= 1, "
+                        "workers >= -1 (-1: the default) and size >= 1")
     loaded = load_model(checkpoint, device, ema)
     val_index = open_split(data, "val")
     subset = model_labels(val_index.classes, loaded.classes, f"{data} (val)")
     names = loaded.names if subset is None else [loaded.names[k] for k in subset]
-    size = size or loaded.cfg.data.eval_size
+    size = loaded.cfg.data.eval_size if size is None else size
     pipeline = pipeline or loaded.cfg.data.pipeline
     dataset = ImageDataset(val_index, make_eval_preset(pipeline, size, loaded.cfg.data.eval_crop_ratio))
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=False, drop_last=False)

@@ -62,8 +62,8 @@ def _accuracy(ax, s: _Series) -> None:
     if any("train_top1" in r for r in s.steps):
         ax.plot(s.x_step, [100 * r.get("train_top1", 0) for r in s.steps], color="#bbbbbb", linewidth=0.8,
                 label="train top-1 (running, sampled steps)")
-    for key, label, style in (("val_top1", "top-1", "o-"), ("val_top5", "top-5", "s-"),
-                              ("val_top1_ema", "top-1, EMA weights", "^--")):
+    for key, label, style in (("val_top1", "val top-1", "o-"), ("val_top5", "val top-5", "s-"),
+                              ("val_top1_ema", "val top-1, EMA weights", "^--")):
         points = [(r["epoch"], 100 * r[key]) for r in s.epochs if r.get(key) is not None]
         if points:
             ax.plot(*zip(*points), style, label=label)
@@ -80,13 +80,19 @@ def _speed(ax, s: _Series) -> None:
     ax.set_ylim(bottom=0)  # a 4% wobble should look like one
     if any("data_wait_share" in r for r in s.epochs):
         twin = ax.twinx()
-        twin.plot(s.x_epoch, [100 * r.get("data_wait_share", 0) for r in s.epochs], "s--", color="#d62728")
+        twin.plot(s.x_epoch, [100 * r.get("data_wait_share", 0) for r in s.epochs], "s--", color="#d62728",
+                  label="waiting for data (right axis)")
         twin.set_ylabel("% of the epoch waiting for data", color="#d62728")
         twin.set_ylim(0, 100)
 
 
+USE_SERIES = (("gpu_util", "GPU utilisation", "#2ca02c"),
+              ("cpu_util_run", "CPU, this run (its process and loader workers)", "#1f77b4"),
+              ("cpu_util", "CPU, whole machine (every program)", "#ff7f0e"))  # CPU: % of all the machine's cores
+
+
 def _system(ax, s: _Series) -> None:
-    for key, label, color in (("gpu_util", "GPU utilisation", "#2ca02c"), ("cpu_util", "CPU use (all cores)", "#ff7f0e")):
+    for key, label, color in USE_SERIES:
         sampled = [(x, r[key]) for x, r in zip(s.x_step, s.steps) if key in r]
         if sampled:
             ax.plot(*zip(*sampled), color=color, linewidth=0.8, alpha=0.5)
@@ -97,7 +103,7 @@ def _system(ax, s: _Series) -> None:
     memory = [(r["epoch"], r["gpu_memory_gb_peak"]) for r in s.epochs if "gpu_memory_gb_peak" in r]
     if memory:
         twin = ax.twinx()
-        twin.plot(*zip(*memory), "s--", color="#9467bd")
+        twin.plot(*zip(*memory), "s--", color="#9467bd", label="peak GPU memory (right axis)")
         twin.set_ylabel("peak GPU memory in use (GiB)", color="#9467bd")
         twin.set_ylim(0, max(m for _, m in memory) * 1.15)
 
@@ -112,8 +118,38 @@ def _plots(s: _Series) -> list[tuple]:
         plots.append(("speed.png", "Throughput and data-loader wait", "images/s", _speed))
     if any("cpu_util" in r or "gpu_util" in r for r in s.epochs + s.steps):
         gpu = any("gpu_util" in r for r in s.epochs + s.steps)
-        plots.append(("system.png", "GPU and CPU use" if gpu else "CPU use (no GPU figures on this run)", "%", _system))
+        plots.append(("system.png", "GPU and CPU use" if gpu else "CPU use (no GPU figures on this run)",
+                      "% (CPU: of all the machine's cores)", _system))
     return plots
+
+
+def _legend(fig) -> None:
+    """One legend for the plot, naming the series of its right-hand axis too (a twin axis has none of its own)."""
+    handles, labels = [], []
+    for axis in fig.axes:
+        more = axis.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    if handles:
+        fig.axes[-1].legend(handles, labels)  # on the axis drawn last, so no line hides it
+
+
+def draw_plot(series: _Series, title: str, ylabel: str, draw):
+    """One plot of the report as a matplotlib Figure: `draw(ax, series)` on an epoch axis ticked in whole epochs."""
+    # Imported here, slow as it is: a report that fails on its records (a wrong URL) says so at once.
+    from matplotlib.figure import Figure  # no pyplot: a figure of its own, drawn without any GUI backend
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    ax = fig.subplots()
+    draw(ax, series)
+    ax.set_title(title)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    _legend(fig)
+    fig.tight_layout()
+    return fig
 
 
 def make_report(run: str | Path, out: str | Path | None = None) -> dict:
@@ -124,27 +160,15 @@ def make_report(run: str | Path, out: str | Path | None = None) -> dict:
                         else f"{files}: no metrics.jsonl or steps.jsonl there; give the URL the run was mirrored "
                         "to (train --mirror URL), or wait for its first records")
     # A mirror's plots go to this machine (./report-NAME), beside its training_log.md: the bucket is the run's.
+    # An --out given takes the log too: it is how a run folder one cannot write to gets its report.
+    log_in_out = files.remote or out is not None
     out = Path(out) if out else (Path(f"report-{files.name}") if files.remote else files.root / "report")
-    log_path = out / "training_log.md" if files.remote else files.root / "training_log.md"
-    import matplotlib  # slow to import: once the records are read (a wrong URL is said at once)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    log_path = out / "training_log.md" if log_in_out else files.root / "training_log.md"
     out.mkdir(parents=True, exist_ok=True)
     series, written = _Series(epochs, steps), []
     for name, title, ylabel, draw in _plots(series):
-        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-        draw(ax, series)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-        fig.tight_layout()
+        fig = draw_plot(series, title, ylabel, draw)
         fig.savefig(out / name)
-        plt.close(fig)
         written.append(str(out / name))
     log_path.write_text(training_log_markdown(epochs))
     written.append(str(log_path))

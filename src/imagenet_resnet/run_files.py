@@ -1,5 +1,6 @@
 """The small files of a run, read from its run folder or from its mirror (`train --mirror URL`) alike, for
-`report` and `status`: config.yaml, metrics.jsonl, steps.jsonl and train.log; never a checkpoint.
+`report` and `status`: config.yaml, metrics.jsonl, steps.jsonl and train.log; never a checkpoint. And what
+`train` checks of its --out before writing there.
 
 Nothing here imports torch, so that `status` answers in a fraction of a second.
 """
@@ -13,6 +14,52 @@ from . import storage
 from .errors import UserError
 
 CREDENTIALS_HINT = "check the URL, the network and the credentials (AWS_* variables, AWS_PROFILE, AWS_ENDPOINT_URL)"
+
+CHECKPOINTS = ("last.pt", "previous.pt")  # what a resume continues from (best.pt is not: it may be epochs older)
+# What a run writes before its first checkpoint: a run killed that early has nothing to lose by starting again.
+BEFORE_FIRST_CHECKPOINT = {"train.log", "config.yaml", "steps.jsonl", "samples.jsonl", "tensorboard"}
+# And what its first epoch's end writes before last.pt: the record first, then best.pt (see trainer.train).
+FIRST_EPOCH_END = {"metrics.jsonl", "metrics.csv", "best.pt"}
+NEVER_A_RUNS = {"lost+found"}  # the root of a freshly made file system: --out /mnt/new-disk is fine
+
+
+def _entries(out_dir: Path) -> list[str]:
+    if not out_dir.is_dir():
+        return []
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir() if p.name not in NEVER_A_RUNS)
+
+
+def _named(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def check_new_run_folder(out_dir: Path) -> None:
+    """`train` without --resume starts in an empty or new folder only: in a used one it would replace the
+    earlier run's metrics and config, mix the two runs in train.log, or trip over files of another kind."""
+    found = _entries(out_dir)
+    if any(name in found for name in CHECKPOINTS):
+        raise UserError(f"{out_dir} already holds a run; add --resume to continue it, or pick another --out")
+    if found:
+        raise UserError(f"--out {out_dir} already holds files ({_named(found)}); a new run starts in an empty or "
+                        "new folder, so that nothing there is overwritten or mixed in: pick another --out, or "
+                        "move those files aside (--resume continues a run from its last.pt)")
+
+
+def check_nothing_to_lose(out_dir: Path) -> None:
+    """`train --resume` where no checkpoint is: fine in an empty or new folder, or one a run left before its
+    first checkpoint (killed in its first epoch, or at its end before last.pt was written: it starts again);
+    refused where an earlier run's records or other files are (its checkpoints deleted, say): a new run there
+    would replace and mix with them."""
+    metrics = out_dir / "metrics.jsonl"
+    records = parse_records(metrics.read_bytes()) if metrics.is_file() else []
+    epochs = [r.get("epoch") if isinstance(r, dict) else None for r in records]
+    left_by_a_kill = BEFORE_FIRST_CHECKPOINT | (FIRST_EPOCH_END if epochs in ([], [1]) else set())
+    kept = [name for name in _entries(out_dir)
+            if name.rstrip("/") not in left_by_a_kill and not (name.startswith(".") and name.endswith(".tmp"))]
+    if kept:
+        raise UserError(f"--resume: {out_dir} holds no {' or '.join(CHECKPOINTS)}, so there is nothing to resume "
+                        f"from, but it holds other files ({_named(kept)}) that a new run would replace or mix "
+                        "with: pick another --out, or move those files aside")
 
 
 def parse_records(data: bytes) -> list[dict]:

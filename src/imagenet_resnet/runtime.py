@@ -14,12 +14,35 @@ import torch
 from .errors import UserError
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(name: str, option: str = "--set train.device") -> torch.device:
+    """The device `name` means: auto (CUDA when there is one), cpu, cuda, cuda:N; "gpu" and "gpu:N" as people
+    write them are CUDA's. A name torch does not know, or a GPU that is not here, is a UserError whose advice
+    names `option`, where the name came from: the config's --set train.device, or a command's --device."""
+    def spelled(value: str) -> str:  # as the user writes it: --set train.device=cpu, --device cpu
+        return f"{option}={value}" if option.startswith("--set") else f"{option} {value}"
+
+    normalised = name.strip().lower()
+    if normalised == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name} asked for, but PyTorch sees no CUDA GPU; use --set train.device=cpu")
+    if normalised.split(":")[0] == "gpu":
+        normalised = "cuda" + normalised[3:]
+    try:
+        device = torch.device(normalised)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # the two the project runs on and tests
+        raise UserError(f"{spelled(name)}: not a device this runs on; give {DEVICE_CHOICES}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise UserError(f"{spelled(name)}: PyTorch sees no CUDA GPU on this machine; use {spelled('cpu')}")
+        if device.index is not None and device.index >= count:
+            valid = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            raise UserError(f"{spelled(name)}: this machine has {count} GPU{'s' if count > 1 else ''} ({valid}); "
+                            f"give one of those, or {spelled('cpu')}")
     return device
 
 
@@ -67,6 +90,39 @@ def set_backend_flags(deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch reads its intra-op thread count from
+_threads_set: int | None = None  # what size_cpu_threads last set: a later run in this process may size it again
+
+
+def size_cpu_threads(device: torch.device, loader_workers: int) -> str:
+    """On a CPU run, give the network's ops the cores this process may use less its training loader's workers
+    (never fewer than half of them: one worker per core, the default, mostly waits on a full queue), and say
+    so for the plan line. torch starts one intra-op thread per core, and an op waits for its slowest thread: a
+    core taken by a worker or by another program makes every op wait (3x slower epochs, measured on 2 cores
+    beside one busy process). Thread counts the user chose are kept: OMP_NUM_THREADS or MKL_NUM_THREADS, and a
+    torch.set_num_threads below this. "" on a GPU run, where the CPU runs no ops of the network."""
+    if device.type != "cpu":
+        return ""
+    chosen = next((f"{name}={os.environ[name]}" for name in THREAD_VARIABLES if os.environ.get(name)), None)
+    if chosen:
+        return f"{_count(torch.get_num_threads(), 'CPU thread')} (from {chosen})"
+    # Under torchrun each of the node's training processes gets its share of the cores, as the loader's do.
+    cores = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    threads = max(1, cores - loader_workers, cores // 2)
+    left = f"{_count(cores, 'core')} for this process less {_count(loader_workers, 'loader worker')}"
+    global _threads_set
+    current = torch.get_num_threads()
+    if current < threads and current != _threads_set:  # a torch.set_num_threads, or one per physical core
+        return f"{_count(current, 'CPU thread')} (torch's setting, kept: fewer than the {left})"
+    torch.set_num_threads(threads)
+    _threads_set = threads
+    return f"{_count(threads, 'CPU thread')} ({left}; OMP_NUM_THREADS sets it)"
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

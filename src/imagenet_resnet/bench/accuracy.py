@@ -113,7 +113,7 @@ def train_seed(train_args: list[str], run_dir: Path, seed: int, cfg: Config) -> 
     seconds = None
     if records is None:
         command = [sys.executable, "-m", "imagenet_resnet", "train", *train_args, "--out", str(run_dir),
-                   "--set", f"train.seed={seed}"] + (["--resume"] if (run_dir / "last.pt").exists() else [])
+                   "--set", f"train.seed={seed}"] + (["--resume"] if run_dir.exists() else [])  # a used --out needs it
         print(f"seed {seed}: {' '.join(command[1:])}", file=sys.stderr, flush=True)
         started = time.perf_counter()
         # The trainer's log goes to stderr, so that stdout carries only this benchmark's JSON record.

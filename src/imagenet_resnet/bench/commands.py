@@ -9,8 +9,11 @@ from __future__ import annotations
 import importlib
 
 from ..config import MODEL_NAMES, PIPELINES
+from ..option_types import decay, non_negative_float, non_negative_int, positive_float, positive_int, workers
 
-PRECISIONS = ["fp32", "bf16", "fp16"]
+PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
+PRECISION_HELP = ("default auto, as train.precision: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on a "
+                  "CPU (where bf16 is several times slower)")
 
 
 def add_parser(sub) -> None:
@@ -36,23 +39,26 @@ def _json(p) -> None:
 def _train(bench_sub) -> None:
     t = bench_sub.add_parser("train", help="training-step throughput on synthetic data already on the device",
                              description="Times the training loop's step (with the EMA and Mixup/CutMix when asked) "
-                             "with CUDA events after a warm-up: images/s, step time, peak memory and the FLOP rate "
-                             "beside the GPU's measured bf16 matrix rate.")
+                             "after a warm-up: images/s, step time, peak memory and, on a GPU, the FLOP rate beside "
+                             "its matrix rate measured at the same precision (on a CPU: \"peak unknown\", no rate).")
     t.add_argument("--model", default="resnet50", choices=MODEL_NAMES, help="default resnet50")
-    t.add_argument("--res", type=int, nargs="+", default=[224], help="input sides to time (default 224)")
-    t.add_argument("--batch-size", type=int, nargs="+", default=[256], help="batch sizes to time (default 256)")
-    t.add_argument("--precision", default="bf16", choices=PRECISIONS, help="default bf16")
+    t.add_argument("--res", type=positive_int, nargs="+", default=[224], help="input sides to time (default 224)")
+    t.add_argument("--batch-size", type=positive_int, nargs="+", default=[256],
+                   help="batch sizes to time (default 256)")
+    t.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     t.add_argument("--compile", nargs="*", metavar="MODE",
                    help="torch.compile modes to try (default, max-autotune, max-autotune-no-cudagraphs, ...); "
                    "no mode named: default (not given: eager)")
     t.add_argument("--no-channels-last", action="store_true", help="NCHW instead of NHWC")
     t.add_argument("--fused", action="store_true", help="fused CUDA SGD kernel instead of the foreach one")
-    t.add_argument("--ema-decay", type=float, default=0.0, help="also update an EMA of the weights each step, as "
+    t.add_argument("--ema-decay", type=decay, default=0.0, help="also update an EMA of the weights each step, as "
                    "train.ema_decay does (default 0: off)")
-    t.add_argument("--mixup", type=float, default=0.0, help="Mixup alpha, as data.mixup_alpha (default 0: off)")
-    t.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha, as data.cutmix_alpha (default 0: off)")
-    t.add_argument("--steps", type=int, default=50, help="timed steps (default 50)")
-    t.add_argument("--warmup", type=int, default=15, help="untimed steps first (default 15)")
+    t.add_argument("--mixup", type=non_negative_float, default=0.0,
+                   help="Mixup alpha, as data.mixup_alpha (default 0: off)")
+    t.add_argument("--cutmix", type=non_negative_float, default=0.0,
+                   help="CutMix alpha, as data.cutmix_alpha (default 0: off)")
+    t.add_argument("--steps", type=positive_int, default=50, help="timed steps (default 50)")
+    t.add_argument("--warmup", type=non_negative_int, default=15, help="untimed steps first (default 15)")
     t.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda:N")
     _json(t)
 
@@ -62,28 +68,31 @@ def _data(bench_sub) -> None:
                              "baseline", description="Both in one process, on the same images, with one torch "
                              "thread: a per-core figure; --workers adds the multi-process loader's total rate.")
     d.add_argument("--data", required=True, help="a folder made by `imagenet-resnet prepare ... --pack`")
-    d.add_argument("--size", type=int, default=224, help="training crop side (default 224)")
-    d.add_argument("--images", type=int, default=1000, help="distinct images to cycle through (default 1000)")
-    d.add_argument("--seconds", type=float, default=20.0, help="time per measurement (default 20)")
-    d.add_argument("--workers", type=int, default=0, help="also measure the loader with N processes (default 0: not)")
-    d.add_argument("--batch-size", type=int, default=256, help="batch size of the loader measurement (default 256)")
+    d.add_argument("--size", type=positive_int, default=224, help="training crop side (default 224)")
+    d.add_argument("--images", type=positive_int, default=1000, help="distinct images to cycle through (default 1000)")
+    d.add_argument("--seconds", type=positive_float, default=20.0, help="time per measurement (default 20)")
+    d.add_argument("--workers", type=non_negative_int, default=0,
+                   help="also measure the loader with N processes (default 0: not)")
+    d.add_argument("--batch-size", type=positive_int, default=256,
+                   help="batch size of the loader measurement (default 256)")
     _json(d)
 
 
 def _e2e(bench_sub) -> None:
     e = bench_sub.add_parser("e2e", help="the training step fed by the real loader from disk, against synthetic data",
                              description="Reports images/s, the share of time spent waiting for the loader, and the "
-                             "synthetic figure from the same process (e2e_over_synthetic; the target is >= 0.9).")
+                             "same step's rate on a batch kept on the device, timed half before and half after "
+                             "the e2e run in the same process (e2e_over_synthetic; the target is >= 0.9).")
     e.add_argument("--data", required=True, help="a prepared folder (its packed copy is used when there is one)")
     e.add_argument("--model", default="resnet50", choices=MODEL_NAMES, help="default resnet50")
-    e.add_argument("--res", type=int, default=224, help="default 224")
-    e.add_argument("--batch-size", type=int, default=256, help="default 256")
-    e.add_argument("--precision", default="bf16", choices=PRECISIONS, help="default bf16")
+    e.add_argument("--res", type=positive_int, default=224, help="default 224")
+    e.add_argument("--batch-size", type=positive_int, default=256, help="default 256")
+    e.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     e.add_argument("--compile", metavar="MODE", help="torch.compile mode (default, max-autotune, ...); eager when "
                    "not given")
-    e.add_argument("--workers", type=int, default=-1, help="loader processes (default: every core, at most 16)")
-    e.add_argument("--steps", type=int, default=100, help="timed steps (default 100)")
-    e.add_argument("--warmup", type=int, default=20, help="untimed steps first (default 20)")
+    e.add_argument("--workers", type=workers, default=-1, help="loader processes (default: every core, at most 16)")
+    e.add_argument("--steps", type=positive_int, default=100, help="timed steps (default 100)")
+    e.add_argument("--warmup", type=non_negative_int, default=20, help="untimed steps first (default 20)")
     e.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda:N")
     e.add_argument("--no-channels-last", action="store_true", help="NCHW instead of NHWC")
     e.add_argument("--fused", action="store_true", help="fused CUDA SGD kernel")
@@ -99,11 +108,13 @@ def _infer(bench_sub) -> None:
     model.add_argument("--checkpoint", help="one of our checkpoints (.pt) or a .safetensors export")
     model.add_argument("--model", choices=MODEL_NAMES, help="an untrained model of this architecture "
                        "(1000 classes): the timing of a trained one, without needing one")
-    i.add_argument("--size", type=int, help="input side in px (default: the checkpoint's eval size, else 224)")
-    i.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="default 1 32")
-    i.add_argument("--iterations", type=int, default=50, help="timed calls per runtime and batch size (default 50)")
-    i.add_argument("--warmup", type=int, default=5, help="untimed calls first (default 5)")
-    i.add_argument("--threads", type=int, help="intra-op threads for both runtimes (default: PyTorch's, one per core)")
+    i.add_argument("--size", type=positive_int, help="input side in px (default: the checkpoint's eval size, else 224)")
+    i.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 32], help="default 1 32")
+    i.add_argument("--iterations", type=positive_int, default=50,
+                   help="timed calls per runtime and batch size (default 50)")
+    i.add_argument("--warmup", type=non_negative_int, default=5, help="untimed calls first (default 5)")
+    i.add_argument("--threads", type=positive_int,
+                   help="intra-op threads for both runtimes (default: PyTorch's, one per core)")
     i.add_argument("--out", "--json", dest="json", metavar="JSON",
                    help="also write the record (command, CPU, threads, versions, figures) to this file")
 
@@ -116,11 +127,12 @@ def _accuracy(bench_sub) -> None:
     a.add_argument("--data", required=True, help="a prepared folder (its packed copy is used when it has one)")
     a.add_argument("--recipe", help="YAML recipe, e.g. recipes/imagenette_128_5ep.yaml (default: none, the defaults)")
     a.add_argument("--model", choices=MODEL_NAMES, help="override the recipe's model")
-    a.add_argument("--epochs", type=int, help="override the recipe's epochs")
-    a.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    a.add_argument("--epochs", type=positive_int, help="override the recipe's epochs")
+    a.add_argument("--batch-size", type=positive_int, help="override the recipe's batch size")
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value for every run (repeatable)")
-    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training run per seed (default 0 1 2)")
+    a.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2],
+                   help="one training run per seed (default 0 1 2)")
     a.add_argument("--runs-dir", required=True, help="folder for the runs (RUNS/seed-N)")
     a.add_argument("--eval-pipelines", nargs="+", choices=PIPELINES, metavar="PIPELINE",
                    help=f"also evaluate each run's final weights through these pipelines ({', '.join(PIPELINES)}) "

@@ -27,7 +27,8 @@ def ilsvrc2012_ids() -> list[str]:
     return resources.files(__package__).joinpath("ilsvrc2012_ids.txt").read_text().split()
 
 
-def _some(ids: list[str]) -> str:
+def some_of(ids: list[str]) -> str:
+    """The first few of a list of names (class IDs, files), for a one-line message."""
     return ", ".join(ids[:4]) + (", ..." if len(ids) > 4 else "")
 
 
@@ -35,8 +36,8 @@ def differences(data_classes: list[str], model_classes: list[str], where: str) -
     """One line naming which classes the data has that the model lacks, and the other way round."""
     extra = [c for c in data_classes if c not in set(model_classes)]
     missing = [c for c in model_classes if c not in set(data_classes)]
-    parts = [f"{len(extra)} of its {len(data_classes)} classes are not the model's ({_some(extra)})" if extra else "",
-             f"it lacks {len(missing)} of the model's {len(model_classes)} classes ({_some(missing)})" if missing else ""]
+    parts = [f"{len(extra)} of its {len(data_classes)} classes are not the model's ({some_of(extra)})" if extra else "",
+             f"it lacks {len(missing)} of the model's {len(model_classes)} classes ({some_of(missing)})" if missing else ""]
     return f"{where}: " + "; ".join(p for p in parts if p)
 
 

@@ -128,6 +128,11 @@ class ImageIndex:
         self.__dict__.update(state)
         self._handles = {}
 
+    def empty_classes(self) -> list[str]:
+        """The classes of which this index holds no image, in label order."""
+        counts = np.bincount(self.labels, minlength=len(self.classes))
+        return [self.classes[k] for k in np.flatnonzero(counts == 0)]
+
     def subset(self, keep: np.ndarray) -> ImageIndex:
         """The images at positions `keep` (a boolean mask or indices), classes unchanged."""
         pick = (lambda a: None if a is None else a[keep])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 import random
+import re
 import signal
 import warnings
 import weakref
@@ -182,6 +183,24 @@ def build_loader(dataset: ImageDataset, sampler: EpochBatchSampler, workers: int
     )
     _LOADERS.add(loader)
     return loader
+
+
+def worker_death(error: RuntimeError) -> tuple[str, str] | None:
+    """(how a loader worker died, what to change first: "" when nothing) for a loader's RuntimeError that
+    reports a death; None for any other error: a worker's own exception, which torch re-raises with the
+    worker's traceback (a bug, to be seen whole), or an error from elsewhere. torch puts the death's cause in
+    the error's __cause__: "is killed by signal: Killed", "exited unexpectedly with exit code 1"."""
+    said = f"{error} {error.__cause__ or ''}"
+    if "DataLoader worker" not in said or "in DataLoader worker process" in said:
+        return None
+    signalled = re.search(r"killed by signal: ([^.]+)", said)
+    if signalled is None:
+        code = re.search(r"exit code (-?\d+)", said)
+        return f"exited unexpectedly{f' with exit code {code[1]}' if code else ''}", ""
+    if signalled[1].strip() == "Killed":  # SIGKILL, the out-of-memory killer's signal
+        return ("killed by SIGKILL, most often by the out-of-memory killer",
+                "lower data.workers or data.prefetch_batches, or free memory")
+    return f"killed by signal: {signalled[1].strip()}", ""
 
 
 class SkippedImages:

@@ -21,8 +21,10 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +33,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import storage
-from ..errors import DISK_FULL, UserError, disk_full
+from ..errors import DISK_FULL, UserError, check_writable, disk_full
 from . import upload
+from .classes import some_of
 from .index import ImageIndex
-from .prepared import FORMAT, MANIFEST, SPLITS, STAGING, finish_switch, index_path, read_manifest, write_switch
+from .prepared import (FORMAT, MANIFEST, SPLITS, STAGING, finish_switch, index_path, not_written_by_prepare,
+                       read_manifest, write_switch)
 from .presets import unreadable_reason
 from .sources import Source, SourceError, open_source
 
@@ -86,6 +90,13 @@ _worker: dict = {}
 
 def _init_worker(state: dict, counter) -> None:
     _worker.update(state, counter=counter)
+
+
+def _init_pool_worker(state: dict, counter) -> None:
+    # Ctrl-C reaches the whole process group: the parent alone handles it (leaving the pool ends the workers),
+    # so the user sees one line instead of a traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(state, counter)
 
 
 def _count(n: int) -> None:
@@ -188,7 +199,7 @@ def _run_parallel(fn, tasks, total: int, workers: int, state: dict, desc: str):
                 results.append(fn(task))
                 bar.update(counter.value - bar.n)
             return results
-        with context.Pool(workers, initializer=_init_worker, initargs=(state, counter)) as pool:
+        with context.Pool(workers, initializer=_init_pool_worker, initargs=(state, counter)) as pool:
             pending = pool.map_async(fn, tasks, chunksize=1)
             while not pending.ready():
                 pending.wait(0.5)
@@ -221,8 +232,9 @@ def check_split(index: ImageIndex, workers: int, desc: str):
     return codes, sizes, details
 
 
-def estimate_pack(index: ImageIndex, kinds: list, settings: PackSettings, samples: int = 200) -> tuple[float, float]:
-    """(bytes per image, seconds per image on one core), from packing an even sample."""
+def estimate_pack(index: ImageIndex, kinds: list, settings: PackSettings,
+                  samples: int = 200) -> tuple[float, float, int]:
+    """(bytes per image, seconds per image on one core, images sampled), from packing an even sample."""
     if index.storage == "parquet":  # rows are read a row group at a time: sample the first ones
         picks = np.arange(min(samples, len(index)))
     else:
@@ -233,7 +245,14 @@ def estimate_pack(index: ImageIndex, kinds: list, settings: PackSettings, sample
             total += len(encode_for_pack(data, kinds[i], settings)) if not isinstance(data, OSError) else 0
         except (OSError, ValueError, SyntaxError):
             pass
-    return total / len(picks), (time.perf_counter() - started) / len(picks)
+    return total / len(picks), (time.perf_counter() - started) / len(picks), len(picks)
+
+
+def about_duration(seconds: float) -> str:
+    """A duration as people say it: seconds under a minute (never "0.0 min"), minutes, then hours."""
+    if seconds < 60:
+        return f"about {max(1, round(seconds))} s"
+    return f"about {seconds / 60:.0f} min" if seconds < 5400 else f"about {seconds / 3600:.1f} h"
 
 
 def pack_split(index: ImageIndex, kinds: list, settings: PackSettings, out_dir: Path, split: str, workers: int):
@@ -265,14 +284,22 @@ def pack_split(index: ImageIndex, kinds: list, settings: PackSettings, out_dir: 
     return packed, failed
 
 
-def _print_summary(source: Source, counts: dict, problems: list, out: Path, packed_bytes: int | None) -> None:
+def _print_summary(source: Source, indexes: dict, counts: dict, problems: list, out: Path, packed_bytes: int | None,
+                   limit: int) -> None:
     lines = [f"prepared {source.kind} source {source.path} -> {out}"]
     for split in counts:
-        c = counts[split]
-        lines.append(f"  {split}: {c['images']:,} images in {len(source.classes)} classes"
+        c, empty = counts[split], indexes[split].empty_classes()
+        lines.append(f"  {split}: {c['images']:,} images in {len(source.classes) - len(empty)} "
+                     + (f"of {len(source.classes)} classes (none of {some_of(empty)})" if empty else "classes")
                      + (f", {c['excluded']} left out" if c["excluded"] else ""))
+    if limit:
+        lines.append(f"  --limit-per-class {limit}: the first {limit} images of each class, in train and in val alike")
     if packed_bytes is not None:
         lines.append(f"  packed: {packed_bytes / 1e9:.2f} GB in {out / 'packed'}")
+    elif (out / "packed").is_dir():  # never deleted here: it may be the only copy of hours of packing
+        lines.append(f"  {out / 'packed'}: {_folder_bytes(out / 'packed') / 1e9:.2f} GB (its files' sizes) left by an "
+                     "earlier --pack, now unused as this prepare did not pack: delete it to free the space, or "
+                     "prepare again with --pack to use it")
     if problems:
         by_kind: dict = {}
         for row in problems:
@@ -297,7 +324,20 @@ def prepare(source_path: str | Path, out: str | Path, pack: bool = False, settin
     manifest last (data/upload.py)."""
     if storage.is_url(out):
         return _prepare_to_url(source_path, out, pack, settings, limit, workers, val_only, work_dir)
+    _check_out(Path(out), "--out")
     return _prepare_here(source_path, Path(out), pack, settings, limit, workers, val_only)
+
+
+def _check_out(out: Path, option: str) -> None:
+    """Before any long work: `out` is a folder a prepare may fill (new, empty, or an earlier prepare's, maybe
+    interrupted), and it can be written to. A folder of other files is refused: the switch would replace a
+    packed/ or problems.tsv of the user's, or mix our files into theirs."""
+    foreign = not_written_by_prepare(out)
+    if foreign:
+        raise UserError(f"{option} {out}: holds {len(foreign)} entries that `imagenet-resnet prepare` did not write "
+                        f"({some_of(foreign)}) and would replace or mix with; give {option} a new or empty folder, "
+                        "or the folder of an earlier prepare")
+    check_writable(out, option)
 
 
 def _prepare_to_url(source_path, url: str, pack: bool, settings, limit: int, workers: int, val_only: bool,
@@ -307,6 +347,7 @@ def _prepare_to_url(source_path, url: str, pack: bool, settings, limit: int, wor
         raise UserError(f"--out {url}: a prepared folder goes to object storage only packed (training reads the "
                         "packed copy); add --pack")
     work = Path(work_dir) if work_dir else upload.default_work_dir(url)
+    _check_out(work, "--work-dir")
     print(f"--out {url}: packing in the work folder {work} (--work-dir), each shard uploaded once written",
           file=sys.stderr)
     with upload.Uploader(url, work) as uploader:
@@ -329,6 +370,7 @@ def _prepare_here(source_path, out: Path, pack: bool, settings: PackSettings | N
     print(f"{source_path}: {source.kind} layout, {len(source.classes)} classes", file=sys.stderr)
     for note in source.notes:
         print(f"  {note}", file=sys.stderr)
+    _say_empty_classes(source, "val", source.splits["val"])
     indexes, kinds_of, counts, problems = _check_splits(source, limit, pack, workers)
     try:
         packed_info, packed_bytes = None, None
@@ -348,7 +390,7 @@ def _prepare_here(source_path, out: Path, pack: bool, settings: PackSettings | N
             raise disk_full(Path(e.filename or out), e, "run the same prepare again: it resumes its packing") from e
         raise
     write_switch(out, [index_path(Path(), s).name for s in SPLITS if s not in indexes])
-    _print_summary(source, counts, problems, out, packed_bytes)
+    _print_summary(source, indexes, counts, problems, out, packed_bytes, limit)
     return manifest
 
 
@@ -388,7 +430,27 @@ def _check_splits(source: Source, limit: int, pack: bool, workers: int):
         counts[split] = {"images": int(keep.sum()), "excluded": int((~keep).sum())}
         if counts[split]["images"] == 0:
             raise SourceError(f"{source.path}: no readable {split} images")
+        _say_empty_classes(source, split, indexes[split], listed=index)
     return indexes, kinds_of, counts, problems
+
+
+def _say_empty_classes(source: Source, split: str, index: ImageIndex, listed: ImageIndex | None = None) -> None:
+    """Warn of the classes without images in `index` (after the image check: those that `listed`, the index
+    as listed, still had images of). A class without validation images leaves its accuracy unmeasured, but
+    the rest still counts (a partial download of the validation shards, say). A class without training images
+    stops the prepare, as the model could never learn it: the sources refuse such a listing, and here what the
+    image check emptied."""
+    had = set(listed.empty_classes()) if listed is not None else set()
+    empty = [c for c in index.empty_classes() if c not in had]
+    if not empty:
+        return
+    readable = "readable " if listed is not None else ""
+    what = (f"{source.path}: {len(empty)} of {len(index.classes)} classes have no {readable}{split} images "
+            f"({some_of(empty)})")
+    if split == "train":
+        raise SourceError(f"{what}; a model cannot learn a class it never sees: replace their empty, truncated or "
+                          "unreadable files, or remove the classes")
+    warnings.warn(f"{what}; validation accuracy will not cover them")
 
 
 def _pack(source_path, out: Path, indexes, kinds_of, counts, problems: list, settings: PackSettings,
@@ -402,13 +464,14 @@ def _pack(source_path, out: Path, indexes, kinds_of, counts, problems: list, set
     if _pack_settings(packed_dir) not in (None, wanted):  # an abandoned packing with other settings
         shutil.rmtree(packed_dir)
     first = next(iter(indexes))
-    per_image, seconds = estimate_pack(indexes[first], kinds_of[first], settings)
+    per_image, seconds, sampled = estimate_pack(indexes[first], kinds_of[first], settings)
     total_images = sum(counts[s]["images"] for s in indexes)
     estimate = per_image * total_images
     free = shutil.disk_usage(next(p for p in (packed_dir, *packed_dir.parents) if p.exists())).free
     print(f"packing {total_images:,} images, short side <= {settings.short_side or 'any'} px, quality "
-          f"{settings.quality}: about {estimate / 1e9:.2f} GB on disk ({free / 1e9:.1f} GB free), about "
-          f"{seconds * total_images / workers / 60:.1f} min with {workers} processes", file=sys.stderr)
+          f"{settings.quality}: about {estimate / 1e9:.2f} GB on disk ({free / 1e9:.1f} GB free), "
+          f"{about_duration(seconds * total_images / workers)} with {workers} processes (both from packing {sampled} "
+          f"{first} images as a sample)", file=sys.stderr)
     if estimate > free * 0.95:
         raise SourceError(f"{out}: about {estimate / 1e9:.1f} GB needed for the packed copy but {free / 1e9:.1f} GB "
                           "free (an older packed copy stays until the new one is complete); free space, lower "
@@ -425,6 +488,10 @@ def _pack(source_path, out: Path, indexes, kinds_of, counts, problems: list, set
         packed_bytes += int(packed.sizes.sum())
         splits_info[split] = {"images": len(packed), "bytes": int(packed.sizes.sum()), "shards": len(packed.files)}
     return {**settings.as_dict(), "splits": splits_info}, packed_bytes
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def _pack_settings(packed_dir: Path) -> dict | None:

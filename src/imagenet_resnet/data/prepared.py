@@ -71,6 +71,30 @@ def finish_switch(data: Path) -> None:
                         "the same prepare again as a user who can write there") from e
 
 
+NEVER_OURS_NOR_THEIRS = {"lost+found"}  # the root of a freshly made file system: --out /mnt/new-disk is fine
+
+
+def _manifest_is_ours(data: Path) -> bool:
+    try:
+        return json.loads((data / MANIFEST).read_text()).get("format", "").startswith(FORMAT.split("/")[0] + "/")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def not_written_by_prepare(data: Path) -> list[str]:
+    """What in `data` a prepare did not write and would replace or mix with: everything in a folder that holds
+    neither a prepare's manifest nor its staging folder (an interrupted first prepare), and in a prepare's
+    folder a packed/ without the settings.json every packing writes first. Other files in a prepare's folder
+    are never touched, so they are not counted."""
+    if not data.is_dir():
+        return []
+    if _manifest_is_ours(data) or (data / STAGING).is_dir():
+        packed = data / "packed"
+        return ["packed/"] if packed.exists() and not (packed / "settings.json").exists() else []
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in data.iterdir()
+                  if p.name not in NEVER_OURS_NOR_THEIRS)
+
+
 def read_manifest(data: str | Path) -> dict | None:
     finish_switch(Path(data))
     path = Path(data) / MANIFEST

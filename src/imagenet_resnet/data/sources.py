@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import storage
 from ..errors import UserError
-from .classes import ilsvrc2012_ids, imagenet_classes
+from .classes import ilsvrc2012_ids, imagenet_classes, some_of
 from .folder import IMAGE_EXTENSIONS, SPLIT_NAMES, find_split, scan_class_folders
 from .index import ImageIndex
 
@@ -52,6 +52,8 @@ def _val_only_note(missing: Path) -> str:
 def detect(path: Path | str) -> str:
     if storage.is_url(path):
         return _detect_url(path)
+    if not path.exists():
+        raise SourceError(f"{path}: does not exist; give the folder holding the ImageNet files")
     if not path.is_dir():
         raise SourceError(f"{path}: not a folder; give the folder holding the ImageNet files")
     if (path / OFFICIAL_TRAIN).exists() or (path / OFFICIAL_VAL).exists():
@@ -94,12 +96,12 @@ def _imagenet_names(classes: list[str]) -> list[str]:
     return [known.get(c, c) for c in classes]
 
 
-def _require_every_class(index: ImageIndex, where: Path, split: str) -> None:
-    counts = np.bincount(index.labels, minlength=len(index.classes))
-    missing = [index.classes[k] for k in np.flatnonzero(counts == 0)]
+def _require_every_class(index: ImageIndex, where: Path, split: str,
+                         fix: str = "the copy is incomplete: download it again") -> None:
+    missing = index.empty_classes()
     if missing:
         raise SourceError(f"{where}: {len(missing)} of {len(index.classes)} classes have no {split} images "
-                          f"({', '.join(missing[:3])}, ...); the copy is incomplete: download it again")
+                          f"({some_of(missing)}); {fix}")
 
 
 def _sorted_by_label(index: ImageIndex) -> ImageIndex:
@@ -115,6 +117,8 @@ def _folders(path: Path, val_only: bool) -> Source:
         notes = [] if val_only else [_val_only_note(path / "train")]
         return Source("folders", path, val.classes, _imagenet_names(val.classes), {"val": val}, notes)
     train = scan_class_folders(find_split(path, "train"))
+    _require_every_class(train, find_split(path, "train"), "train", "a model cannot learn a class it never sees: add "
+                         "images to those folders, or remove them")
     val = scan_class_folders(find_split(path, "val"), classes=train.classes)
     return Source("folders", path, train.classes, _imagenet_names(train.classes), {"train": train, "val": val})
 
@@ -186,6 +190,7 @@ def _tiny(path: Path, val_only: bool) -> Source:
             names += [f"train/{c}/images/{f}" for f in files]
             labels += [label_of[c]] * len(files)
         splits["train"] = ImageIndex("files", path, np.array(names, dtype=np.bytes_), np.array(labels, dtype=np.int32), classes)
+        _require_every_class(splits["train"], path / "train", "train")
     annotations = path / "val" / "val_annotations.txt"
     names, labels = [], []
     for line in annotations.read_text().splitlines():

@@ -87,11 +87,17 @@ def _paint(img: Image.Image, mask: np.ndarray, colour: tuple[int, ...]) -> Image
     return Image.fromarray(pixels)
 
 
+def complete_stamp(out: str | Path, train_per_class: int = 400, val_per_class: int = 60, size: int = 64,
+                   seed: int = 0) -> Path:
+    """The file that marks a complete copy made with these arguments: make_shapes_dataset reuses one that has it."""
+    return Path(out) / f".complete-{train_per_class}-{val_per_class}-{size}-{seed}"
+
+
 def make_shapes_dataset(out: str | Path, train_per_class: int = 400, val_per_class: int = 60, size: int = 64,
                         seed: int = 0) -> Path:
     """Write out/train/<class>/*.jpg and out/val/<class>/*.jpg; skip if a complete copy is already there."""
     out = Path(out)
-    stamp = out / f".complete-{train_per_class}-{val_per_class}-{size}-{seed}"
+    stamp = complete_stamp(out, train_per_class, val_per_class, size, seed)
     if stamp.exists():
         return out
     for split, per_class, split_seed in (("train", train_per_class, seed), ("val", val_per_class, seed + 1)):

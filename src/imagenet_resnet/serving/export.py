@@ -7,9 +7,10 @@ model alone. They carry the weights it was loaded with: the raw ones, or the EMA
 is read back and its logits compared with PyTorch's, on a random batch and on images preprocessed as `predict`
 does them, before the export counts as done.
 
-The ONNX contract: input `images`, float32 N x 3 x S x S with N dynamic and S the sidecar's `card.eval_size`,
-RGB, every pixel (value / 255 - mean) / std with ImageNet's mean and std (the sidecar's `preprocessing`);
-output `logits`, float32 N x num_classes in the order of the sidecar's `classes` (softmax for probabilities).
+The ONNX contract: input `images`, float32 N x 3 x S x S with N dynamic and S the sidecar's `preprocessing.size`,
+RGB pixels made as `predict` makes them (docs/serving.md has a Pillow + NumPy function that gives the same pixels),
+each (value / 255 - mean) / std with ImageNet's mean and std (the sidecar's `preprocessing`); output `logits`,
+float32 N x num_classes in the order of the sidecar's `classes` (softmax for probabilities).
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ ONNX_INPUT, ONNX_OUTPUT = "images", "logits"
 ONNX_OPSET = 18  # runs on onnxruntime >= 1.14; the exporter's own newer default would need a newer runtime
 PARITY_TOLERANCE = 1e-3  # max |logit difference|, scaled by the largest |logit| where that is above 1
 CHECK_CHUNK = 32  # images per forward pass while comparing, so a folder of check images fits in memory
-INSTALL_EXPORT = 'pip install "imagenet-resnet[export]"'
 
 
-def require(*modules: str) -> None:
-    """Fail in one line naming the pip extra, before anything is written, when an optional package is missing."""
+def require(*modules: str, extra: str = "export") -> None:
+    """Fail in one line naming the pip extra that brings every missing one, before anything is written, when an
+    optional package is missing."""
     missing = [name for name in modules if importlib.util.find_spec(name) is None]
     if missing:
-        raise UserError(f"{' and '.join(missing)} not installed: {INSTALL_EXPORT}")
+        raise UserError(f'{" and ".join(missing)} not installed: pip install "imagenet-resnet[{extra}]"')
 
 
 def cpu_fp32_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -8,6 +8,7 @@ channels; their ReLU'd sum, upsampled to the input, is the map.
 from __future__ import annotations
 
 import math
+import textwrap
 import threading
 from pathlib import Path
 
@@ -53,8 +54,17 @@ def grad_cam(model: torch.nn.Module, images: torch.Tensor, classes: torch.Tensor
     return cam / peak
 
 
-def save_gallery(entries: list[dict], path: str | Path, title: str) -> None:
-    """entries: {"image": HxWx3 uint8, "panels": [(caption, cam HxW or None), ...], "label": str}."""
+HEAT_LEGEND = "heat: where the evidence for the class named above it lies (red most, blue none)"
+IMAGES_LEGEND = ("Each pair: the image (its file name), then the class the model predicts with its probability; "
+                 + HEAT_LEGEND)
+MISTAKES_LEGEND = ("Each three panels: the image (its file name); predicted: the model's class and its "
+                   "probability; true: the labelled class and the model's probability for it; " + HEAT_LEGEND)
+
+
+def gallery_figure(entries: list[dict], title: str, legend: str):
+    """The gallery as a matplotlib figure: the title, then the rows of panels, then the legend saying what the
+    panels show. Constrained layout keeps the title and legend clear of the panels.
+    entries: {"image": HxWx3 uint8, "panels": [(caption, cam HxW or None), ...]}."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,8 +73,9 @@ def save_gallery(entries: list[dict], path: str | Path, title: str) -> None:
     panels = max(len(e["panels"]) for e in entries)
     per_row = min(2 if panels > 1 else 4, len(entries))
     rows = -(-len(entries) // per_row)
-    fig, axes = plt.subplots(rows, per_row * panels, figsize=(2.6 * per_row * panels, 2.9 * rows), dpi=100,
-                             squeeze=False)
+    width = 2.6 * per_row * panels
+    fig, axes = plt.subplots(rows, per_row * panels, figsize=(width, 2.9 * rows + 0.6), dpi=100, squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for k, entry in enumerate(entries):
@@ -76,7 +87,14 @@ def save_gallery(entries: list[dict], path: str | Path, title: str) -> None:
                 ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
             ax.set_title(caption, fontsize=8)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.supxlabel(textwrap.fill(legend, int(width * 15)), fontsize=8)  # about 15 characters of 8 pt an inch
+    return fig
+
+
+def save_gallery(entries: list[dict], path: str | Path, title: str, legend: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = gallery_figure(entries, title, legend)
     fig.savefig(path)
     plt.close(fig)
 
@@ -99,10 +117,11 @@ def explain_images(loaded, sources: list[tuple[Path, str | None]], out: str | Pa
         top = int(probs.argmax())
         cam = grad_cam(loaded.model, loaded.normalize(torch.from_numpy(pixels[None])), torch.tensor([top]), layer)
         entries.append({"image": pixels, "panels": [(file.name, None),
-                                                    (f"{loaded.names[top]} {float(probs[top]):.0%}", cam[0].cpu().numpy())]})
+                                                    (f"predicted: {loaded.names[top][:18]} {float(probs[top]):.0%}",
+                                                     cam[0].cpu().numpy())]})
         results.append({"file": str(file), "class": loaded.classes[top], "probability": float(probs[top])})
     if entries:
-        save_gallery(entries, out, f"Grad-CAM ({layer}) for the top prediction")
+        save_gallery(entries, out, f"Grad-CAM ({layer}) for the top prediction", IMAGES_LEGEND)
     return results
 
 
@@ -154,10 +173,11 @@ def explain_mistakes(loaded, index, out: str | Path, num_show: int = 20, layer: 
         cams = grad_cam(loaded.model, x, torch.tensor([m["predicted"], m["label"]]), layer).cpu().numpy()
         entries.append({"image": m["pixels"], "panels": [
             (index.names[m["i"]].decode().rsplit("/", 1)[-1][:28], None),
-            (f"said {loaded.names[m['predicted']][:18]} {m['p_pred']:.0%}", cams[0]),
-            (f"is {loaded.names[m['label']][:18]} {m['p_true']:.0%}", cams[1]),
+            (f"predicted: {loaded.names[m['predicted']][:18]} {m['p_pred']:.0%}", cams[0]),
+            (f"true: {loaded.names[m['label']][:18]} {m['p_true']:.0%}", cams[1]),
         ]})
     if entries:
-        save_gallery(entries, out, f"{len(mistakes)} of {seen} validation images misclassified; "
-                                   f"the {len(entries)} most confident mistakes, Grad-CAM at {layer}")
+        title = (f"{len(mistakes)} of {seen} validation images misclassified; the {len(entries)} most confident "
+                 f"mistakes, Grad-CAM at {layer}")
+        save_gallery(entries, out, title, MISTAKES_LEGEND)
     return {"images": seen, "misclassified": len(mistakes), "shown": len(entries), "gallery": str(out) if entries else None}

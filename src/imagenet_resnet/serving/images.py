@@ -28,7 +28,7 @@ class ImageRejected(UserError):
 
 
 def too_large(size: int) -> ImageRejected:
-    return ImageRejected(f"the file is {size / 2**20:.1f} MB, over the {MAX_UPLOAD_BYTES // 2**20} MB limit: "
+    return ImageRejected(f"the file is {size / 2**20:.1f} MiB, over the {MAX_UPLOAD_BYTES // 2**20} MiB limit: "
                          f"use a smaller image", 413)
 
 

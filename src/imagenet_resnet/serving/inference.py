@@ -24,6 +24,7 @@ from ..models import build_model, clean_state_dict
 from ..runtime import memory_format, resolve_device, resolve_precision
 from ..training import checkpoint
 from ..training.ema import saved_ema
+from .card import data_facts, data_name
 from .images import ImageRejected, decodes_as_stored, open_image, read_image_bytes, safe_open_image
 
 
@@ -65,9 +66,10 @@ SIDECAR_FORMAT = "imagenet-resnet/1"
 
 def model_card(cfg: Config, classes: list[str], metrics: dict[str, Any], saved_at: float | None,
                parameters: int, ema_updates: int | None = None) -> dict[str, Any]:
-    """Plain facts about a trained model: architecture, classes, which weights, validation accuracy, epochs,
-    when. `ema_updates`: the weights are the EMA's after that many updates, and the accuracy is theirs (the
-    training run's own `val_top1_ema`), never the raw weights' figures."""
+    """Plain facts about a trained model: architecture, classes, which weights, its data (named, never a path)
+    and validation accuracy on how many images, epochs, when, its limits. `ema_updates`: the weights are the
+    EMA's after that many updates, and the accuracy is theirs (the training run's own `val_top1_ema`), never
+    the raw weights' figures."""
     m = cfg.model
     ema = ema_updates is not None
     return {
@@ -83,6 +85,7 @@ def model_card(cfg: Config, classes: list[str], metrics: dict[str, Any], saved_a
         "trained_at": datetime.datetime.fromtimestamp(saved_at, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         if saved_at else None,
         "eval_size": cfg.data.eval_size,
+        **data_facts(cfg.data.path, classes, metrics.get("val_images")),
     }
 
 
@@ -96,20 +99,64 @@ def sidecar(loaded: "LoadedModel") -> dict[str, Any]:
         "classes": loaded.classes,
         "class_names": loaded.names,
         "preprocessing": {
-            "center_crop": f"the centre square of side {preset.crop_ratio} x the short side",
-            "resize": f"that square to {preset.size} x {preset.size}, bilinear, antialiased",
+            "size": preset.size, "crop_ratio": preset.crop_ratio,
+            "decode": "8-bit RGB; a JPEG at the smallest of 1/1, 1/2, 1/4, 1/8 scale (libjpeg's) that keeps the crop "
+                      "at least size x size; a 16-bit, transparent (onto white) or EXIF-rotated image at full size, "
+                      "converted as a viewer shows it",
+            "center_crop": f"the centre square of side {preset.crop_ratio} x the short side, widened to whole "
+                           "decoded pixels",
+            "resize": f"that square to {preset.size} x {preset.size}, bilinear, antialiased, width then height, "
+                      "uint8 fixed point as PyTorch's kernel",
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "channels": "RGB",
             "layout": "N x 3 x H x W float32, (pixel / 255 - mean) / std",
+            "code": "docs/serving.md, The ONNX model's contract: preprocess() gives predict's input exactly (a CMYK "
+                    "JPEG within 2 of 255)",
         },
-        "config": loaded.cfg.to_dict(),
+        "config": _without_local_paths(loaded.cfg.to_dict()),
     }
+
+
+def _without_local_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with its file and folder settings cut to their last part: an export is shipped, this machine's
+    layout is no one else's business (and loading the export needs neither)."""
+    config = {section: dict(values) if isinstance(values, dict) else values for section, values in config.items()}
+    for section, key in (("data", "path"), ("train", "init_from")):
+        if config.get(section, {}).get(key):
+            config[section][key] = data_name(config[section][key]) or ""
+    return config
+
+
+NOT_CHECKPOINTS = {  # our own export formats that only their runtimes read
+    ".onnx": "an ONNX export: run it with onnxruntime (docs/serving.md, The ONNX model's contract)",
+    ".torchscript": "a TorchScript export: load it with torch.jit.load",
+}
+
+
+def check_model_path(path: Path) -> None:
+    """A run folder, an ONNX or TorchScript export or a sidecar given where a model is loaded: one line saying
+    what it is and which file to give instead."""
+    if path.is_dir():
+        found = [str(path / name) for name in ("best.pt", "last.pt") if (path / name).is_file()]
+        if found:
+            raise UserError(f"{path} is a run folder, not a checkpoint: give --checkpoint {' or '.join(found)}")
+        raise UserError(f"{path} is a folder with no best.pt or last.pt in it: give --checkpoint a checkpoint "
+                        "file (RUN/best.pt) or a .safetensors export")
+    if not path.is_file():
+        return  # checkpoint.load says it is not found
+    if path.suffix.lower() in NOT_CHECKPOINTS:
+        raise UserError(f"{path} is {NOT_CHECKPOINTS[path.suffix.lower()]}; here, give --checkpoint the .pt "
+                        "checkpoint or the .safetensors export it was made from")
+    if path.suffix.lower() == ".json" and path.with_suffix(".safetensors").is_file():
+        raise UserError(f"{path} is an export's JSON sidecar: give --checkpoint {path.with_suffix('.safetensors')}")
 
 
 def load_model(path: str | Path, device_name: str = "auto", ema: bool = False) -> LoadedModel:
     """From one of our checkpoints (.pt), or an exported .safetensors file with its .json sidecar beside it.
     `ema`: a checkpoint's exponential moving average of the weights (train.ema_decay) instead of its raw
     weights. An export holds one set of weights, named in its sidecar: `ema` asks that they be the EMA's."""
-    path, device = Path(path), resolve_device(device_name)
+    path = Path(path)
+    check_model_path(path)
+    device = resolve_device(device_name)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -127,6 +174,8 @@ def load_model(path: str | Path, device_name: str = "auto", ema: bool = False) -
                             "carries one set of weights; drop --ema, or export the checkpoint again with --ema")
         ema = exported_ema
         card.setdefault("weights", "raw")
+        for key, value in data_facts(cfg.data.path, classes, card.get("val_images")).items():
+            card.setdefault(key, value)  # sidecars from before model cards named their data
     else:
         state = checkpoint.load(path)
         cfg = Config.from_dict(state["config"], source=str(path))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..data.prepared import open_split
 from ..data.presets import EvalPreset
 from ..errors import UserError
+from .card import describe_source
 from .gradcam import cam_layer, grad_cam
 from .images import (MAX_PIXELS, MAX_UPLOAD_BYTES, ImageRejected, read_image_bytes, safe_open_image,  # noqa: F401
                      too_large)  # (ImageRejected, safe_open_image: re-exported for the tests)
@@ -117,16 +118,20 @@ def model_card_markdown(loaded: LoadedModel) -> str:
 
     names = ", ".join(loaded.names[:20]) + (f", ... ({len(loaded.names) - 20} more)" if len(loaded.names) > 20 else "")
     epochs = card.get("epochs_trained")
+    val_images = f"{card['val_images']:,} validation images" if card.get("val_images") else "validation images"
     return "\n".join([
         "### Model card",
         f"- **architecture**: {card['architecture']}{' with BlurPool' if card.get('blurpool') else ''}, "
         f"{card['parameters'] / 1e6:.2f} M parameters",
         f"- **classes**: {card['num_classes']}: {names}",
         f"- **weights**: {card.get('weights', 'raw')}",
-        f"- **validation accuracy**: top-1 {share(card.get('val_top1'))}, top-5 {share(card.get('val_top5'))}",
+        f"- **data**: trained and validated on {describe_source(card)}",
+        f"- **validation accuracy**: top-1 {share(card.get('val_top1'))}, top-5 {share(card.get('val_top5'))}, "
+        f"on {val_images} of that data",
         f"- **epochs**: {epochs if epochs is not None else '?'} of {card.get('epochs_planned')}",
         f"- **trained**: {card.get('trained_at') or 'not recorded'}",
         f"- **input**: the centre crop, resized to {card['eval_size']} x {card['eval_size']} px",
+        f"- **limitations**: {card.get('limitations') or 'not recorded (an export made before model cards had them)'}",
     ])
 
 
@@ -163,7 +168,7 @@ def _page(classifier: Classifier, loaded: LoadedModel, examples: list[Path] | No
 
     title = f"{loaded.card['architecture']}, {loaded.card['num_classes']} classes"
     with gr.Blocks(title=f"imagenet-resnet: {title}", delete_cache=(3600, 3600)) as page:
-        gr.Markdown(f"## imagenet-resnet: {title}\nUpload an image (up to {MAX_UPLOAD_BYTES // 2**20} MB and "
+        gr.Markdown(f"## imagenet-resnet: {title}\nUpload an image (up to {MAX_UPLOAD_BYTES // 2**20} MiB and "
                     f"{MAX_PIXELS // 10**6} megapixels) or pick an example: the model's top-5 classes, and where in "
                     f"the image the evidence for the first one lies (Grad-CAM, on the centre crop the model sees).")
         with gr.Row():
@@ -200,6 +205,11 @@ def _json_api(classifier: Classifier, loaded: LoadedModel, concurrency: int, max
     @api.get("/api/health")
     def health() -> dict:
         return {"status": "ok", "model": loaded.card}
+
+    @api.get("/api/classify")
+    def classify_needs_post() -> JSONResponse:  # else the page mounted at / answers a bare 404
+        return JSONResponse({"error": "POST the image's bytes as the request body, e.g. curl --data-binary "
+                                      "@photo.jpg URL/api/classify"}, status_code=405, headers={"Allow": "POST"})
 
     @api.post("/api/classify")
     async def classify_bytes(request: Request):

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from .card import IMAGENET, IMAGENET_TERMS
 from .export import check_safetensors, export_safetensors
 from .inference import LoadedModel
 from .images import MAX_PIXELS, MAX_UPLOAD_BYTES, safe_open_image
@@ -104,9 +105,11 @@ def write_space(loaded: LoadedModel, out: Path, examples: list[Path] | None = No
 
 def _readme(loaded: LoadedModel, gradio_version: str) -> str:
     card = loaded.card
+    terms = f" {IMAGENET_TERMS}" if card.get("data_source") == IMAGENET else ""
     title = f"{card['architecture']} classifier"
-    top1 = f", {card['val_top1']:.1%} top-1" if card.get("val_top1") is not None else ""
-    summary = f"{card['num_classes']}-class image classifier{top1}, with Grad-CAM"
+    val = f" on {card['val_images']:,} val images" if card.get("val_images") else ""
+    top1 = f", {card['val_top1']:.1%} top-1{val}" if card.get("val_top1") is not None else ""
+    summary = f"{card['num_classes']}-class classifier{top1}"  # at most 55 characters, under the Hub's 60
     header = "\n".join([  # JSON strings are YAML strings: quoted, whatever characters they hold
         "---",
         f"title: {json.dumps(title)}",
@@ -127,14 +130,13 @@ def _readme(loaded: LoadedModel, gradio_version: str) -> str:
 # {title}
 
 Upload an image: the model's top-5 classes with their probabilities, and a Grad-CAM map of where in the image
-the evidence for the first one lies. Uploads are limited to {MAX_UPLOAD_BYTES // 2**20} MB and
+the evidence for the first one lies. Uploads are limited to {MAX_UPLOAD_BYTES // 2**20} MiB and
 {MAX_PIXELS // 10**6} megapixels. The same app answers `POST /api/classify` (the image's bytes as the body) with
 the top-5 as JSON.
 
 {model_card_markdown(loaded)}
 
-Trained with imagenet-resnet; `imagenet_resnet/` is a copy of its source (MIT licence). Weights trained on ImageNet fall under the ImageNet terms of access (non-commercial
-research and education).
+Trained with imagenet-resnet; `imagenet_resnet/` is a copy of its source (MIT licence).{terms}
 
 | file | what |
 |---|---|

@@ -9,7 +9,9 @@ leaves a checkpoint to resume from. Checkpoints hold only tensors and plain Pyth
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import tempfile
 import time
@@ -22,6 +24,8 @@ import torch
 
 from ..config import Config
 from ..data.classes import display_name
+from ..data.index import ImageIndex
+from ..data.prepared import read_manifest
 from ..errors import DISK_FULL, UserError, disk_full
 from ..models import clean_state_dict
 from .ema import ModelEma, saved_ema
@@ -139,16 +143,39 @@ def load_newest(out_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
                     "start the run again")
 
 
+def data_identity(data: str | Path, train: ImageIndex, val: ImageIndex) -> dict[str, Any]:
+    """What a run trains and validates on, saved in its checkpoints so that a resume on other data is refused: the
+    image counts, when `prepare` made the folder, and a SHA-256 of both splits' class lists, labels and image
+    names in order. Of the index, not the images: a fraction of a second at 1.28M images, and the same for a
+    packed or unpacked copy, and wherever the folder was moved or copied to."""
+    digest = hashlib.sha256()
+    for index in (train, val):
+        digest.update(json.dumps([len(index), index.classes]).encode())
+        digest.update(index.labels.astype("<i4").tobytes())
+        digest.update(index.names.tobytes())
+    manifest = read_manifest(data) if Path(data).is_dir() else None
+    return {"path": str(data), "train_images": len(train), "val_images": len(val),
+            "prepared": (manifest or {}).get("created"), "fingerprint": digest.hexdigest()}
+
+
+def describe_data(identity: dict[str, Any]) -> str:
+    """A data identity, said for a message: where, when prepared, what."""
+    prepared = f" prepared {identity['prepared']}" if identity.get("prepared") else ""
+    return (f"{identity['path']}{prepared} ({identity['train_images']} train / {identity['val_images']} val "
+            f"images, index {identity['fingerprint'][:12]})")
+
+
 class Checkpointer:
     """last.pt (with previous.pt, its predecessor) and best.pt of one run folder, as timm's CheckpointSaver:
     the state assembled into one dict, written atomically by rank 0, and read back into a run, falling back
     to previous.pt when last.pt is damaged."""
 
     def __init__(self, out_dir: Path, is_main: bool, cfg: Config, classes: list[str], on_write=None,
-                 shape: dict[str, Any] | None = None):
+                 shape: dict[str, Any] | None = None, identity: dict[str, Any] | None = None):
         self.last, self.previous, self.best = out_dir / "last.pt", out_dir / "previous.pt", out_dir / "best.pt"
         self.is_main, self.cfg, self.classes = is_main, cfg, classes
         self.shape = shape or {}  # how the run is split over processes (see trainer.run_shape)
+        self.identity = identity or {}  # its data and schedule length, checked by a resume (trainer.run_identity)
         self.on_write = on_write or (lambda path, **meta: None)  # told of each checkpoint written (the mirror)
         self.saved_step: int | None = None  # the global step of the newest checkpoint written or resumed from
         if is_main:  # temporary files of writes that a kill cut short
@@ -170,6 +197,7 @@ class Checkpointer:
             "model_ema": state.ema.state_dict() if state.ema is not None else None,
             "ema_updates": state.ema.updates if state.ema is not None else 0,
             "scaler": state.scaler.state_dict(), "progress": asdict(state.progress), "shape": self.shape,
+            **self.identity,
             "config": self.cfg.to_dict(), "classes": self.classes,
             "class_names": [display_name(c) for c in self.classes],
             "metrics": state.metrics, "saved_at": time.time(),  # the model card: accuracy, epochs, when

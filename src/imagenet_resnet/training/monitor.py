@@ -7,12 +7,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 import threading
 import time
 import warnings
 from pathlib import Path
 
+import psutil
 import torch
 
 from tqdm import tqdm
@@ -22,6 +24,7 @@ from .checkpoint import write_atomic
 
 
 ESTIMATE_AFTER_STEPS = 10  # the whole run's time is estimated once this many steps after the first
+BAR_UPDATES_PER_EPOCH = 4  # the fewest times an epoch the bar's loss, top-1 and LR are brought up to date
 
 
 def _duration(seconds: float) -> str:
@@ -42,14 +45,17 @@ class SampleLog:
 
 class StepReporter:
     """Rank 0 only (`enabled`). Every `every` steps it records step, loss, LR and images/s in steps.jsonl and
-    shows them: on the bar's postfix on a terminal, as a log line otherwise. The loss is read from the
-    device only then, so the bar costs no synchronisation on other steps."""
+    shows them: on the bar's postfix on a terminal (there at least BAR_UPDATES_PER_EPOCH times an epoch too),
+    as a log line otherwise. The loss is read from the device only then, so the bar costs no synchronisation
+    on other steps."""
 
     def __init__(self, out_dir: Path, enabled: bool, log, steps_per_epoch: int, total_steps: int, every: int,
                  system: "SystemSampler | None" = None, tensorboard: "TensorBoardLog | None" = None):
         self.path, self.enabled, self.log = out_dir / "steps.jsonl", enabled, log
         self.system, self.tensorboard = system, tensorboard
         self.steps_per_epoch, self.total_steps, self.every = steps_per_epoch, total_steps, every
+        # The bar's figures: at the logged steps, and at least 4 times an epoch (the loss read costs a sync).
+        self.bar_every = max(1, min(every or steps_per_epoch, -(-steps_per_epoch // BAR_UPDATES_PER_EPOCH)))
         self.tty = enabled and sys.stdout.isatty()
         self.bar = None
         self.estimate_from: tuple[int, float] | None = None  # (global step, time) of this process's first step
@@ -72,31 +78,44 @@ class StepReporter:
             self._estimate(global_step)
         if self.bar is not None:
             self.bar.update(1)
-        if not self.every or global_step % self.every:
+        logged = bool(self.every) and global_step % self.every == 0
+        # An epoch shorter than train.log_every_steps would otherwise never show the bar's figures.
+        shown = self.bar is not None and (logged or (step + 1) % self.bar_every == 0)
+        if not logged and not shown:
             return
         loss, top1 = running()
         done, since = global_step - self.session_first[0], time.perf_counter() - self.session_first[1]
         eta = _duration((self.total_steps - global_step) * since / done) if done else "?"
-        record = {"step": global_step, "epoch": epoch + 1, "loss": loss, "train_top1": top1, "lr": lr,
-                  "images_per_sec": images_per_sec, "time": time.time()}
+        if logged:
+            self._record({"step": global_step, "epoch": epoch + 1, "loss": loss, "train_top1": top1, "lr": lr,
+                          "images_per_sec": images_per_sec, "time": time.time()})
+        if shown:
+            self.bar.set_postfix_str(f"loss {loss:.4f} train top-1 {top1:.1%} lr {lr:.3g} {images_per_sec:.0f} "
+                                     f"img/s run ETA {eta}")
+        else:
+            self.log(f"epoch {epoch + 1} step {step + 1}/{self.steps_per_epoch} loss {loss:.4f} train top-1 "
+                     f"{top1:.1%} lr {lr:.4g} {images_per_sec:.0f} img/s | run ETA {eta}")
+
+    def _record(self, record: dict) -> None:
+        """A sampled step's figures, with the machine's use since the last one, to steps.jsonl and TensorBoard."""
         if self.system is not None:
             record.update(self.system.take("steps"))
         if self.tensorboard is not None:
-            self.tensorboard.add("train", record, global_step)
+            self.tensorboard.add("train", record, record["step"])
         append_line(self.path, json.dumps(record))
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.4f} acc {top1:.1%} lr {lr:.3g} {images_per_sec:.0f} img/s run ETA {eta}")
-        else:
-            self.log(f"epoch {epoch + 1} step {step + 1}/{self.steps_per_epoch} loss {loss:.4f} acc {top1:.1%} "
-                     f"lr {lr:.4g} {images_per_sec:.0f} img/s | run ETA {eta}")
 
     def _estimate(self, global_step: int) -> None:
         """Once per process, from the steps after the first (which waits for the loader's workers to start)."""
         first_step, started = self.estimate_from
         per_step = (time.perf_counter() - started) / (global_step - first_step)
         left = self.total_steps - global_step
-        self.log(f"estimate: {_duration(left * per_step)} for the {left:,} steps left, at {per_step:.3g} s per step "
-                 f"(steps {first_step + 1}-{global_step}); evaluation comes on top")
+        line = (f"estimate: {_duration(left * per_step)} for the {left:,} steps left, at {per_step:.3g} s per step "
+                f"(steps {first_step + 1}-{global_step}); evaluation comes on top")
+        if self.bar is None:
+            self.log(line)
+            return
+        with tqdm.external_write_mode(file=sys.stdout):  # as tqdm.write does: the bar steps aside for the line
+            self.log(line)
 
     def end_epoch(self) -> None:
         if self.bar is not None:
@@ -227,9 +246,28 @@ class _Mean:
             self.peaks[key] = max(self.peaks.get(key, value), value)
 
 
+def _process_tree_cpu_seconds(root: int) -> dict[int, float]:
+    """CPU seconds (user + system, all threads) of process `root` and each of its descendants, by pid. A
+    process that ends while it is read is left out."""
+    found = {}
+    try:
+        processes = [psutil.Process(root)]
+        processes += processes[0].children(recursive=True)
+    except psutil.Error:
+        return found
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            found[process.pid] = times.user + times.system
+        except psutil.Error:
+            continue
+    return found
+
+
 class SystemSampler:
     """A daemon thread that samples, every `interval` seconds, the machine's CPU use (all cores, from
-    /proc/stat on Linux) and, on a CUDA device with nvidia-ml-py installed, the GPU's utilisation, memory in
+    /proc/stat on Linux), this run's share of it (its process and loader workers, from /proc/PID) and, on a
+    CUDA device with nvidia-ml-py installed, the GPU's utilisation, memory in
     use and power draw through NVML. So "is the GPU starving?" has an answer beside the loader wait time.
 
     `take(window)` gives the means (and the peak GPU memory) since that window was last taken: the engine
@@ -242,6 +280,7 @@ class SystemSampler:
         self.stopped = threading.Event()
         self.gpu = device.type == "cuda" and self._nvml_works()
         self._cpu_before = self._cpu_times()
+        self._run_before = _process_tree_cpu_seconds(os.getpid()), time.perf_counter()
         self.thread = threading.Thread(target=self._run, name="system-sampler", daemon=True)
 
     def _nvml_works(self) -> bool:
@@ -264,11 +303,19 @@ class SystemSampler:
         return sum(fields) - idle, sum(fields)
 
     def sample(self) -> dict[str, float]:
+        """cpu_util: the whole machine's use of all its cores, in %; cpu_util_run: this run's part of it (this
+        process and its loader workers); gpu_*: the GPU's, through NVML."""
         found = {}
         cpu = self._cpu_times()
         if cpu is not None and self._cpu_before is not None and cpu[1] > self._cpu_before[1]:
             found["cpu_util"] = 100.0 * (cpu[0] - self._cpu_before[0]) / (cpu[1] - self._cpu_before[1])
         self._cpu_before = cpu
+        run, now = _process_tree_cpu_seconds(os.getpid()), time.perf_counter()
+        if run and self._run_before[0] and now > self._run_before[1]:
+            # Per process: a worker that ended drops out, one that started counts from its start.
+            used = sum(seconds - self._run_before[0].get(pid, 0.0) for pid, seconds in run.items())
+            found["cpu_util_run"] = 100.0 * max(0.0, used) / ((now - self._run_before[1]) * (os.cpu_count() or 1))
+        self._run_before = run, now
         if self.gpu:
             try:
                 found["gpu_util"] = float(torch.cuda.utilization(self.device))

@@ -17,17 +17,19 @@ import yaml
 from ..config import Config, TrainConfig, save_config
 from ..data.index import ImageIndex
 from ..data.loader import (DeviceNormalize, EpochBatchSampler, ImageDataset, SkippedImages, build_loader,
-                           resolve_workers, stop_workers)
+                           resolve_workers, stop_workers, worker_death)
 from ..data.prepared import open_splits
 from ..data.presets import make_eval_preset, make_train_preset, pipeline_description, progressive_size
 from ..errors import UserError
 from ..models import build_model, load_weights
-from ..runtime import compile_model, memory_format, resolve_device, resolve_precision, set_backend_flags
+from ..run_files import check_new_run_folder, check_nothing_to_lose
+from ..runtime import (compile_model, memory_format, resolve_device, resolve_precision, set_backend_flags,
+                       size_cpu_threads)
 from . import distributed
 from .augment import MixAugment
 from .budget import (EXIT_SECONDS, SAFETY_SHARE, Budget, BudgetTooSmall, Costs, RunShape, Timeline, duration,
                      fit_total_steps, projected_top1, seconds_to_finish)
-from .checkpoint import Checkpointer, Progress, TrainingState, load_newest
+from .checkpoint import Checkpointer, Progress, TrainingState, data_identity, describe_data, load_newest
 from .lr_finder import LRSweep, save_plot, sweep
 from .mirror import LEASE_SECONDS, open_mirror
 from .monitor import MetricsSink, SampleLog, StepReporter, SystemSampler
@@ -75,6 +77,7 @@ class Run:
     skipped: SkippedImages  # this process's unreadable images (rank 0's also those before a resume)
     timeline: Timeline  # the run's optimizer steps on its recipe's: stretched by a budget or train.total_steps
     samples: SampleLog | None = None  # train.record_samples: each step's image indices
+    cpu_threads: str = ""  # the network's CPU threads and why, for the plan line (runtime.size_cpu_threads)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -145,7 +148,7 @@ def build_run(cfg: Config, world: distributed.Dist, device: torch.device) -> Run
     timeline = Timeline(t.epochs * steps_per_epoch, t.total_steps, t.schedule_knots)
     return Run(cfg, world, device, precision, train_index, train_set, val_set, train_sampler, train_loader,
                val_loader, steps_per_epoch, runner, global_batch, normalize, state, optimizer_step, SkippedImages(),
-               timeline)
+               timeline, cpu_threads=size_cpu_threads(device, train_loader.num_workers))
 
 
 def epoch_side(run: Run, timeline: Timeline, epoch: int) -> int:
@@ -186,6 +189,73 @@ def run_shape(run: Run) -> dict[str, Any]:
     device = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else run.device.type
     return {"global_batch": run.global_batch, "processes": run.world.world_size, "batch_size": t.batch_size,
             "accumulation_steps": t.accumulation_steps, "train_images": len(run.train_set), "device": device}
+
+
+def run_identity(run: Run) -> dict[str, Any]:
+    """What a resume checks, saved in every checkpoint: the data (checkpoint.data_identity), and the schedule's
+    length, which a resume with other epochs re-stretches (see _restretch)."""
+    t = run.cfg.train
+    return {"data": data_identity(run.cfg.data.path, run.train_index, run.val_set.index),
+            "schedule": {"epochs": t.epochs, "steps_per_epoch": run.steps_per_epoch,
+                         "total_steps": run.timeline.total_steps}}
+
+
+def _same_data(run_dir: Path, saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """Refuses a resume on other data than the run's; returns what to say when that could not be checked in
+    full (a checkpoint of an earlier version) or the folder was prepared again with the same images."""
+    was = saved.get("data")
+    if was is None:
+        counted = (saved.get("shape") or {}).get("train_images")
+        return ("--resume: the checkpoint records no fingerprint of its data (written by an earlier version): the "
+                "data could not be checked" + (f" beyond its {counted} training images" if counted else ""))
+    if was["fingerprint"] != now["fingerprint"]:
+        raise UserError(f"--resume: {run_dir} was trained on {describe_data(was)} and --data gives "
+                        f"{describe_data(now)}: a resume continues the same run on the same data; give the run's "
+                        f"data, or start a new run from its weights with --init-from {run_dir / 'last.pt'} and "
+                        "another --out")
+    if was.get("prepared") != now["prepared"]:
+        return f"--resume: {now['path']} was prepared again ({now['prepared']}) with the same images in the same order"
+    return None
+
+
+def _length_change(run: Run, saved: dict[str, Any]) -> str | None:
+    """How a resume changes the schedule's length (other epochs, or train.total_steps), said for a message; None
+    where it does not, or where a budget's fit sets the length (the checkpoint's progress holds it)."""
+    t, spe, train_was = run.cfg.train, run.steps_per_epoch, saved["config"]["train"]
+    was = saved.get("schedule") or {  # a checkpoint of an earlier version: its config says the same
+        "epochs": train_was["epochs"], "total_steps": train_was.get("total_steps") or train_was["epochs"] * spe}
+    total = run.timeline.total_steps
+    if saved["progress"].get("total_steps") or was["total_steps"] == total:
+        return None
+    return f"{was['total_steps']} to {total} steps" + (f" ({was['epochs']} -> {t.epochs} epochs of {spe} steps)"
+                                                       if was["epochs"] != t.epochs else "")
+
+
+def _refuse_past_the_end(run: Run, saved: dict[str, Any]) -> None:
+    """A resume with a schedule shorter than where the run already is cannot be made sensible: refused."""
+    length, step, spe = _length_change(run, saved), saved["progress"]["global_step"], run.steps_per_epoch
+    if length and step > run.timeline.total_steps:
+        raise UserError(f"--resume: the run is at global step {step}, past the end of the schedule asked for "
+                        f"({length}); give --epochs {math.ceil(step / spe)} or more (or train.total_steps {step} or "
+                        "more), or leave them as they were")
+
+
+def _restretch(run: Run, saved: dict[str, Any] | None, schedule: LRSchedule, log: RunLog) -> None:
+    """A resume with a schedule of another length than the checkpoint's: the schedule is re-stretched over the
+    new length from where the run is, and the LR jumps there; said in one line."""
+    if saved is None:
+        return
+    length, step = _length_change(run, saved), run.progress.global_step
+    if length is None:
+        return
+    if step == run.timeline.total_steps:
+        log(f"--resume: the schedule's length changes from {length}: the run is at its new end, nothing is left to train")
+        return
+    last_lr, lr = float(saved["optimizer"]["param_groups"][0]["lr"]), schedule(step)
+    goes = "stays at" if math.isclose(lr, last_lr) else ("goes up from" if lr > last_lr else "goes down from")
+    log(f"--resume: the schedule's length changes from {length}: the {run.cfg.schedule.name} schedule is "
+        f"re-stretched over it from global step {step}, where the LR {goes} {last_lr:.4g} (the checkpoint's last "
+        "step)" + ("" if goes == "stays at" else f" to {lr:.4g}"))
 
 
 def _split(shape: dict[str, Any]) -> str:
@@ -230,7 +300,11 @@ def _resume(run: Run, checkpointer: Checkpointer, newest: tuple[dict | None, str
         raise UserError(f"--resume: {checkpointer.last.parent} was trained on {shape['train_images']} training images "
                         f"and {cfg.data.path} has {now['train_images']}: a resume continues the same run on the same "
                         "data; give the run's --data, or start a new run with another --out")
+    data_note = _same_data(checkpointer.last.parent, saved, checkpointer.identity["data"])
+    _refuse_past_the_end(run, saved)
     checkpointer.resume(run.state, newest)
+    if data_note:
+        log(data_note)
     if fell_back:
         log(fell_back)
     if reshaped:
@@ -278,7 +352,8 @@ def _plan(run: Run, peak_lr: float) -> str:
             f"global batch {run.global_batch} ({t.batch_size} per process x {t.accumulation_steps} accumulation x "
             f"{world.world_size}) | peak LR {peak_lr:.4g} ({cfg.optim.lr} per 256) | {run.steps_per_epoch} "
             f"steps/epoch x {length} | loader workers {run.train_loader.num_workers} + "
-            f"{run.val_loader.num_workers} (validation) per process")
+            f"{run.val_loader.num_workers} (validation) per process"
+            + (f" | {run.cpu_threads}" if run.cpu_threads else ""))
 
 
 @contextlib.contextmanager
@@ -367,17 +442,20 @@ def _endless_batches(run: Run, side: int = 0, first_epoch: int = 10_000):
 
 @contextlib.contextmanager
 def _worker_deaths(checkpointer: Checkpointer):
-    """A loader worker killed from outside (the out-of-memory killer, most often) surfaces as a RuntimeError at
-    any point of a step: nothing is saved then, and the run stops in one line, resumable from its last
-    checkpoint (under torchrun with --max-restarts, torchrun resumes it)."""
+    """A loader worker that died (killed from outside: the out-of-memory killer, most often) surfaces as a
+    RuntimeError at any point of a step: nothing is saved then, and the run stops in one line, resumable from
+    its last checkpoint if it has one (under torchrun with --max-restarts, torchrun resumes it). A worker's
+    own exception is a bug: it keeps its traceback."""
     try:
         yield
     except RuntimeError as e:
-        if "DataLoader worker" not in str(e):
+        death = worker_death(e)
+        if death is None:
             raise
-        raise UserError(f"a data-loading process died ({e}); the out-of-memory killer is the usual cause: lower "
-                        "data.workers or data.prefetch_batches, or free memory, then run the same command with "
-                        f"--resume: {checkpointer.last.name} holds the last checkpoint") from e
+        cause, remedy = death
+        then = (f"run the same command with --resume ({checkpointer.last_good()})" if checkpointer.saved_step
+                is not None else "run the same command again (no checkpoint was written yet)")
+        raise UserError(f"a data-loading process died ({cause}): {f'{remedy}, then ' if remedy else ''}{then}") from e
 
 
 def _save(run: Run, checkpointer: Checkpointer, budget: Budget | None, best: bool = False) -> None:
@@ -433,28 +511,27 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | 
           mirror_wait: float = 300.0, take_over: bool = False, lease_seconds: float = LEASE_SECONDS) -> dict[str, Any]:
     """Train, evaluate and checkpoint for cfg.train.epochs, mirrored to the URL `mirror` if given (its lease taken,
     over a live one with `take_over`); returns the last epoch's record."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if ((out_dir / "last.pt").exists() or (out_dir / "previous.pt").exists()) and not resume:
-        raise UserError(f"{out_dir} already holds a run; add --resume to continue it, or pick another --out")
+    out_dir = _open_run_folder(Path(out_dir), resume)
     world, device = distributed.init(cfg.train.device)
     # A newer run in the mirror comes down first (on every node).
     store = open_mirror(mirror, out_dir, resume, world.is_main, mirror_wait, take_over, lease_seconds, world.local_rank)
+    newest = _newest_checkpoint(out_dir) if resume else (None, None)
     log = RunLog(out_dir, enabled=world.is_main)
     store.report_to(log)
-    newest = load_newest(out_dir) if resume else (None, None)
     reshaped = reshape_for_resume(cfg, newest[0], world.world_size) if newest[0] is not None else None
     run = build_run(cfg, world, device)
     t = cfg.train
-    checkpointer = Checkpointer(out_dir, world.is_main, cfg, run.train_index.classes, store.notify, run_shape(run))
+    checkpointer = Checkpointer(out_dir, world.is_main, cfg, run.train_index.classes, store.notify, run_shape(run),
+                                run_identity(run))
     if cfg.optim.find_lr and newest[0] is None:  # a resumed run keeps the LR it chose
         _choose_lr(run, log)
     if resume:
         _resume(run, checkpointer, newest, reshaped, log)
-    run.samples = SampleLog(out_dir) if t.record_samples and world.is_main else None
-    metrics = MetricsSink(out_dir, world.is_main, t.tensorboard, run.progress, store.notify)
     peak_lr = lr_for_batch(cfg.optim, run.global_batch)
     schedule = LRSchedule(cfg.schedule, peak_lr, t.epochs, run.steps_per_epoch, run.timeline)
+    _restretch(run, newest[0], schedule, log)
+    run.samples = SampleLog(out_dir) if t.record_samples and world.is_main else None
+    metrics = MetricsSink(out_dir, world.is_main, t.tensorboard, run.progress, store.notify)
     budget = _budget(run) if t.budget else None
     if world.is_main:  # resolved: with the LR the finder chose, if it ran
         save_config(cfg, out_dir / "config.yaml")
@@ -487,6 +564,21 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | 
         if budget is not None:
             log(budget.summary())
     return run.state.metrics
+
+
+def _open_run_folder(out_dir: Path, resume: bool) -> Path:
+    if not resume:  # by every process before any can write there: distributed.init waits for them all
+        check_new_run_folder(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def _newest_checkpoint(out_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """What --resume continues from; with no checkpoint, a run starts there only if nothing would be lost."""
+    newest = load_newest(out_dir)
+    if newest[0] is None:
+        check_nothing_to_lose(out_dir)
+    return newest
 
 
 def _choose_lr(run: Run, log: RunLog) -> None:
