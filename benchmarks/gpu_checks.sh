@@ -57,12 +57,17 @@ if [ -n "$data" ]; then
   cp "$run/metrics.jsonl" "$out/train_r50_metrics.jsonl"
   # torch.compile with accumulation: the step's later micro-batches freeze BatchNorm's running statistics
   # (track_running_stats toggled), which should cost one recompile, not one per step.
+  rm -rf /tmp/gpu-checks-compile-accum  # a new run needs a new or empty --out (a rerun on a warm machine)
   $CLI train --data "$data" --out /tmp/gpu-checks-compile-accum --recipe imagenette_128_20ep --epochs 1 \
     --set train.compile=default --set train.accumulation_steps=2 --set train.stop_at_step=30 \
     --set data.workers=16 > "$out/train_compile_accumulation.txt" 2>&1
   status+=("train_compile_accumulation=$?")
   $CLI evaluate --json --ema --checkpoint "$run/last.pt" --data "$data" --workers 16 > "$out/evaluate_r50.json"
   status+=("evaluate_r50=$?")
+  # A GPU index that is not here: one line naming how many there are and this command's --device (exit 2).
+  $CLI evaluate --device gpu:99 --checkpoint "$run/last.pt" --data "$data" > "$out/device_refused.txt" 2>&1
+  [ $? -eq 2 ] && grep -q "this machine has .* GPU" "$out/device_refused.txt" && grep -q -- "--device cpu" "$out/device_refused.txt"
+  status+=("device_index_refused=$?")
   # --budget on the GPU: the dry-run times each resolution (CUDA syncs around the timed steps), and a
   # budgeted run must end within its budget, its fit run to the end.
   $CLI train --data "$data" --recipe imagenette_128_20ep --budget 90s --dry-run --set data.workers=16 \

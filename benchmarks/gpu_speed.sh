@@ -42,6 +42,7 @@ e2e)
 imagenette)
     pack 146  # 128 px crops from the centre 87.5% at evaluation
     for epochs in 5 20; do
+        rm -rf "/tmp/inette-r50-$epochs"  # a new run needs a new or empty --out (a rerun on a warm machine)
         $cli train --data /tmp/inette146 --out "/tmp/inette-r50-$epochs" --recipe recipes/resnet50_ffcv16.yaml \
             --epochs $epochs --batch-size 128 --set data.train_size=128 --set data.progressive_start_size=0 \
             --set data.eval_size=128 --set schedule.peak_epoch=1 --set optim.lr=0.5 --set optim.fused=true \
