@@ -10,7 +10,8 @@
 #    the per-step extras, which used to sync the host every step.
 # 3. With DATA (a class-folder or prepared ImageNet subset): ResNet-50 trained end to end for 2 epochs, stopped
 #    at step 1 and resumed on the GPU at half the batch (the resume chooses 2 steps of accumulation to keep the
-#    global batch: the GPU's name in the run's shape, BatchNorm's frozen statistics on CUDA), and evaluated;
+#    global batch: the GPU's name in the run's shape, BatchNorm's frozen statistics on CUDA), and evaluated
+#    (ReaL and calibration from predictions gathered per image on the GPU, with the plots);
 #    30 compiled steps with 2 micro-batches each; then --budget 90s: its dry-run (steps timed with CUDA
 #    syncs) and a budgeted imagenette_128_20ep run that must end within 90 s with its fit run to the end.
 # Writes the raw outputs into OUT and OUT/gpu_checks.json (command, GPU, versions, each part's exit status).
@@ -62,8 +63,15 @@ if [ -n "$data" ]; then
     --set train.compile=default --set train.accumulation_steps=2 --set train.stop_at_step=30 \
     --set data.workers=16 > "$out/train_compile_accumulation.txt" 2>&1
   status+=("train_compile_accumulation=$?")
-  $CLI evaluate --json --ema --checkpoint "$run/last.pt" --data "$data" --workers 16 > "$out/evaluate_r50.json"
+  $CLI evaluate --json --ema --checkpoint "$run/last.pt" --data "$data" --workers 16 --plots "$out/evaluate_plots" \
+    > "$out/evaluate_r50.json"
   status+=("evaluate_r50=$?")
+  # The per-image path on CUDA (predictions copied to the host per batch): ReaL, as Imagenette's photos are
+  # ImageNet validation files, and calibration over every image.
+  python3 -c "import json, sys; r = json.load(open(sys.argv[1])); \
+assert r['real']['images'] > 0 and sum(b['images'] for b in r['calibration']['bins']) == r['images'], r" \
+    "$out/evaluate_r50.json" > "$out/evaluate_r50_check.txt" 2>&1
+  status+=("evaluate_r50_real_calibration=$?")
   # A GPU index that is not here: one line naming how many there are and this command's --device (exit 2).
   $CLI evaluate --device gpu:99 --checkpoint "$run/last.pt" --data "$data" > "$out/device_refused.txt" 2>&1
   [ $? -eq 2 ] && grep -q "this machine has .* GPU" "$out/device_refused.txt" && grep -q -- "--device cpu" "$out/device_refused.txt"

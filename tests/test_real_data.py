@@ -27,3 +27,14 @@ def test_small_cpu_recipe_on_real_photos_keeps_its_accuracy(tmp_path):
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
     assert records[-1]["val_images"] == 10 * VAL_PER_CLASS
     assert records[-1]["val_top1"] >= FLOOR, [round(r["val_top1"], 4) for r in records]
+    # The held-out photos evaluate with calibration and plots. Imagenette's validation photos are mostly ImageNet
+    # training images (n01440764_10040.JPEG), so there is no ReaL figure, and the reason says so; nor a published
+    # table (10 classes are not ImageNet-1k).
+    report = json.loads(run_cli("evaluate", "--json", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data",
+                                str(data), "--plots", str(tmp_path / "plots"), timeout=600).stdout)
+    assert report["images"] == 10 * VAL_PER_CLASS
+    assert report["top1"] == pytest.approx(max(r["val_top1"] for r in records))  # best.pt: the best epoch
+    assert report["real"] is None and "are not ImageNet-1k validation files" in report["real_not_measured"]
+    assert 0 < report["calibration"]["ece"] < 0.5 and "published" not in report
+    assert sum(b["images"] for b in report["calibration"]["bins"]) == report["images"]
+    assert [p.rsplit("/", 1)[-1] for p in report["plots"]] == ["reliability.png", "per_class.png"]

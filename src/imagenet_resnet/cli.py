@@ -138,10 +138,11 @@ def _add_training_commands(sub) -> None:
 def _add_data_commands(sub) -> None:
     p = _command(sub, "prepare", "check an ImageNet source and index it; --pack writes a fast packed copy",
                  "Recognises the official ILSVRC2012 tars + devkit, Kaggle's layout, Hugging Face parquet shards, "
-                 "Tiny-ImageNet and class-folder trees; checks every image; writes an index (and a packed copy). "
+                 "Tiny-ImageNet, ImageNet-V2 (its .tar.gz or folders 0..999, for evaluation) and class-folder trees; "
+                 "checks every image; writes an index (and a packed copy). "
                  "All or nothing: the new files replace the old ones in --out only once all are complete.")
     p.add_argument("source", nargs="?", help="ILSVRC2012 tars + devkit, Kaggle layout, HF parquet shards, "
-                   "tiny-imagenet-200, or train/<class>/ + val/<class>/")
+                   "tiny-imagenet-200, ImageNet-V2, or train/<class>/ + val/<class>/")
     p.add_argument("--out", help="the prepared folder to write (train with --data OUT); or a URL (s3://bucket/prefix, "
                    "any fsspec URL; with --pack): packed in --work-dir, each shard uploaded once written, "
                    "prepared.json last")
@@ -162,10 +163,14 @@ def _add_data_commands(sub) -> None:
 
 
 def _add_model_commands(sub) -> None:
-    p = _command(sub, "evaluate", "top-1/top-5 and the most confused classes (per-class accuracy: --per-class-csv)",
-                 "Evaluates a checkpoint on the validation split of a prepared folder or class-folder tree; data "
-                 "with a subset of the model's classes is evaluated on those classes. Accuracy per class is "
-                 "written only with --per-class-csv.")
+    p = _command(sub, "evaluate", "top-1/top-5, ReaL, calibration and the most confused classes, beside the "
+                 "published ResNet-50 figures",
+                 "Evaluates a checkpoint on the validation split of a prepared folder or class-folder tree (or an "
+                 "ImageNet-V2 copy); data with a subset of the model's classes is evaluated on those classes. "
+                 "ImageNet-1k validation files also get ReaL accuracy; ImageNet-1k data gets the published "
+                 "figures beside ours. Accuracy per class is written only with --per-class-csv. A checkpoint in a "
+                 "run folder keeps the figures in RUN/evaluations/, where `report RUN` shows them. See "
+                 "docs/evaluation.md.")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     _inference_options(p)
     p.add_argument("--data", required=True, help="a prepared folder, or one with val/<class>/")
@@ -176,9 +181,14 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--pipeline", choices=PIPELINES, help="how images are decoded and resized (default: the run's "
                    "data.pipeline); `reference` is torchvision's Resize + CenterCrop, to check the fast path")
     p.add_argument("--per-class-csv", help="also write accuracy per class (with names) to this CSV")
+    p.add_argument("--plots", metavar="DIR", help="also draw a reliability diagram and a per-class accuracy chart "
+                   "(PNG) into this folder")
+    p.add_argument("--real", action="store_true", help="require ReaL accuracy: stop with the reason where the data "
+                   "has none (without it, ReaL is reported wherever it can be)")
 
     p = _command(sub, "report", "plots (loss, accuracy, LR, speed) and training_log.md for a run folder",
-                 "Reads metrics.jsonl and steps.jsonl only: works on a finished, running or resumed run, and on "
+                 "Reads metrics.jsonl and steps.jsonl (and the figures `evaluate` kept in RUN/evaluations/, shown "
+                 "beside the published ones): works on a finished, running or resumed run, and on "
                  "the bucket a run is mirrored to (train --mirror URL) from any machine.")
     p.add_argument("run", metavar="RUN|URL", help="the run folder (finished, still going, or resumed), or the "
                    "URL it is mirrored to (s3://bucket/run, any fsspec URL)")
@@ -336,30 +346,65 @@ def cmd_find_lr(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_checkpoint
+    from .evaluation import evaluate_checkpoint, save_in_run
 
     if args.per_class_csv:
         _check_output_file(args.per_class_csv, "--per-class-csv")
+    if args.plots:
+        check_writable(Path(args.plots), "--plots")
     report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.workers, args.device, args.size,
-                                 args.flip, args.pipeline, args.per_class_csv, args.ema)
+                                 args.flip, args.pipeline, args.per_class_csv, args.ema, args.real)
+    if args.plots:
+        from .report import draw_evaluation_plots
+
+        report["plots"] = draw_evaluation_plots(report, Path(args.plots))
+    saved = save_in_run(report)
+    if saved:
+        report["saved"] = str(saved)
     if args.json:
         print(json.dumps(report))
         return 0
+    print("\n".join(evaluation_lines(report)))
+    return 0
+
+
+def evaluation_lines(report: dict) -> list[str]:
+    """`evaluate`'s table: what was evaluated, the figures, the published ones beside them, where files went."""
+    from .evaluation import NOT_IMAGENET_CLASSES
+    from .published import table_lines
+
     lines = [f"checkpoint  {report['checkpoint']}", f"weights     {report['weights']}",
              f"data        {report['data']}: {report['images']:,} val images"
              + (f" ({report['skipped_images']} unreadable, skipped)" if report["skipped_images"] else "")
              + f", {report['size']} px, {report['pipeline']} pipeline" + (", flip averaged" if report["flip"] else ""),
-             f"top-1       {report['top1']:.2%}", f"top-5       {report['top5']:.2%}",
-             f"loss        {report['loss']:.4f}"]
+             f"top-1       {report['top1']:.2%}", f"top-5       {report['top5']:.2%}"]
+    real = report["real"]
+    if real:
+        top5 = f", top-5 {real['top5']:.2%}" if real["top5"] is not None else ""
+        lines.append(f"ReaL        top-1 {real['top1']:.2%}{top5} on {real['images']:,} images ({real['left_out']:,} "
+                     f"without a ReaL label left out; classes: {real['classes']})")
+    elif report.get("real_not_measured", NOT_IMAGENET_CLASSES) != NOT_IMAGENET_CLASSES:  # ImageNet classes
+        lines.append(f"ReaL        not measured: {report['real_not_measured']}")
+    calibration = report["calibration"]
+    lines.append(f"calibration ECE {calibration['ece']:.2%} ({len(calibration['bins'])} bins), NLL "
+                 f"{calibration['nll']:.4f}, mean confidence {calibration['mean_confidence']:.2%} (accuracy "
+                 f"{calibration['accuracy']:.2%})")
     if "classes" in report:
         lines.append(f"classes     {report['classes']}")
     if report["most_confused"]:
         lines.append("most confused, images: true -> predicted")
         lines += [f"  {pair['images']:6d}: {pair['true']} -> {pair['predicted']}" for pair in report["most_confused"]]
+    if "published" in report:
+        lines.append("beside the published ResNet-50 figures:")
+        lines += ["  " + line for line in table_lines(report["published"]["ours"])]
     lines.append(f"per class   {report['per_class_csv']}" if "per_class_csv" in report
                  else "per class   not written (add --per-class-csv FILE)")
-    print("\n".join(lines))
-    return 0
+    if "plots" in report:
+        lines.append(f"plots       {', '.join(report['plots'])}")
+    if "saved" in report:
+        beside = " beside the published figures" if "published" in report else ""
+        lines.append(f"saved       {report['saved']} (`imagenet-resnet report RUN` shows it{beside})")
+    return lines
 
 
 def _check_output_file(path: str | Path, option: str) -> None:

@@ -1,6 +1,6 @@
 """`imagenet-resnet report RUN`: plots and an epoch-by-epoch Markdown log from a run folder's metrics.
 
-Reads only metrics.jsonl and steps.jsonl, so it works on a run that is still going (it shows what has been
+Reads metrics.jsonl and steps.jsonl (and the figures `evaluate` kept in RUN/evaluations/), so it works on a run that is still going (it shows what has been
 written) and on a resumed one (a resume drops the records past its checkpoint before writing new ones). RUN may
 be the URL a run is mirrored to (`train --mirror s3://bucket/run`): those two files are read from the bucket,
 and the plots written to a local folder.
@@ -8,10 +8,12 @@ and the plots written to a local folder.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .published import table_lines
 from .run_files import RunFiles
 
 
@@ -152,6 +154,118 @@ def draw_plot(series: _Series, title: str, ylabel: str, draw):
     return fig
 
 
+def draw_reliability(calibration: dict, title: str):
+    """The reliability diagram: accuracy against confidence per bin, the diagonal a calibrated model would
+    follow, the gap shaded, and below it the share of images in each bin."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 6.4), dpi=110)
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    bins = calibration["bins"]
+    total = sum(b["images"] for b in bins)
+    filled = [b for b in bins if b["images"]]
+    width = bins[0]["hi"] - bins[0]["lo"]
+    lefts = [b["lo"] for b in filled]
+    ax.bar(lefts, [100 * b["accuracy"] for b in filled], width=width, align="edge", color="#1f77b4",
+           edgecolor="white", label="accuracy of the images in the bin")
+    ax.bar(lefts, [100 * (b["confidence"] - b["accuracy"]) for b in filled], bottom=[100 * b["accuracy"] for b in filled],
+           width=width, align="edge", color="#d62728", alpha=0.35, hatch="//", edgecolor="#d62728",
+           label="gap to the bin's mean confidence")
+    ax.plot([0, 1], [0, 100], "--", color="#555555", label="calibrated: accuracy = confidence")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{title}\nECE {calibration['ece']:.2%}, mean confidence {calibration['mean_confidence']:.2%}, "
+                 f"accuracy {calibration['accuracy']:.2%}", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(True, alpha=0.3)
+    hist.bar([b["lo"] for b in bins], [100 * b["images"] / total for b in bins], width=width, align="edge",
+             color="#7f7f7f", edgecolor="white")
+    hist.set_xlim(0, 1)
+    hist.set_xlabel("confidence: the softmax probability of the predicted class")
+    hist.set_ylabel("% of images")
+    hist.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def draw_per_class(rows: list[dict], title: str, worst: int = 25):
+    """Accuracy per class: every class's bar with its name when there are few; with many, all classes sorted
+    as a curve (with the mean) above the `worst` classes by name."""
+    from matplotlib.figure import Figure
+
+    measured = sorted((r for r in rows if r["images"]), key=lambda r: r["correct"] / r["images"])
+    accuracy = [100 * r["correct"] / r["images"] for r in measured]
+    label = [f"{r['name']} ({r['images']})" for r in measured]
+    if len(measured) <= 40:
+        fig = Figure(figsize=(7, 1.2 + 0.28 * len(measured)), dpi=110)
+        ax = fig.subplots()
+        ax.bar_label(ax.barh(label, accuracy, color="#1f77b4"), fmt="%.0f%%", padding=2, fontsize=8)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("top-1 accuracy (%); in brackets: the class's images")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, axis="x", alpha=0.3)
+        fig.tight_layout()
+        return fig
+    fig = Figure(figsize=(8, 10), dpi=110)
+    curve, bars = fig.subplots(2, 1, gridspec_kw={"height_ratios": [1, 2.2]})
+    curve.plot(range(1, len(accuracy) + 1), accuracy, color="#1f77b4")
+    mean = sum(accuracy) / len(accuracy)
+    curve.axhline(mean, linestyle="--", color="#555555", label=f"mean over classes {mean:.1f}%")
+    curve.set_xlabel(f"the {len(accuracy)} classes, worst to best")
+    curve.set_ylabel("top-1 (%)")
+    curve.set_ylim(0, 100)
+    curve.set_title(title, fontsize=10)
+    curve.legend(loc="lower right", fontsize=8)
+    curve.grid(True, alpha=0.3)
+    bars.barh(label[:worst][::-1], accuracy[:worst][::-1], color="#d62728")
+    bars.set_xlim(0, 100)
+    bars.set_xlabel(f"top-1 accuracy (%) of the {worst} worst classes; in brackets: the class's images")
+    bars.tick_params(axis="y", labelsize=7)
+    bars.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def draw_evaluation_plots(evaluation: dict, out: Path, prefix: str = "") -> list[str]:
+    """The reliability diagram and the per-class chart of an `evaluate` report, as PNGs in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    what = f"{Path(evaluation['data']).name}, {evaluation['weights']} weights, {evaluation['images']:,} images"
+    written = []
+    for name, fig in ((f"{prefix}reliability.png", draw_reliability(evaluation["calibration"], f"Calibration: {what}")),
+                      (f"{prefix}per_class.png", draw_per_class(evaluation["per_class"], f"Accuracy per class: {what}"))):
+        fig.savefig(out / name)
+        written.append(str(out / name))
+    return written
+
+
+def saved_evaluations(files: RunFiles) -> dict[str, dict]:
+    """The reports `evaluate` kept in the run folder (RUN/evaluations/*.json), by file stem; none for a mirror."""
+    folder = None if files.remote else files.root / "evaluations"
+    if folder is None or not folder.is_dir():
+        return {}
+    found = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            found[path.stem] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a file cut short is left out of the report, not a reason to fail it
+    return found
+
+
+def evaluations_markdown(evaluations: dict[str, dict]) -> str:
+    """The training log's section on the saved evaluations: each one's figures, and the published ones beside."""
+    parts = ["\n## Evaluations (`imagenet-resnet evaluate`)\n"]
+    for stem, e in evaluations.items():
+        real = e.get("real")
+        real_text = f"; ReaL top-1 {real['top1']:.2%} on {real['images']:,} images" if real else ""
+        parts.append(f"**{stem}**: `{e['data']}`, {e['images']:,} images, {e['weights']} weights, {e['size']} px: "
+                     f"top-1 {e['top1']:.2%}, top-5 {e['top5']:.2%}{real_text}; ECE "
+                     f"{e['calibration']['ece']:.2%}, NLL {e['calibration']['nll']:.4f}.\n")
+        if e.get("published"):
+            parts.append("```\n" + "\n".join(table_lines(e["published"]["ours"], "ours (measured)")) + "\n```\n")
+    return "\n".join(parts)
+
+
 def make_report(run: str | Path, out: str | Path | None = None) -> dict:
     files = RunFiles(run)
     epochs, steps = files.records("metrics.jsonl"), files.records("steps.jsonl")
@@ -170,6 +284,12 @@ def make_report(run: str | Path, out: str | Path | None = None) -> dict:
         fig = draw_plot(series, title, ylabel, draw)
         fig.savefig(out / name)
         written.append(str(out / name))
-    log_path.write_text(training_log_markdown(epochs))
+    evaluations = saved_evaluations(files)
+    for stem, evaluation in evaluations.items():
+        if "per_class" in evaluation and "calibration" in evaluation:
+            written += draw_evaluation_plots(evaluation, out, f"{stem}-")
+    log = training_log_markdown(epochs) + (evaluations_markdown(evaluations) if evaluations else "")
+    log_path.write_text(log)
     written.append(str(log_path))
-    return {"run": str(files), "epochs": len(epochs), "sampled_steps": len(steps), "files": written}
+    return {"run": str(files), "epochs": len(epochs), "sampled_steps": len(steps), "evaluations": len(evaluations),
+            "files": written}

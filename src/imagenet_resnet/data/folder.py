@@ -29,23 +29,26 @@ def _list_images(folder: Path) -> list[str]:
         return sorted(e.name for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
 
 
-def scan_class_folders(split_dir: str | Path, classes: list[str] | None = None, workers: int = 16) -> ImageIndex:
+def scan_class_folders(split_dir: str | Path, classes: list[str] | None = None, workers: int = 16,
+                       folder_labels: dict[str, int] | None = None) -> ImageIndex:
     """Index `split_dir/<class>/<image>`. With `classes` given (the training classes), a folder not among
-    them is an error, so train and val labels can never disagree."""
+    them is an error, so train and val labels can never disagree. `folder_labels`: the folders to read and
+    the label of each (into `classes`), for folders not named by their class (ImageNet-V2's 0..999)."""
     split_dir = Path(split_dir)
-    found = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    listed = folder_labels if folder_labels is not None else (e.name for e in os.scandir(split_dir) if e.is_dir())
+    found = sorted(listed)
     if not found:
         raise UserError(f"{split_dir}: no class folders; expected {split_dir}/<class>/<image>")
     if classes is None:
         classes = found
-    else:
+    elif folder_labels is None:
         unknown = sorted(set(found) - set(classes))
         if unknown:
             raise UserError(
                 f"{split_dir}: class folders {unknown[:5]} are not among the {len(classes)} training classes; "
                 "train and val must use the same class folders"
             )
-    label_of = {c: i for i, c in enumerate(classes)}
+    label_of = folder_labels if folder_labels is not None else {c: i for i, c in enumerate(classes)}
     # Listing 1,000 folders one by one is slow on network disks; threads overlap the waits.
     with ThreadPoolExecutor(max_workers=workers) as pool:
         listings = list(pool.map(_list_images, [split_dir / c for c in found]))

@@ -37,8 +37,8 @@ from ..errors import DISK_FULL, UserError, check_writable, disk_full
 from . import upload
 from .classes import some_of
 from .index import ImageIndex
-from .prepared import (FORMAT, MANIFEST, SPLITS, STAGING, finish_switch, index_path, not_written_by_prepare,
-                       read_manifest, write_switch)
+from .prepared import (FORMAT, MANIFEST, SPLITS, STAGING, UNPACKED, finish_switch, index_path,
+                       not_written_by_prepare, read_manifest, write_switch)
 from .presets import unreadable_reason
 from .sources import Source, SourceError, open_source
 
@@ -365,7 +365,7 @@ def _prepare_here(source_path, out: Path, pack: bool, settings: PackSettings | N
         if not pack:
             raise UserError(f"{source_path}: a source at a URL is prepared with --pack (training reads the packed "
                             "copy on this machine, never the store image by image)")
-    source = open_source(source_path, val_only)
+    source = open_source(source_path, val_only, unpack_dir=out / UNPACKED)  # --out URL: `out` is the work folder
     finish_switch(out)  # a switch an earlier prepare began is finished first: its files were complete
     print(f"{source_path}: {source.kind} layout, {len(source.classes)} classes", file=sys.stderr)
     for note in source.notes:

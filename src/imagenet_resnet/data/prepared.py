@@ -5,6 +5,8 @@
                                 evaluation-only copy
     DATA/problems.tsv           every bad file found: split, where, kind, what was done
     DATA/packed/                with --pack: {train,val}-NNNNN.bin shards of JPEGs and {train,val}.index.npz
+    DATA/source/                a compressed source decompressed once to be read in place (ImageNet-V2's
+                                .tar.gz as <name>.tar, with a record of the archive it came from)
 
 A prepare writes its new files into DATA/.prepare-staging/ and switches them in only once all are complete
 (see finish_switch): a prepare that fails or is killed leaves the previous preparation as it was.
@@ -21,12 +23,14 @@ from ..errors import UserError
 from .classes import differences
 from .folder import find_split, scan_class_folders
 from .index import ImageIndex
+from .sources import find_imagenet_v2, imagenet_v2_index, unpacked_dir_is_ours
 
 MANIFEST = "prepared.json"
 FORMAT = "imagenet-resnet-prepared/1"
 SPLITS = ("train", "val")
 STAGING = ".prepare-staging"  # a prepare's new files, until they replace the old ones
 SWITCH = "SWITCH"  # in STAGING: written once every new file there is complete; lists what replaces what
+UNPACKED = "source"  # compressed sources, decompressed once (sources.unpack_gzip_tar)
 
 
 def index_path(data: Path, split: str, packed: bool = False) -> Path:
@@ -85,14 +89,16 @@ def not_written_by_prepare(data: Path) -> list[str]:
     """What in `data` a prepare did not write and would replace or mix with: everything in a folder that holds
     neither a prepare's manifest nor its staging folder (an interrupted first prepare), and in a prepare's
     folder a packed/ without the settings.json every packing writes first. Other files in a prepare's folder
-    are never touched, so they are not counted."""
+    are never touched, so they are not counted. A source/ that a decompression marked is ours anywhere (a
+    first prepare may stop after decompressing); the decompression refuses any other source/ itself."""
     if not data.is_dir():
         return []
     if _manifest_is_ours(data) or (data / STAGING).is_dir():
         packed = data / "packed"
         return ["packed/"] if packed.exists() and not (packed / "settings.json").exists() else []
     return sorted(p.name + ("/" if p.is_dir() else "") for p in data.iterdir()
-                  if p.name not in NEVER_OURS_NOR_THEIRS)
+                  if p.name not in NEVER_OURS_NOR_THEIRS
+                  and not (p.name == UNPACKED and p.is_dir() and unpacked_dir_is_ours(p)))
 
 
 def read_manifest(data: str | Path) -> dict | None:
@@ -107,13 +113,17 @@ def read_manifest(data: str | Path) -> dict | None:
 
 
 def open_split(data: str | Path, split: str, packed: bool = True, classes: list[str] | None = None) -> ImageIndex:
-    """One split of a prepared folder (the packed copy when there is one and `packed`), or of a class-folder tree."""
+    """One split of a prepared folder (the packed copy when there is one and `packed`), of an ImageNet-V2 copy
+    (its class mapping: folder k is class k), or of a class-folder tree."""
     data = Path(data)
     if not data.is_dir():
         raise UserError(f"--data {data}: no such folder; expected a folder made by `imagenet-resnet prepare` "
                                 f"or one holding train/<class>/ and val/<class>/")
     manifest = read_manifest(data)
     if manifest is None:
+        imagenet_v2 = find_imagenet_v2(data)
+        if imagenet_v2 is not None:
+            return _open_imagenet_v2(data, imagenet_v2, split, classes)
         return scan_class_folders(find_split(data, split), classes=classes)
     if split not in manifest["splits"]:
         raise UserError(f"{data}: prepared without a {split} split (from {manifest['source']['path']}, which has "
@@ -128,6 +138,21 @@ def open_split(data: str | Path, split: str, packed: bool = True, classes: list[
     if classes is not None and index.classes != classes:
         raise UserError(differences(index.classes, classes, f"{data} ({split})") + "; the splits must have the same "
                         "classes: prepare a source whose train and val folders match")
+    return index
+
+
+def _open_imagenet_v2(data: Path, found: Path, split: str, classes: list[str] | None) -> ImageIndex:
+    """An unprepared ImageNet-V2 copy, read with its own class mapping (folder k = class k), never as a
+    class-folder tree (string order: folder "10" would be class 2)."""
+    if found.is_file():
+        raise UserError(f"{found}: a gzip-compressed tar cannot be read image by image; prepare it first: "
+                        f"imagenet-resnet prepare {data} --out DATA, then use --data DATA")
+    if split != "val":
+        raise UserError(f"{found}: ImageNet-V2 has no {split} images: it is a test set, for `evaluate`")
+    index = imagenet_v2_index(found)
+    if classes is not None and index.classes != classes:
+        raise UserError(differences(index.classes, classes, f"{found} (ImageNet-V2)") + "; ImageNet-V2 holds "
+                        "ImageNet-1k's 1,000 classes")
     return index
 
 

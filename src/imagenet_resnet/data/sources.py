@@ -4,6 +4,10 @@ Labels always follow the sorted class-ID order (torchvision's and timm's), whate
 uses, so weights trained from any source are interchangeable. Anything that does not add up (a class
 missing, an unknown ID, a label file that disagrees with the images) is an error naming the file.
 
+ImageNet-V2 (Recht et al. 2019), an evaluation-only test set, numbers its class folders 0..999 in sorted
+WordNet-ID order: folder "10" is class 10, never the 3rd folder in string order. Its .tar.gz is decompressed
+once into the prepared folder (DATA/source/), since a gzip stream cannot be read image by image.
+
 The official tars and parquet shards are also read from a URL (s3://bucket/imagenet, through fsspec): the tar
 headers are listed with ranged reads, streaming, and the images are read by their byte ranges when packed.
 """
@@ -11,18 +15,23 @@ headers are listed with ranged reads, streaming, and the images are read by thei
 from __future__ import annotations
 
 import csv
+import gzip
 import io
+import json
 import os
 import re
+import shutil
+import sys
 import tarfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from .. import storage
-from ..errors import UserError
+from ..errors import DISK_FULL, UserError, disk_full
 from .classes import ilsvrc2012_ids, imagenet_classes, some_of
 from .folder import IMAGE_EXTENSIONS, SPLIT_NAMES, find_split, scan_class_folders
 from .index import ImageIndex
@@ -37,7 +46,7 @@ class SourceError(UserError):
 
 @dataclass
 class Source:
-    kind: str  # official | kaggle | parquet | tiny | folders
+    kind: str  # official | kaggle | parquet | tiny | imagenet-v2 | folders
     path: Path | str  # a folder, or a URL (official and parquet)
     classes: list[str]  # class ids in label order
     names: list[str]  # a description per class ("goldfish, Carassius auratus"), or the id itself
@@ -54,6 +63,8 @@ def detect(path: Path | str) -> str:
         return _detect_url(path)
     if not path.exists():
         raise SourceError(f"{path}: does not exist; give the folder holding the ImageNet files")
+    if path.is_file() and V2_ARCHIVE.match(path.name):
+        return "imagenet-v2"
     if not path.is_dir():
         raise SourceError(f"{path}: not a folder; give the folder holding the ImageNet files")
     if (path / OFFICIAL_TRAIN).exists() or (path / OFFICIAL_VAL).exists():
@@ -62,13 +73,16 @@ def detect(path: Path | str) -> str:
         return "kaggle"
     if (path / "wnids.txt").exists() and (path / "val" / "val_annotations.txt").exists():
         return "tiny"
+    if find_imagenet_v2(path) is not None:
+        return "imagenet-v2"
     if any(path.glob("*.parquet")) or any(path.glob("*/*.parquet")):
         return "parquet"
     if any((path / name).is_dir() for name in SPLIT_NAMES["train"] + SPLIT_NAMES["val"]):
         return "folders"
     raise SourceError(
         f"{path}: not an ImageNet layout this tool knows: expected the ILSVRC2012 tars + devkit, the Kaggle "
-        "ILSVRC/Data/CLS-LOC tree, Hugging Face *.parquet shards, tiny-imagenet-200, or train/<class>/ + val/<class>/")
+        "ILSVRC/Data/CLS-LOC tree, Hugging Face *.parquet shards, tiny-imagenet-200, ImageNet-V2 "
+        "(imagenetv2-*.tar.gz or its folders 0..999), or train/<class>/ + val/<class>/")
 
 
 def _detect_url(url: str) -> str:
@@ -82,11 +96,15 @@ def _detect_url(url: str) -> str:
                       "Face *.parquet shards (copy other layouts to a local folder first)")
 
 
-def open_source(path: str | Path, val_only: bool = False) -> Source:
+def open_source(path: str | Path, val_only: bool = False, unpack_dir: Path | None = None) -> Source:
     """The source's layout, classes and image lists; `val_only`: the validation split alone, even where the
-    copy has training images too (to evaluate a model without indexing 1.28M training images)."""
+    copy has training images too (to evaluate a model without indexing 1.28M training images). `unpack_dir`:
+    where a compressed source (ImageNet-V2's .tar.gz) is decompressed once, to be read in place (prepare
+    gives DATA/source); without it such a source is refused."""
     path = storage.check_url(path) if storage.is_url(path) else Path(path)
     kind = detect(path)
+    if kind == "imagenet-v2":
+        return _imagenet_v2(path, val_only, unpack_dir)
     build = {"official": _official, "kaggle": _kaggle, "parquet": _parquet, "tiny": _tiny, "folders": _folders}[kind]
     return build(path, val_only)
 
@@ -121,6 +139,194 @@ def _folders(path: Path, val_only: bool) -> Source:
                          "images to those folders, or remove them")
     val = scan_class_folders(find_split(path, "val"), classes=train.classes)
     return Source("folders", path, train.classes, _imagenet_names(train.classes), {"train": train, "val": val})
+
+
+# --- ImageNet-V2: imagenetv2-<variant>.tar.gz -> imagenetv2-<variant>-format-val/{0..999}/*.jpeg ---------
+
+V2_FOLDER = re.compile(r"imagenetv2-(.+)-format-val$")
+V2_ARCHIVE = re.compile(r"imagenetv2(?:-(.+))?\.(?:tar\.gz|tgz)$")
+UNPACKED_MARK = ".written-by-imagenet-resnet"  # in DATA/source/: that folder and all in it are prepare's
+
+
+def find_imagenet_v2(path: Path) -> Path | None:
+    """The ImageNet-V2 copy at or in the local `path`, or None where there is none: `path` itself when it is
+    the .tar.gz or a class tree (folders 0..999), else the one imagenetv2-*-format-val/ or imagenetv2-*.tar.gz
+    in it (the folder when both of one variant are there), else a val/ of folders 0..999 beside no train/.
+    SourceError where several variants lie side by side, or a class tree holds a folder other than 0..999."""
+    path = Path(path)
+    if path.is_file():
+        return path if V2_ARCHIVE.match(path.name) else None
+    if not path.is_dir():
+        return None
+    if _numbered_class_tree(path):
+        return path
+    copies: dict[str, list[Path]] = {}
+    for entry in sorted(path.iterdir()):
+        match = V2_FOLDER.match(entry.name) if entry.is_dir() else V2_ARCHIVE.match(entry.name)
+        if match and not entry.name.startswith("."):
+            copies.setdefault(match.group(1) or "", []).append(entry)
+    if len(copies) > 1:
+        first = next(iter(copies.values()))[0]
+        raise SourceError(f"{path}: holds {len(copies)} ImageNet-V2 variants ({some_of(sorted(copies))}); give the "
+                          f"folder or file of one, e.g. `imagenet-resnet prepare {first}`")
+    if copies:
+        return min(next(iter(copies.values())), key=lambda p: p.is_file())
+    if not any((path / name).is_dir() for name in SPLIT_NAMES["train"]):
+        for name in SPLIT_NAMES["val"]:
+            if (path / name).is_dir() and _numbered_class_tree(path / name):
+                return path / name
+    return None
+
+
+def is_imagenet_v2_folder(path: Path | str) -> bool:
+    """Whether the unprepared local folder `path` is, or holds, an ImageNet-V2 class tree that `open_split`
+    reads with V2's class mapping (folder k = class k of the sorted WordNet IDs). Never raises."""
+    try:
+        found = find_imagenet_v2(Path(path))
+    except (SourceError, OSError):
+        return False
+    return found is not None and found.is_dir()
+
+
+def _class_folders(tree: Path) -> list[str]:
+    with os.scandir(tree) as entries:
+        return [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+
+
+def _numbered_class_tree(folder: Path) -> bool:
+    """Whether `folder` is meant as an ImageNet-V2 class tree: most of its folders are numbers, none is a
+    split name. Then every folder must be a class number: SourceError naming the first that is not."""
+    folders = _class_folders(folder)
+    numbers = [f for f in folders if f.isascii() and f.isdigit()]
+    splits = {name for names in SPLIT_NAMES.values() for name in names}
+    if not numbers or 2 * len(numbers) <= len(folders) or splits & set(folders):
+        return False
+    for name in sorted(folders):
+        _class_number(name, folder)
+    return True
+
+
+def _class_number(name: str, where: Path | str) -> int:
+    if not (name.isascii() and name.isdigit() and str(int(name)) == name and int(name) < 1000):
+        raise SourceError(f"{where}: {name!r} is not an ImageNet-V2 class folder (0..999, folder k = class k of the "
+                          "sorted WordNet IDs); move it out")
+    return int(name)
+
+
+def imagenet_v2_index(tree: Path) -> ImageIndex:
+    """The images of an ImageNet-V2 class tree, labelled by folder number (folder "10" is class 10, whatever
+    order the names sort in as strings); the classes are ImageNet-1k's 1,000 sorted WordNet IDs. A class with
+    no folder is allowed (the prepare warns of it)."""
+    labels = {name: _class_number(name, tree) for name in _class_folders(tree)}
+    if not labels:
+        raise SourceError(f"{tree}: no class folders 0..999; expected {tree}/<k>/<image>")
+    return _sorted_by_label(scan_class_folders(tree, list(imagenet_classes()), folder_labels=labels))
+
+
+def _imagenet_v2(path: Path, val_only: bool, unpack_dir: Path | None) -> Source:
+    found = find_imagenet_v2(path)
+    if found.is_dir():
+        val = imagenet_v2_index(found)
+    elif unpack_dir is None:
+        raise SourceError(f"{found}: a gzip-compressed tar cannot be read image by image; prepare it "
+                          f"(`imagenet-resnet prepare {path} --out DATA`) or extract it (tar xzf) and give the folder")
+    else:
+        val = _imagenet_v2_tar_index(unpack_gzip_tar(found, unpack_dir), found)
+    notes = [] if val_only else [f"{found}: ImageNet-V2, a test set without training images: only the validation "
+                                 "split is prepared (for `evaluate`, not `train`); folder k is class k of the sorted "
+                                 "WordNet IDs"]
+    classes = list(imagenet_classes())
+    return Source("imagenet-v2", path, classes, _imagenet_names(classes), {"val": val}, notes)
+
+
+def _imagenet_v2_tar_index(tar: Path, archive: Path) -> ImageIndex:
+    """The images of a decompressed ImageNet-V2 tar, read in place: members <top>/<k>/<image>, one tree."""
+    names, labels, offsets, sizes, tops = [], [], [], [], set()
+    for name, offset, size in _tar_members(tar):
+        parts = PurePosixPath(name).parts
+        if any(p.startswith(".") for p in parts) or not name.lower().endswith(IMAGE_EXTENSIONS):
+            continue  # macOS's ._ files and the like
+        if len(parts) < 2:
+            raise SourceError(f"{archive}: {name} is not in a class folder 0..999; this is not an ImageNet-V2 archive")
+        labels.append(_class_number(parts[-2], f"{archive}: {name}"))
+        tops.add(parts[:-2])
+        names.append(name)
+        offsets.append(offset)
+        sizes.append(size)
+    if not names:
+        raise SourceError(f"{archive}: no images inside; this is not an ImageNet-V2 archive")
+    if len(tops) > 1:
+        trees = sorted("/".join(top) or "." for top in tops)
+        raise SourceError(f"{archive}: holds several class trees ({some_of(trees)}); extract it and give the folder "
+                          "of one")
+    index = ImageIndex("ranges", tar.parent, np.array(names, dtype=np.bytes_), np.array(labels, dtype=np.int32),
+                       list(imagenet_classes()), files=[tar.name], file_ids=np.zeros(len(names), np.int32),
+                       offsets=np.array(offsets, np.int64), sizes=np.array(sizes, np.int64))
+    return _sorted_by_label(index)
+
+
+def unpacked_dir_is_ours(folder: Path) -> bool:
+    """Whether `folder` (DATA/source) was made by `unpack_gzip_tar`: empty, or holding its mark."""
+    return not any(folder.iterdir()) or (folder / UNPACKED_MARK).exists()
+
+
+def unpack_gzip_tar(archive: Path, unpack_dir: Path) -> Path:
+    """`archive` (a .tar.gz) decompressed, streaming, into unpack_dir/<name>.tar, which can be read by byte
+    ranges; reused while the record beside it says it came from this very archive (its size and mtime).
+    Written as .partial and renamed, so a decompression cut short is never taken for a whole one. Never
+    writes into an `unpack_dir` of files it did not write."""
+    unpack_dir = Path(unpack_dir)
+    if unpack_dir.exists() and not unpacked_dir_is_ours(unpack_dir):
+        raise SourceError(f"{unpack_dir}: holds files `imagenet-resnet prepare` did not write, and it would "
+                          f"decompress {archive.name} there; move them, or give --out another folder")
+    target = unpack_dir / re.sub(r"\.(tar\.gz|tgz)$", ".tar", archive.name)
+    record = target.with_name(target.name + ".json")
+    stat = archive.stat()
+    wanted = {"archive": archive.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        if target.exists() and json.loads(record.read_text()) == wanted:
+            return target
+    except (OSError, ValueError):
+        pass  # no record, or a broken one: decompress again
+    unpack_dir.mkdir(parents=True, exist_ok=True)
+    (unpack_dir / UNPACKED_MARK).touch()
+    expected = _gzip_size(archive)
+    free = shutil.disk_usage(unpack_dir).free
+    if expected > free:
+        raise SourceError(f"{archive}: decompresses to about {expected / 1e9:.2f} GB but {unpack_dir} has "
+                          f"{free / 1e9:.2f} GB free; free space, or give --out on a larger disk")
+    print(f"{archive}: a gzip tar, decompressed once ({stat.st_size / 1e9:.2f} GB -> about {expected / 1e9:.2f} GB) "
+          f"into {target}, which is then read in place", file=sys.stderr)
+    record.unlink(missing_ok=True)  # the tar there (ours) is no longer the one recorded
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with gzip.open(archive, "rb") as compressed, open(partial, "wb") as out:
+            shutil.copyfileobj(compressed, out, 4 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        partial.unlink(missing_ok=True)
+        raise SourceError(f"{archive}: not a whole gzip file ({e}); download it again") from e
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            partial.unlink(missing_ok=True)
+            raise disk_full(partial, e, "run the same prepare again") from e
+        raise
+    os.replace(partial, target)
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(json.dumps(wanted))
+    os.replace(tmp, record)
+    return target
+
+
+def _gzip_size(archive: Path) -> int:
+    """About the uncompressed size of a gzip file: the size its last 4 bytes record, which is modulo 4 GiB,
+    or its own size where that is larger (JPEGs barely compress)."""
+    size = archive.stat().st_size
+    with open(archive, "rb") as f:
+        f.seek(max(0, size - 4))
+        recorded = int.from_bytes(f.read(4), "little")
+    return max(recorded, size)
 
 
 # --- Kaggle: ILSVRC/Data/CLS-LOC/{train/<wnid>/, val/}, LOC_synset_mapping.txt, LOC_val_solution.csv -----

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import storage
 from ..errors import UserError
-from .prepared import MANIFEST, STAGING
+from .prepared import MANIFEST, STAGING, UNPACKED
 
 CACHE = Path.home() / ".cache" / "imagenet-resnet" / "prepare"
 
@@ -69,7 +69,9 @@ class Uploader:
         if self.error:
             raise UserError(f"--out {self.url}: upload failed ({self.error}); the local folder {self.work} is "
                             "complete: run the same prepare again to finish the upload")
-        files = sorted(p for p in self.work.rglob("*") if p.is_file() and STAGING not in p.parts)
+        # Not the decompressed source (ImageNet-V2's tar, about 1.2 GB): the copy at the URL is read packed.
+        files = sorted(p for p in self.work.rglob("*")
+                       if p.is_file() and STAGING not in p.parts and p.relative_to(self.work).parts[0] != UNPACKED)
         for path in (p for p in files if p.suffix != ".bin" and p.name != MANIFEST):
             self._guard(lambda: self._put(path, path.relative_to(self.work).as_posix(), checksum=True))
         self._guard(lambda: self._put(self.work / MANIFEST, MANIFEST, checksum=True))

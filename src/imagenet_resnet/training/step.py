@@ -60,14 +60,24 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float, precision: s
     return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov, fused=fused)
 
 
+def batch_logits(model, batch: torch.Tensor, normalize: DeviceNormalize, precision: str, flip: bool = False,
+                 class_subset: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 logits of one uint8 batch in evaluation: with `flip`, the mean of each image's and its mirror
+    image's (test-time augmentation); with `class_subset` (the model's label of each of the data's classes,
+    when the data holds only some of them), restricted to those."""
+    with autocast(precision, normalize.device):
+        images_in = normalize(batch)
+        logits = model(images_in).float()
+        if flip:
+            logits = (logits + model(images_in.flip(3)).float()) / 2
+    return logits if class_subset is None else logits[:, class_subset]
+
+
 @torch.no_grad()
 def evaluate(model, loader, normalize: DeviceNormalize, precision: str, skipped: SkippedImages | None = None,
-             flip: bool = False, confusion: torch.Tensor | None = None, class_subset: torch.Tensor | None = None):
-    """Top-1, top-5 and mean cross-entropy over every readable image of the loader; with `flip`, of the
-    mean logits of each image and its mirror image (test-time augmentation). `confusion` (classes x
-    classes, int64, on the device), if given, counts (true, predicted) pairs. `class_subset`: the model's
-    label of each of the data's classes, when the data holds only some of them; the logits are then
-    restricted to those (labels and confusion are in the data's classes)."""
+             flip: bool = False):
+    """Top-1, top-5 and mean cross-entropy over every readable image of the loader, summed on the device (no
+    host sync per batch) and over the processes of a torchrun run; `flip` as in batch_logits."""
     model.eval()
     device = normalize.device
     correct1 = torch.zeros((), device=device, dtype=torch.int64)
@@ -80,20 +90,11 @@ def evaluate(model, loader, normalize: DeviceNormalize, precision: str, skipped:
         if len(labels) == 0:
             continue
         labels = normalize.labels(labels)
-        with autocast(precision, device):
-            images_in = normalize(batch)
-            logits = model(images_in).float()
-            if flip:
-                logits = (logits + model(images_in.flip(3)).float()) / 2
-        if class_subset is not None:
-            logits = logits[:, class_subset]
+        logits = batch_logits(model, batch, normalize, precision, flip)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == labels[:, None]
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
         correct1 += hits[:, 0].sum()
         correct5 += hits.any(dim=1).sum()
-        if confusion is not None:
-            confusion.view(-1).index_add_(0, labels * confusion.shape[1] + top5[:, 0], torch.ones_like(labels))
         images += len(labels)
     # Under torchrun each process saw its own share of the images (each image exactly once): add them up.
     c1, c5, loss, images = distributed.all_sum([correct1.item(), correct5.item(), loss_sum.item(), images], device)
