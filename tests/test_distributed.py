@@ -1,6 +1,7 @@
 """torchrun on CPU with gloo: the same training as one process, multi-node rendezvous, elastic restarts,
 distributed evaluation. Each test starts real processes through torchrun, as a user would."""
 
+import importlib.util
 import json
 import os
 import random
@@ -16,6 +17,7 @@ import torch.distributed as dist
 
 from conftest import TINY_SETTINGS, run_cli
 from load_serve import free_port
+from tracking_helpers import mlflow_run_summary
 from conftest import S3_BUCKET
 from imagenet_resnet.data.synthetic import make_shapes_dataset
 from imagenet_resnet.training import checkpoint
@@ -123,13 +125,23 @@ def _assert_same_weights(a: dict, b: dict, tolerance: float = 0.0) -> None:
     assert worst <= tolerance, f"weights differ by up to {worst:.3g}"
 
 
-def test_distributed_evaluation_counts_each_image_once(tmp_path, tiny_data):
-    run = tmp_path / "run"
+def test_distributed_evaluation_counts_each_image_once_and_rank_0_alone_tracks(tmp_path, tiny_data):
+    run, tracker = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    track = ["--track", f"mlflow:{tracker}"] if importlib.util.find_spec("mlflow") else []
     out = _finish(_torchrun("train", "--data", str(tiny_data), "--out", str(run), "--epochs", "1",
-                            *_settings("train.batch_size=4"), nproc=3))
+                            *_settings("train.batch_size=4", "train.log_every_steps=1"), *track, nproc=3))
     assert "3 process(es)" in out
     record = _metrics(run)[-1]
     assert record["val_images"] == 40  # 40 images over 3 ranks: 14 + 13 + 13, no padded duplicates
+    if track:  # one tracker run, each step once: the other ranks sent nothing
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracker)
+        runs = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        steps = [json.loads(line)["step"] for line in (run / "steps.jsonl").read_text().splitlines()]
+        logged = mlflow_run_summary(tracker, runs[0].info.run_id)["metrics"]["train/loss"]
+        assert [step for step, _ in logged] == steps == list(range(1, len(steps) + 1))
     alone = json.loads(run_cli("evaluate", "--json", "--checkpoint", str(run / "last.pt"), "--data", str(tiny_data),
                                "--workers", "0", "--device", "cpu").stdout)
     assert alone["images"] == 40 and alone["top1"] == record["val_top1"]

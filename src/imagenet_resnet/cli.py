@@ -76,6 +76,11 @@ def _train_parser(sub, name: str, help: str, description: str) -> argparse.Argum
                        'profiles; pip install "imagenet-resnet[cloud]")')
         p.add_argument("--mirror-wait", type=non_negative_float, default=300.0, metavar="SECONDS",
                        help="at the end (or on SIGTERM), wait at most this long for the uploads to finish")
+        p.add_argument("--track", action="append", metavar="mlflow[:URI]|wandb[:PROJECT]", type=_track_spec,
+                       help="also send the run to an experiment tracker, from a background thread (repeatable): "
+                       "config, step and epoch metrics, the report and best.pt at the end; --resume continues the "
+                       "same tracker run; credentials the tracker's own ways (MLFLOW_TRACKING_*, WANDB_API_KEY); "
+                       'pip install "imagenet-resnet[mlflow]" or "[wandb]"')
         p.add_argument("--take-over", action="store_true", help="take the mirror's lease from a trainer whose lease "
                        "is still live (one you know is gone); that trainer, should it come back, stops writing")
         p.add_argument("--lease-timeout", type=positive_float, default=120.0, metavar="SECONDS",
@@ -280,10 +285,20 @@ def _config_for_train(args) -> Config:
     return load_config(args.recipe, overrides + args.overrides)
 
 
+def _track_spec(spec: str):
+    from .training.tracking import parse_track
+
+    try:
+        return parse_track(spec)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--track {spec}: ")) from None
+
+
 def cmd_train(args) -> int:
     from .data.synthetic import make_shapes_dataset
     from .training import distributed
     from .training.stopping import RunStopped
+    from .training.tracking import TrackRequest, check_tracking
     from .training.trainer import dry_run, train
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (args.data and args.out):
@@ -295,6 +310,7 @@ def cmd_train(args) -> int:
         raise UserError("--resume continues the run in its run folder: give that folder as --out")
     if not args.dry_run:  # before any data is made or fetched; the default runs/<date-time> goes in ./runs
         check_writable(Path(args.out or "runs"), "--out")
+        check_tracking(TrackRequest(args.track) if args.track else None)
     if not args.data:
         args.data, args.shapes = str(make_shapes_dataset(DEMO_DATA_DEFAULT)), True
         print(f"no --data given: training on the built-in shapes dataset in {args.data}"
@@ -308,9 +324,10 @@ def cmd_train(args) -> int:
         print(dry_run(cfg), end="")
         return 0
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    track = TrackRequest(args.track, args.recipe) if args.track else None
     try:
         metrics = train(cfg, out, resume=args.resume, mirror=args.mirror, mirror_wait=args.mirror_wait,
-                        take_over=args.take_over, lease_seconds=args.lease_timeout)
+                        take_over=args.take_over, lease_seconds=args.lease_timeout, track=track)
     except RunStopped as stop:
         return stop.exit_code
     finally:

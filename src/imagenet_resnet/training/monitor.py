@@ -1,6 +1,6 @@
 """Seeing a run while it trains: a progress bar (or plain log lines off a terminal), sampled per-step
-metrics in steps.jsonl, the epoch metrics mirrored as metrics.csv, TensorBoard event files, and CPU / GPU
-use sampled in the background."""
+metrics in steps.jsonl, the epoch metrics mirrored as metrics.csv, TensorBoard event files, the trackers
+(tracking.py), and CPU / GPU use sampled in the background."""
 
 from __future__ import annotations
 
@@ -49,9 +49,10 @@ class StepReporter:
     on other steps."""
 
     def __init__(self, out_dir: Path, enabled: bool, log, steps_per_epoch: int, total_steps: int, every: int,
-                 system: "SystemSampler | None" = None, tensorboard: "TensorBoardLog | None" = None):
+                 system: "SystemSampler | None" = None, scalars=None):
+        """`scalars(group, record, step)`: where else each record goes (MetricsSink.scalars: TensorBoard, trackers)."""
         self.path, self.enabled, self.log = out_dir / "steps.jsonl", enabled, log
-        self.system, self.tensorboard = system, tensorboard
+        self.system, self.scalars = system, scalars or (lambda group, record, step: None)
         self.steps_per_epoch, self.total_steps, self.every = steps_per_epoch, total_steps, every
         # The bar's figures: at the logged steps, and at least 4 times an epoch (the loss read costs a sync).
         self.bar_every = max(1, min(every or steps_per_epoch, -(-steps_per_epoch // BAR_UPDATES_PER_EPOCH)))
@@ -96,11 +97,11 @@ class StepReporter:
                      f"{top1:.1%} lr {lr:.4g} {images_per_sec:.0f} img/s | run ETA {eta}")
 
     def _record(self, record: dict) -> None:
-        """A sampled step's figures, with the machine's use since the last one, to steps.jsonl and TensorBoard."""
+        """A sampled step's figures, with the machine's use since the last one, to steps.jsonl, TensorBoard and
+        the trackers."""
         if self.system is not None:
             record.update(self.system.take("steps"))
-        if self.tensorboard is not None:
-            self.tensorboard.add("train", record, record["step"])
+        self.scalars("train", record, record["step"])
         append_line(self.path, json.dumps(record))
 
     def _estimate(self, global_step: int) -> None:
@@ -134,18 +135,24 @@ def append_line(path: Path, line: str) -> None:
 
 
 class MetricsSink:
-    """The epoch records of a run, on rank 0: metrics.jsonl, metrics.csv mirroring it, and TensorBoard events.
-    A resumed run first drops the records past its checkpoint (it is about to write them again)."""
+    """The epoch records of a run, on rank 0: metrics.jsonl, metrics.csv mirroring it, TensorBoard events and the
+    trackers. A resumed run first drops the records past its checkpoint (it is about to write them again)."""
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, progress, on_write=None):
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, progress, on_write=None, tracking=None):
         """`progress`: where the run starts (checkpoint.Progress); records past it are dropped. `on_write`: told
-        of each file written (the mirror)."""
-        self.path, self.enabled = out_dir / "metrics.jsonl", enabled
+        of each file written (the mirror). `tracking`: the run's trackers (tracking.Tracking), if any."""
+        self.path, self.enabled, self.tracking = out_dir / "metrics.jsonl", enabled, tracking
         self.on_write = on_write or (lambda path: None)
         if enabled:
             drop_records_after(self.path, "epoch", progress.epoch)
             drop_records_after(out_dir / "steps.jsonl", "step", progress.global_step)
         self.tensorboard = TensorBoardLog(out_dir, enabled and tensorboard, progress.global_step)
+
+    def scalars(self, group: str, record: dict, step: int) -> None:
+        """A record's figures to TensorBoard and the trackers (neither waits on anything)."""
+        self.tensorboard.add(group, record, step)
+        if self.tracking:
+            self.tracking.add(group, record, step)
 
     def epoch(self, record: dict, global_step: int) -> None:
         if not self.enabled:
@@ -154,7 +161,7 @@ class MetricsSink:
         write_metrics_csv(self.path)
         self.on_write(self.path)
         self.on_write(self.path.with_suffix(".csv"))
-        self.tensorboard.add("epoch", record, global_step)
+        self.scalars("epoch", record, global_step)
 
     def __enter__(self) -> "MetricsSink":
         return self

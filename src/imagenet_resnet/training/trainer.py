@@ -38,6 +38,7 @@ from .ema import ModelEma
 from .spot import spot_notice_for
 from .step import StepSums, TrainStep, build_optimizer, evaluate, lr_for_batch, lr_per_256
 from .stopping import MirrorTakenOver, StopPolicy
+from .tracking import TrackRequest, Tracking, open_tracking
 
 
 class RunLog:
@@ -77,6 +78,7 @@ class Run:
     skipped: SkippedImages  # this process's unreadable images (rank 0's also those before a resume)
     timeline: Timeline  # the run's optimizer steps on its recipe's: stretched by a budget or train.total_steps
     samples: SampleLog | None = None  # train.record_samples: each step's image indices
+    tracking: Tracking | None = None  # the trackers (train --track), on rank 0
     cpu_threads: str = ""  # the network's CPU threads and why, for the plan line (runtime.size_cpu_threads)
 
     @property
@@ -465,6 +467,8 @@ def _save(run: Run, checkpointer: Checkpointer, budget: Budget | None, best: boo
         if budget is not None:
             p.total_steps, p.schedule_knots = run.timeline.total_steps, [list(k) for k in run.timeline.knots]
             p.budget_used_seconds, p.budget_costs = budget.used(), budget.costs.to_dict()
+        if run.tracking:
+            checkpointer.identity["tracking"] = run.tracking.run_ids()  # a resume continues the same tracker runs
         checkpointer.save(run.state, best)
         distributed.barrier()  # nobody goes on (or exits) while rank 0 is still writing
 
@@ -508,9 +512,10 @@ def _budget_refused(t: TrainConfig, seconds: float) -> UserError:
 
 
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | None = None,
-          mirror_wait: float = 300.0, take_over: bool = False, lease_seconds: float = LEASE_SECONDS) -> dict[str, Any]:
+          mirror_wait: float = 300.0, take_over: bool = False, lease_seconds: float = LEASE_SECONDS,
+          track: TrackRequest | None = None) -> dict[str, Any]:
     """Train, evaluate and checkpoint for cfg.train.epochs, mirrored to the URL `mirror` if given (its lease taken,
-    over a live one with `take_over`); returns the last epoch's record."""
+    over a live one with `take_over`) and sent to the trackers of `track`; returns the last epoch's record."""
     out_dir = _open_run_folder(Path(out_dir), resume)
     world, device = distributed.init(cfg.train.device)
     # A newer run in the mirror comes down first (on every node).
@@ -531,7 +536,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | 
     schedule = LRSchedule(cfg.schedule, peak_lr, t.epochs, run.steps_per_epoch, run.timeline)
     _restretch(run, newest[0], schedule, log)
     run.samples = SampleLog(out_dir) if t.record_samples and world.is_main else None
-    metrics = MetricsSink(out_dir, world.is_main, t.tensorboard, run.progress, store.notify)
+    run.tracking = open_tracking(track, cfg, checkpointer.identity["data"]["fingerprint"], out_dir, world.is_main,
+                                 newest[0], log, store.notify, mirror_wait)
+    metrics = MetricsSink(out_dir, world.is_main, t.tensorboard, run.progress, store.notify, run.tracking)
     budget = _budget(run) if t.budget else None
     if world.is_main:  # resolved: with the LR the finder chose, if it ran
         save_config(cfg, out_dir / "config.yaml")
@@ -540,9 +547,10 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | 
         log(_cpu_hint(run))
     system = SystemSampler(device, t.sample_system_seconds) if world.is_main and t.sample_system_seconds > 0 else None
     reporter = StepReporter(out_dir, world.is_main, log, run.steps_per_epoch, run.timeline.total_steps,
-                            t.log_every_steps, system, metrics.tensorboard)
+                            t.log_every_steps, system, metrics.scalars)
     stop = StopPolicy(world, device, t.stop_at_step, t.checkpoint_every_steps, spot_notice_for(t), store)
-    with store, stop, metrics, system or contextlib.nullcontext(), _loader_workers(run), _worker_deaths(checkpointer):
+    with store, run.tracking, stop, metrics, system or contextlib.nullcontext(), _loader_workers(run), \
+            _worker_deaths(checkpointer):
         if budget is not None and budget.costs.step_seconds:  # resumed: fit what is left with what was measured
             _refit(run, budget, reporter, log)
         # An epoch stopped at its last step (a signal) still needs its end: its validation and checkpoint.
@@ -559,11 +567,15 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | 
             _save(run, checkpointer, budget, best=is_best)
             if budget is not None:
                 log(budget.describe(run.progress.global_step))
-        if run.skipped.count:
-            log(f"{run.skipped.count} unreadable images were skipped (named in the warnings above)")
-        if budget is not None:
-            log(budget.summary())
+        _say_the_end(run, budget, log)
     return run.state.metrics
+
+
+def _say_the_end(run: Run, budget: Budget | None, log: RunLog) -> None:
+    if run.skipped.count:
+        log(f"{run.skipped.count} unreadable images were skipped (named in the warnings above)")
+    if budget is not None:
+        log(budget.summary())
 
 
 def _open_run_folder(out_dir: Path, resume: bool) -> Path:
