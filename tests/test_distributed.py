@@ -128,17 +128,20 @@ def _assert_same_weights(a: dict, b: dict, tolerance: float = 0.0) -> None:
 def test_distributed_evaluation_counts_each_image_once_and_rank_0_alone_tracks(tmp_path, tiny_data):
     run, tracker = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
     track = ["--track", f"mlflow:{tracker}"] if importlib.util.find_spec("mlflow") else []
+    if track:  # its artefacts in tmp_path: MLflow's default beside a SQLite store is ./mlruns, in the repository
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracker).create_experiment("imagenet-resnet", artifact_location=(tmp_path / "artifacts").as_uri())
     out = _finish(_torchrun("train", "--data", str(tiny_data), "--out", str(run), "--epochs", "1",
                             *_settings("train.batch_size=4", "train.log_every_steps=1"), *track, nproc=3))
     assert "3 process(es)" in out
     record = _metrics(run)[-1]
     assert record["val_images"] == 40  # 40 images over 3 ranks: 14 + 13 + 13, no padded duplicates
     if track:  # one tracker run, each step once: the other ranks sent nothing
-        from mlflow.tracking import MlflowClient
-
         client = MlflowClient(tracker)
         runs = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert any((tmp_path / "artifacts").rglob("best.pt"))
         steps = [json.loads(line)["step"] for line in (run / "steps.jsonl").read_text().splitlines()]
         logged = mlflow_run_summary(tracker, runs[0].info.run_id)["metrics"]["train/loss"]
         assert [step for step, _ in logged] == steps == list(range(1, len(steps) + 1))
