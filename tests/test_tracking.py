@@ -13,6 +13,7 @@ import pytest
 from conftest import run_cli, tiny_train_args
 from tracking_helpers import mlflow_run_summary, mlflow_server, read_wandb_offline_all  # noqa: F401 (a fixture)
 
+from imagenet_resnet.data.synthetic import make_shapes_dataset
 from imagenet_resnet.training import checkpoint
 
 pytest.importorskip("mlflow")
@@ -61,31 +62,33 @@ def test_mlflow_gets_params_tags_metrics_and_artifacts_and_resume_continues_the_
     assert not any("tracker-secret" in v for v in summary["params"].values())
 
 
-def test_a_resume_after_a_kill_sends_no_step_twice(mlflow_server, tiny_data, tmp_path):
+def test_a_resume_after_a_kill_sends_no_step_twice(mlflow_server, tmp_path):
     """Killed mid-epoch after the tracker got steps past the last checkpoint: the resume redoes those steps
     and sends only the ones the tracker lacks."""
+    data = make_shapes_dataset(tmp_path / "shapes", train_per_class=48, val_per_class=2, size=40)
+    steps_per_epoch, epochs = 30, 6  # 480 images at batch 16: epochs long beside the tracker's call a second
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "imagenet_resnet", *_args(tiny_data, run, "--epochs", "3",
-                                                            "--set", "data.train_size=48"),
-            "--track", f"mlflow:{mlflow_server.uri}"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = _args(data, run, "--epochs", str(epochs), "--set", "data.train_size=48")
+    proc = subprocess.Popen([sys.executable, "-m", "imagenet_resnet", *args, "--track", f"mlflow:{mlflow_server.uri}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     sent, deadline = 0, time.time() + 240
-    while sent < STEPS_PER_EPOCH + 2 and time.time() < deadline and proc.poll() is None:
+    # Kill once the tracker has steps of a later epoch than the first, a few steps short of that epoch's end.
+    while not (sent > steps_per_epoch and sent % steps_per_epoch <= steps_per_epoch - 4) and proc.poll() is None:
+        assert time.time() < deadline
         try:
             sent = json.loads((run / "tracking.json").read_text())["mlflow"]["sent"].get("train", 0)
         except (OSError, ValueError, KeyError):
             pass
-        time.sleep(0.02)
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     saved_step = checkpoint.load(run / "last.pt")["progress"]["global_step"]
     sent = json.loads((run / "tracking.json").read_text())["mlflow"]["sent"]["train"]
-    assert saved_step == STEPS_PER_EPOCH < sent < 3 * STEPS_PER_EPOCH  # steps the resume redoes, already sent
-    run_cli(*_args(tiny_data, run, "--epochs", "3", "--set", "data.train_size=48", "--resume"),
-            "--track", f"mlflow:{mlflow_server.uri}")
+    assert saved_step % steps_per_epoch == 0 and saved_step < sent < epochs * steps_per_epoch  # steps redone, sent
+    run_cli(*args, "--resume", "--track", f"mlflow:{mlflow_server.uri}")
     run_id = json.loads((run / "tracking.json").read_text())["mlflow"]["run_id"]
     summary = mlflow_run_summary(mlflow_server.uri, run_id)
-    assert _steps(summary["metrics"]["train/loss"]) == list(range(1, 3 * STEPS_PER_EPOCH + 1))
+    assert _steps(summary["metrics"]["train/loss"]) == list(range(1, epochs * steps_per_epoch + 1))
     assert summary["status"] == "FINISHED"
 
 
