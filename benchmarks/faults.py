@@ -46,8 +46,10 @@ from pathlib import Path
 import torch
 
 from imagenet_resnet.data.synthetic import make_shapes_dataset
-from load_serve import free_port
 from imagenet_resnet.training import checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import free_port  # noqa: E402 (the tests' helpers, and their metadata_server below)
 
 # A narrow ResNet-18 on 32 px shapes, deterministic: two runs of the same steps give the same bits.
 TINY = ["model.name=resnet18", "model.width=8", "model.channels_last=false", "data.train_size=32",

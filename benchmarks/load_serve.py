@@ -19,26 +19,17 @@ import json
 import os
 import random
 import socket
-import struct
-import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import free_port, png_header, start_server, stop  # noqa: E402 (shared with the serving tests)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that claims width x height pixels but holds almost no data: the shape of a decompression bomb."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b""))
 
 
 def good_images(folder: str | None) -> list[bytes]:
@@ -60,43 +51,6 @@ def good_images(folder: str | None) -> list[bytes]:
 def bad_inputs(good: bytes) -> dict[str, bytes]:
     return {"empty": b"", "text": b"this is not an image\n" * 20, "truncated": good[: len(good) // 3],
             "bomb": png_header(60_000, 60_000), "too_many_pixels": png_header(8_000, 6_000)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(command: list[str], port: int, log: Path, cwd: Path | None = None, env: dict | None = None,
-                 timeout: float = 180) -> tuple[subprocess.Popen, str]:
-    """Start a server process (its output into `log`) and wait until its /api/health answers. The tests start
-    theirs with it too."""
-    import httpx  # imported here so that the tests can import this file where httpx is missing
-
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}:\n{Path(log).read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    process.kill()
-    raise RuntimeError(f"no answer from {url}/api/health within {timeout:.0f} s:\n{Path(log).read_text()[-3000:]}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 async def run_load(url: str, bodies: list[tuple[str, bytes]], concurrency: int) -> list[dict]:

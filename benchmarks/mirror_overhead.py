@@ -28,7 +28,8 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from load_serve import free_port
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import free_port  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECRETS = {"AWS_ACCESS_KEY_ID": "benchmark-key", "AWS_SECRET_ACCESS_KEY": "benchmark-secret"}

@@ -13,8 +13,6 @@ from imagenet_resnet.data.synthetic import make_shapes_dataset
 from imagenet_resnet.training.trainer import train
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-# The benchmarks' helpers (free_port, the fault scenarios, the Imagenette subset) serve the tests too.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 # A few seconds per run on two CPU cores: a narrow ResNet-18 on 32 px shapes.
 TINY_SETTINGS = [
@@ -99,7 +97,7 @@ class S3Server:
     """moto's S3 server in a thread of this process, so that its buckets outlive a stop and a restart."""
 
     def __init__(self):
-        from load_serve import free_port
+        from helpers import free_port
 
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"

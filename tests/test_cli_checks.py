@@ -209,7 +209,9 @@ def test_explain_names_the_layers_a_model_has(run, tiny_data, tmp_path, capsys):
 
 def test_help_names_every_command():
     description = run_cli("--help").stdout.split("positional arguments")[0]
-    assert all(command in description for command in cli.COMMANDS), description
+    commands = ("prepare", "train", "find-lr", "recipes", "demo", "evaluate", "report", "status", "predict", "explain",
+                "serve", "export", "bench")
+    assert all(command in description for command in commands), description
 
 
 def test_evaluate_says_where_per_class_accuracy_is(run, tiny_data, capsys):

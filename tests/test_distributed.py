@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import TINY_SETTINGS, run_cli
-from load_serve import free_port
+from helpers import free_port
 from tracking_helpers import mlflow_run_summary
 from conftest import S3_BUCKET
 from imagenet_resnet.data.synthetic import make_shapes_dataset

@@ -4,10 +4,13 @@ loader worker, untrusted checkpoints, a resume on another process count from the
 notice. Real processes, killed for real; each must recover with nothing lost."""
 
 import random
+import sys
+from pathlib import Path
 
 import pytest
 
-import faults  # the benchmark's own scenarios (benchmarks/ is on sys.path: conftest.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import faults  # noqa: E402 (the benchmark's own scenarios, run here with fewer faults)
 
 
 def _all_recovered(rows):

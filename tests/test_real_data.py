@@ -2,12 +2,15 @@
 is absent. The floor comes from the seeds measured in docs/accuracy.md ("The regression test")."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import SHARED_DATA, run_cli
 
-from imagenette_subset import VAL_PER_CLASS, make_subset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from imagenette_subset import VAL_PER_CLASS, make_subset  # noqa: E402 (the subset docs/accuracy.md measured)
 
 IMAGENETTE = SHARED_DATA / "imagenette2-224"
 # `--recipe small_cpu` on the subset, seeds 0-4 (benchmarks/results/2026-11-30-cpu2-small-cpu-subset.json):

@@ -10,7 +10,7 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
 from conftest import TINY_SETTINGS, run_cli  # noqa: E402
-from load_serve import free_port  # noqa: E402
+from helpers import free_port  # noqa: E402
 from conftest import S3_BUCKET as BUCKET, S3_SECRETS as SECRETS  # noqa: E402
 from imagenet_resnet.config import load_config  # noqa: E402
 from imagenet_resnet.status import run_status, status_line  # noqa: E402

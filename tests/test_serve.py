@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from conftest import run_cli, train_tiny
-from load_serve import free_port, png_header, start_server, stop  # noqa: E402 (the load test's own helpers)
+from helpers import free_port, png_header, start_server, stop
 from imagenet_resnet.serving.inference import load_model
 from imagenet_resnet.serving.serve import MAX_UPLOAD_BYTES, Classifier, ImageRejected, example_images, safe_open_image
 

@@ -1,5 +1,5 @@
 """train --spot-notice: the metadata poller against a loopback AWS IMDSv2 / GCP metadata service
-(benchmarks/metadata_server.py; never a real metadata address), the stop it causes, and a real training process
+(tests/metadata_server.py; never a real metadata address), the stop it causes, and a real training process
 that gets a notice, checkpoints, exits 0 and is resumed on a new machine from its mirror."""
 
 import os

@@ -10,7 +10,6 @@
   its transaction log (`<dir>/wandb/offline-run-<time>-<id>/run-<id>.wandb`). wandb 0.31 ships no Python
   reader for that log any more (its `DataStore` went with the Go core), so the record framing (LevelDB log
   blocks) is read here and each record is decoded with wandb's own protobuf `Record`.
-- `free_port()`: a free TCP port on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -30,11 +29,7 @@ from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port
 
 
 class MlflowServer:

@@ -1,5 +1,6 @@
 """The `imagenet-resnet` command: prepare, train, find-lr, recipes, demo, evaluate, report, status, predict,
-explain, serve, export, bench (`--help` lists them from the parser itself).
+explain, serve, export, bench (`--help` lists them from the parser itself). Each subcommand's parser names the
+function that carries it out (`set_defaults(func=...)`); the demo's settings are the shipped recipes/demo.yaml.
 
 Nothing heavy is imported before a subcommand runs (torch alone takes seconds): `--help` answers at once, and
 each command imports what it needs when it starts.
@@ -21,24 +22,15 @@ from pathlib import Path
 
 from . import __version__
 from .bench import commands as bench_commands
-from .config import MODEL_NAMES, PIPELINES, Config, load_config
+from .config import MODEL_NAMES, PIPELINES, RECIPES_DIR, Config, load_config
 from .errors import UserError, check_writable
 from .option_types import int_in, non_negative_float, non_negative_int, port, positive_float, positive_int, workers
 from .storage import is_url
 
 DEMO_DATA_DEFAULT = Path.home() / ".cache" / "imagenet-resnet" / "shapes"
 
-# The demo: a narrow ResNet-18 on 64 px shapes, sized to finish in under a minute and a half on two CPU cores
-# at 96% val top-1 (width 12 and 9 epochs: twice as fast as width 16 and 16 epochs, which reached 99.8%;
-# 8 epochs gave 93%).
-DEMO_SETTINGS = [
-    "model.name=resnet18", "model.width=12", "model.channels_last=false",
-    "data.train_size=56", "data.eval_size=56", "data.crop_scale=[0.35, 1.0]", "data.workers=2",
-    "optim.lr=0.8", "optim.weight_decay=5e-5", "optim.label_smoothing=0.1",
-    "schedule.name=onecycle", "schedule.pct_start=0.25",
-    "train.epochs=9", "train.batch_size=64", "train.device=cpu", "train.deterministic=true",
-    "train.log_every_steps=0",
-]
+# The demo's settings, by the shipped file's path: a file named "demo" in the working folder is not it.
+DEMO_RECIPE = RECIPES_DIR / "demo.yaml"
 
 
 class _HelpWithDefaults(argparse.HelpFormatter):
@@ -52,12 +44,15 @@ class _HelpWithDefaults(argparse.HelpFormatter):
         return text
 
 
-def _command(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, description=description, formatter_class=_HelpWithDefaults)
+def _command(sub, name: str, run, help: str, description: str) -> argparse.ArgumentParser:
+    """Subcommand `name`, which `run(args)` carries out."""
+    p = sub.add_parser(name, help=help, description=description, formatter_class=_HelpWithDefaults)
+    p.set_defaults(func=run)
+    return p
 
 
-def _train_parser(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
-    p = _command(sub, name, help, description)
+def _train_parser(sub, name: str, run, help: str, description: str) -> argparse.ArgumentParser:
+    p = _command(sub, name, run, help, description)
     p.add_argument("--data", help="a prepared folder, or one with train/<class>/ and val/<class>/ "
                    "(default: the built-in shapes dataset)")
     if name == "train":
@@ -120,9 +115,9 @@ def _ema_option(p) -> None:
 
 
 def _add_training_commands(sub) -> None:
-    _train_parser(sub, "train", "train a ResNet", "Train, evaluate every epoch and checkpoint into the run folder "
+    _train_parser(sub, "train", cmd_train, "train a ResNet", "Train, evaluate every epoch and checkpoint into the run folder "
                   "(config.yaml, metrics.jsonl, train.log, last.pt, best.pt). The same command runs under torchrun.")
-    p = _train_parser(sub, "find-lr", "LR range test: sweep the LR, plot loss against it, suggest a peak LR",
+    p = _train_parser(sub, "find-lr", cmd_find_lr, "LR range test: sweep the LR, plot loss against it, suggest a peak LR",
                       "Trains copies of the model and optimizer while the LR grows exponentially, and suggests "
                       "--set optim.lr=... (per 256 images): a decade below the LR of the lowest smoothed loss.")
     p.add_argument("--plot", default="lr_find.png", help="where to write the plot (and its numbers as .json)")
@@ -130,10 +125,10 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--end-lr", type=positive_float, default=10.0, help="the sweep's last LR")
     p.add_argument("--steps", type=positive_int, default=200,
                    help="steps of the sweep (it stops early once the loss explodes)")
-    _command(sub, "recipes", "list the shipped recipes", "Each recipe's model, epochs, batch size and what it "
+    _command(sub, "recipes", cmd_recipes, "list the shipped recipes", "Each recipe's model, epochs, batch size and what it "
              "follows, and its top-1: as published (with the source's address) and as measured by us (with the "
              "record in benchmarks/results), or that there is none; pass its name to --recipe.")
-    p = _command(sub, "demo", "generate a small shapes dataset, train a small ResNet on CPU, evaluate",
+    p = _command(sub, "demo", cmd_demo, "generate a small shapes dataset, train a small ResNet on CPU, evaluate",
                  "A first run in about a minute and a quarter on two CPU cores (96% val top-1), with no data to "
                  "download.")
     p.add_argument("--out", default="demo-run", help="run folder")
@@ -141,7 +136,7 @@ def _add_training_commands(sub) -> None:
 
 
 def _add_data_commands(sub) -> None:
-    p = _command(sub, "prepare", "check an ImageNet source and index it; --pack writes a fast packed copy",
+    p = _command(sub, "prepare", cmd_prepare, "check an ImageNet source and index it; --pack writes a fast packed copy",
                  "Recognises the official ILSVRC2012 tars + devkit, Kaggle's layout, Hugging Face parquet shards, "
                  "Tiny-ImageNet, ImageNet-V2 (its .tar.gz or folders 0..999, for evaluation) and class-folder trees; "
                  "checks every image; writes an index (and a packed copy). "
@@ -168,7 +163,7 @@ def _add_data_commands(sub) -> None:
 
 
 def _add_model_commands(sub) -> None:
-    p = _command(sub, "evaluate", "top-1/top-5, ReaL, calibration and the most confused classes, beside the "
+    p = _command(sub, "evaluate", cmd_evaluate, "top-1/top-5, ReaL, calibration and the most confused classes, beside the "
                  "published ResNet-50 figures",
                  "Evaluates a checkpoint on the validation split of a prepared folder or class-folder tree (or an "
                  "ImageNet-V2 copy); data with a subset of the model's classes is evaluated on those classes. "
@@ -191,7 +186,7 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--real", action="store_true", help="require ReaL accuracy: stop with the reason where the data "
                    "has none (without it, ReaL is reported wherever it can be)")
 
-    p = _command(sub, "report", "plots (loss, accuracy, LR, speed) and training_log.md for a run folder",
+    p = _command(sub, "report", cmd_report, "plots (loss, accuracy, LR, speed) and training_log.md for a run folder",
                  "Reads metrics.jsonl and steps.jsonl (and the figures `evaluate` kept in RUN/evaluations/, shown "
                  "beside the published ones): works on a finished, running or resumed run, and on "
                  "the bucket a run is mirrored to (train --mirror URL) from any machine.")
@@ -200,21 +195,21 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--out", help="folder for the plots and training_log.md (default: the plots in RUN/report and the "
                    "log in RUN; for a URL, both in ./report-<its last part>)")
 
-    p = _command(sub, "status", "one line: epoch, step, last val top-1, images/s, ETA, age of the last record",
+    p = _command(sub, "status", cmd_status, "one line: epoch, step, last val top-1, images/s, ETA, age of the last record",
                  "Where a run stands, from its run folder or the bucket it is mirrored to (train --mirror URL): "
                  "reads config.yaml, metrics.jsonl and the ends of steps.jsonl and train.log, never a "
                  "checkpoint. A run that stopped writing shows as stale.")
     p.add_argument("run", metavar="RUN|URL", help="the run folder, or the URL it is mirrored to (s3://bucket/run)")
     p.add_argument("--json", action="store_true", help="the same as a JSON object (times in Unix seconds)")
 
-    p = _command(sub, "predict", "top-k classes with names and probabilities for images",
+    p = _command(sub, "predict", cmd_predict, "top-k classes with names and probabilities for images",
                  "Images are read as the server reads uploads: any format and mode, 16-bit, alpha, EXIF rotation.")
     _inference_options(p)
     p.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files, or folders of them")
     p.add_argument("--top-k", type=positive_int, default=5, help="classes per image")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
 
-    p = _command(sub, "explain", "Grad-CAM: a gallery of misclassified validation images, or of given images",
+    p = _command(sub, "explain", cmd_explain, "Grad-CAM: a gallery of misclassified validation images, or of given images",
                  "With --data: the most confident mistakes, each with Grad-CAM for the predicted and the true class.")
     _inference_options(p)
     p.add_argument("inputs", nargs="*", metavar="IMAGE|DIR", help="images to explain (else --data)")
@@ -226,7 +221,7 @@ def _add_model_commands(sub) -> None:
 
 
 def _add_shipping_commands(sub) -> None:
-    p = _command(sub, "serve", "a web page (and JSON endpoint) that classifies uploaded images, with Grad-CAM",
+    p = _command(sub, "serve", cmd_serve, "a web page (and JSON endpoint) that classifies uploaded images, with Grad-CAM",
                  "Gradio page at /, POST /api/classify for programs; bounded uploads and a bounded queue "
                  '(pip install "imagenet-resnet[serve]").')
     _inference_options(p)
@@ -241,7 +236,7 @@ def _add_shipping_commands(sub) -> None:
     p.add_argument("--layer", help="module for Grad-CAM (default: the deepest stage still at least 7 x 7: layer4 at "
                    "224 px)")
 
-    p = _command(sub, "export", "safetensors + JSON sidecar, ONNX, TorchScript, or a Hugging Face Space folder",
+    p = _command(sub, "export", cmd_export, "safetensors + JSON sidecar, ONNX, TorchScript, or a Hugging Face Space folder",
                  "Each export is read back and its logits compared with PyTorch's before it counts as written; "
                  'prints a JSON summary (pip install "imagenet-resnet[export]").')
     p.add_argument("--checkpoint", required=True, help="one of our checkpoints (.pt) or a .safetensors export")
@@ -264,14 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_shipping_commands(sub)
     bench_commands.add_parser(sub)
+    sub.choices["bench"].set_defaults(func=bench_commands.main)
     parser.description = f"The `imagenet-resnet` command: {', '.join(sub.choices)}."  # every one, from the parser
     return parser
 
 
 def _config_for_train(args) -> Config:
     demo = not args.recipe and (not args.data or getattr(args, "shapes", False))
-    overrides = list(DEMO_SETTINGS) if demo else []
-    overrides += [f"data.path={args.data}"] if args.data else []
+    overrides = [f"data.path={args.data}"] if args.data else []
     if getattr(args, "budget", None):
         if args.epochs is not None:
             raise UserError(f"--budget {args.budget} fits the recipe's epochs to the budget: drop --epochs {args.epochs}")
@@ -282,7 +277,7 @@ def _config_for_train(args) -> Config:
                       ("init_from", "train.init_from"), ("spot_notice", "train.spot_notice")):
         if getattr(args, flag, None) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    return load_config(args.recipe, overrides + args.overrides)
+    return load_config(DEMO_RECIPE if demo else args.recipe, overrides + args.overrides)
 
 
 def _track_spec(spec: str):
@@ -556,7 +551,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .data.prepare import PackSettings, prepare, verify
+    from .data.prepare import PackSettings, next_step, prepare, verify
 
     if args.verify:
         found = verify(args.verify, args.workers)
@@ -580,34 +575,12 @@ def cmd_prepare(args) -> int:
 
         print(upload.next_step(args.out.rstrip("/"), Path(args.work_dir or upload.default_work_dir(args.out))))
     else:
-        print(next_step_after_prepare(args.out, manifest))
+        print(next_step(args.out, manifest))
     return 0
 
 
-IMAGENET_SCALE = 200_000  # train images from which a dataset wants ResNet-50 on GPUs
-
-
-def next_step_after_prepare(out: str, manifest: dict) -> str:
-    """The command to run next, fitted to the data and this machine: evaluation for a val-only copy, a
-    ResNet-50 budget on GPUs for ImageNet-sized data, minutes on a CPU for a small dataset."""
-    train = manifest["splits"].get("train", {}).get("images", 0)
-    if not train:
-        return f"next: imagenet-resnet evaluate --checkpoint RUN/best.pt --data {out}  (a val-only copy, to evaluate)"
-    import torch  # only to see whether there is a GPU
-
-    gpu = torch.cuda.is_available()
-    if train >= IMAGENET_SCALE:
-        recipe, why = "resnet50_ffcv16", "ResNet-50 in 16 epochs, FFCV's budget" + ("" if gpu else
-                      "; this machine has no GPU: run it on one (see `imagenet-resnet recipes`)")
-    elif gpu:
-        recipe, why = "imagenette_128_20ep", f"{train:,} images: ResNet-50 at 128 px for 20 epochs, minutes on a GPU"
-    else:
-        recipe, why = "small_cpu", f"{train:,} images on a CPU: a narrow ResNet-18 at 64 px, minutes"
-    return f"next: imagenet-resnet train --data {out} --recipe {recipe} --out runs/{recipe}  ({why})"
-
-
 def cmd_recipes(args) -> int:
-    from .config import RECIPES_DIR, load_config, recipe_names
+    from .config import recipe_names
 
     print(f"{'recipe':34s} {'model':9s} {'epochs':>6s} {'batch':>6s}  what")
     for name in recipe_names():
@@ -644,7 +617,7 @@ def cmd_demo(args) -> int:
     data = make_shapes_dataset(args.data)
     from .training.trainer import train  # after the first line: torch alone takes seconds to import
 
-    cfg = load_config(None, DEMO_SETTINGS + [f"data.path={data}"])
+    cfg = load_config(DEMO_RECIPE, [f"data.path={data}"])
     metrics = train(cfg, out, resume=True)  # a demo cut short before its first checkpoint starts again
     minutes = (time.perf_counter() - started) / 60
     print(f"""
@@ -663,16 +636,8 @@ next:
     return 0
 
 
-COMMANDS = {"train": "cmd_train", "evaluate": "cmd_evaluate", "prepare": "cmd_prepare", "find-lr": "cmd_find_lr",
-            "report": "cmd_report", "predict": "cmd_predict", "explain": "cmd_explain", "export": "cmd_export",
-            "status": "cmd_status", "serve": "cmd_serve", "demo": "cmd_demo", "bench": "cmd_bench",
-            "recipes": "cmd_recipes"}
 OUT_OF_MEMORY_HINT = ("the GPU ran out of memory: lower --batch-size (the LR follows it) and raise "
                       "--set train.accumulation_steps=N to keep the global batch")
-
-
-def cmd_bench(args) -> int:
-    return bench_commands.main(args)
 
 
 def _check_device(args) -> None:
@@ -699,7 +664,7 @@ def _release_loader_workers(error: BaseException) -> None:
 def _run_command(args) -> int:
     try:
         _check_device(args)
-        return globals()[COMMANDS[args.command]](args)
+        return args.func(args)
     except BaseException as error:
         _release_loader_workers(error)
         raise

@@ -1,6 +1,7 @@
 """Run configuration: plain dataclasses, loaded from a YAML recipe, overridden from the command line.
 
-The resolved config is saved as YAML in the run folder and as a plain dict inside every checkpoint.
+The resolved config is saved as YAML in the run folder and as a plain dict inside every checkpoint;
+changed_settings lists what a config changes from a saved one (a resume's log line).
 """
 
 from __future__ import annotations
@@ -376,6 +377,14 @@ def validate(cfg: Config) -> None:
     lo, hi = cfg.data.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"data.crop_scale={cfg.data.crop_scale}: need 0 < min <= max <= 1")
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Each setting of `current` that differs from `saved` (both configs as dicts, as to_dict gives them), as
+    "section.key: saved -> current"; a setting `saved` lacks (newer than it) shows as None there."""
+    return [f"{section}.{key}: {saved.get(section, {}).get(key)} -> {value}"
+            for section, values in current.items() for key, value in values.items()
+            if saved.get(section, {}).get(key) != value]
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

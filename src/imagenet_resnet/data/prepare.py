@@ -546,3 +546,26 @@ def verify(data: str | Path, workers: int = -1) -> list[str]:
             for i in np.flatnonzero(np.isin(codes, [KINDS.index(k) for k in EXCLUDED])):
                 found.append(f"{index.describe(int(i))}: {KINDS[codes[i]]} ({details[int(i)]})")
     return found
+
+
+IMAGENET_SCALE = 200_000  # train images from which a dataset wants ResNet-50 on GPUs
+
+
+def next_step(out: str, manifest: dict) -> str:
+    """The command to run after preparing a folder here, fitted to the data and this machine: evaluation for a
+    val-only copy, a ResNet-50 budget on GPUs for ImageNet-sized data, minutes on a CPU for a small dataset.
+    (A folder prepared for a URL: upload.next_step.)"""
+    train = manifest["splits"].get("train", {}).get("images", 0)
+    if not train:
+        return f"next: imagenet-resnet evaluate --checkpoint RUN/best.pt --data {out}  (a val-only copy, to evaluate)"
+    import torch  # only to see whether there is a GPU
+
+    gpu = torch.cuda.is_available()
+    if train >= IMAGENET_SCALE:
+        recipe, why = "resnet50_ffcv16", "ResNet-50 in 16 epochs, FFCV's budget" + ("" if gpu else
+                      "; this machine has no GPU: run it on one (see `imagenet-resnet recipes`)")
+    elif gpu:
+        recipe, why = "imagenette_128_20ep", f"{train:,} images: ResNet-50 at 128 px for 20 epochs, minutes on a GPU"
+    else:
+        recipe, why = "small_cpu", f"{train:,} images on a CPU: a narrow ResNet-18 at 64 px, minutes"
+    return f"next: imagenet-resnet train --data {out} --recipe {recipe} --out runs/{recipe}  ({why})"

@@ -236,9 +236,3 @@ class Checkpointer:
         for key, value in saved["progress"].items():
             setattr(state.progress, key, value)
         state.metrics = saved.get("metrics") or {}
-
-    @staticmethod
-    def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-        return [f"{section}.{key}: {saved.get(section, {}).get(key)} -> {value}"
-                for section, values in current.items() for key, value in values.items()
-                if saved.get(section, {}).get(key) != value]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..config import Config, TrainConfig, save_config
+from ..config import Config, TrainConfig, changed_settings, save_config
 from ..data.index import ImageIndex
 from ..data.loader import (DeviceNormalize, EpochBatchSampler, ImageDataset, SkippedImages, build_loader,
                            resolve_workers, stop_workers, worker_death)
@@ -319,7 +319,7 @@ def _resume(run: Run, checkpointer: Checkpointer, newest: tuple[dict | None, str
     run.skipped.count = run.progress.skipped_images if run.world.is_main else 0
     if run.progress.total_steps:  # a budgeted run goes on with its fit
         run.timeline = Timeline(run.timeline.recipe_steps, run.progress.total_steps, run.progress.schedule_knots)
-    changed = checkpointer.changed_settings(saved["config"], cfg.to_dict())
+    changed = changed_settings(saved["config"], cfg.to_dict())
     if changed:
         log(f"resuming with settings changed since the checkpoint: {', '.join(changed)}")
     log(f"resumed {checkpointer.previous if fell_back else checkpointer.last} at {_where(run)}")

@@ -1,6 +1,7 @@
 """A loopback stand-in for a cloud's instance metadata service, for `train --spot-notice` in the tests and
-faults.py: AWS's IMDSv2 (a session token from PUT /latest/api/token, required on every GET, as AWS requires it)
-and GCP's preempted flag (Metadata-Flavor: Google required). `preempted` switches both to announcing a notice."""
+benchmarks/faults.py: AWS's IMDSv2 (a session token from PUT /latest/api/token, required on every GET, as AWS
+requires it) and GCP's preempted flag (Metadata-Flavor: Google required). `preempted` switches both to
+announcing a notice."""
 
 from __future__ import annotations
 
