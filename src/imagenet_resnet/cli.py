@@ -115,9 +115,11 @@ def _ema_option(p) -> None:
 
 
 def _add_training_commands(sub) -> None:
-    _train_parser(sub, "train", cmd_train, "train a ResNet", "Train, evaluate every epoch and checkpoint into the run folder "
+    _train_parser(sub, "train", cmd_train,
+                  "train a ResNet", "Train, evaluate every epoch and checkpoint into the run folder "
                   "(config.yaml, metrics.jsonl, train.log, last.pt, best.pt). The same command runs under torchrun.")
-    p = _train_parser(sub, "find-lr", cmd_find_lr, "LR range test: sweep the LR, plot loss against it, suggest a peak LR",
+    p = _train_parser(sub, "find-lr", cmd_find_lr,
+                      "LR range test: sweep the LR, plot loss against it, suggest a peak LR",
                       "Trains copies of the model and optimizer while the LR grows exponentially, and suggests "
                       "--set optim.lr=... (per 256 images): a decade below the LR of the lowest smoothed loss.")
     p.add_argument("--plot", default="lr_find.png", help="where to write the plot (and its numbers as .json)")
@@ -125,7 +127,8 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--end-lr", type=positive_float, default=10.0, help="the sweep's last LR")
     p.add_argument("--steps", type=positive_int, default=200,
                    help="steps of the sweep (it stops early once the loss explodes)")
-    _command(sub, "recipes", cmd_recipes, "list the shipped recipes", "Each recipe's model, epochs, batch size and what it "
+    _command(sub, "recipes", cmd_recipes,
+             "list the shipped recipes", "Each recipe's model, epochs, batch size and what it "
              "follows, and its top-1: as published (with the source's address) and as measured by us (with the "
              "record in benchmarks/results), or that there is none; pass its name to --recipe.")
     p = _command(sub, "demo", cmd_demo, "generate a small shapes dataset, train a small ResNet on CPU, evaluate",
@@ -163,7 +166,8 @@ def _add_data_commands(sub) -> None:
 
 
 def _add_model_commands(sub) -> None:
-    p = _command(sub, "evaluate", cmd_evaluate, "top-1/top-5, ReaL, calibration and the most confused classes, beside the "
+    p = _command(sub, "evaluate", cmd_evaluate,
+                 "top-1/top-5, ReaL, calibration and the most confused classes, beside the "
                  "published ResNet-50 figures",
                  "Evaluates a checkpoint on the validation split of a prepared folder or class-folder tree (or an "
                  "ImageNet-V2 copy); data with a subset of the model's classes is evaluated on those classes. "
@@ -195,7 +199,8 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--out", help="folder for the plots and training_log.md (default: the plots in RUN/report and the "
                    "log in RUN; for a URL, both in ./report-<its last part>)")
 
-    p = _command(sub, "status", cmd_status, "one line: epoch, step, last val top-1, images/s, ETA, age of the last record",
+    p = _command(sub, "status", cmd_status,
+                 "one line: epoch, step, last val top-1, images/s, ETA, age of the last record",
                  "Where a run stands, from its run folder or the bucket it is mirrored to (train --mirror URL): "
                  "reads config.yaml, metrics.jsonl and the ends of steps.jsonl and train.log, never a "
                  "checkpoint. A run that stopped writing shows as stale.")
@@ -209,7 +214,8 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--top-k", type=positive_int, default=5, help="classes per image")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
 
-    p = _command(sub, "explain", cmd_explain, "Grad-CAM: a gallery of misclassified validation images, or of given images",
+    p = _command(sub, "explain", cmd_explain,
+                 "Grad-CAM: a gallery of misclassified validation images, or of given images",
                  "With --data: the most confident mistakes, each with Grad-CAM for the predicted and the true class.")
     _inference_options(p)
     p.add_argument("inputs", nargs="*", metavar="IMAGE|DIR", help="images to explain (else --data)")
@@ -221,7 +227,8 @@ def _add_model_commands(sub) -> None:
 
 
 def _add_shipping_commands(sub) -> None:
-    p = _command(sub, "serve", cmd_serve, "a web page (and JSON endpoint) that classifies uploaded images, with Grad-CAM",
+    p = _command(sub, "serve", cmd_serve,
+                 "a web page (and JSON endpoint) that classifies uploaded images, with Grad-CAM",
                  "Gradio page at /, POST /api/classify for programs; bounded uploads and a bounded queue "
                  '(pip install "imagenet-resnet[serve]").')
     _inference_options(p)
@@ -236,7 +243,8 @@ def _add_shipping_commands(sub) -> None:
     p.add_argument("--layer", help="module for Grad-CAM (default: the deepest stage still at least 7 x 7: layer4 at "
                    "224 px)")
 
-    p = _command(sub, "export", cmd_export, "safetensors + JSON sidecar, ONNX, TorchScript, or a Hugging Face Space folder",
+    p = _command(sub, "export", cmd_export,
+                 "safetensors + JSON sidecar, ONNX, TorchScript, or a Hugging Face Space folder",
                  "Each export is read back and its logits compared with PyTorch's before it counts as written; "
                  'prints a JSON summary (pip install "imagenet-resnet[export]").')
     p.add_argument("--checkpoint", required=True, help="one of our checkpoints (.pt) or a .safetensors export")
