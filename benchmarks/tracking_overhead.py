@@ -73,7 +73,29 @@ def paired_overhead(runs: list[dict], repeats: int) -> dict:
     for k in range(repeats):
         median = {r["arm"]: r["median_step_s"] for r in runs[2 * k:2 * k + 2]}
         ratios.append(round(100 * (median["mlflow"] / median["none"] - 1), 1))
-    return {"paired_overhead_percent": {"rounds": ratios, "median": statistics.median(ratios)}}
+    return {"paired_overhead_percent": {"rounds": ratios, "median": round(statistics.median(ratios), 1)}}
+
+
+def client_cost(uri: str, work: Path, calls: int, records_per_call: int) -> dict:
+    """The CPU time this process spends per call to the tracker (MLflow's client building and sending a batch,
+    then RUN/tracking.json rewritten), measured directly: what the tracker's thread can take from training, at
+    most once a second (tracking.SEND_EVERY_SECONDS)."""
+    from imagenet_resnet.training.tracking import SEND_EVERY_SECONDS, MlflowBackend, Tracking
+
+    backend = MlflowBackend(uri)
+    backend.start(None, "client-cost", {"model.name": "resnet50"}, {})
+    record = {"step": 0, "loss": 2.3, "train_top1": 0.1, "lr": 0.1, "images_per_sec": 500.0, "cpu_util": 50.0,
+              "cpu_util_run": 40.0}
+    state = Tracking(work)
+    started = time.process_time()
+    for call in range(calls):
+        backend.log([("train", record, call * records_per_call + k) for k in range(records_per_call)])
+        state._save()
+    per_call_ms = 1000 * (time.process_time() - started) / calls
+    backend.end(True)
+    return {"client_cpu_ms_per_call": round(per_call_ms, 2), "records_per_call": records_per_call,
+            "most_calls_per_second": 1 / SEND_EVERY_SECONDS,
+            "most_share_of_a_core_percent": round(per_call_ms / 10 / SEND_EVERY_SECONDS, 2)}
 
 
 def main() -> None:
@@ -100,6 +122,8 @@ def main() -> None:
     server = MlflowServer(work / "mlflow").start()
     runs = []
     try:
+        client = client_cost(server.uri, work, calls=50, records_per_call=5)  # ~5 steps a second here
+        print(json.dumps(client), flush=True)
         for k in range(args.repeats):
             for arm in arms if k % 2 == 0 else arms[::-1]:  # ABBA: a machine slowing down favours neither arm
                 runs.append(one_run(arm, data, work, args, env, k, server))
@@ -112,11 +136,11 @@ def main() -> None:
                               **{p: version(p) for p in ("torch", "mlflow")}},
               "settings": {**vars(args), "model": f"resnet50 (width 64), {args.size} px, batch {args.batch}, SGD "
                                                    "momentum, CPU", "log_every_steps": 1},
-              **summary(runs, arms), **paired_overhead(runs, args.repeats), "runs": runs,
+              **summary(runs, arms), **paired_overhead(runs, args.repeats), "tracker_client": client, "runs": runs,
               "note": "arms interleaved, their order alternating; the machine's load average is recorded per run, as "
                       "other work may share its cores; the MLflow server runs on the same cores (a remote one would "
                       "not)"}
-    print(json.dumps({k: v for k, v in record.items() if "step_s" in k or "overhead" in k}))
+    print(json.dumps({k: v for k, v in record.items() if "step_s" in k or "overhead" in k or k == "tracker_client"}))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 
