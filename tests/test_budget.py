@@ -17,7 +17,7 @@ from imagenet_resnet.data.presets import progressive_size
 from imagenet_resnet.training.budget import (EXIT_SECONDS, Budget, Costs, RunShape, Timeline, fit_total_steps,
                                              projected_top1, seconds_to_finish)
 from imagenet_resnet.training.schedules import LRSchedule
-from imagenet_resnet.training.step import lr_for_batch
+from imagenet_resnet.training.optim import lr_for_batch
 from imagenet_resnet.training.trainer import epoch_side
 
 

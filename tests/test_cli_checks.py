@@ -15,7 +15,7 @@ from conftest import run_cli, tiny_train_args, train_tiny
 from imagenet_resnet import cli
 from imagenet_resnet.data.synthetic import complete_stamp
 from imagenet_resnet.errors import UserError
-from imagenet_resnet.evaluation import evaluate_checkpoint
+from imagenet_resnet.evaluation.command import evaluate_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,12 @@ import torch
 
 from conftest import TINY_SETTINGS, sigterm_after, tiny_train_args, train_tiny
 from imagenet_resnet.config import load_config
-from imagenet_resnet.data.loader import DeviceNormalize
 from imagenet_resnet.models import build_model
-from imagenet_resnet.runtime import auto_precision, resolve_precision
+from imagenet_resnet.runtime import DeviceNormalize, auto_precision, resolve_precision
 from imagenet_resnet.training import checkpoint
 from imagenet_resnet.training.distributed import Dist
-from imagenet_resnet.training.step import StepSums, TrainStep, build_optimizer
+from imagenet_resnet.training.optim import build_optimizer
+from imagenet_resnet.training.step import StepSums, TrainStep
 from imagenet_resnet.training.stopping import RunStopped
 from imagenet_resnet.training.trainer import build_run
 

@@ -9,10 +9,10 @@ from PIL import Image
 
 from imagenet_resnet.data.classes import display_name, imagenet_classes
 from imagenet_resnet.data.folder import find_split, scan_class_folders
-from imagenet_resnet.data.loader import (DeviceNormalize, EpochBatchSampler, ImageDataset, SkippedImages,
-                                         build_loader)
+from imagenet_resnet.data.loader import EpochBatchSampler, ImageDataset, SkippedImages, build_loader
 from imagenet_resnet.data.presets import EvalPreset
 from imagenet_resnet.errors import UserError
+from imagenet_resnet.runtime import DeviceNormalize
 
 
 def _tree(root, classes, per_class=3, size=24):

@@ -11,11 +11,11 @@ from conftest import TINY_SETTINGS, train_tiny
 from host_syncs import HostSyncs
 from imagenet_resnet.config import load_config
 from imagenet_resnet.data import loader
-from imagenet_resnet.data.loader import DeviceNormalize, EpochBatchSampler
+from imagenet_resnet.data.loader import EpochBatchSampler
 from imagenet_resnet.data.prepared import open_splits
 from imagenet_resnet.errors import UserError
 from imagenet_resnet.models import build_model
-from imagenet_resnet.runtime import auto_precision, compile_model
+from imagenet_resnet.runtime import DeviceNormalize, auto_precision, compile_model
 from imagenet_resnet.training import checkpoint
 from imagenet_resnet.training.augment import MixAugment
 from imagenet_resnet.training.checkpoint import Checkpointer, TrainingState
@@ -23,7 +23,7 @@ from imagenet_resnet.training.distributed import Dist
 from imagenet_resnet.training.ema import ModelEma
 from imagenet_resnet.training.lr_finder import sweep
 from imagenet_resnet.training.schedules import LRSchedule
-from imagenet_resnet.training.step import build_optimizer, lr_for_batch, lr_per_256
+from imagenet_resnet.training.optim import build_optimizer, lr_for_batch, lr_per_256
 from imagenet_resnet.training.stopping import StopPolicy
 from imagenet_resnet.training.trainer import build_run, train_one_epoch
 

@@ -21,7 +21,8 @@ from tracking_helpers import mlflow_run_summary
 from conftest import S3_BUCKET
 from imagenet_resnet.data.synthetic import make_shapes_dataset
 from imagenet_resnet.training import checkpoint
-from imagenet_resnet.data.loader import DeviceNormalize, EpochBatchSampler
+from imagenet_resnet.data.loader import EpochBatchSampler
+from imagenet_resnet.runtime import DeviceNormalize
 from imagenet_resnet.training.step import train_step
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import run_cli, train_tiny
 from imagenet_resnet import cli
 from imagenet_resnet.errors import UserError
-from imagenet_resnet.evaluation import evaluate_checkpoint
+from imagenet_resnet.evaluation.command import evaluate_checkpoint
 from imagenet_resnet.models import build_model
 from imagenet_resnet.serving import export
 from imagenet_resnet.serving.inference import image_sources, load_model, predict

@@ -3,8 +3,9 @@ import torch
 from torch import nn
 
 from imagenet_resnet.config import load_config
-from imagenet_resnet.data.loader import DeviceNormalize
-from imagenet_resnet.training.step import build_optimizer, train_step
+from imagenet_resnet.runtime import DeviceNormalize
+from imagenet_resnet.training.optim import build_optimizer
+from imagenet_resnet.training.step import train_step
 from imagenet_resnet.models import build_model
 
 

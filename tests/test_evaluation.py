@@ -15,7 +15,7 @@ from imagenet_resnet import cli
 from imagenet_resnet.data.classes import imagenet_classes
 from imagenet_resnet.data.prepare import prepare
 from imagenet_resnet.data.real_labels import real_labels, val_numbers
-from imagenet_resnet.evaluation import Predictions, calibration, real_accuracy
+from imagenet_resnet.evaluation.metrics import Predictions, calibration, real_accuracy
 
 WNIDS = list(imagenet_classes())
 SHIPPED_REAL = SHARED_DATA / "imagenet-meta" / "real.json"

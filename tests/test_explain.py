@@ -116,7 +116,7 @@ def test_explain_gallery_of_mistakes_and_of_any_image(tmp_path, trained, tiny_da
 def test_evaluate_and_explain_on_a_subset_of_the_models_classes(trained, tiny_data, tmp_path):
     """Imagenette for an ImageNet-1k model: the data's classes map onto the model's by ID, and the model
     chooses among those only."""
-    from imagenet_resnet.evaluation import evaluate_checkpoint
+    from imagenet_resnet.evaluation.command import evaluate_checkpoint
     from imagenet_resnet.serving.inference import load_model
 
     subset = tmp_path / "subset"

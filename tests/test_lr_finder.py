@@ -8,8 +8,9 @@ from PIL import Image
 
 from conftest import run_cli, tiny_train_args, train_tiny
 from imagenet_resnet.config import load_config
-from imagenet_resnet.data.loader import DeviceNormalize
-from imagenet_resnet.training.step import build_optimizer, train_step
+from imagenet_resnet.runtime import DeviceNormalize
+from imagenet_resnet.training.optim import build_optimizer
+from imagenet_resnet.training.step import train_step
 from imagenet_resnet.training.lr_finder import LRSweep, save_plot, sweep
 from imagenet_resnet.models import build_model
 

@@ -10,13 +10,13 @@ from imagenet_resnet.training import checkpoint
 from imagenet_resnet.training.augment import MixAugment
 from imagenet_resnet.training.ema import ModelEma
 from imagenet_resnet.config import load_config
-from imagenet_resnet.data.loader import DeviceNormalize
+from imagenet_resnet.runtime import DeviceNormalize
 from imagenet_resnet.training.distributed import Dist
-from imagenet_resnet.training.step import build_optimizer, train_step
+from imagenet_resnet.training.step import train_step
 from imagenet_resnet.training.stopping import RunStopped
 from imagenet_resnet.training.trainer import build_run
 from imagenet_resnet.models import build_model
-from imagenet_resnet.training.optim import Lamb
+from imagenet_resnet.training.optim import Lamb, build_optimizer
 
 
 def test_lamb_moves_each_tensor_by_lr_times_its_norm():

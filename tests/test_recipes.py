@@ -8,11 +8,12 @@ import torch
 
 from conftest import run_cli, train_tiny
 from imagenet_resnet.config import load_config
-from imagenet_resnet.data.loader import DeviceNormalize, EpochBatchSampler, ImageDataset, build_loader
+from imagenet_resnet.data.loader import EpochBatchSampler, ImageDataset, build_loader
 from imagenet_resnet.data.folder import scan_class_folders
 from imagenet_resnet.data.presets import TrainPreset, progressive_size
-from imagenet_resnet.training.step import evaluate
+from imagenet_resnet.evaluation.loop import evaluate
 from imagenet_resnet.models import BlurConv2d, build_model
+from imagenet_resnet.runtime import DeviceNormalize
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "src" / "imagenet_resnet" / "recipes").glob("*.yaml"))
 

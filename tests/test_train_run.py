@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import run_cli, sigterm_after, tiny_train_args, train_tiny
-from imagenet_resnet.evaluation import evaluate_checkpoint
+from imagenet_resnet.evaluation.command import evaluate_checkpoint
 from imagenet_resnet.training import checkpoint
 from imagenet_resnet.training.stopping import RunStopped
 

@@ -366,7 +366,7 @@ def cmd_find_lr(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_checkpoint, save_in_run
+    from .evaluation.command import evaluate_checkpoint, save_in_run
 
     if args.per_class_csv:
         _check_output_file(args.per_class_csv, "--per-class-csv")
@@ -390,7 +390,7 @@ def cmd_evaluate(args) -> int:
 
 def evaluation_lines(report: dict) -> list[str]:
     """`evaluate`'s table: what was evaluated, the figures, the published ones beside them, where files went."""
-    from .evaluation import NOT_IMAGENET_CLASSES
+    from .evaluation.metrics import NOT_IMAGENET_CLASSES
     from .published import table_lines
 
     lines = [f"checkpoint  {report['checkpoint']}", f"weights     {report['weights']}",

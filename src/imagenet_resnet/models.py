@@ -10,6 +10,10 @@ without renaming, and ours load there.
   they no longer skip three quarters of their input. The paper's Table 5: ResNet-50-B 76.66%, -C 76.87%,
   -D 77.16% ImageNet top-1, at 4.1, 4.3 and 4.3 GFLOPs. Names follow timm's resnet50d (conv1.0, conv1.1,
   ...; downsample.1 the conv, downsample.2 the BN), so its weights load.
+
+`build_model_from_config` builds the model a recipe trains from its config's model section, on its device and
+memory layout: training, `bench train` and every checkpoint loaded (`trained_model`: evaluate, serving,
+export) build it there, so a benchmark times the very model a recipe trains.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import pickle
 import torch
 from torch import nn
 
+from .config import ModelConfig
 from .errors import UserError
+from .runtime import memory_format
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -165,6 +171,24 @@ def build_model(name: str, num_classes: int = 1000, width: int = 64, zero_init_r
     model = ResNet(block, layers, num_classes=num_classes, width=width, zero_init_residual=zero_init_residual,
                    variant=variant)
     return apply_blurpool(model) if blurpool else model
+
+
+def build_model_from_config(model_cfg: ModelConfig, num_classes: int,
+                            device: torch.device | str = "cpu") -> ResNet:
+    """The model of the config's model section (name, width, variant, blurpool, zero_init_residual), on
+    `device` in the memory layout model.channels_last asks for."""
+    m = model_cfg
+    model = build_model(m.name, num_classes, m.width, m.zero_init_residual, m.blurpool, m.variant)
+    return model.to(device, memory_format=memory_format(m.channels_last))
+
+
+def trained_model(model_cfg: ModelConfig, num_classes: int, weights: dict[str, torch.Tensor],
+                  device: torch.device | str = "cpu") -> ResNet:
+    """A checkpoint's or an export's model, in eval mode: the config's model with `weights` (a state dict,
+    DDP or compile prefixes allowed) loaded into it."""
+    model = build_model_from_config(model_cfg, num_classes, device)
+    model.load_state_dict(clean_state_dict(weights))
+    return model.eval()
 
 
 class BlurConv2d(nn.Conv2d):

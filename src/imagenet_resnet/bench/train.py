@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import torch
 
 from ..config import load_config
-from ..data.loader import DeviceNormalize
-from ..models import build_model
-from ..runtime import (compile_model, memory_format, resolve_device, resolve_precision, set_backend_flags,
+from ..models import build_model_from_config
+from ..runtime import (DeviceNormalize, compile_model, resolve_device, resolve_precision, set_backend_flags,
                        size_cpu_threads)
 from ..training.augment import MixAugment
 from ..training.ema import ModelEma
-from ..training.step import StepSums, TrainStep, build_optimizer
+from ..training.optim import build_optimizer
+from ..training.step import StepSums, TrainStep
 from .record import environment, save_record
 
 # Multiply-accumulates of one forward pass at 224 px (torchvision's published GFLOPS, which count MACs).
@@ -123,19 +123,19 @@ def synthetic_batch(batch_size: int, res: int, num_classes: int, device: torch.d
 def training_step(model_name: str, num_classes: int, device: torch.device, precision: str, compile_mode: str | None,
                   channels_last: bool, fused: bool, ema_decay: float = 0.0, mixup: float = 0.0,
                   cutmix: float = 0.0) -> TrainStep:
-    """The training loop's step for a timed run: the (compiled) model, SGD, the loss scaler, the normaliser, and
-    the EMA and Mixup/CutMix when asked for."""
+    """The training loop's step for a timed run: the (compiled) model, built as `train` builds it from the
+    config's model section, SGD, the loss scaler, the normaliser, and the EMA and Mixup/CutMix when asked for."""
     set_backend_flags(deterministic=False)
-    model = build_model(model_name, num_classes, zero_init_residual=True)
-    model = model.to(device, memory_format=memory_format(channels_last))
-    cfg = load_config(None, ["optim.weight_decay=5e-5", "optim.label_smoothing=0.1",
-                             f"optim.fused={str(fused).lower()}"])
+    cfg = load_config(None, [f"model.name={model_name}", f"model.channels_last={str(channels_last).lower()}",
+                             "optim.weight_decay=5e-5", "optim.label_smoothing=0.1", f"optim.fused={str(fused).lower()}"])
+    model = build_model_from_config(cfg.model, num_classes, device)
     optimizer = build_optimizer(model, cfg, 0.1, precision)
     runner = compile_model(model, compile_mode or "")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     mix = MixAugment(mixup, cutmix) if mixup or cutmix else None
     ema = ModelEma(model, ema_decay) if ema_decay else None
-    return TrainStep(runner, optimizer, scaler, DeviceNormalize(device, channels_last), precision, cfg.optim, mix, ema)
+    return TrainStep(runner, optimizer, scaler, DeviceNormalize(device, cfg.model.channels_last), precision, cfg.optim,
+                     mix, ema)
 
 
 def bench_train(model_name: str = "resnet50", res: int = 224, batch_size: int = 256, precision: str = "auto",

@@ -1,4 +1,5 @@
-"""Dataset, sampler and loader: uint8 NHWC batches in a reproducible order, normalised on the device.
+"""Dataset, sampler and loader: uint8 NHWC batches in a reproducible order (runtime.DeviceNormalize takes them
+to the device and normalises them there).
 
 Every random choice for a sample is drawn from a generator seeded by (seed, epoch, index), and the order
 of an epoch by (seed, epoch): augmentations and order then do not depend on the number of workers, and a
@@ -21,9 +22,6 @@ from PIL import Image
 
 from .index import ImageIndex
 from .presets import unreadable_reason
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class SampleRandom(random.Random):
@@ -213,24 +211,3 @@ class SkippedImages:
         for problem in problems:
             self.count += 1
             warnings.warn(f"skipped unreadable image {problem}", stacklevel=2)
-
-
-class DeviceNormalize:
-    """The one way batches reach the device: uint8 NHWC images -> normalised float NCHW, and labels, each
-    copied without blocking the host (the loader pins their memory on CUDA, so the copies overlap the work
-    already queued). NHWC uint8 permuted to NCHW is already in channels_last layout, so the model gets that
-    layout for free; the copy moves a quarter of the bytes of a float batch."""
-
-    def __init__(self, device: torch.device, channels_last: bool):
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-        self.device, self.channels_last = device, channels_last
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        if not self.channels_last:
-            x = x.contiguous()
-        return (x - self.mean) / self.std
-
-    def labels(self, labels: torch.Tensor) -> torch.Tensor:
-        return labels.to(self.device, non_blocking=True)

@@ -17,11 +17,10 @@ import torch
 
 from ..config import Config
 from ..data.folder import IMAGE_EXTENSIONS
-from ..data.loader import IMAGENET_MEAN, IMAGENET_STD, DeviceNormalize
 from ..data.presets import EvalPreset
 from ..errors import UserError
-from ..models import build_model, clean_state_dict
-from ..runtime import memory_format, resolve_device, resolve_precision
+from ..models import trained_model
+from ..runtime import IMAGENET_MEAN, IMAGENET_STD, DeviceNormalize, resolve_device, resolve_precision
 from ..training import checkpoint
 from ..training.ema import saved_ema
 from .card import data_facts, data_name
@@ -187,16 +186,13 @@ def load_model(path: str | Path, device_name: str = "auto", ema: bool = False) -
                 raise UserError(f"{path} holds no EMA weights: its run was trained without train.ema_decay; "
                                 "drop --ema (or train with --set train.ema_decay=0.9999 to have them)")
             weights, ema_updates = averaged
-    model = build_model(cfg.model.name, len(classes), cfg.model.width, blurpool=cfg.model.blurpool,
-                        variant=cfg.model.variant)
-    model.load_state_dict(clean_state_dict(weights))
+    model = trained_model(cfg.model, len(classes), weights, device)
     if card is None:
         progress = state.get("progress", {})
         metrics = state.get("metrics") or {"epoch": progress.get("epoch"),  # checkpoints before 0.1 had no metrics
                                             "val_top1": progress["best_top1"] if progress.get("best_top1", -1) >= 0 else None}
         saved_at = state.get("saved_at") or path.stat().st_mtime
         card = model_card(cfg, classes, metrics, saved_at, sum(p.numel() for p in model.parameters()), ema_updates)
-    model = model.to(device, memory_format=memory_format(cfg.model.channels_last)).eval()
     return LoadedModel(model, cfg, classes, names, device, resolve_precision(cfg.train.precision, device),
                        DeviceNormalize(device, cfg.model.channels_last), card, ema)
 

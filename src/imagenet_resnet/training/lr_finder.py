@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.loader import DeviceNormalize
 from ..errors import UserError
+from ..runtime import DeviceNormalize
 from . import distributed
 from .step import train_step
 

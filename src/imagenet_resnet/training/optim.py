@@ -1,8 +1,59 @@
-"""Optimizers beyond torch's own: LAMB, written here because torch has none and timm's needs timm."""
+"""Which optimizer, at which LR: the LR scaled from `optim.lr` (given per 256 images) to the global batch,
+the parameter groups (no weight decay on norms and biases), SGD / AdamW / RAdam / LAMB built from the config,
+and LAMB itself, written here because torch has none and timm's needs timm."""
 
 from __future__ import annotations
 
 import torch
+
+from ..config import Config, OptimConfig
+
+LR_REFERENCE_BATCH = 256  # optim.lr is given per 256 images
+ADAPTIVE_OPTIMIZERS = ("adamw", "radam", "lamb")
+
+
+def lr_scale(optim: OptimConfig, global_batch: int) -> float:
+    """The factor from `optim.lr` (per 256 images) to the LR used at `global_batch`: the batch ratio for SGD
+    (Goyal et al. 2017), its square root for the adaptive optimizers (timm's default; Malladi et al. 2022)."""
+    rule = optim.lr_scaling if optim.lr_scaling != "auto" else "sqrt" if optim.name in ADAPTIVE_OPTIMIZERS else "linear"
+    ratio = global_batch / LR_REFERENCE_BATCH
+    return ratio**0.5 if rule == "sqrt" else ratio
+
+
+def lr_for_batch(optim: OptimConfig, global_batch: int) -> float:
+    """The LR used at `global_batch` for a config's `optim.lr`."""
+    return optim.lr * lr_scale(optim, global_batch)
+
+
+def lr_per_256(lr: float, optim: OptimConfig, global_batch: int) -> float:
+    """The inverse: what to put in `optim.lr` for an LR used at `global_batch`."""
+    return lr / lr_scale(optim, global_batch)
+
+
+def parameter_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
+    """Weight decay on conv and linear weights only (tensors of two or more dimensions), not on BatchNorm's
+    scales and shifts nor on biases, unless optim.decay_bn_and_bias."""
+    decay = [p for p in model.parameters() if p.ndim > 1 or optim.decay_bn_and_bias]
+    no_decay = [p for p in model.parameters() if not (p.ndim > 1 or optim.decay_bn_and_bias)]
+    return [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float, precision: str = "fp32") -> torch.optim.Optimizer:
+    """SGD, AdamW, RAdam or LAMB over parameter_groups.
+
+    SGD and AdamW are fused on CUDA with optim.fused, and always in fp16: the fused kernels take the loss
+    scaler's inverse scale and found-inf flag on the GPU and skip an overflowed step there, where the others
+    make GradScaler read the flag on the host every step (RAdam and LAMB still do)."""
+    o = cfg.optim
+    groups = parameter_groups(model, o)
+    fused = ((o.fused or precision == "fp16") and next(model.parameters()).is_cuda) or None
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+    if o.name == "radam":  # Liu et al. 2020: Adam with its early variance rectified, a built-in warm-up
+        return torch.optim.RAdam(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, decoupled_weight_decay=True)
+    if o.name == "lamb":
+        return Lamb(groups, lr=lr, betas=o.betas)
+    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov, fused=fused)
 
 
 class Lamb(torch.optim.Optimizer):

@@ -1,6 +1,6 @@
-"""The pieces a training step is made of: the optimizer, the LR per batch size, one optimizer step over
-micro-batches (train_step; TrainStep with everything else the loop does per step), the running sums, and
-evaluation. The trainer, the LR finder and the benchmarks all use these."""
+"""The training step: one optimizer step over micro-batches (train_step; TrainStep with everything else the loop
+does per step) and the running sums (StepSums). The trainer, the LR finder and the benchmarks all use these;
+the optimizer and its LR come from optim.py, validation from evaluation/loop.py."""
 
 from __future__ import annotations
 
@@ -10,96 +10,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..config import Config, OptimConfig
-from ..data.loader import DeviceNormalize, SkippedImages
-from ..runtime import autocast
+from ..config import OptimConfig
+from ..runtime import DeviceNormalize, autocast
 from . import distributed
 from .augment import MixAugment
 from .ema import ModelEma
-from .optim import Lamb
-
-LR_REFERENCE_BATCH = 256  # optim.lr is given per 256 images
-ADAPTIVE_OPTIMIZERS = ("adamw", "radam", "lamb")
-
-
-def lr_scale(optim: OptimConfig, global_batch: int) -> float:
-    """The factor from `optim.lr` (per 256 images) to the LR used at `global_batch`: the batch ratio for SGD
-    (Goyal et al. 2017), its square root for the adaptive optimizers (timm's default; Malladi et al. 2022)."""
-    rule = optim.lr_scaling if optim.lr_scaling != "auto" else "sqrt" if optim.name in ADAPTIVE_OPTIMIZERS else "linear"
-    ratio = global_batch / LR_REFERENCE_BATCH
-    return ratio**0.5 if rule == "sqrt" else ratio
-
-
-def lr_for_batch(optim: OptimConfig, global_batch: int) -> float:
-    """The LR used at `global_batch` for a config's `optim.lr`."""
-    return optim.lr * lr_scale(optim, global_batch)
-
-
-def lr_per_256(lr: float, optim: OptimConfig, global_batch: int) -> float:
-    """The inverse: what to put in `optim.lr` for an LR used at `global_batch`."""
-    return lr / lr_scale(optim, global_batch)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float, precision: str = "fp32") -> torch.optim.Optimizer:
-    """SGD, AdamW, RAdam or LAMB, with weight decay on conv and linear weights only unless optim.decay_bn_and_bias.
-
-    SGD and AdamW are fused on CUDA with optim.fused, and always in fp16: the fused kernels take the loss
-    scaler's inverse scale and found-inf flag on the GPU and skip an overflowed step there, where the others
-    make GradScaler read the flag on the host every step (RAdam and LAMB still do)."""
-    o = cfg.optim
-    decay = [p for p in model.parameters() if p.ndim > 1 or o.decay_bn_and_bias]
-    no_decay = [p for p in model.parameters() if not (p.ndim > 1 or o.decay_bn_and_bias)]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = ((o.fused or precision == "fp16") and next(model.parameters()).is_cuda) or None
-    if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
-    if o.name == "radam":  # Liu et al. 2020: Adam with its early variance rectified, a built-in warm-up
-        return torch.optim.RAdam(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, decoupled_weight_decay=True)
-    if o.name == "lamb":
-        return Lamb(groups, lr=lr, betas=o.betas)
-    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov, fused=fused)
-
-
-def batch_logits(model, batch: torch.Tensor, normalize: DeviceNormalize, precision: str, flip: bool = False,
-                 class_subset: torch.Tensor | None = None) -> torch.Tensor:
-    """The float32 logits of one uint8 batch in evaluation: with `flip`, the mean of each image's and its mirror
-    image's (test-time augmentation); with `class_subset` (the model's label of each of the data's classes,
-    when the data holds only some of them), restricted to those."""
-    with autocast(precision, normalize.device):
-        images_in = normalize(batch)
-        logits = model(images_in).float()
-        if flip:
-            logits = (logits + model(images_in.flip(3)).float()) / 2
-    return logits if class_subset is None else logits[:, class_subset]
-
-
-@torch.no_grad()
-def evaluate(model, loader, normalize: DeviceNormalize, precision: str, skipped: SkippedImages | None = None,
-             flip: bool = False):
-    """Top-1, top-5 and mean cross-entropy over every readable image of the loader, summed on the device (no
-    host sync per batch) and over the processes of a torchrun run; `flip` as in batch_logits."""
-    model.eval()
-    device = normalize.device
-    correct1 = torch.zeros((), device=device, dtype=torch.int64)
-    correct5 = torch.zeros((), device=device, dtype=torch.int64)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    images = 0
-    for batch, labels, problems in loader:
-        if skipped is not None:
-            skipped.add(problems)
-        if len(labels) == 0:
-            continue
-        labels = normalize.labels(labels)
-        logits = batch_logits(model, batch, normalize, precision, flip)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-        correct1 += hits[:, 0].sum()
-        correct5 += hits.any(dim=1).sum()
-        images += len(labels)
-    # Under torchrun each process saw its own share of the images (each image exactly once): add them up.
-    c1, c5, loss, images = distributed.all_sum([correct1.item(), correct5.item(), loss_sum.item(), images], device)
-    n = max(images, 1)
-    return {"top1": c1 / n, "top5": c5 / n, "loss": loss / n, "images": int(images)}
 
 
 def batchnorm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

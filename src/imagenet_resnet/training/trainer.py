@@ -16,14 +16,15 @@ import yaml
 
 from ..config import Config, TrainConfig, changed_settings, save_config
 from ..data.index import ImageIndex
-from ..data.loader import (DeviceNormalize, EpochBatchSampler, ImageDataset, SkippedImages, build_loader,
-                           resolve_workers, stop_workers, worker_death)
+from ..data.loader import (EpochBatchSampler, ImageDataset, SkippedImages, build_loader, resolve_workers,
+                           stop_workers, worker_death)
 from ..data.prepared import open_splits
 from ..data.presets import make_eval_preset, make_train_preset, pipeline_description, progressive_size
 from ..errors import UserError
-from ..models import build_model, load_weights
+from ..evaluation.loop import evaluate
+from ..models import build_model_from_config, load_weights
 from ..run_files import check_new_run_folder, check_nothing_to_lose
-from ..runtime import (compile_model, memory_format, resolve_device, resolve_precision, set_backend_flags,
+from ..runtime import (DeviceNormalize, compile_model, resolve_device, resolve_precision, set_backend_flags,
                        size_cpu_threads)
 from . import distributed
 from .augment import MixAugment
@@ -33,10 +34,11 @@ from .checkpoint import Checkpointer, Progress, TrainingState, data_identity, de
 from .lr_finder import LRSweep, save_plot, sweep
 from .mirror import LEASE_SECONDS, open_mirror
 from .monitor import MetricsSink, SampleLog, StepReporter, SystemSampler
+from .optim import build_optimizer, lr_for_batch, lr_per_256
 from .schedules import LRSchedule
 from .ema import ModelEma
 from .spot import spot_notice_for
-from .step import StepSums, TrainStep, build_optimizer, evaluate, lr_for_batch, lr_per_256
+from .step import StepSums, TrainStep
 from .stopping import MirrorTakenOver, StopPolicy
 from .tracking import TrackRequest, Tracking, open_tracking
 
@@ -114,8 +116,8 @@ def _build_data(cfg: Config, world: distributed.Dist, device: torch.device):
 
 def _build_model(cfg: Config, world: distributed.Dist, device: torch.device, num_classes: int):
     """The bare model on the device, and the runner that trains it (DDP under torchrun, compiled if asked)."""
-    m, t = cfg.model, cfg.train
-    model = build_model(m.name, num_classes, m.width, m.zero_init_residual, m.blurpool, m.variant)
+    t = cfg.train
+    model = build_model_from_config(cfg.model, num_classes, device)
     if t.init_from:
         replaced = load_weights(model, t.init_from)
         if world.is_main:
@@ -123,8 +125,7 @@ def _build_model(cfg: Config, world: distributed.Dist, device: torch.device, num
     if t.sync_bn and world.enabled:
         if device.type != "cuda":
             raise UserError("train.sync_bn needs CUDA GPUs: PyTorch's SyncBatchNorm has no CPU kernel")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device, memory_format=memory_format(m.channels_last))
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the layers' tensors, on the device
     runner = model
     if world.enabled:
         runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
