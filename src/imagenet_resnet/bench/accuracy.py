@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import yaml
 
-from ..config import Config, load_config
+from ..config import Config, changed_settings, load_config
 from ..data.loader import EpochBatchSampler, ImageDataset, build_loader
 from ..data.prepared import open_split
 from ..data.presets import make_eval_preset, pipeline_description
@@ -95,9 +95,10 @@ def _check_same_settings(run_dir: Path, expected: dict) -> None:
     saved = yaml.safe_load(saved_path.read_text())
     found_lr = expected["optim"]["find_lr"]  # the saved config holds the LR the finder chose
     # A key the saved config lacks is a setting newer than the run; its default is what the run had.
-    changed = [f"{section}.{key}" for section, values in expected.items() for key, value in values.items()
-               if key in saved.get(section, {}) and saved[section][key] != value
-               and not (found_lr and (section, key) == ("optim", "lr"))]
+    comparable = {section: {key: value for key, value in values.items() if key in saved.get(section, {})
+                            and not (found_lr and (section, key) == ("optim", "lr"))}
+                  for section, values in expected.items()}
+    changed = changed_settings(saved, comparable)
     if changed:
         raise UserError(f"{run_dir} holds a run with other settings ({', '.join(changed)}); "
                          "give another --runs-dir, or delete that folder")
