@@ -203,8 +203,9 @@ def _ends_on_time(run, budget: float, wall: float, annealed_to: float = 1.0) -> 
     assert progress["global_step"] == progress["total_steps"]  # it ran its fit to the end
     assert progress["budget_used_seconds"] <= budget
     # Never over; within 10% under on these shared CI cores (the goal, 5%, is measured by
-    # benchmarks/budget_ab.py over longer runs, where the start-up weighs less).
-    assert 0.90 * budget <= wall <= budget + 0.5, wall
+    # benchmarks/budget_ab.py over longer runs, where the start-up weighs less), less the EXIT_SECONDS the fit
+    # keeps back for the exit: 2.1 s measured for small_cpu, a fraction of that for these runs' one worker.
+    assert 0.90 * (budget - EXIT_SECONDS) <= wall <= budget + 0.5, wall
     last = _metrics(run)[-1]
     assert last["val_top1"] is not None and last["step"] == progress["total_steps"]
     cfg, spe = load_config(run / "config.yaml"), 120 // 16  # 10 x 12 images in batches of 16
@@ -300,12 +301,14 @@ def test_a_budgeted_run_ends_on_time_when_the_machine_slows_down(tmp_path, tiny_
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "imagenet_resnet", *_budgeted(tiny_data, run, "30s")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = []
+    output, fitted = [], []
     for line in proc.stdout:
         output.append(line)
-        if "fitted to" in line and " steps (" in line:  # the first fit, after the plan line
-            break
-    fitted_first = int(output[-1].split("fitted to ")[1].split()[0])
+        if "fitted to" in line and " steps (" in line:
+            fitted.append(int(line.split("fitted to ")[1].split()[0]))
+        if " epoch 8/" in line:
+            break  # the first fit, made after the first steps, is re-fitted once their warm-up is over
+    fitted_warm = fitted[-1]
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in os.sched_getaffinity(0)]
     try:
         output.append(proc.stdout.read())
@@ -318,4 +321,4 @@ def test_a_budgeted_run_ends_on_time_when_the_machine_slows_down(tmp_path, tiny_
     # A slowdown that the margin cannot absorb at the last re-fit ends the run a step early rather than over
     # its budget (measured once in CI: the last LR was the recipe's at 99.9% of it), so not the exact last LR.
     progress = _ends_on_time(run, 30.0, wall, annealed_to=0.99)["progress"]
-    assert progress["total_steps"] < fitted_first  # it noticed
+    assert progress["total_steps"] < fitted_warm  # it noticed
