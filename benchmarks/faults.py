@@ -235,7 +235,7 @@ def _straight(work: Path, data: Path, epochs: int = 2) -> Path:
 KILL_INSIDE_WRITE = """
 import os, signal, sys
 from imagenet_resnet import cli
-from imagenet_resnet.training import checkpoint
+from imagenet_resnet.storage import atomic
 real_replace, writes = os.replace, [0]
 def replace(src, dst):  # the k-th move of a finished temporary file over last.pt: die just before it
     if str(dst).endswith("last.pt") and str(src).endswith(".tmp"):
@@ -243,7 +243,7 @@ def replace(src, dst):  # the k-th move of a finished temporary file over last.p
         if writes[0] == int(os.environ["KILL_AT_WRITE"]):
             os.kill(os.getpid(), signal.SIGKILL)
     real_replace(src, dst)
-checkpoint.os.replace = replace
+atomic.os.replace = replace
 sys.exit(cli.main(sys.argv[1:]))
 """
 

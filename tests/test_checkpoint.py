@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
-from imagenet_resnet.training import checkpoint
 from imagenet_resnet.errors import UserError
+from imagenet_resnet.storage.atomic import write_atomic
+from imagenet_resnet.training import checkpoint
 
 
 def _checkpoint_bytes(step: int, numbers: int = 1000) -> bytes:
@@ -25,8 +26,8 @@ def _step_of(path) -> int:
 
 def _write_two_versions(folder):
     """last.pt at step 2, previous.pt at step 1: what a run holds after two checkpoints."""
-    checkpoint.write_atomic(_checkpoint_bytes(1), folder / "last.pt", keep_previous=folder / "previous.pt")
-    checkpoint.write_atomic(_checkpoint_bytes(2), folder / "last.pt", keep_previous=folder / "previous.pt")
+    write_atomic(_checkpoint_bytes(1), folder / "last.pt", keep_previous=folder / "previous.pt")
+    write_atomic(_checkpoint_bytes(2), folder / "last.pt", keep_previous=folder / "previous.pt")
     assert (_step_of(folder / "last.pt"), _step_of(folder / "previous.pt")) == (2, 1)
 
 
@@ -34,12 +35,12 @@ WRITE_UNDER_A_FILE_SIZE_LIMIT = """
 import resource, signal, sys
 from pathlib import Path
 from imagenet_resnet.errors import UserError
-from imagenet_resnet.training import checkpoint
+from imagenet_resnet.storage.atomic import write_atomic
 data, folder, limit = sys.stdin.buffer.read(), Path(sys.argv[1]), int(sys.argv[2])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 try:
-    checkpoint.write_atomic(data, folder / "last.pt", keep_previous=folder / "previous.pt")
+    write_atomic(data, folder / "last.pt", keep_previous=folder / "previous.pt")
 except UserError as e:
     print(e)
     sys.exit(2)
@@ -75,7 +76,7 @@ def test_write_atomic_whose_sync_fails_keeps_last_and_previous(tmp_path, monkeyp
 
     monkeypatch.setattr(os, "fsync", full_at_sync)
     with pytest.raises(UserError) as failed:
-        checkpoint.write_atomic(data, tmp_path / "last.pt", keep_previous=tmp_path / "previous.pt")
+        write_atomic(data, tmp_path / "last.pt", keep_previous=tmp_path / "previous.pt")
     monkeypatch.undo()
 
     assert str(failed.value).startswith(f"{tmp_path / 'last.pt'}: no room to write it (No space left on device)")

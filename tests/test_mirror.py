@@ -18,14 +18,15 @@ pytest.importorskip("moto.server")
 
 from conftest import S3_BUCKET as BUCKET, S3_SECRETS as SECRETS, run_cli, sigterm_after, tiny_train_args  # noqa: E402
 from imagenet_fixtures import ImageNetLike, prepared_pairs  # noqa: E402
-from imagenet_resnet import cli, storage  # noqa: E402
+from imagenet_resnet import cli  # noqa: E402
 from imagenet_resnet.data.index import ImageIndex  # noqa: E402
 from imagenet_resnet.data import prepare as prepare_module  # noqa: E402
 from imagenet_resnet.data import upload  # noqa: E402
 from imagenet_resnet.data.prepare import prepare, verify  # noqa: E402
 from imagenet_resnet.errors import UserError  # noqa: E402
-from imagenet_resnet.training import checkpoint, mirror  # noqa: E402
-from imagenet_resnet.training.checkpoint import write_atomic  # noqa: E402
+from imagenet_resnet.storage import mirror, urls  # noqa: E402
+from imagenet_resnet.storage.atomic import write_atomic  # noqa: E402
+from imagenet_resnet.training import checkpoint  # noqa: E402
 
 STEPS_PER_EPOCH = 7  # 120 images // batch 16
 
@@ -186,11 +187,11 @@ def test_without_the_cloud_extra_the_error_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "s3fs", None)
     monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "s3", raising=False)  # the class imported already
     with pytest.raises(UserError, match=r'pip install "imagenet-resnet\[cloud\]"'):
-        storage.filesystem("s3://bucket/x")
+        urls.filesystem("s3://bucket/x")
     monkeypatch.setitem(sys.modules, "fsspec", None)
     monkeypatch.setitem(sys.modules, "fsspec.core", None)
     with pytest.raises(UserError, match=r'pip install "imagenet-resnet\[cloud\]"'):
-        storage.filesystem("s3://bucket/x")
+        urls.filesystem("s3://bucket/x")
 
 
 @pytest.mark.parametrize("layout", ["official", "parquet"])

@@ -25,7 +25,7 @@ from .bench import commands as bench_commands
 from .config import MODEL_NAMES, PIPELINES, RECIPES_DIR, Config, load_config
 from .errors import UserError, check_writable
 from .option_types import int_in, non_negative_float, non_negative_int, port, positive_float, positive_int, workers
-from .storage import is_url
+from .storage.urls import is_url
 
 DEMO_DATA_DEFAULT = Path.home() / ".cache" / "imagenet-resnet" / "shapes"
 

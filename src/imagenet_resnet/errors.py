@@ -1,5 +1,7 @@
-"""The project's one exception for expected problems, and the one expected problem every writer meets."""
+"""The project's one exception for expected problems, and the one expected problem every writer meets: a full
+disk, said in one line (disk_full_said) wherever a file is written."""
 
+import contextlib
 import errno
 import tempfile
 from pathlib import Path
@@ -13,10 +15,25 @@ class UserError(ValueError):
     A ValueError, so that callers which catch bad values also catch it."""
 
 
-def disk_full(path: Path, error: OSError, again: str = "run the same command again (with --resume to continue a "
-              "run)") -> UserError:
+AGAIN = "run the same command again (with --resume to continue a run)"
+
+
+def disk_full(path: Path, error: OSError, again: str = AGAIN) -> UserError:
     return UserError(f"{path}: no room to write it ({error.strerror}); what was saved before is intact: free space "
                      f"on {Path(path).parent}, then {again}")
+
+
+@contextlib.contextmanager
+def disk_full_said(path: Path, again: str = AGAIN, name_the_failed_file: bool = False):
+    """A full disk (no space, over quota, over a file-size limit) inside the block becomes one line naming
+    `path` (or, with `name_the_failed_file`, the file the error names, if any) and what to do `again`."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            where = Path(e.filename) if name_the_failed_file and e.filename else path
+            raise disk_full(where, e, again) from e
+        raise
 
 
 def check_writable(folder: Path, option: str) -> Path:
@@ -27,16 +44,15 @@ def check_writable(folder: Path, option: str) -> Path:
     folder = Path(folder)
     missing = [p for p in [folder, *folder.parents] if not p.exists()]
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder, prefix=".write-check-"):
-            pass
+        with disk_full_said(folder, "run the same command again"):
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder, prefix=".write-check-"):
+                pass
     except FileExistsError:
         raise UserError(f"{folder}: not a folder (a file of that name is in the way); give {option} a folder")
     except NotADirectoryError:
         raise UserError(f"{folder}: a file is in the way of this folder; give {option} a folder you can write to")
-    except OSError as error:
-        if error.errno in DISK_FULL:
-            raise disk_full(folder, error, "run the same command again")
+    except OSError as error:  # a full disk is said by disk_full_said, around this
         raise UserError(f"{folder}: cannot write there ({error.strerror}); give {option} a folder you can write to")
     finally:
         for made in missing:  # deepest first; only the empty folders this probe made

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import storage
+from .storage import urls
 from .errors import UserError
 
 CREDENTIALS_HINT = "check the URL, the network and the credentials (AWS_* variables, AWS_PROFILE, AWS_ENDPOINT_URL)"
@@ -79,8 +79,8 @@ class RunFiles:
     """A run folder, or the URL a run is mirrored to (s3://bucket/prefix, any fsspec URL)."""
 
     def __init__(self, run: str | Path):
-        self.remote = storage.is_url(run)
-        self.root = storage.check_url(run) if self.remote else Path(run)
+        self.remote = urls.is_url(run)
+        self.root = urls.check_url(run) if self.remote else Path(run)
         if not self.remote and not self.root.is_dir():
             raise UserError(f"{run}: no such run folder; give the --out folder of a run, or the URL it is "
                             "mirrored to (--mirror)")
@@ -91,23 +91,23 @@ class RunFiles:
     @property
     def name(self) -> str:
         """The run's last path part: runs/r50 -> r50, s3://bucket/runs/r50 -> r50."""
-        return storage.name(self.root) if self.remote else self.root.resolve().name
+        return urls.name(self.root) if self.remote else self.root.resolve().name
 
     def _reading(self, name: str, read):
         """`read()` of RUN/name; None where the file does not exist; any other failure is one line."""
         try:
-            return read(storage.join(self.root, name))
+            return read(urls.join(self.root, name))
         except (FileNotFoundError, NotADirectoryError):
             return None
         except UserError:
             raise
         except Exception as e:  # the store unreachable, refusing, or a bucket we may not read
             first_line = (str(e) or type(e).__name__).strip().split("\n")[0]
-            raise UserError(f"{self.root}: cannot read {name} ({storage.redact(first_line)}); {CREDENTIALS_HINT}"
+            raise UserError(f"{self.root}: cannot read {name} ({urls.redact(first_line)}); {CREDENTIALS_HINT}"
                             if self.remote else f"{self.root / name}: cannot read it ({first_line})") from None
 
     def read(self, name: str) -> bytes | None:
-        return self._reading(name, storage.read_bytes)
+        return self._reading(name, urls.read_bytes)
 
     def records(self, name: str) -> list[dict]:
         data = self.read(name)
@@ -119,11 +119,11 @@ class RunFiles:
         long over a run: only its ends are fetched."""
 
         def read_slices(path):
-            total = storage.size(path)
+            total = urls.size(path)
             if total <= head + tail:
-                return storage.read_bytes(path), b""
-            first = storage.read_range(path, 0, head) if head else b""
-            last = storage.read_range(path, total - tail, total)
+                return urls.read_bytes(path), b""
+            first = urls.read_range(path, 0, head) if head else b""
+            last = urls.read_range(path, total - tail, total)
             return first, last[last.find(b"\n") + 1:]  # the line the cut fell in is left out
 
         return self._reading(name, read_slices) or (b"", b"")

@@ -43,8 +43,9 @@ from urllib.parse import urlsplit
 import numpy as np
 from tqdm import tqdm
 
-from .. import storage
-from ..errors import DISK_FULL, UserError, disk_full
+from ..errors import UserError, disk_full_said
+from ..storage import urls
+from ..storage.atomic import commit_file, write_atomic
 from .index import ImageIndex
 from .prepared import FORMAT, MANIFEST
 
@@ -53,6 +54,7 @@ CHUNK_BYTES = 16 << 20  # one ranged request; a fetch cut short loses at most th
 WORKERS = 8  # files fetched at once: one stream rarely fills the link to a store
 OPTIONAL = ("problems.tsv", "packed/settings.json")  # fetched when there, for the record; training reads neither
 AGAIN = "run the same command again: the fetch resumes where it stopped"
+FULL_AGAIN = f"or give --data-cache DIR on a larger disk; {AGAIN}"  # after a full disk
 
 
 def default_cache_root() -> Path:
@@ -65,7 +67,7 @@ def default_cache_root() -> Path:
 def cache_folder(url: str, cache_dir: str | Path | None = None) -> Path:
     """The local folder for `url`: a readable name (bucket and last folder) and a hash of the whole URL, so that
     two URLs never share a folder."""
-    url = storage.check_url(url)
+    url = urls.check_url(url)
     parts = urlsplit(url)
     words = [parts.netloc, *parts.path.strip("/").split("/")[-1:]]
     readable = re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(w for w in words if w)).strip("-.")[:60]
@@ -78,7 +80,7 @@ def fetch_prepared(url: str, cache_dir: str | Path | None = None, log=print, *, 
                    chunk_bytes: int = CHUNK_BYTES) -> Path:
     """The local copy of the prepared folder at `url`, fetched unless a complete copy of the same version is
     already in the cache (see the module's docstring); a folder `open_splits` opens."""
-    url = storage.check_url(url)
+    url = urls.check_url(url)
     folder = cache_folder(url, cache_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -105,7 +107,7 @@ def _locked(path: Path, log):
 class _Remote:
     def __init__(self, url: str):
         self.url = url
-        self.fs, self.root = storage.filesystem(url)
+        self.fs, self.root = urls.filesystem(url)
 
     def key(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
@@ -179,7 +181,7 @@ def _fetch_locked(remote: _Remote, folder: Path, log, workers: int, chunk_bytes:
 
     files = {**small, **shards}
     _check_fetched(remote, folder, files, manifest_bytes)
-    _write_bytes(folder / MANIFEST, manifest_bytes)
+    write_atomic(manifest_bytes, folder / MANIFEST, again=FULL_AGAIN)
     record = {"url": url, "version": version, "fetched": time.strftime("%Y-%m-%d %H:%M:%S"),
               "files": {**files, MANIFEST: len(manifest_bytes)},
               "checked": "shard sizes against the packed indexes, index CRC-32s and counts against prepared.json, "
@@ -324,28 +326,25 @@ class _Fetcher:
         final, part = self.folder / name, self.folder / (name + PART)
         where, key = f"{self.remote.url}/{name}", self.remote.key(name)
         try:
-            part.parent.mkdir(parents=True, exist_ok=True)
-            with open(part, "ab") as f:
-                position = have
-                while position < size:
-                    if self._stop.is_set():
-                        return
-                    end = min(position + self.chunk_bytes, size)
-                    data = self._get(where, key, position, end)
-                    if len(data) != end - position:
-                        raise UserError(f"{where}: got {len(data)} bytes at byte {position}, expected {end - position}"
-                                        f" (a new prepare --out is uploading there?); {AGAIN}")
-                    f.write(data)
-                    position = end
-                    with self._lock:
-                        self.fetched += len(data)
-                        self._bar.update(len(data))
-                f.flush()
-                os.fsync(f.fileno())  # whole on disk before the rename says so
-            os.replace(part, final)
+            with disk_full_said(part, FULL_AGAIN):
+                part.parent.mkdir(parents=True, exist_ok=True)
+                with open(part, "ab") as f:  # kept when cut short: the next fetch continues it
+                    position = have
+                    while position < size:
+                        if self._stop.is_set():
+                            return
+                        end = min(position + self.chunk_bytes, size)
+                        data = self._get(where, key, position, end)
+                        if len(data) != end - position:
+                            raise UserError(f"{where}: got {len(data)} bytes at byte {position}, expected "
+                                            f"{end - position} (a new prepare --out is uploading there?); {AGAIN}")
+                        f.write(data)
+                        position = end
+                        with self._lock:
+                            self.fetched += len(data)
+                            self._bar.update(len(data))
+                    commit_file(f, part, final)
         except OSError as e:
-            if e.errno in DISK_FULL:
-                raise disk_full(part, e, f"or give --data-cache DIR on a larger disk; {AGAIN}") from e
             raise UserError(f"{part}: cannot write it ({e.strerror or e}); give --data-cache DIR on a disk you can "
                             "write to") from e
 
@@ -405,21 +404,12 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    _write_bytes(path, json.dumps(value, indent=1).encode())
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + PART)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(json.dumps(value, indent=1).encode(), path, again=FULL_AGAIN)
 
 
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return storage.redact(f"{type(error).__name__}: {text[0] if text else ''}")
+    return urls.redact(f"{type(error).__name__}: {text[0] if text else ''}")
 
 
 def _size(n: int) -> str:

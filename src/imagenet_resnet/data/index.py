@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import storage
 from ..errors import UserError
+from ..storage import urls
+from ..storage.atomic import atomic_file
 
 
 @dataclass
@@ -40,7 +41,7 @@ class ImageIndex:
     sizes: np.ndarray | None = None  # int64 byte count (ranges)
 
     def __post_init__(self):
-        self.root = self.root if storage.is_url(self.root) else Path(self.root)
+        self.root = self.root if urls.is_url(self.root) else Path(self.root)
         self._handles: dict = {}
 
     def __len__(self) -> int:
@@ -54,13 +55,13 @@ class ImageIndex:
         if self.storage == "files":
             return self.path(i)
         where = f"byte {self.offsets[i]}" if self.storage == "ranges" else f"row {self.offsets[i]}"
-        return f"{storage.join(self.root, self.files[self.file_ids[i]])} ({where}: {self.names[i].decode()})"
+        return f"{urls.join(self.root, self.files[self.file_ids[i]])} ({where}: {self.names[i].decode()})"
 
     def read(self, i: int) -> bytes:
         if self.storage == "files":
             with open(self.path(i), "rb") as f:
                 return f.read()
-        if self.storage == "ranges" and storage.is_url(self.root):
+        if self.storage == "ranges" and urls.is_url(self.root):
             found = self.read_many([i])[0]
             if isinstance(found, OSError):
                 raise found
@@ -74,17 +75,17 @@ class ImageIndex:
         are fetched together, nearby ones in one request (so reading in storage order streams), and a failure
         to reach the store is an error of its own: nothing is judged unreadable for it."""
         positions = [int(i) for i in positions]
-        if not (self.storage == "ranges" and storage.is_url(self.root)):
+        if not (self.storage == "ranges" and urls.is_url(self.root)):
             return [self._read_or_error(i) for i in positions]
         found: list = [None] * len(positions)
         for file_id in sorted({int(self.file_ids[i]) for i in positions}):
             picks = [k for k, i in enumerate(positions) if self.file_ids[i] == file_id]
             starts = [int(self.offsets[positions[k]]) for k in picks]
             ends = [start + int(self.sizes[positions[k]]) for start, k in zip(starts, picks)]
-            url = storage.join(self.root, self.files[file_id])
-            for k, data in zip(picks, storage.read_ranges(url, starts, ends)):
+            url = urls.join(self.root, self.files[file_id])
+            for k, data in zip(picks, urls.read_ranges(url, starts, ends)):
                 if isinstance(data, Exception):
-                    raise UserError(f"{url}: reading failed ({storage.redact(str(data))}); check the network and the "
+                    raise UserError(f"{url}: reading failed ({urls.redact(str(data))}); check the network and the "
                                     "credentials, then run the same command again") from data
                 found[k] = data
         return found
@@ -108,8 +109,8 @@ class ImageIndex:
         # Per process: the open file with its row-group starts, and the last row group read (rows are read in order).
         key = ("parquet", os.getpid(), file_id)
         if key not in self._handles:
-            where = storage.join(self.root, self.files[file_id])
-            parquet = pq.ParquetFile(storage.open_read(where, 1 << 20) if storage.is_url(where) else where)
+            where = urls.join(self.root, self.files[file_id])
+            parquet = pq.ParquetFile(urls.open_read(where, 1 << 20) if urls.is_url(where) else where)
             sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
             self._handles[key] = (parquet, np.cumsum([0] + sizes))
         parquet, starts = self._handles[key]
@@ -154,12 +155,8 @@ class ImageIndex:
         for key in ("file_ids", "offsets", "sizes"):
             if getattr(self, key) is not None:
                 arrays[key] = getattr(self, key)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_file(path) as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> ImageIndex:
@@ -170,6 +167,6 @@ class ImageIndex:
                 arrays = {k: z[k] for k in z.files if k != "meta"}
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"{path}: not a readable image index ({e}); run `imagenet-resnet prepare` again") from e
-        root = meta["root"] if storage.is_url(meta["root"]) else Path(meta["root"])
-        root = root if storage.is_url(root) or root.is_absolute() else path.parent / root
+        root = meta["root"] if urls.is_url(meta["root"]) else Path(meta["root"])
+        root = root if urls.is_url(root) or root.is_absolute() else path.parent / root
         return cls(meta["storage"], root, classes=meta["classes"], files=meta["files"], **arrays)

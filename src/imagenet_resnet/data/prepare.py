@@ -7,7 +7,8 @@
    when packed). Nothing is dropped silently: each one is in problems.tsv and the summary.
 3. With --pack: images are re-encoded once as RGB JPEG with the short side capped, into shard files of
    consecutive JPEGs plus an offset index (random access with one pread, exact shuffling). Shards are
-   written in parallel, each atomically, so an interrupted run resumes at the first unfinished shard.
+   written in parallel, each atomically (storage/atomic.py), its sizes file (the mark of a complete shard)
+   last, so an interrupted run resumes at the first unfinished shard.
 
 A source at a URL (s3://...: the official tars or parquet shards) is read in place, without a local copy, and
 always packed: the images are fetched by byte range, a few hundred at a time, nearby ones in one request.
@@ -32,8 +33,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .. import storage
-from ..errors import DISK_FULL, UserError, check_writable, disk_full
+from ..errors import UserError, check_writable, disk_full_said
+from ..storage import urls
+from ..storage.atomic import atomic_file, write_atomic
 from . import upload
 from .classes import some_of
 from .index import ImageIndex
@@ -46,6 +48,7 @@ from .sources import Source, SourceError, open_source
 EXCLUDED = ("empty", "truncated", "unreadable")
 CONVERTED = ("not_jpeg", "cmyk", "grayscale", "other_mode")
 KINDS = (None,) + EXCLUDED + CONVERTED  # position = the code stored per image
+AGAIN = "run the same prepare again: it resumes its packing"  # after a full disk
 
 
 @dataclass
@@ -161,7 +164,7 @@ def _pack_shard(shard: int):
     bin_path, part_path = shard_path(out_dir, split, shard, ".bin"), shard_path(out_dir, split, shard, ".bin.part")
     sizes = np.zeros(stop - start, np.int64)
     failed = {}
-    with open(part_path, "wb") as f:
+    with atomic_file(bin_path, temp=part_path, again=AGAIN) as f:
         for k, (i, data) in enumerate(_images(index, start, stop)):
             try:
                 if isinstance(data, OSError):
@@ -174,14 +177,11 @@ def _pack_shard(shard: int):
             sizes[k] = len(blob)
             if k % 32 == 31:
                 _count(32)
-        f.flush()
-        os.fsync(f.fileno())
     _count((stop - start) % 32)
-    with open(shard_path(out_dir, split, shard, ".sizes.npz.part"), "wb") as f:
+    # The sizes file is written last: its presence marks the shard complete.
+    sizes_path = shard_path(out_dir, split, shard, ".sizes.npz")
+    with atomic_file(sizes_path, temp=shard_path(out_dir, split, shard, ".sizes.npz.part"), again=AGAIN) as f:
         np.savez(f, sizes=sizes, failed=np.array(json.dumps({str(k): v for k, v in failed.items()})))
-    os.replace(part_path, bin_path)
-    # The sizes file is renamed last: its presence marks the shard complete.
-    os.replace(shard_path(out_dir, split, shard, ".sizes.npz.part"), shard_path(out_dir, split, shard, ".sizes.npz"))
     return shard
 
 
@@ -322,7 +322,7 @@ def prepare(source_path: str | Path, out: str | Path, pack: bool = False, settin
 
     `out` at a URL: the same, in the local `work_dir`, each shard uploaded as soon as it is written and the
     manifest last (data/upload.py)."""
-    if storage.is_url(out):
+    if urls.is_url(out):
         return _prepare_to_url(source_path, out, pack, settings, limit, workers, val_only, work_dir)
     _check_out(Path(out), "--out")
     return _prepare_here(source_path, Path(out), pack, settings, limit, workers, val_only)
@@ -342,7 +342,7 @@ def _check_out(out: Path, option: str) -> None:
 
 def _prepare_to_url(source_path, url: str, pack: bool, settings, limit: int, workers: int, val_only: bool,
                     work_dir) -> dict:
-    url = storage.check_url(url)
+    url = urls.check_url(url)
     if not pack:
         raise UserError(f"--out {url}: a prepared folder goes to object storage only packed (training reads the "
                         "packed copy); add --pack")
@@ -360,8 +360,8 @@ def _prepare_here(source_path, out: Path, pack: bool, settings: PackSettings | N
                   val_only: bool, uploader=None) -> dict:
     settings = settings or PackSettings()
     workers = workers if workers > 0 else min(len(os.sched_getaffinity(0)), 32)
-    if storage.is_url(source_path):
-        storage.check_url(source_path)  # a URL holding credentials is refused before it is printed anywhere
+    if urls.is_url(source_path):
+        urls.check_url(source_path)  # a URL holding credentials is refused before it is printed anywhere
         if not pack:
             raise UserError(f"{source_path}: a source at a URL is prepared with --pack (training reads the packed "
                             "copy on this machine, never the store image by image)")
@@ -372,7 +372,7 @@ def _prepare_here(source_path, out: Path, pack: bool, settings: PackSettings | N
         print(f"  {note}", file=sys.stderr)
     _say_empty_classes(source, "val", source.splits["val"])
     indexes, kinds_of, counts, problems = _check_splits(source, limit, pack, workers)
-    try:
+    with disk_full_said(out, AGAIN, name_the_failed_file=True):
         packed_info, packed_bytes = None, None
         if pack:
             packed_info, packed_bytes = _pack(source_path, out, indexes, kinds_of, counts, problems, settings, limit,
@@ -385,10 +385,6 @@ def _prepare_here(source_path, out: Path, pack: bool, settings: PackSettings | N
             "packed": packed_info,
         }
         _stage(out / STAGING, indexes, problems, manifest)
-    except OSError as e:
-        if e.errno in DISK_FULL:
-            raise disk_full(Path(e.filename or out), e, "run the same prepare again: it resumes its packing") from e
-        raise
     write_switch(out, [index_path(Path(), s).name for s in SPLITS if s not in indexes])
     _print_summary(source, indexes, counts, problems, out, packed_bytes, limit)
     return manifest
@@ -396,20 +392,20 @@ def _prepare_here(source_path, out: Path, pack: bool, settings: PackSettings | N
 
 def _where(source_path) -> str:
     """The source as the manifest records it: an absolute path, or the URL."""
-    if storage.is_url(source_path):
-        return storage.check_url(source_path)
+    if urls.is_url(source_path):
+        return urls.check_url(source_path)
     return str(Path(source_path).resolve())
 
 
 def _stage(stage: Path, indexes: dict, problems: list, manifest: dict) -> None:
-    """The new index files, problems.tsv and manifest, beside the old ones until the switch."""
+    """The new index files, problems.tsv and manifest, beside the old ones until the switch; each on disk (fsynced)
+    before the switch names it."""
     stage.mkdir(parents=True, exist_ok=True)
     for split, index in indexes.items():
         index.save(stage / index_path(Path(), split).name)
-    with open(stage / "problems.tsv", "w") as f:
-        f.write("split\twhere\tkind\taction\tdetail\n")
-        f.writelines("\t".join(str(x).replace("\t", " ").replace("\n", " ") for x in row) + "\n" for row in problems)
-    (stage / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    rows = ("\t".join(str(x).replace("\t", " ").replace("\n", " ") for x in row) + "\n" for row in problems)
+    write_atomic(("split\twhere\tkind\taction\tdetail\n" + "".join(rows)).encode(), stage / "problems.tsv", again=AGAIN)
+    write_atomic(json.dumps(manifest, indent=1).encode(), stage / MANIFEST, again=AGAIN)
 
 
 def _check_splits(source: Source, limit: int, pack: bool, workers: int):
@@ -505,13 +501,13 @@ def _check_containers(index: ImageIndex) -> list[str]:
     """Each file (or object, at a URL) that a ranges index reads from exists and holds every byte range."""
     found = []
     for k, name in enumerate(index.files):
-        file = storage.join(index.root, name)
-        if not storage.exists(file):
+        file = urls.join(index.root, name)
+        if not urls.exists(file):
             found.append(f"{file}: missing")
             continue
         ends = index.offsets[index.file_ids == k] + index.sizes[index.file_ids == k]
-        if len(ends) and ends.max() > storage.size(file):
-            found.append(f"{file}: shorter than its index says ({storage.size(file)} < {ends.max()} bytes)")
+        if len(ends) and ends.max() > urls.size(file):
+            found.append(f"{file}: shorter than its index says ({urls.size(file)} < {ends.max()} bytes)")
     return found
 
 

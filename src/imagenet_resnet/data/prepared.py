@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
+from ..storage.atomic import write_atomic
 from .classes import differences
 from .folder import find_split, scan_class_folders
 from .index import ImageIndex
@@ -40,12 +41,7 @@ def index_path(data: Path, split: str, packed: bool = False) -> Path:
 def write_switch(data: Path, remove: list[str]) -> None:
     """Commit a prepare: from here on, its staged files will replace the old ones, however often the switch is
     interrupted. `remove`: files of the old preparation that the new one has no counterpart of."""
-    tmp = data / STAGING / (SWITCH + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"remove": remove}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, data / STAGING / SWITCH)
+    write_atomic(json.dumps({"remove": remove}).encode(), data / STAGING / SWITCH)
     finish_switch(data)
 
 

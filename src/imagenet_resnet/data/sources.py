@@ -30,8 +30,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .. import storage
-from ..errors import DISK_FULL, UserError, disk_full
+from ..errors import UserError
+from ..storage import urls
+from ..storage.atomic import atomic_file, write_atomic
 from .classes import ilsvrc2012_ids, imagenet_classes, some_of
 from .folder import IMAGE_EXTENSIONS, SPLIT_NAMES, find_split, scan_class_folders
 from .index import ImageIndex
@@ -59,7 +60,7 @@ def _val_only_note(missing: Path) -> str:
 
 
 def detect(path: Path | str) -> str:
-    if storage.is_url(path):
+    if urls.is_url(path):
         return _detect_url(path)
     if not path.exists():
         raise SourceError(f"{path}: does not exist; give the folder holding the ImageNet files")
@@ -86,7 +87,7 @@ def detect(path: Path | str) -> str:
 
 
 def _detect_url(url: str) -> str:
-    names = storage.list_names(url)
+    names = urls.list_names(url)
     if OFFICIAL_TRAIN in names or OFFICIAL_VAL in names:
         return "official"
     if _parquet_shards(url):
@@ -101,7 +102,7 @@ def open_source(path: str | Path, val_only: bool = False, unpack_dir: Path | Non
     copy has training images too (to evaluate a model without indexing 1.28M training images). `unpack_dir`:
     where a compressed source (ImageNet-V2's .tar.gz) is decompressed once, to be read in place (prepare
     gives DATA/source); without it such a source is refused."""
-    path = storage.check_url(path) if storage.is_url(path) else Path(path)
+    path = urls.check_url(path) if urls.is_url(path) else Path(path)
     kind = detect(path)
     if kind == "imagenet-v2":
         return _imagenet_v2(path, val_only, unpack_dir)
@@ -300,22 +301,12 @@ def unpack_gzip_tar(archive: Path, unpack_dir: Path) -> Path:
     record.unlink(missing_ok=True)  # the tar there (ours) is no longer the one recorded
     partial = target.with_name(target.name + ".partial")
     try:
-        with gzip.open(archive, "rb") as compressed, open(partial, "wb") as out:
+        with (atomic_file(target, temp=partial, again="run the same prepare again") as out,
+              gzip.open(archive, "rb") as compressed):
             shutil.copyfileobj(compressed, out, 4 << 20)
-            out.flush()
-            os.fsync(out.fileno())
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        partial.unlink(missing_ok=True)
         raise SourceError(f"{archive}: not a whole gzip file ({e}); download it again") from e
-    except OSError as e:
-        if e.errno in DISK_FULL:
-            partial.unlink(missing_ok=True)
-            raise disk_full(partial, e, "run the same prepare again") from e
-        raise
-    os.replace(partial, target)
-    tmp = record.with_name(record.name + ".tmp")
-    tmp.write_text(json.dumps(wanted))
-    os.replace(tmp, record)
+    write_atomic(json.dumps(wanted).encode(), record, again="run the same prepare again")
     return target
 
 
@@ -419,7 +410,7 @@ def _tiny(path: Path, val_only: bool) -> Source:
 def _devkit_ids(devkit: Path) -> tuple[list[str], list[int]]:
     """(WordNet ID per ILSVRC2012_ID, the validation ground truth as ILSVRC2012_IDs), streamed from the tar.gz."""
     meta, truth = None, None
-    with storage.open_read(devkit) as f, tarfile.open(fileobj=f, mode="r:gz") as tar:
+    with urls.open_read(devkit) as f, tarfile.open(fileobj=f, mode="r:gz") as tar:
         for member in tar:
             if member.name.endswith("data/meta.mat"):
                 meta = tar.extractfile(member).read()
@@ -445,7 +436,7 @@ def _devkit_ids(devkit: Path) -> tuple[list[str], list[int]]:
 def _tar_members(tar_path: Path | str, start: int = 0, size: int | None = None, held: bytes = b""):
     """(name, data offset, size) of each regular file in a tar, or in a tar stored inside another at `start`
     (`held`: its bytes, when they were fetched already)."""
-    size = storage.size(tar_path) - start if size is None else size
+    size = urls.size(tar_path) - start if size is None else size
     with io.BufferedReader(_Window(tar_path, start, size, held)) as window:
         try:
             with tarfile.open(fileobj=window, mode="r:") as tar:
@@ -463,7 +454,7 @@ class _Window(io.RawIOBase):
 
     def __init__(self, path: Path | str, start: int, size: int, held: bytes = b"", block: int = 64 << 10):
         self.path, self.start, self.size, self.pos, self.block = path, start, size, 0, block
-        self.fd = None if storage.is_url(path) or held else os.open(path, os.O_RDONLY)
+        self.fd = None if urls.is_url(path) or held else os.open(path, os.O_RDONLY)
         self.held = (0, held)  # (position in the window, bytes read from there)
 
     def readable(self):
@@ -492,7 +483,7 @@ class _Window(io.RawIOBase):
             if at + len(held) <= self.pos <= at + len(held) + self.block:
                 self.block = min(2 * self.block, 8 << 20)
             end = min(self.size, self.pos + max(n, self.block))
-            self.held = at, held = self.pos, storage.read_range(self.path, self.start + self.pos, self.start + end)
+            self.held = at, held = self.pos, urls.read_range(self.path, self.start + self.pos, self.start + end)
         return held[self.pos - at: self.pos - at + n]
 
     def close(self):
@@ -503,16 +494,16 @@ class _Window(io.RawIOBase):
 
 
 def _official(path: Path | str, val_only: bool) -> Source:
-    train_tar, val_tar, devkit = (storage.join(path, n) for n in (OFFICIAL_TRAIN, OFFICIAL_VAL, OFFICIAL_DEVKIT))
+    train_tar, val_tar, devkit = (urls.join(path, n) for n in (OFFICIAL_TRAIN, OFFICIAL_VAL, OFFICIAL_DEVKIT))
     for needed in (val_tar, devkit):
-        if not storage.exists(needed):
+        if not urls.exists(needed):
             raise SourceError(f"{needed}: missing; the official layout needs {OFFICIAL_VAL} and {OFFICIAL_DEVKIT} "
                               f"(and {OFFICIAL_TRAIN} to train) side by side")
     ids, truth = _devkit_ids(devkit)
     classes = sorted(ids)
     label_of = {c: k for k, c in enumerate(classes)}
     splits = {"val": _official_val(path, ids, truth, label_of, classes)}
-    if val_only or not storage.exists(train_tar):
+    if val_only or not urls.exists(train_tar):
         notes = [] if val_only else [_val_only_note(train_tar)]
         return Source("official", path, classes, _imagenet_names(classes), splits, notes)
     splits["train"] = _official_train(path, train_tar, label_of, classes)
@@ -547,7 +538,7 @@ def _runs(tar_path: Path | str, members: list, limit: int = 8 << 20) -> list[lis
     """Consecutive members in runs of at most `limit` bytes from a URL (one request each), else one by one."""
     runs: list[list] = []
     for member in members:
-        if runs and storage.is_url(tar_path) and member[1] + member[2] - runs[-1][0][1] <= limit:
+        if runs and urls.is_url(tar_path) and member[1] + member[2] - runs[-1][0][1] <= limit:
             runs[-1].append(member)
         else:
             runs.append([member])
@@ -559,12 +550,12 @@ def _list_run(tar_path: Path | str, run: list) -> list[list]:
     if len(run) == 1:
         return [_tar_members(tar_path, run[0][1], run[0][2])]
     first = run[0][1]
-    held = storage.read_range(tar_path, first, run[-1][1] + run[-1][2])
+    held = urls.read_range(tar_path, first, run[-1][1] + run[-1][2])
     return [_tar_members(tar_path, start, size, held[start - first: start - first + size]) for _, start, size in run]
 
 
 def _official_val(path: Path | str, ids: list[str], truth: list[int], label_of: dict, classes: list[str]) -> ImageIndex:
-    val_tar = storage.join(path, OFFICIAL_VAL)
+    val_tar = urls.join(path, OFFICIAL_VAL)
     members = _tar_members(val_tar)
     val_labels = []
     for name, _, _ in members:
@@ -586,10 +577,10 @@ PARQUET_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid")}
 
 def _parquet_shards(path: Path | str) -> list[str]:
     """The *.parquet files in the folder or URL and its subfolders one level down, relative to it, sorted."""
-    if not storage.is_url(path):
+    if not urls.is_url(path):
         found = [str(p.relative_to(path)) for p in list(path.glob("*.parquet")) + list(path.glob("*/*.parquet"))]
     else:
-        fs, inner = storage.filesystem(path)
+        fs, inner = urls.filesystem(path)
         found = [p[len(inner):].strip("/") for p in fs.glob(f"{inner}/*.parquet") + fs.glob(f"{inner}/*/*.parquet")]
     return sorted(found, key=lambda p: p.split("/"))  # as paths sort
 
@@ -605,17 +596,17 @@ def _parquet(path: Path | str, val_only: bool) -> Source:
     for split, prefixes in PARQUET_SPLITS.items():
         if split == "train" and val_only:
             continue
-        files = [p for p in shards if storage.name(p).split("-")[0].split(".")[0] in prefixes]
+        files = [p for p in shards if urls.name(p).split("-")[0].split(".")[0] in prefixes]
         if not files and split == "train":
-            notes.append(_val_only_note(storage.join(path, "train-*.parquet")))
+            notes.append(_val_only_note(urls.join(path, "train-*.parquet")))
             continue
         if not files:
             raise SourceError(f"{path}: no {prefixes[0]}-*.parquet shards found")
         file_ids, rows, labels, names = [], [], [], []
         for k, file in enumerate(files):
-            file = storage.join(path, file)
+            file = urls.join(path, file)
             try:  # from a URL: the label and path columns alone, not the images
-                table = pq.read_table(storage.open_read(file, 1 << 20) if storage.is_url(file) else file,
+                table = pq.read_table(urls.open_read(file, 1 << 20) if urls.is_url(file) else file,
                                       columns=["label", "image.path"])
             except Exception as e:  # pyarrow raises its own error types for bad files
                 raise SourceError(f"{file}: not a readable imagenet-1k parquet shard with image and label columns ({e})") from e
@@ -628,7 +619,7 @@ def _parquet(path: Path | str, val_only: bool) -> Source:
             file_ids.append(np.full(len(shard_labels), k, np.int32))
             rows.append(np.arange(len(shard_labels), dtype=np.int64))
             labels.append(shard_labels.astype(np.int32))
-            names += [p or f"{storage.name(file)}:{r}" for r, p in enumerate(paths)]
+            names += [p or f"{urls.name(file)}:{r}" for r, p in enumerate(paths)]
         index = ImageIndex("parquet", path, np.array(names, dtype=np.bytes_), np.concatenate(labels), classes,
                            files=files, file_ids=np.concatenate(file_ids),
                            offsets=np.concatenate(rows))

@@ -6,18 +6,21 @@ prepare writes it (resumable, all or nothing), and goes up to the URL as it is w
 - At the end: the shards still missing, the rest of `packed/`, the index files and problems.tsv, and the
   manifest (prepared.json) LAST. An existing manifest at the URL is removed before anything is uploaded, so a
   prepared folder at the URL is complete exactly when its manifest is there.
-- Every upload is checked: its size, and for everything but the shards a SHA-256 of the bytes read back.
+- Every upload is checked (storage/verified.py): its size, and for everything but the shards a SHA-256 of the
+  bytes read back.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import threading
 from pathlib import Path
 
-from .. import storage
 from ..errors import UserError
+from ..storage import urls
+from ..storage.verified import put_verified, sha256_of
 from .prepared import MANIFEST, STAGING, UNPACKED
 
 CACHE = Path.home() / ".cache" / "imagenet-resnet" / "prepare"
@@ -25,7 +28,7 @@ CACHE = Path.home() / ".cache" / "imagenet-resnet" / "prepare"
 
 def default_work_dir(url: str) -> Path:
     """Where `prepare --out URL` packs when no --work-dir is given: one folder per URL, so a rerun resumes."""
-    return CACHE / hashlib.sha256(storage.check_url(url).encode()).hexdigest()[:16]
+    return CACHE / hashlib.sha256(urls.check_url(url).encode()).hexdigest()[:16]
 
 
 class Uploader:
@@ -34,8 +37,8 @@ class Uploader:
     POLL = 0.5  # seconds between looks for newly completed shards
 
     def __init__(self, url: str, work: Path):
-        self.url, self.work = storage.check_url(url), Path(work)
-        self.fs, self.root = storage.filesystem(self.url)
+        self.url, self.work = urls.check_url(url), Path(work)
+        self.fs, self.root = urls.filesystem(self.url)
         self.remote: dict[str, int] = {}  # name under the URL -> size, as listed at the start
         self.uploaded: list[str] = []
         self.skipped: list[str] = []
@@ -101,25 +104,21 @@ class Uploader:
                 self._put(shard, name, checksum=False)
                 self._done.add(name)
             except Exception as e:  # noqa: BLE001 - kept for the message; finish() tries again and reports
-                self.error = storage.redact(f"{name}: {type(e).__name__}: {e}")
+                self.error = urls.redact(f"{name}: {type(e).__name__}: {e}")
 
     def _put(self, path: Path, name: str, checksum: bool) -> None:
-        """Upload `path` as `name` under the URL and check it there."""
-        key = self._key(name)
-        self.fs.put_file(str(path), key)
-        self.fs.invalidate_cache(key)
-        local = path.stat().st_size
-        if int(self.fs.size(key)) != local:
-            raise OSError(f"{name}: {self.fs.size(key)} bytes at the URL after the upload, {local} here")
-        if checksum and hashlib.sha256(self.fs.cat_file(key)).digest() != hashlib.sha256(path.read_bytes()).digest():
-            raise OSError(f"{name}: the bytes read back differ from the local file")
+        """Upload `path` as `name` under the URL and check it there: its size, and with `checksum` its SHA-256."""
+        with open(path, "rb") as f:
+            sha256, size = sha256_of(f) if checksum else (None, os.fstat(f.fileno()).st_size)
+            f.seek(0)
+            put_verified(self.fs, f, self._key(name), size, sha256)
         self.uploaded.append(name)
 
     def _guard(self, action) -> None:
         try:
             action()
         except Exception as e:  # noqa: BLE001 - any store error becomes one line, without credentials
-            raise UserError(storage.redact(f"--out {self.url}: upload failed ({type(e).__name__}: {e}); the local "
+            raise UserError(urls.redact(f"--out {self.url}: upload failed ({type(e).__name__}: {e}); the local "
                                            f"folder {self.work} is complete: run the same prepare again to finish "
                                            "the upload")) from None
 

@@ -1,7 +1,8 @@
-"""Checkpoints: what one holds, atomic writes, and resuming from one.
+"""Checkpoints: what one holds, how one is written, and resuming from one.
 
-A checkpoint is serialised in memory, written to a temporary file, fsynced and renamed over the old one, and
-then the folder is fsynced: a crash, a kill or a full disk mid-write leaves the previous checkpoint whole.
+A checkpoint is serialised in memory and written by storage.atomic.write_atomic (a temporary file, fsynced and
+renamed over the old one, then the folder fsynced): a crash, a kill or a full disk mid-write leaves the
+previous checkpoint whole.
 last.pt's predecessor is kept as previous.pt, so that a last.pt damaged later (a bad copy, a bad disk) still
 leaves a checkpoint to resume from. Checkpoints hold only tensors and plain Python data, and load with
 `weights_only=True`: loading one never runs code.
@@ -12,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -26,40 +25,10 @@ from ..config import Config
 from ..data.classes import display_name
 from ..data.index import ImageIndex
 from ..data.prepared import read_manifest
-from ..errors import DISK_FULL, UserError, disk_full
+from ..errors import UserError
 from ..models import clean_state_dict
+from ..storage.atomic import write_atomic
 from .ema import ModelEma, saved_ema
-
-
-def write_atomic(data: bytes, path: str | Path, keep_previous: str | Path | None = None) -> None:
-    """Write `data` as `path` or not at all. With `keep_previous`, the file it replaces is kept under that name."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if keep_previous is not None and path.exists():
-            os.replace(path, keep_previous)  # a crash right here leaves keep_previous: one checkpoint older
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        if e.errno in DISK_FULL:
-            raise disk_full(path, e) from e
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # makes the rename itself durable
-    except OSError as e:  # the file is in place; the folder's record of it may not be on disk yet
-        if e.errno in DISK_FULL:
-            raise disk_full(path, e) from e
-        raise
-    finally:
-        os.close(dir_fd)
 
 
 class DamagedCheckpoint(UserError):

@@ -18,8 +18,8 @@ import torch
 
 from tqdm import tqdm
 
-from ..errors import DISK_FULL, disk_full
-from .checkpoint import write_atomic
+from ..errors import disk_full_said
+from ..storage.atomic import write_atomic
 
 
 ESTIMATE_AFTER_STEPS = 10  # the whole run's time is estimated once this many steps after the first
@@ -125,13 +125,8 @@ class StepReporter:
 
 def append_line(path: Path, line: str) -> None:
     """One record at the end of a JSON-lines file; a full disk is said in one line (the run stops, resumable)."""
-    try:
-        with open(path, "a") as f:
-            f.write(line + "\n")
-    except OSError as e:
-        if e.errno in DISK_FULL:
-            raise disk_full(path, e) from e
-        raise
+    with disk_full_said(path), open(path, "a") as f:
+        f.write(line + "\n")
 
 
 class MetricsSink:

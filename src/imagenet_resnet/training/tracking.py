@@ -36,8 +36,8 @@ from typing import Any
 
 from ..errors import UserError
 from ..report import make_report
-from ..storage import check_url
-from .checkpoint import write_atomic
+from ..storage.atomic import write_atomic
+from ..storage.urls import check_url
 
 TRACKERS = ("mlflow", "wandb")
 STATE_FILE = "tracking.json"

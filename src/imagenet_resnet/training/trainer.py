@@ -26,13 +26,13 @@ from ..models import build_model_from_config, load_weights
 from ..run_files import check_new_run_folder, check_nothing_to_lose
 from ..runtime import (DeviceNormalize, compile_model, resolve_device, resolve_precision, set_backend_flags,
                        size_cpu_threads)
+from ..storage.mirror import LEASE_SECONDS, open_mirror
 from . import distributed
 from .augment import MixAugment
 from .budget import (EXIT_SECONDS, SAFETY_SHARE, Budget, BudgetTooSmall, Costs, RunShape, Timeline, duration,
                      fit_total_steps, projected_top1, seconds_to_finish)
 from .checkpoint import Checkpointer, Progress, TrainingState, data_identity, describe_data, load_newest
 from .lr_finder import LRSweep, save_plot, sweep
-from .mirror import LEASE_SECONDS, open_mirror
 from .monitor import MetricsSink, SampleLog, StepReporter, SystemSampler
 from .optim import build_optimizer, lr_for_batch, lr_per_256
 from .schedules import LRSchedule

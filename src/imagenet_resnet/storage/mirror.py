@@ -1,5 +1,7 @@
 """A run folder mirrored to object storage as it is written (`train --mirror URL`), and restored from there
 (`--resume --mirror URL` on a new machine), so that a reclaimed spot instance loses nothing but its disk.
+The trainer opens it (open_mirror) and tells it of each file it wrote; uploads and downloads are checked
+(storage/verified.py), and files come down atomically (storage/atomic.py).
 
 Under URL (any fsspec URL: s3://bucket/prefix, gs://..., a local path):
 
@@ -40,20 +42,19 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from .. import storage
 from ..errors import UserError
-from . import distributed
-from .checkpoint import write_atomic
+from . import urls
+from .atomic import write_atomic
+from .verified import DamagedCopy, get_verified, put_verified, sha256_of
 
 POINTER = "checkpoints.json"
 FORMAT = "imagenet-resnet-mirror/1"
@@ -64,19 +65,10 @@ READ_ATTEMPTS = 5  # reads of an object another writer may be rewriting at that 
 CHECKPOINTS = ("last.pt", "best.pt")  # uploaded through the pointer; previous.pt is the pointer's previous
 SWEEP_SECONDS = 30.0
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 1.0, 60.0
-CHUNK = 8 << 20
 
 
 def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-def _sha256(f, chunk: int = CHUNK) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    while block := f.read(chunk):
-        digest.update(block)
-        size += len(block)
-    return digest.hexdigest(), size
 
 
 def local_step(out_dir: Path) -> int | None:
@@ -119,8 +111,8 @@ def open_mirror(url: str | None, out_dir: Path, resume: bool, is_main: bool, wai
         mirror.restore(resume)
     elif url and resume and local_rank == 0:  # another node: a copy only, the writer is rank 0
         Mirror(url, out_dir, wait, lease_seconds).bring_down()
-    if url:
-        distributed.barrier()
+    if url and dist.is_initialized():
+        dist.barrier()
     return mirror
 
 
@@ -155,8 +147,8 @@ def _precondition_failed(error: Exception) -> bool:
 
 class Mirror:
     def __init__(self, url: str, out_dir: Path, wait: float = 300.0, lease_seconds: float = LEASE_SECONDS):
-        self.url = storage.check_url(url, "--mirror")
-        self.fs, self.root = storage.filesystem(self.url)
+        self.url = urls.check_url(url, "--mirror")
+        self.fs, self.root = urls.filesystem(self.url)
         self.out_dir, self.wait, self.log = Path(out_dir), wait, print
         self.lease_seconds, self.generation, self.superseded = lease_seconds, 0, None
         self.lease = {"format": LEASE_FORMAT, "owner": uuid.uuid4().hex, "machine": _machine(), "pid": os.getpid()}
@@ -188,21 +180,20 @@ class Mirror:
                 return {}
             pointer = json.loads(data)
         except Exception as e:
-            raise UserError(f"--mirror {self.url}: cannot read it ({storage.redact(str(e))}); check the URL, the "
+            raise UserError(f"--mirror {self.url}: cannot read it ({urls.redact(str(e))}); check the URL, the "
                             "network and the credentials (AWS_* variables, AWS_PROFILE, AWS_ENDPOINT_URL)") from None
         if pointer.get("format") != FORMAT:
             raise UserError(f"--mirror {self.url}: its {POINTER} is not one of ours; pick another --mirror")
         return pointer
 
     def _write_small(self, name: str, data: bytes) -> None:
-        """One object, whole or not at all: an object store's PUT is; on a file system, a rename makes it so."""
+        """One object, whole or not at all: an object store's PUT is; on a file system, write_atomic makes it so."""
         key = self._key(name)
         if not self._local():
             self.fs.pipe_file(key, data)
             return
-        self.fs.makedirs(key.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(f"{key}.tmp", data)
-        self.fs.mv(f"{key}.tmp", key)
+        Path(key).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(data, key)
 
     def _local(self) -> bool:
         return "file" in self.fs.protocol
@@ -350,7 +341,7 @@ class Mirror:
             try:  # a store that cannot be written to is said now, not after hours of training
                 self._write_if(POINTER, json.dumps({**self.pointer, "format": FORMAT, "generation": self.generation}).encode())
             except Exception as e:
-                raise UserError(f"--mirror {self.url}: cannot write there ({storage.redact(str(e))}); check the "
+                raise UserError(f"--mirror {self.url}: cannot write there ({urls.redact(str(e))}); check the "
                                 "bucket, the permissions and the credentials") from None
             self.note = f"mirroring {self.out_dir} to {self.url}"
             return
@@ -390,22 +381,12 @@ class Mirror:
         """The object `key` as RUN/name, written atomically; a checkpoint is checked against the pointer."""
         path = self.out_dir / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            digest = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, self.fs.open(self._key(key), "rb", block_size=CHUNK) as f:
-                while block := f.read(CHUNK):
-                    digest.update(block)
-                    out.write(block)
-                out.flush()
-                os.fsync(out.fileno())
-            if expected is not None and digest.hexdigest() != expected["sha256"]:
-                raise UserError(f"--mirror {self.url}: {key} does not match the checksum {POINTER} gives; the store "
-                                "holds a damaged copy: resume from the run folder, or from another copy")
-            os.replace(tmp, path)
-            self._uploaded[name] = _stat_key(path.stat())  # it is in the store already
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+            get_verified(self.fs, self._key(key), path, expected["sha256"] if expected is not None else None)
+        except DamagedCopy:
+            raise UserError(f"--mirror {self.url}: {key} does not match the checksum {POINTER} gives; the store "
+                            "holds a damaged copy: resume from the run folder, or from another copy") from None
+        self._uploaded[name] = _stat_key(path.stat())  # it is in the store already
 
     # --- what the trainer calls ------------------------------------------------------------------------------
 
@@ -540,7 +521,7 @@ class Mirror:
                 return
             if _stat_key(os.stat(self.out_dir / name)) != stat_key:
                 return  # replaced meanwhile: the new one is announced
-        sha, size = _sha256(f)
+        sha, size = sha256_of(f)
         entry = next((e for e in self.pointer.values() if isinstance(e, dict) and e.get("sha256") == sha), None)
         if entry is None:
             entry = {"key": f"checkpoints/{sha[:20]}.pt", "size": size, "sha256": sha}
@@ -550,23 +531,7 @@ class Mirror:
 
     def _put_checked(self, f, entry: dict) -> None:
         """Upload, then read back: the object must have the size and the SHA-256 of the file."""
-        key = self._key(entry["key"])
-        if self._local():
-            self.fs.makedirs(self._key("checkpoints"), exist_ok=True)
-        out = self.fs.open(key, "wb", block_size=max(CHUNK, 5 << 20))
-        try:
-            shutil.copyfileobj(f, out, CHUNK)
-        except BaseException:
-            if hasattr(out, "discard"):
-                out.discard()  # an unfinished multipart upload is aborted
-            raise
-        out.close()
-        self.fs.invalidate_cache(key)
-        if self.fs.size(key) != entry["size"]:
-            raise OSError(f"{entry['key']}: the uploaded object has {self.fs.size(key)} bytes, not {entry['size']}")
-        with self.fs.open(key, "rb", block_size=CHUNK) as back:
-            if _sha256(back)[0] != entry["sha256"]:
-                raise OSError(f"{entry['key']}: the uploaded object differs from the checkpoint (SHA-256)")
+        put_verified(self.fs, f, self._key(entry["key"]), entry["size"], entry["sha256"])
 
     def _point(self, role: str, entry: dict) -> None:
         """Name `entry` in the pointer (the last checkpoint before it becomes `previous`), then delete the
@@ -608,7 +573,7 @@ class Mirror:
             if first:
                 self._outage_since = time.monotonic()
         if first:
-            message = storage.redact(f"{type(error).__name__}: {error}").split("\n")[0][:300]
+            message = urls.redact(f"{type(error).__name__}: {error}").split("\n")[0][:300]
             self.log(f"mirror: warning: cannot upload {name} to {self.url} ({message}); training goes on, and the "
                      "uploads are retried")
 
