@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from ..errors import UserError, check_writable, disk_full_said
 from ..storage import urls
-from ..storage.atomic import atomic_file, write_atomic
+from ..storage.atomic import atomic_file
 from . import upload
 from .classes import some_of
 from .index import ImageIndex
@@ -398,14 +398,14 @@ def _where(source_path) -> str:
 
 
 def _stage(stage: Path, indexes: dict, problems: list, manifest: dict) -> None:
-    """The new index files, problems.tsv and manifest, beside the old ones until the switch; each on disk (fsynced)
-    before the switch names it."""
+    """The new index files, problems.tsv and manifest, beside the old ones until the switch."""
     stage.mkdir(parents=True, exist_ok=True)
     for split, index in indexes.items():
         index.save(stage / index_path(Path(), split).name)
-    rows = ("\t".join(str(x).replace("\t", " ").replace("\n", " ") for x in row) + "\n" for row in problems)
-    write_atomic(("split\twhere\tkind\taction\tdetail\n" + "".join(rows)).encode(), stage / "problems.tsv", again=AGAIN)
-    write_atomic(json.dumps(manifest, indent=1).encode(), stage / MANIFEST, again=AGAIN)
+    with open(stage / "problems.tsv", "w") as f:
+        f.write("split\twhere\tkind\taction\tdetail\n")
+        f.writelines("\t".join(str(x).replace("\t", " ").replace("\n", " ") for x in row) + "\n" for row in problems)
+    (stage / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 def _check_splits(source: Source, limit: int, pack: bool, workers: int):
