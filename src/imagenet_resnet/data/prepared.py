@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
-from ..storage.atomic import write_atomic
+from ..storage.atomic import sync_folder, write_atomic
 from .classes import differences
 from .folder import find_split, scan_class_folders
 from .index import ImageIndex
@@ -65,6 +65,7 @@ def finish_switch(data: Path) -> None:
             os.rename(stage / "packed", data / "packed")
         if (stage / MANIFEST).exists():
             os.replace(stage / MANIFEST, data / MANIFEST)
+        sync_folder(data)  # the renames durable before the plan that would repeat them goes
         shutil.rmtree(stage)
     except OSError as e:
         raise UserError(f"{data}: an interrupted prepare left new files to switch in, and that failed ({e}); run "
