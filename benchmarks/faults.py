@@ -550,7 +550,7 @@ def resumed_on_another_split(work: Path, data: Path, change: str, kills: int, rn
     training = _seconds_past_start_up(_split_command(data, straight, before, epochs), TRAINING_BEGAN)
     reference, total_steps = _weights(straight), checkpoint.load(straight / "last.pt")["progress"]["global_step"]
     tried = recovered = starts = 0
-    worst, worst_relative = 0.0, 0.0
+    worst, worst_relative, failures = 0.0, 0.0, []
     while tried < kills and starts < 4 * kills:  # a guard: a start that ends before its kill does not count
         starts += 1
         prefix = f"split-{len(os.listdir(work))}"
@@ -569,17 +569,22 @@ def resumed_on_another_split(work: Path, data: Path, change: str, kills: int, rn
         tried += 1
         shutil.rmtree(first)
         code, out = _run(_split_command(data, second, after, epochs, "--mirror", f"s3://{BUCKET}/{prefix}"))
-        if code == 0:
-            largest, relative = _distance(_weights(second), reference)
-            worst, worst_relative = max(worst, largest), max(worst_relative, relative)
-            recovered += relative <= RESHAPE_TOLERANCE[change]
+        if code != 0:
+            said = [line for line in out.splitlines() if "Error" in line or line.startswith("imagenet-resnet")]
+            failures.append(f"{prefix}: the resumed run exited {code}: {said[-12:]!r} ... {out[-600:]!r}")
+            continue
+        largest, relative = _distance(_weights(second), reference)
+        worst, worst_relative = max(worst, largest), max(worst_relative, relative)
+        recovered += relative <= RESHAPE_TOLERANCE[change]
+        failures += [f"{prefix}: relative distance {relative:.3g}"] if relative > RESHAPE_TOLERANCE[change] else []
     tolerance = RESHAPE_TOLERANCE[change]
     return {"fault": f"kill -9 of a mirrored run, the machine gone, resumed on another split ({change} processes)",
             "injected": f"SIGKILL at a uniform random time within the run's training ({training:.0f} s), counted when "
             f"the bucket's last checkpoint was short of the end; the run folder deleted, then --resume --mirror from "
             f"an empty folder; {starts} start(s): processes x batch x accumulation "
             f"{' x '.join(map(str, before))} -> {' x '.join(map(str, after))}", "asked": kills, "tried": tried,
-            "recovered": recovered, "largest_difference": worst, "largest_relative_distance": worst_relative,
+            "recovered": recovered, "failures": failures, "largest_difference": worst,
+            "largest_relative_distance": worst_relative,
             "detail": "final weights " + ("bitwise equal to an uninterrupted run's" if tolerance == 0 else
                                           f"within a relative L2 distance of {tolerance:g} of an uninterrupted run's")
             + f" (worst: {worst_relative:.2g} relative, {worst:.2g} largest difference)"}
@@ -719,7 +724,8 @@ def shortfall(row: dict) -> str | None:
     if row["tried"] != row.get("asked", row["tried"]):
         return f"only {row['tried']} of the {row['asked']} kills asked for landed"
     if row["recovered"] != row["tried"]:
-        return f"recovered from {row['recovered']} of {row['tried']}"
+        return f"recovered from {row['recovered']} of {row['tried']}" + "".join(
+            f"\n  {failure}" for failure in row.get("failures", []))
     return None
 
 

@@ -346,6 +346,30 @@ def test_a_live_lease_from_another_machine_holds_the_mirror_and_a_stale_one_is_t
     assert _lease(s3, "lease-unit")["owner"] == stale.lease["owner"]
 
 
+def test_a_lease_of_this_machine_holds_while_its_process_lives_and_not_once_it_was_killed(s3, tmp_path):
+    """A trainer killed with -9 on this machine: its lease names a process that is a zombie until someone
+    collects its exit status (in a container whose first process reaps late or never, for seconds or for good).
+    The resume on the same machine takes the lease at once, as after a process that is gone altogether."""
+    url = f"s3://{BUCKET}/lease-here"
+    here = mirror.Mirror(url, tmp_path / "run", lease_seconds=60).lease["machine"]
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lease = {"format": mirror.LEASE_FORMAT, "owner": "0" * 32, "machine": here, "pid": trainer.pid,
+                 "generation": 1, "heartbeat": time.time(), "released": False}
+        s3.fs().pipe_file(f"{BUCKET}/lease-here/lease.json", json.dumps(lease).encode())
+        with pytest.raises(UserError, match=rf"process {trainer.pid}, generation 1"):
+            mirror.Mirror(url, tmp_path / "run", lease_seconds=60).take_lease(resume=True, take_over=False)
+        trainer.kill()
+        while open(f"/proc/{trainer.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)  # dead, and not yet waited for: a zombie
+        resumed = mirror.Mirror(url, tmp_path / "run", lease_seconds=60)
+        resumed.take_lease(resume=True, take_over=False)
+        assert _lease(s3, "lease-here")["owner"] == resumed.lease["owner"]
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+
 def test_the_lease_is_renewed_while_the_mirror_is_open_and_given_up_at_its_end(tmp_path):
     store, run = tmp_path / "store", tmp_path / "run"
     run.mkdir()

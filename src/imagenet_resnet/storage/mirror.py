@@ -126,13 +126,20 @@ def _machine() -> str:
 
 
 def _process_gone(pid: int) -> bool:
+    """Whether process `pid` of this machine has ended: no such process, or a zombie (killed, its exit status not
+    yet collected: where nothing reaps orphans promptly, as in a container whose first process is not an init, a
+    trainer killed with -9 stays one for seconds or for good)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:  # someone else's process
         return False
-    return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False  # no /proc (macOS): alive, as os.kill said
+    return state in ("Z", "X")
 
 
 class LeaseChanged(Exception):
