@@ -32,6 +32,20 @@ def test_bench_train_on_a_cpu_runs_trains_precision_and_prints_no_flop_rate(tmp_
     assert result["images_per_sec"] > 0 and json.loads(out.read_text())["peak"] == "peak unknown"
 
 
+def test_bench_train_with_a_recipe_times_the_model_and_step_that_recipe_trains(tmp_path):
+    """ResNet-50-D with BlurPool at 128 px, batch 64 (imagenette_128_5ep.yaml), here narrowed by --set to fit a
+    CPU test; the step's EMA and Mixup from --set too, the size from the recipe, the batch from the option."""
+    proc = run_cli("bench", "train", "--recipe", "imagenette_128_5ep.yaml", "--set", "model.width=8", "--set",
+                   "train.ema_decay=0.99", "--set", "data.mixup_alpha=0.2", "--batch-size", "2", "--steps", "1",
+                   "--warmup", "1", "--device", "cpu", "--json", str(tmp_path / "train.json"))
+    result = json.loads(proc.stdout)
+    assert result["model_settings"] == {"name": "resnet50", "width": 8, "zero_init_residual": True,
+                                        "channels_last": True, "blurpool": True, "variant": "d"}
+    assert (result["res"], result["batch_size"], result["ema_decay"], result["mixup_alpha"]) == (128, 2, 0.99, 0.2)
+    record = json.loads((tmp_path / "train.json").read_text())
+    assert record["recipe"] == "imagenette_128_5ep.yaml" and "model.width=8" in record["overrides"]
+
+
 def test_a_slow_flop_rate_keeps_its_digits_instead_of_rounding_to_zero():
     figures = flop_figures(0.5, "resnet18", 32, {"tflops": 800.0, "source": "measured here"})
     assert 0 < figures["achieved_tflops"] < 0.001 and figures["share_of_peak"] > 0

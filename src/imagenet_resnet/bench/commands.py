@@ -41,22 +41,27 @@ def _train(bench_sub) -> None:
                              description="Times the training loop's step (with the EMA and Mixup/CutMix when asked) "
                              "after a warm-up: images/s, step time, peak memory and, on a GPU, the FLOP rate beside "
                              "its matrix rate measured at the same precision (on a CPU: \"peak unknown\", no rate).")
-    t.add_argument("--model", default="resnet50", choices=MODEL_NAMES, help="default resnet50")
-    t.add_argument("--res", type=positive_int, nargs="+", default=[224], help="input sides to time (default 224)")
-    t.add_argument("--batch-size", type=positive_int, nargs="+", default=[256],
-                   help="batch sizes to time (default 256)")
+    t.add_argument("--recipe", help="time the step this YAML recipe trains (its model's variant and BlurPool, "
+                   "optimizer, EMA, Mixup/CutMix); the options below override it where given")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config value (repeatable)")
+    t.add_argument("--model", choices=MODEL_NAMES, help="default: the recipe's, else resnet50")
+    t.add_argument("--res", type=positive_int, nargs="+",
+                   help="input sides to time (default: the recipe's data.train_size, else 224)")
+    t.add_argument("--batch-size", type=positive_int, nargs="+",
+                   help="batch sizes to time (default: the recipe's train.batch_size, else 256)")
     t.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     t.add_argument("--compile", nargs="*", metavar="MODE",
                    help="torch.compile modes to try (default, max-autotune, max-autotune-no-cudagraphs, ...); "
                    "no mode named: default (not given: eager)")
     t.add_argument("--no-channels-last", action="store_true", help="NCHW instead of NHWC")
     t.add_argument("--fused", action="store_true", help="fused CUDA SGD kernel instead of the foreach one")
-    t.add_argument("--ema-decay", type=decay, default=0.0, help="also update an EMA of the weights each step, as "
-                   "train.ema_decay does (default 0: off)")
-    t.add_argument("--mixup", type=non_negative_float, default=0.0,
-                   help="Mixup alpha, as data.mixup_alpha (default 0: off)")
-    t.add_argument("--cutmix", type=non_negative_float, default=0.0,
-                   help="CutMix alpha, as data.cutmix_alpha (default 0: off)")
+    t.add_argument("--ema-decay", type=decay, help="also update an EMA of the weights each step, as "
+                   "train.ema_decay does (default: the recipe's, else 0: off)")
+    t.add_argument("--mixup", type=non_negative_float,
+                   help="Mixup alpha, as data.mixup_alpha (default: the recipe's, else 0: off)")
+    t.add_argument("--cutmix", type=non_negative_float,
+                   help="CutMix alpha, as data.cutmix_alpha (default: the recipe's, else 0: off)")
     t.add_argument("--steps", type=positive_int, default=50, help="timed steps (default 50)")
     t.add_argument("--warmup", type=non_negative_int, default=15, help="untimed steps first (default 15)")
     t.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda:N")
@@ -84,9 +89,13 @@ def _e2e(bench_sub) -> None:
                              "same step's rate on a batch kept on the device, timed half before and half after "
                              "the e2e run in the same process (e2e_over_synthetic; the target is >= 0.9).")
     e.add_argument("--data", required=True, help="a prepared folder (its packed copy is used when there is one)")
-    e.add_argument("--model", default="resnet50", choices=MODEL_NAMES, help="default resnet50")
-    e.add_argument("--res", type=positive_int, default=224, help="default 224")
-    e.add_argument("--batch-size", type=positive_int, default=256, help="default 256")
+    e.add_argument("--recipe", help="time the step this YAML recipe trains (its model's variant and BlurPool, "
+                   "optimizer, EMA, Mixup/CutMix); the options below override it where given")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config value (repeatable)")
+    e.add_argument("--model", choices=MODEL_NAMES, help="default: the recipe's, else resnet50")
+    e.add_argument("--res", type=positive_int, help="default: the recipe's data.train_size, else 224")
+    e.add_argument("--batch-size", type=positive_int, help="default: the recipe's train.batch_size, else 256")
     e.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     e.add_argument("--compile", metavar="MODE", help="torch.compile mode (default, max-autotune, ...); eager when "
                    "not given")

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import Config
 from ..data.loader import ImageDataset, build_loader, resolve_workers, stop_workers
 from ..data.prepared import open_split, read_manifest
 from ..data.presets import TrainPreset
 from ..runtime import resolve_device, resolve_precision, size_cpu_threads
 from ..training.step import StepSums
 from .record import write_record
-from .train import StepTiming, significant, synthetic_batch, timed_steps, training_step
+from .train import (StepTiming, config_from_args, significant, step_settings, synthetic_batch, timed_steps,
+                    training_step)
 
 
 class EndlessRandomBatches:
@@ -40,10 +42,9 @@ class EndlessRandomBatches:
             batch += 1
 
 
-def bench_e2e(data: Path, model_name: str = "resnet50", res: int = 224, batch_size: int = 256, precision: str = "auto",
+def bench_e2e(data: Path, cfg: Config, res: int = 224, batch_size: int = 256, precision: str = "auto",
               compile_mode: str | None = None, workers: int = -1, steps: int = 100, warmup: int = 20,
-              device_name: str = "auto", channels_last: bool = True, fused: bool = False,
-              synthetic: bool = True) -> dict:
+              device_name: str = "auto", synthetic: bool = True) -> dict:
     device = resolve_device(device_name, "--device")
     chosen = resolve_precision(precision, device)
     index = open_split(data, "train", packed=True)
@@ -51,8 +52,7 @@ def bench_e2e(data: Path, model_name: str = "resnet50", res: int = 224, batch_si
     dataset = ImageDataset(index, TrainPreset(res))
     loader = build_loader(dataset, EndlessRandomBatches(len(dataset), batch_size), workers, pin_memory=device.type == "cuda")
     cpu_threads = size_cpu_threads(device, workers)  # as `train` sizes them beside this many workers
-    step, sums = training_step(model_name, len(index.classes), device, chosen, compile_mode, channels_last,
-                               fused), StepSums(device)
+    step, sums = training_step(cfg, len(index.classes), device, chosen, compile_mode), StepSums(device)
     on_device = synthetic_batch(batch_size, res, len(index.classes), device)
     half = max(1, steps // 2) if synthetic else 0  # synthetic steps before the e2e run, and again after
     done = 0
@@ -75,8 +75,8 @@ def bench_e2e(data: Path, model_name: str = "resnet50", res: int = 224, batch_si
     result = {
         "data": str(data), "packed": bool(manifest.get("packed")), "dataset_images": len(dataset),
         "images_read": e2e.images + read_in_warmup, "cycled_from_page_cache": (steps + warmup) * batch_size > len(dataset),
-        "model": model_name, "res": res, "batch_size": batch_size, "precision": chosen, "precision_asked": precision,
-        "compile": compile_mode or "none", "channels_last": channels_last, "workers": workers,
+        **step_settings(cfg), "res": res, "batch_size": batch_size, "precision": chosen, "precision_asked": precision,
+        "compile": compile_mode or "none", "workers": workers,
         "steps": steps, "warmup_steps": warmup,
         "images_per_sec": significant(e2e.images_per_sec, 4), "step_ms": significant(e2e.seconds / steps * 1e3, 4),
         "loader_wait_share": round(e2e.waited / e2e.seconds, 3), "unreadable_images": e2e.skipped,
@@ -122,8 +122,9 @@ def summary(result: dict) -> str:
 
 
 def main(args) -> int:
-    result = bench_e2e(Path(args.data), args.model, args.res, args.batch_size, args.precision, args.compile,
-                       args.workers, args.steps, args.warmup, args.device, not args.no_channels_last, args.fused,
+    cfg = config_from_args(args)
+    result = bench_e2e(Path(args.data), cfg, args.res or cfg.data.train_size, args.batch_size or cfg.train.batch_size,
+                       args.precision, args.compile, args.workers, args.steps, args.warmup, args.device,
                        not args.no_synthetic)
     write_record(result, args.json)
     print(summary(result), file=sys.stderr)

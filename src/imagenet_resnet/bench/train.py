@@ -15,11 +15,11 @@ import itertools
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
-from ..config import load_config
+from ..config import Config, load_config
 from ..models import build_model_from_config
 from ..runtime import (DeviceNormalize, compile_model, resolve_device, resolve_precision, set_backend_flags,
                        size_cpu_threads)
@@ -120,43 +120,63 @@ def synthetic_batch(batch_size: int, res: int, num_classes: int, device: torch.d
     return images, torch.randint(0, num_classes, (batch_size,), device=device), []
 
 
-def training_step(model_name: str, num_classes: int, device: torch.device, precision: str, compile_mode: str | None,
-                  channels_last: bool, fused: bool, ema_decay: float = 0.0, mixup: float = 0.0,
-                  cutmix: float = 0.0) -> TrainStep:
+# Without a recipe, the settings of a typical ImageNet recipe that change the step's cost.
+DEFAULT_SETTINGS = ["optim.weight_decay=5e-5", "optim.label_smoothing=0.1"]
+
+
+def bench_config(recipe: str | None = None, overrides: list[str] | None = None, model: str | None = None,
+                 channels_last: bool | None = None, fused: bool | None = None, ema_decay: float | None = None,
+                 mixup: float | None = None, cutmix: float | None = None) -> Config:
+    """The config whose step a benchmark times: a recipe (or DEFAULT_SETTINGS), its --set overrides, then the
+    benchmark's own options, each only where given, so that `--recipe R` times exactly what `train --recipe R`
+    trains (its model's variant and BlurPool, optimizer, EMA, Mixup/CutMix)."""
+    flags = {"model.name": model, "model.channels_last": channels_last, "optim.fused": fused,
+             "train.ema_decay": ema_decay, "data.mixup_alpha": mixup, "data.cutmix_alpha": cutmix}
+    given = [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in flags.items()
+             if value is not None]
+    return load_config(recipe, ([] if recipe else DEFAULT_SETTINGS) + list(overrides or []) + given)
+
+
+def training_step(cfg: Config, num_classes: int, device: torch.device, precision: str,
+                  compile_mode: str | None) -> TrainStep:
     """The training loop's step for a timed run: the (compiled) model, built as `train` builds it from the
-    config's model section, SGD, the loss scaler, the normaliser, and the EMA and Mixup/CutMix when asked for."""
+    config's model section, its optimizer, the loss scaler, the normaliser, and the EMA and Mixup/CutMix where
+    the config has them."""
     set_backend_flags(deterministic=False)
-    cfg = load_config(None, [f"model.name={model_name}", f"model.channels_last={str(channels_last).lower()}",
-                             "optim.weight_decay=5e-5", "optim.label_smoothing=0.1", f"optim.fused={str(fused).lower()}"])
     model = build_model_from_config(cfg.model, num_classes, device)
     optimizer = build_optimizer(model, cfg, 0.1, precision)
     runner = compile_model(model, compile_mode or "")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    mixup, cutmix = cfg.data.mixup_alpha, cfg.data.cutmix_alpha
     mix = MixAugment(mixup, cutmix) if mixup or cutmix else None
-    ema = ModelEma(model, ema_decay) if ema_decay else None
+    ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
     return TrainStep(runner, optimizer, scaler, DeviceNormalize(device, cfg.model.channels_last), precision, cfg.optim,
                      mix, ema)
 
 
-def bench_train(model_name: str = "resnet50", res: int = 224, batch_size: int = 256, precision: str = "auto",
-                compile_mode: str | None = None, channels_last: bool = True, fused: bool = False, steps: int = 50,
-                warmup: int = 15, device_name: str = "auto", num_classes: int = 1000, ema_decay: float = 0.0,
-                mixup: float = 0.0, cutmix: float = 0.0) -> dict:
+def step_settings(cfg: Config) -> dict:
+    """What a timed step's figure depends on, from its config, for the record."""
+    return {"model": cfg.model.name, "model_settings": asdict(cfg.model), "optimizer": cfg.optim.name,
+            "channels_last": cfg.model.channels_last, "fused_sgd": cfg.optim.fused, "ema_decay": cfg.train.ema_decay,
+            "mixup_alpha": cfg.data.mixup_alpha, "cutmix_alpha": cfg.data.cutmix_alpha}
+
+
+def bench_train(cfg: Config, res: int = 224, batch_size: int = 256, precision: str = "auto",
+                compile_mode: str | None = None, steps: int = 50, warmup: int = 15, device_name: str = "auto",
+                num_classes: int = 1000) -> dict:
     device = resolve_device(device_name, "--device")
     chosen = resolve_precision(precision, device)
     cpu_threads = size_cpu_threads(device, loader_workers=0)  # as `train` sizes them: no loader here
-    step = training_step(model_name, num_classes, device, chosen, compile_mode, channels_last, fused, ema_decay,
-                         mixup, cutmix)
+    step = training_step(cfg, num_classes, device, chosen, compile_mode)
     batch, sums = synthetic_batch(batch_size, res, num_classes, device), StepSums(device)
     warmup_seconds = timed_steps(step, lambda: batch, 0, warmup, device, sums).seconds
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     timing = timed_steps(step, lambda: batch, warmup, steps, device, sums)
     result = {
-        "model": model_name, "res": res, "batch_size": batch_size, "precision": chosen,
-        "precision_asked": precision, "compile": compile_mode or "none", "channels_last": channels_last,
-        "fused_sgd": fused, "ema_decay": ema_decay, "mixup_alpha": mixup, "cutmix_alpha": cutmix, "steps": steps,
-        "warmup_steps": warmup, "images_per_sec": significant(timing.images_per_sec, 4),
+        **step_settings(cfg), "res": res, "batch_size": batch_size, "precision": chosen,
+        "precision_asked": precision, "compile": compile_mode or "none", "steps": steps, "warmup_steps": warmup,
+        "images_per_sec": significant(timing.images_per_sec, 4),
         "step_ms": significant(timing.seconds / steps * 1e3, 4), "warmup_seconds": round(warmup_seconds, 1),
     }
     if cpu_threads:
@@ -166,17 +186,24 @@ def bench_train(model_name: str = "resnet50", res: int = 224, batch_size: int = 
     return result
 
 
+def config_from_args(args) -> Config:
+    """bench train's and bench e2e's --recipe, --set and step options, as one config."""
+    return bench_config(args.recipe, args.overrides, args.model, False if args.no_channels_last else None,
+                        args.fused or None, getattr(args, "ema_decay", None), getattr(args, "mixup", None),
+                        getattr(args, "cutmix", None))
+
+
 def main(args) -> int:
+    cfg = config_from_args(args)
     device = resolve_device(args.device, "--device")
     peak = device_peak(device, resolve_precision(args.precision, device))
     record = {"command": " ".join(["imagenet-resnet"] + sys.argv[1:]), "environment": environment(), "peak": peak,
-              "results": []}
+              "recipe": args.recipe, "overrides": args.overrides, "results": []}
     compile_modes = [None] if args.compile is None else args.compile or ["default"]
-    for res, batch_size, compile_mode in itertools.product(args.res, args.batch_size, compile_modes):
-        result = bench_train(args.model, res, batch_size, args.precision, compile_mode, not args.no_channels_last,
-                             args.fused, args.steps, args.warmup, args.device, ema_decay=args.ema_decay,
-                             mixup=args.mixup, cutmix=args.cutmix)
-        result.update(flop_figures(result["images_per_sec"], args.model, res, peak))
+    sides, batch_sizes = args.res or [cfg.data.train_size], args.batch_size or [cfg.train.batch_size]
+    for res, batch_size, compile_mode in itertools.product(sides, batch_sizes, compile_modes):
+        result = bench_train(cfg, res, batch_size, args.precision, compile_mode, args.steps, args.warmup, args.device)
+        result.update(flop_figures(result["images_per_sec"], cfg.model.name, res, peak))
         record["results"].append(result)
         print(json.dumps(result), flush=True)
         save_record(record, args.json)  # after every result, so a run cut short keeps what it measured
