@@ -32,6 +32,14 @@ def main(args) -> int:
     return importlib.import_module(f".{args.bench}", __package__).main(args)
 
 
+def _recipe_options(p) -> None:
+    """--recipe and --set of the benchmarks that time one training step."""
+    p.add_argument("--recipe", help="time the step this YAML recipe trains (its model's variant and BlurPool, "
+                   "optimizer, EMA, Mixup/CutMix); the options below override it where given")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config value (repeatable)")
+
+
 def _json(p) -> None:
     p.add_argument("--json", help="also write the record (command, machine, versions, figures) to this file")
 
@@ -41,10 +49,7 @@ def _train(bench_sub) -> None:
                              description="Times the training loop's step (with the EMA and Mixup/CutMix when asked) "
                              "after a warm-up: images/s, step time, peak memory and, on a GPU, the FLOP rate beside "
                              "its matrix rate measured at the same precision (on a CPU: \"peak unknown\", no rate).")
-    t.add_argument("--recipe", help="time the step this YAML recipe trains (its model's variant and BlurPool, "
-                   "optimizer, EMA, Mixup/CutMix); the options below override it where given")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any config value (repeatable)")
+    _recipe_options(t)
     t.add_argument("--model", choices=MODEL_NAMES, help="default: the recipe's, else resnet50")
     t.add_argument("--res", type=positive_int, nargs="+",
                    help="input sides to time (default: the recipe's data.train_size, else 224)")
@@ -89,10 +94,7 @@ def _e2e(bench_sub) -> None:
                              "same step's rate on a batch kept on the device, timed half before and half after "
                              "the e2e run in the same process (e2e_over_synthetic; the target is >= 0.9).")
     e.add_argument("--data", required=True, help="a prepared folder (its packed copy is used when there is one)")
-    e.add_argument("--recipe", help="time the step this YAML recipe trains (its model's variant and BlurPool, "
-                   "optimizer, EMA, Mixup/CutMix); the options below override it where given")
-    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any config value (repeatable)")
+    _recipe_options(e)
     e.add_argument("--model", choices=MODEL_NAMES, help="default: the recipe's, else resnet50")
     e.add_argument("--res", type=positive_int, help="default: the recipe's data.train_size, else 224")
     e.add_argument("--batch-size", type=positive_int, help="default: the recipe's train.batch_size, else 256")
