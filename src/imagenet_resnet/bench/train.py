@@ -124,19 +124,6 @@ def synthetic_batch(batch_size: int, res: int, num_classes: int, device: torch.d
 DEFAULT_SETTINGS = ["optim.weight_decay=5e-5", "optim.label_smoothing=0.1"]
 
 
-def bench_config(recipe: str | None = None, overrides: list[str] | None = None, model: str | None = None,
-                 channels_last: bool | None = None, fused: bool | None = None, ema_decay: float | None = None,
-                 mixup: float | None = None, cutmix: float | None = None) -> Config:
-    """The config whose step a benchmark times: a recipe (or DEFAULT_SETTINGS), its --set overrides, then the
-    benchmark's own options, each only where given, so that `--recipe R` times exactly what `train --recipe R`
-    trains (its model's variant and BlurPool, optimizer, EMA, Mixup/CutMix)."""
-    flags = {"model.name": model, "model.channels_last": channels_last, "optim.fused": fused,
-             "train.ema_decay": ema_decay, "data.mixup_alpha": mixup, "data.cutmix_alpha": cutmix}
-    given = [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in flags.items()
-             if value is not None]
-    return load_config(recipe, ([] if recipe else DEFAULT_SETTINGS) + list(overrides or []) + given)
-
-
 def training_step(cfg: Config, num_classes: int, device: torch.device, precision: str,
                   compile_mode: str | None) -> TrainStep:
     """The training loop's step for a timed run: the (compiled) model, built as `train` builds it from the
@@ -187,10 +174,15 @@ def bench_train(cfg: Config, res: int = 224, batch_size: int = 256, precision: s
 
 
 def config_from_args(args) -> Config:
-    """bench train's and bench e2e's --recipe, --set and step options, as one config."""
-    return bench_config(args.recipe, args.overrides, args.model, False if args.no_channels_last else None,
-                        args.fused or None, getattr(args, "ema_decay", None), getattr(args, "mixup", None),
-                        getattr(args, "cutmix", None))
+    """The config whose step bench train or bench e2e times: --recipe (or DEFAULT_SETTINGS), its --set overrides,
+    then the benchmark's own options, each only where given, so that `--recipe R` times exactly what
+    `train --recipe R` trains (its model's variant and BlurPool, optimizer, EMA, Mixup/CutMix)."""
+    flags = {"model.name": args.model, "model.channels_last": False if args.no_channels_last else None,
+             "optim.fused": args.fused or None, "train.ema_decay": getattr(args, "ema_decay", None),
+             "data.mixup_alpha": getattr(args, "mixup", None), "data.cutmix_alpha": getattr(args, "cutmix", None)}
+    given = [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in flags.items()
+             if value is not None]
+    return load_config(args.recipe, ([] if args.recipe else DEFAULT_SETTINGS) + args.overrides + given)
 
 
 def main(args) -> int:
