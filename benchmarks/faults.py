@@ -3,24 +3,37 @@
     python benchmarks/faults.py [--kills 20] [--seed 0] [--json FILE] [--only NAME ...]
 
 Everything runs on the CPU, on loopback, in a temporary folder that is removed afterwards. Each scenario
-reports how many faults it injected and after how many the run (or prepare) recovered with nothing lost; it
-passes only when it injected at least one, as many random kills landed as were asked for, and every one was
-recovered from (`shortfall`):
+reports how many faults it drew, how many of them counted (landed inside the work they claim to interrupt, as
+read from the run's files right after the fault), and after how many the run (or prepare) recovered with nothing
+lost; it passes only when at least one counted, as many counted as were asked for, and every one was recovered
+from (`shortfall`). Recovered includes going on from where the fault left the work: training is deterministic,
+so a --resume that silently began again at step 0 would still end with the same weights; each start after a
+fault must say it resumed at the global step of the newest checkpoint read right after the fault
+(`resume_failure`).
 
 - kill -9 at random moments of a run's training (alone, with gradient accumulation and EMA, and 2 processes
-  under torchrun; never during start-up), each followed by --resume: the final weights must equal an
-  uninterrupted run's, bit for bit;
+  under torchrun), drawn between its plan line and its last checkpoint and counted when the run's newest
+  checkpoint right after the kill exists and is short of the end, each followed by --resume: the final weights
+  must equal an uninterrupted run's, bit for bit;
 - kill -9 inside a checkpoint write, and a half-written temporary file left behind (a power loss);
 - a truncated or corrupted last.pt, best.pt, or both last.pt and previous.pt;
 - a full disk (a file-size limit) while writing a checkpoint and while packing;
-- kill -9 at random moments of `prepare --pack` (past its start-up), then the same prepare again;
+- kill -9 at random moments of `prepare --pack`, counted when inside packing (its packed folder begun, a shard
+  still missing), then the same prepare again: it must keep every shard the kill left, writing none again;
 - an image replaced, and a packed shard truncated, after prepare;
 - a loader worker killed (as by the out-of-memory killer);
 - a checkpoint carrying pickled code, and --init-from weights of another architecture;
-- kill -9 of a mirrored run at a random moment, its folder deleted (the machine gone), and --resume from the
-  bucket alone on another process count (2 -> 1, 1 -> 2, 4 -> 2): the same global batch, the same weights;
+- kill -9 of a mirrored run at a random moment (counted when the bucket's checkpoint is short of the end), its
+  folder deleted (the machine gone), and --resume from the bucket alone on another process count (2 -> 1,
+  1 -> 2, 4 -> 2): the same global batch, the same weights;
 - a second trainer taking a live mirror over (--take-over) while the first still runs (a zombie);
-- a spot notice from a loopback metadata service, then --resume from the bucket on a new machine.
+- a spot notice from a loopback metadata service (counted when its stop left steps to do), then --resume from
+  the bucket on a new machine;
+- faults as a cloud makes them (benchmarks/cloud_faults.py): a machine shutdown that signals every process of a
+  torchrun job at once (torchrun then forwards its own SIGTERM), after a spot notice or not; two nodes with a
+  folder each, one machine lost and both restarted out of step, the bucket lagging a node's save;
+- a store's faults through a proxy in front of the S3 server (benchmarks/store_faults.py): replies lost after
+  the write, delayed replies, 409/412/503 answers, a store that ignores conditional writes.
 
 tests/test_faults.py runs the same scenarios with fewer kills; docs/reliability.md has the full run's table.
 """
@@ -33,6 +46,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -41,7 +55,10 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -50,6 +67,7 @@ from imagenet_resnet.training import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import free_port  # noqa: E402 (the tests' helpers, and their metadata_server below)
+import store_faults  # noqa: E402 (the store's faults through a proxy: its rows join this suite's)
 
 # A narrow ResNet-18 on 32 px shapes, deterministic: two runs of the same steps give the same bits.
 TINY = ["model.name=resnet18", "model.width=8", "model.channels_last=false", "data.train_size=32",
@@ -62,10 +80,15 @@ VARIANTS = {
                              "train.ema_decay=0.9"],
     "torchrun, 2 processes": ["train.checkpoint_every_steps=2", "data.workers=0"],
 }
-# The first line of a process's output once its start-up (importing torch alone takes seconds) is over: a kill
-# before it would hit the interpreter, not the work. The straight runs fail loudly should the wording change.
+# The line of a process's output where the work a kill claims to interrupt begins: a kill before it would hit
+# the interpreter's start-up (importing torch alone takes seconds) or the image check. The straight runs fail
+# loudly should the wording change.
 TRAINING_BEGAN = "global batch"  # train's plan line: rank 0 logs it after any resume, just before the first step
-PACKING_BEGAN = " layout, "  # prepare's first line, once the source is opened
+PACKING_BEGAN = " images, short side <= "  # prepare's line as packing begins, after the image check
+# trainer.py's line after a resume: "HH:MM:SS resumed RUN/last.pt at epoch 2/2, after step 3/7 (global step 10)".
+RESUMED_AT = re.compile(r"^\S+ resumed \S+ at .*\(global step (\d+)\)$", re.MULTILINE)
+# prepare.py's line for a split whose packing resumes: "  train: 3 of 8 shards already written; resuming".
+SHARDS_KEPT = re.compile(r"^\s*(\w+): (\d+) of \d+ shards already written; resuming$", re.MULTILINE)
 
 
 def _train_command(data: Path, out: Path, settings: list[str], epochs: int, torchrun: bool = False,
@@ -108,7 +131,7 @@ class _Watched:
     first line holding `began` came out and when the output ended."""
 
     def __init__(self, command: list[str], began: str):
-        self.proc, self.began, self.lines = _start(command), began, []
+        self.proc, self.began, self.lines, self.times = _start(command), began, [], []
         self.began_at: float | None = None
         self.ended_at: float | None = None
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -119,7 +142,12 @@ class _Watched:
             if self.began_at is None and self.began in line:
                 self.began_at = time.perf_counter()
             self.lines.append(line)
+            self.times.append(time.perf_counter())
         self.ended_at = time.perf_counter()
+
+    def last_time_of(self, part: str) -> float:
+        """When the last line holding `part` came out (time.perf_counter())."""
+        return max(t for line, t in zip(self.lines, self.times) if part in line)
 
     def wait_until_began(self, timeout: float = 600) -> bool:
         """True once the line came out; False when the process ended without it."""
@@ -139,12 +167,13 @@ class _Watched:
         return self.proc.wait(), "".join(self.lines)
 
 
-def _seconds_past_start_up(command: list[str], began: str) -> float:
-    """How long an uninterrupted run of `command` works: from its line holding `began` to its end."""
+def _work_window(command: list[str], began: str, until: str) -> float:
+    """How long an uninterrupted run of `command` does the work that faults are drawn in: from its line holding
+    `began` to its last line holding `until` (the work's last line: what follows is the process's teardown)."""
     watched = _Watched(command, began)
     code, out = watched.finish()
     assert code == 0 and watched.began_at is not None, out[-3000:]
-    return watched.ended_at - watched.began_at
+    return watched.last_time_of(until) - watched.began_at
 
 
 def _descendants(pid: int) -> list[int]:
@@ -184,45 +213,108 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _kill_until_done(command: list[str], began: str, duration: float, rng: random.Random,
-                     most: int) -> tuple[int, int]:
+def _newest_step(run: Path) -> int | None:
+    """The global step of a run folder's newest intact checkpoint (last.pt, else previous.pt); None if none."""
+    saved, _ = checkpoint.load_newest(run)
+    return None if saved is None else saved["progress"]["global_step"]
+
+
+def resume_failure(output: str, newest_step: int | None) -> str | None:
+    """Why a start after a fault did not go on from where the fault left the run, or None. `newest_step`: the
+    global step of the newest checkpoint read right after the fault (None: there was none, and a new run is
+    right). The step said is the only sign: a start that began again at step 0, or from an older checkpoint,
+    ends with the same weights all the same."""
+    said = [int(step) for step in RESUMED_AT.findall(output)]
+    if said == ([] if newest_step is None else [newest_step]):
+        return None
+    if newest_step is None:
+        return f"said it resumed at global step {said} where no checkpoint was left"
+    if not said:
+        return f"began again at step 0 (no resumed line) where the checkpoint at global step {newest_step} was left"
+    return f"resumed at global step {said}, not at {newest_step}, the newest checkpoint right after the fault"
+
+
+@dataclass
+class _Kill:
+    """A kill -9 that landed: what it left of the work (read right after it), whether that was inside the work,
+    and the output of the start after it (cut short where that start was killed too)."""
+
+    left: Any
+    inside: bool
+    next_output: str = ""
+    next_killed: bool = False
+
+
+def _kill_until_done(command: list[str], began: str, rng: random.Random, most: int,
+                     window: Callable[[Any], float], left_by: Callable[[], Any], inside: Callable[[Any], bool],
+                     finished: Callable[[Any], bool]) -> tuple[list[_Kill], int, int]:
     """Start `command` again and again, each time killing all of it (kill -9) at a uniform random moment within
-    `duration` after its start-up (the line holding `began`), until it gets to its end before the kill, or
-    `most` kills have landed and it is run once more to its end. A kill counts only when the process died of
-    it. Returns the kills that landed and the exit status of the start that got to its end."""
-    landed = 0
-    while landed < most:
+    `window(left)` seconds of its line holding `began`, until a start gets to its end before its kill, or `most`
+    kills have landed inside the work, or one left it `finished` (or 4 x `most` landed outside it), and then once
+    more to its end. `left` is what the last kill left, `left_by()` read right after it (None before the first
+    kill); a kill counts when `inside(left)`. Returns the kills that landed, the kill times drawn, and the exit
+    status of the start that got to its end."""
+    kills, drawn = [], 0
+
+    def more() -> bool:
+        counted = sum(kill.inside for kill in kills)
+        return counted < most and len(kills) - counted < 4 * most and not (kills and finished(kills[-1].left))
+
+    while True:
         watched = _Watched(command, began)
-        if watched.wait_until_began():
+        if more() and watched.wait_until_began():
+            drawn += 1
             with contextlib.suppress(subprocess.TimeoutExpired):  # the kill's moment, unless it ends before
-                watched.proc.wait(timeout=rng.uniform(0, duration))
+                watched.proc.wait(timeout=rng.uniform(0, window(kills[-1].left if kills else None)))
             if watched.proc.poll() is None:
                 kill_all(watched.proc)
-        code, _ = watched.finish()
-        if code != -signal.SIGKILL:  # got to its end first
-            return landed, code
-        landed += 1
-    return landed, _run(command)[0]
+        code, out = watched.finish()
+        if kills:
+            kills[-1].next_output, kills[-1].next_killed = out, code == -signal.SIGKILL
+        if code != -signal.SIGKILL:  # got to its end first (or failed)
+            return kills, drawn, code
+        left = left_by()
+        kills.append(_Kill(left, inside(left)))
 
 
 def random_kills(work: Path, data: Path, variant: str, kills: int, rng: random.Random, epochs: int = 3) -> dict:
-    """kill -9 of the whole run at random moments, each time started again with --resume, until `kills` kills
-    have landed; a run that gets to its end is compared with an uninterrupted one, and the next starts anew."""
+    """kill -9 of the whole run at random moments of its training, each time started again with --resume, until
+    `kills` kills have landed between its first checkpoint and its last (at most two a run; the next run starts
+    anew); each start after a kill must resume at the newest checkpoint's step, and a run that gets to its end is
+    compared with an uninterrupted one."""
     settings, torchrun = VARIANTS[variant], variant.startswith("torchrun")
     straight = work / f"straight-{len(os.listdir(work))}"
-    training = _seconds_past_start_up(_train_command(data, straight, settings, epochs, torchrun), TRAINING_BEGAN)
-    tried = recovered = runs = 0
+    # The work a kill can interrupt: from the plan line to the last epoch's line, just before the last checkpoint.
+    training = _work_window(_train_command(data, straight, settings, epochs, torchrun), TRAINING_BEGAN,
+                            f"epoch {epochs}/{epochs} ")
+    total = _newest_step(straight)
+    drawn = tried = recovered = runs = 0
+    failures, left_at = [], []
     while tried < kills and runs < 4 * kills:  # a guard: a fresh run takes a kill but for a rare early end
         run = work / f"killed-{len(os.listdir(work))}"
-        command = _train_command(data, run, settings, epochs, torchrun)
-        landed, code = _kill_until_done(command, TRAINING_BEGAN, training, rng, kills - tried)
-        if code == 0 and _same(_weights(run), _weights(straight)):
-            recovered += landed
-        tried, runs = tried + landed, runs + 1
-    return {"fault": f"kill -9 at a random moment ({variant})", "injected": "SIGKILL to every process of the run at a "
-            f"uniform random time within one run's training ({training:.0f} s, counted from the plan line: never "
-            f"during start-up), then --resume; {runs} run(s)", "asked": kills, "tried": tried, "recovered": recovered,
-            "detail": "final weights bitwise equal to an uninterrupted run's"}
+        # At most two counted kills a run: after a kill late in a run, the next could only land in its short rest.
+        landed, run_drawn, code = _kill_until_done(
+            _train_command(data, run, settings, epochs, torchrun), TRAINING_BEGAN, rng, min(2, kills - tried),
+            window=lambda step: training * (total - (step or 0)) / total,  # a resumed start has that much left
+            left_by=lambda: _newest_step(run), inside=lambda step: step is not None and step < total,
+            finished=lambda step: step == total)
+        same = code == 0 and _same(_weights(run), _weights(straight))
+        verdicts = [resume_failure(kill.next_output, kill.left) for kill in landed]
+        failures += [f"{run.name}, the start after a kill at global step {kill.left}: {why}"
+                     for kill, why in zip(landed, verdicts) if why]
+        failures += [] if same else [f"{run.name}: " + (f"exit {code}" if code else
+                                                        "final weights differ from an uninterrupted run's")]
+        counted = [why for kill, why in zip(landed, verdicts) if kill.inside]
+        left_at += [kill.left for kill in landed]
+        recovered += sum(why is None for why in counted) if same else 0
+        drawn, tried, runs = drawn + run_drawn, tried + len(counted), runs + 1
+    return {"fault": f"kill -9 at a random moment ({variant})", "injected": "SIGKILL to every process of the run at "
+            f"a uniform random time between its plan line and its last checkpoint ({training:.1f} s in an "
+            f"uninterrupted run; a resumed start's share of it), counted when the newest checkpoint right after "
+            f"the kill was short of the run's {total} steps; then --resume; {runs} run(s)", "asked": kills,
+            "drawn": drawn, "tried": tried, "recovered": recovered, "failures": failures, "steps_left_at": left_at,
+            "detail": "each start after a kill resumed at the newest checkpoint's step; final weights bitwise equal "
+            "to an uninterrupted run's"}
 
 
 def _straight(work: Path, data: Path, epochs: int = 2) -> Path:
@@ -337,7 +429,42 @@ def full_disk(work: Path, data: Path) -> list[dict]:
     return rows
 
 
+def _shards_written(out_dir: Path) -> dict[str, tuple] | None:
+    """The shards a prepare of `out_dir` has completed (its .sizes.npz is written after the .bin), by name
+    ("train-00003"), each as the (inode, mtime in ns) of its two files: a shard written again gets others.
+    None before packing began (no settings.json yet, the first file packing writes); in the staging folder, or
+    in place once switched in."""
+    from imagenet_resnet.data.prepared import STAGING
+
+    for packed in (out_dir / STAGING / "packed", out_dir / "packed"):
+        if (packed / "settings.json").exists():
+            done = [sizes.name.removesuffix(".sizes.npz") for sizes in packed.glob("*.sizes.npz")]
+            return {name: tuple((f.stat().st_ino, f.stat().st_mtime_ns) for f in (packed / f"{name}.bin",
+                                                                                  packed / f"{name}.sizes.npz"))
+                    for name in done}
+    return None
+
+
+def packing_resume_failure(output: str | None, left: dict | None, after: dict) -> str | None:
+    """Why a prepare run again after a kill did not go on from the shards the kill left (`left`, by
+    _shards_written right after it), or None: each of them must be in the finished folder as it was (`after`),
+    not written again, and the prepare that went on to its end (`output`; None where it was killed too) must
+    say for each split how many it kept."""
+    rewritten = sorted(name for name, written in (left or {}).items() if after.get(name) != written)
+    if rewritten:
+        return f"wrote again {len(rewritten)} of the {len(left)} shards the kill left ({', '.join(rewritten[:4])})"
+    if output is None:
+        return None
+    kept = {split: n for split in ("train", "val") if (n := sum(name.startswith(f"{split}-") for name in left or {}))}
+    said = {split: int(n) for split, n in SHARDS_KEPT.findall(output)}
+    return None if said == kept else f"said it kept shards {said or 'none'} where the kill left {kept or 'none'}"
+
+
 def killed_prepare(work: Path, data: Path, kills: int, rng: random.Random) -> dict:
+    """kill -9 of `prepare --pack` at random moments of its packing, each time run again, until `kills` kills
+    have landed inside packing (its packed folder begun, a shard still missing); each prepare run again must
+    keep the shards the kill left, and the finished folder must hold every image as an uninterrupted prepare
+    does."""
     from imagenet_resnet.data.index import ImageIndex
 
     def pairs(folder: Path) -> dict:
@@ -347,22 +474,40 @@ def killed_prepare(work: Path, data: Path, kills: int, rng: random.Random) -> di
             found[split] = sorted((bytes(index.names[i]), index.read(i)) for i in range(len(index)))
         return found
 
-    command = [sys.executable, "-m", "imagenet_resnet", "prepare", str(data), "--pack", "--shard-images", "16",
+    command = [sys.executable, "-m", "imagenet_resnet", "prepare", str(data), "--pack", "--shard-images", "4",
                "--workers", "2", "--short-side", "24", "--out"]
-    packing = _seconds_past_start_up(command + [str(work / "prepare-straight")], PACKING_BEGAN)
-    tried = recovered = rounds = 0
+    # From the packing line to the val split's progress bar, closed once its last shard is written.
+    packing = _work_window(command + [str(work / "prepare-straight")], PACKING_BEGAN, "pack val")
+    shards = len(_shards_written(work / "prepare-straight"))
+    drawn = tried = recovered = rounds = 0
+    failures, left_at = [], []
     while tried < kills and rounds < 4 * kills:  # a guard: a fresh prepare takes a kill but for a rare early end
         out_dir = work / f"prepare-killed-{rounds}"
-        landed, code = _kill_until_done(command + [str(out_dir)], PACKING_BEGAN, packing, rng, kills - tried)
+        landed, round_drawn, code = _kill_until_done(
+            command + [str(out_dir)], PACKING_BEGAN, rng, kills - tried, window=lambda _: packing,
+            left_by=lambda: _shards_written(out_dir), inside=lambda left: left is not None and len(left) < shards,
+            finished=lambda left: left is not None and len(left) == shards)
         verified, _ = _run([sys.executable, "-m", "imagenet_resnet", "prepare", "--verify", str(out_dir)])
-        if code == 0 and verified == 0 and pairs(out_dir) == pairs(work / "prepare-straight"):
-            recovered += landed
-        tried, rounds = tried + landed, rounds + 1
+        same = code == 0 and verified == 0 and pairs(out_dir) == pairs(work / "prepare-straight")
+        after = _shards_written(out_dir) or {}
+        verdicts = [packing_resume_failure(None if kill.next_killed else kill.next_output, kill.left, after)
+                    for kill in landed]
+        failures += [f"{out_dir.name}, the prepare after a kill that left {len(kill.left or {})} shards: {why}"
+                     for kill, why in zip(landed, verdicts) if why]
+        failures += [] if same else [f"{out_dir.name}: exit {code}, --verify {verified}, or images unlike an "
+                                     "uninterrupted prepare's"]
+        counted = [why for kill, why in zip(landed, verdicts) if kill.inside]
+        left_at += [None if kill.left is None else len(kill.left) for kill in landed]
+        recovered += sum(why is None for why in counted) if same else 0
+        drawn, tried, rounds = drawn + round_drawn, tried + len(counted), rounds + 1
     return {"fault": "kill -9 at a random moment of prepare --pack",
-            "injected": "SIGKILL to every process of the run at a uniform random time within one prepare's work "
-            f"({packing:.0f} s, counted from its first line: never during start-up), then the same prepare; "
-            f"{rounds} folder(s)", "asked": kills, "tried": tried, "recovered": recovered,
-            "detail": "--verify passes; every image present exactly once, bytes equal to an uninterrupted prepare"}
+            "injected": "SIGKILL to every process of the prepare at a uniform random time within its packing "
+            f"({packing:.2f} s from the packing line in an uninterrupted prepare), counted when its packed folder "
+            f"was begun and short of its {shards} shards right after the kill; then the same prepare; "
+            f"{rounds} folder(s)", "asked": kills, "drawn": drawn, "tried": tried, "recovered": recovered,
+            "failures": failures, "shards_left_at": left_at,
+            "detail": "each prepare after a kill kept the shards it left (none written again); --verify passes; "
+            "every image present exactly once, bytes equal to an uninterrupted prepare"}
 
 
 def bad_files_after_prepare(work: Path, data: Path) -> dict:
@@ -484,6 +629,12 @@ def s3_server():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
+def _fresh_prefix(stem: str) -> str:
+    """A bucket prefix of its own for a run: the tests share one S3 server across scenarios, and a run given a
+    prefix another had used would resume that run's checkpoints."""
+    return f"{stem}-{uuid.uuid4().hex[:8]}"
+
+
 def _pointer(fs, prefix: str) -> dict:
     try:
         return json.loads(fs.cat_file(f"{BUCKET}/{prefix}/checkpoints.json"))
@@ -525,6 +676,23 @@ SPLITS = {"2 -> 1": ((2, 8, 1), (1, 8, 2)), "1 -> 2": ((1, 8, 2), (2, 8, 1)), "4
 RESHAPE_TOLERANCE = {"2 -> 1": 0.0, "1 -> 2": 0.0, "4 -> 2": 1e-2}
 
 
+def _bucket_window(command: list[str], fs, prefix: str) -> tuple[float, float]:
+    """When, in seconds after its plan line, an uninterrupted mirrored run's bucket (`prefix`) first held a
+    checkpoint, and when it first held the last one: a kill counts only between the two (the bucket lags the
+    run's own saves by its uploads)."""
+    watched, seen = _Watched(command, TRAINING_BEGAN), {}  # each step the bucket's pointer named: when first seen
+    while True:
+        ended = watched.proc.poll() is not None
+        seen.setdefault(_pointer(fs, prefix).get("last", {}).get("global_step"), time.perf_counter())
+        if ended:
+            break
+        time.sleep(0.02)
+    code, out = watched.finish()
+    assert code == 0 and watched.began_at is not None, out[-3000:]
+    steps = sorted(step for step in seen if step is not None)
+    return seen[steps[0]] - watched.began_at, seen[steps[-1]] - watched.began_at
+
+
 def _split_command(data: Path, out: Path, split: tuple[int, int, int], epochs: int, *extra: str) -> list[str]:
     processes, batch, accumulation = split
     settings = ["train.checkpoint_every_steps=2", "data.workers=0", f"train.batch_size={batch}",
@@ -546,25 +714,32 @@ def resumed_on_another_split(work: Path, data: Path, change: str, kills: int, rn
     """kill -9 of a mirrored run at a random moment; its folder deleted (the machine is gone); --resume on
     another process count from an empty folder and the bucket alone, to the end."""
     before, after = SPLITS[change]
-    straight = work / f"straight-{len(os.listdir(work))}"
-    training = _seconds_past_start_up(_split_command(data, straight, before, epochs), TRAINING_BEGAN)
-    reference, total_steps = _weights(straight), checkpoint.load(straight / "last.pt")["progress"]["global_step"]
-    tried = recovered = starts = 0
-    worst, worst_relative, failures = 0.0, 0.0, []
+    straight, straight_prefix = work / f"straight-{len(os.listdir(work))}", _fresh_prefix("split-straight")
+    bucket_window = _bucket_window(_split_command(data, straight, before, epochs, "--mirror",
+                                                  f"s3://{BUCKET}/{straight_prefix}"), fs, straight_prefix)
+    reference, total_steps = _weights(straight), _newest_step(straight)
+    drawn = tried = recovered = starts = 0
+    worst, worst_relative, failures, left_at = 0.0, 0.0, [], []
     while tried < kills and starts < 4 * kills:  # a guard: a start that ends before its kill does not count
         starts += 1
-        prefix = f"split-{len(os.listdir(work))}"
+        prefix = _fresh_prefix(f"split-{len(os.listdir(work))}")
         first, second = work / f"{prefix}-first", work / f"{prefix}-second"
         watched = _Watched(_split_command(data, first, before, epochs, "--mirror", f"s3://{BUCKET}/{prefix}"),
                            TRAINING_BEGAN)
         if watched.wait_until_began():
+            drawn += 1
             with contextlib.suppress(subprocess.TimeoutExpired):
-                watched.proc.wait(timeout=rng.uniform(0, training))
+                watched.proc.wait(timeout=rng.uniform(*bucket_window))
             if watched.proc.poll() is None:
                 kill_all(watched.proc)
-        # A kill counts when it left the run unfinished in the bucket: after the last checkpoint went up there
-        # is nothing left for another split to do.
-        if watched.finish()[0] != -signal.SIGKILL or _pointer(fs, prefix).get("last", {}).get("global_step") == total_steps:
+        code, out = watched.finish()
+        if code not in (0, -signal.SIGKILL):
+            failures.append(f"{prefix}: the first run exited {code}: {out[-600:]!r}")
+        # The machine is gone: the bucket is all that is left. A kill counts when it left a checkpoint there short
+        # of the end: before the first there is nothing to resume, after the last nothing for another split to do.
+        left = _pointer(fs, prefix).get("last", {}).get("global_step")
+        left_at += [left] if code == -signal.SIGKILL else []
+        if code != -signal.SIGKILL or left is None or left >= total_steps:
             continue
         tried += 1
         shutil.rmtree(first)
@@ -573,20 +748,24 @@ def resumed_on_another_split(work: Path, data: Path, change: str, kills: int, rn
             said = [line for line in out.splitlines() if "Error" in line or line.startswith("imagenet-resnet")]
             failures.append(f"{prefix}: the resumed run exited {code}: {said[-12:]!r} ... {out[-600:]!r}")
             continue
+        wrong_step = resume_failure(out, left)
         largest, relative = _distance(_weights(second), reference)
         worst, worst_relative = max(worst, largest), max(worst_relative, relative)
-        recovered += relative <= RESHAPE_TOLERANCE[change]
+        recovered += relative <= RESHAPE_TOLERANCE[change] and not wrong_step
         failures += [f"{prefix}: relative distance {relative:.3g}"] if relative > RESHAPE_TOLERANCE[change] else []
+        failures += [f"{prefix}: {wrong_step}"] if wrong_step else []
     tolerance = RESHAPE_TOLERANCE[change]
     return {"fault": f"kill -9 of a mirrored run, the machine gone, resumed on another split ({change} processes)",
-            "injected": f"SIGKILL at a uniform random time within the run's training ({training:.0f} s), counted when "
-            f"the bucket's last checkpoint was short of the end; the run folder deleted, then --resume --mirror from "
-            f"an empty folder; {starts} start(s): processes x batch x accumulation "
-            f"{' x '.join(map(str, before))} -> {' x '.join(map(str, after))}", "asked": kills, "tried": tried,
-            "recovered": recovered, "failures": failures, "largest_difference": worst,
-            "largest_relative_distance": worst_relative,
-            "detail": "final weights " + ("bitwise equal to an uninterrupted run's" if tolerance == 0 else
-                                          f"within a relative L2 distance of {tolerance:g} of an uninterrupted run's")
+            "injected": "SIGKILL at a uniform random time while the bucket held a checkpoint short of the end in an "
+            f"uninterrupted mirrored run ({bucket_window[0]:.1f} to {bucket_window[1]:.1f} s after its plan line), "
+            f"counted when the bucket's last checkpoint right after the kill was short of the run's {total_steps} "
+            f"steps; the run folder deleted, then --resume --mirror from an empty folder; {starts} start(s): processes "
+            f"x batch x accumulation {' x '.join(map(str, before))} -> {' x '.join(map(str, after))}",
+            "asked": kills, "drawn": drawn, "tried": tried, "recovered": recovered, "failures": failures,
+            "bucket_steps_left_at": left_at, "largest_difference": worst, "largest_relative_distance": worst_relative,
+            "detail": "resumed at the bucket's checkpoint step; final weights " + (
+                "bitwise equal to an uninterrupted run's" if tolerance == 0 else
+                f"within a relative L2 distance of {tolerance:g} of an uninterrupted run's")
             + f" (worst: {worst_relative:.2g} relative, {worst:.2g} largest difference)"}
 
 
@@ -636,50 +815,63 @@ def zombie_writer(work: Path, data: Path, tries: int, fs) -> dict:
             "never uploaded"}
 
 
-def spot_notices(work: Path, data: Path, tries: int, rng: random.Random, fs) -> dict:
-    """An AWS spot notice (loopback IMDSv2) at a random moment of a mirrored run: it must checkpoint, finish its
-    uploads and exit 0; then --resume on a new machine (an empty folder) from the bucket alone ends bitwise equal
-    to an uninterrupted run."""
+def spot_notices(work: Path, data: Path, tries: int, rng: random.Random, fs, epochs: int = 3) -> dict:
+    """An AWS spot notice (loopback IMDSv2) at a random moment of a mirrored run's training: it must checkpoint,
+    finish its uploads and exit 0; then --resume on a new machine (an empty folder) from the bucket alone must
+    go on at the stop's step and end bitwise equal to an uninterrupted run. A notice counts when its stop left
+    steps to do."""
     from metadata_server import MetadataServer
 
-    straight = work / "straight"
-    training = _seconds_past_start_up(_train_command(data, straight, VARIANTS["alone"], 2), TRAINING_BEGAN)
-    tried = recovered = 0
-    failures = []
-    for k in range(4 * tries):  # a notice that comes after the run's end injects nothing: start again
+    straight, poll = work / "straight", 0.2
+    mirror = ["--mirror", f"s3://{BUCKET}/{_fresh_prefix('spot-straight')}"]
+    training = _work_window(_train_command(data, straight, VARIANTS["alone"], epochs) + mirror, TRAINING_BEGAN,
+                            f"epoch {epochs}/{epochs} ")
+    total = _newest_step(straight)
+    drawn = tried = recovered = 0
+    failures, stopped = [], []
+    for k in range(4 * tries):  # a notice whose stop left nothing to do injects nothing: start again
         if tried == tries:
             break
-        prefix = f"spot-{k}"
+        prefix = _fresh_prefix(f"spot-{k}")
         first, second = work / f"{prefix}-first", work / f"{prefix}-second"
         mirror = ["--mirror", f"s3://{BUCKET}/{prefix}"]
-        notice = ["--spot-notice", "aws", "--set", "train.spot_poll_seconds=0.2"]
+        notice = ["--spot-notice", "aws", "--set", f"train.spot_poll_seconds={poll}"]
         with MetadataServer() as metadata:
-            watched = _Watched(_train_command(data, first, VARIANTS["alone"], 2) + mirror + notice
+            watched = _Watched(_train_command(data, first, VARIANTS["alone"], epochs) + mirror + notice
                                + ["--set", f"train.spot_metadata_url={metadata.url}"], TRAINING_BEGAN)
             watched.wait_until_began()
-            time.sleep(rng.uniform(0, 0.8 * training))
+            time.sleep(rng.uniform(0, max(training - poll, 0)))  # seen within a poll, then the step's end
             if watched.proc.poll() is not None:  # ended before its notice: nothing injected
                 watched.finish()
                 continue
+            drawn += 1
             metadata.preempted = True
             code, out = watched.finish(timeout=120)  # AWS's notice comes 2 minutes ahead
-        if code == 0 and "AWS spot interruption notice" not in out and '{"run": ' in out:
-            continue  # the notice came after the last step (the last validation, the exit): the run had ended
+        stopped_at = _newest_step(first)
+        stopped.append(stopped_at)
+        if code == 0 and stopped_at == total:
+            continue  # the notice came after the last step (the last validation, the exit): nothing left to do
         tried += 1
         checks = {"exit 0 after the notice": code == 0 and "AWS spot interruption notice" in out,
                   "the bucket up to date": (first / "last.pt").exists()
                   and _pointer(fs, prefix).get("last", {}).get("sha256") == _sha(first / "last.pt")}
         shutil.rmtree(first)
-        resumed, _ = _run(_train_command(data, second, VARIANTS["alone"], 2) + mirror)
+        resumed, out = _run(_train_command(data, second, VARIANTS["alone"], epochs) + mirror)
+        wrong_step = resume_failure(out, stopped_at)
+        checks["resumed at the stop's step"] = wrong_step is None
         checks["resumed from the bucket, bitwise"] = resumed == 0 and _same(_weights(second), _weights(straight))
         failed = [name for name, ok in checks.items() if not ok]
         recovered += not failed
-        failures += [f"try {k}: not {', '.join(failed)}"] if failed else []
+        failures += [f"try {k} (stopped at global step {stopped_at}): not {', '.join(failed)}"
+                     + (f" ({wrong_step})" if wrong_step else "")] if failed else []
     return {"fault": "a spot notice (AWS IMDSv2, loopback) at a random moment of a mirrored run",
-            "injected": f"the notice at a uniform random time within 80% of the run's training ({training:.0f} s), "
-            "polled every 0.2 s; then --resume --mirror from an empty folder", "asked": tries, "tried": tried,
-            "recovered": recovered, "failures": failures,
-            "detail": "exit 0 with the bucket up to date; the resumed run bitwise equal to an uninterrupted one"}
+            "injected": f"the notice at a uniform random time within the run's training ({training:.1f} s from the "
+            f"plan line to the last checkpoint in an uninterrupted run, less a poll), polled every {poll} s, counted "
+            f"when the stop's checkpoint was short of the run's {total} steps; then --resume --mirror from an empty "
+            "folder", "asked": tries, "drawn": drawn, "tried": tried, "recovered": recovered, "failures": failures,
+            "steps_stopped_at": stopped,
+            "detail": "exit 0 with the bucket up to date; the resumed run went on at the stop's step and ended "
+            "bitwise equal to an uninterrupted one"}
 
 
 def run_suite(kills: int, seed: int, only: list[str] | None = None) -> list[dict]:
@@ -696,9 +888,13 @@ def run_suite(kills: int, seed: int, only: list[str] | None = None) -> list[dict
         "split": lambda w, d: [resumed_on_another_split(w, d, change, max(1, kills // 2), rng, s3) for change in SPLITS],
         "zombie": lambda w, d: [zombie_writer(w, d, max(1, kills // 4), s3)],
         "spot": lambda w, d: [spot_notices(w, d, max(1, kills // 4), rng, s3)],
+        # Faults as a cloud makes them (benchmarks/cloud_faults.py, store_faults.py).
+        "shutdown": lambda w, d: _cloud().shutdown_rows(w, d, kills, rng),
+        "nodes": lambda w, d: [_cloud().two_nodes_out_of_step(w, d, max(1, kills // 2), rng, s3)],
+        "store": lambda w, d: store_faults.rows(w, d, max(1, kills // 4), _train_command),
     }
     rows = []
-    needs_s3 = not only or {"split", "zombie", "spot"} & set(only)
+    needs_s3 = not only or {"split", "zombie", "spot", "nodes"} & set(only)
     with tempfile.TemporaryDirectory(prefix="imagenet-resnet-faults-") as tmp, \
             (s3_server() if needs_s3 else contextlib.nullcontext()) as s3:
         data = make_shapes_dataset(Path(tmp) / "shapes", train_per_class=12, val_per_class=4, size=40)
@@ -711,33 +907,49 @@ def run_suite(kills: int, seed: int, only: list[str] | None = None) -> list[dict
             for row in scenario(work, data):
                 row.update(scenario=name, seconds=round(time.perf_counter() - started, 1))
                 rows.append(row)
-                print(f"{row['recovered']:3d} of {_tried(row):>3} recovered: {row['fault']}", file=sys.stderr,
-                      flush=True)
+                print(f"{row['recovered']:3d} of {_tried(row):>3} recovered ({_drawn(row)} drawn): {row['fault']}",
+                      file=sys.stderr, flush=True)
     return rows
 
 
+def _cloud():
+    """benchmarks/cloud_faults.py, which builds on this module's helpers: imported once this one is."""
+    import cloud_faults
+
+    return cloud_faults
+
+
 def shortfall(row: dict) -> str | None:
-    """Why a scenario's row is a failure, or None: a row that injected nothing proves nothing, and random kills
-    that landed fewer times than asked (the runs kept getting to their end first) are a test not done."""
+    """Why a scenario's row is a failure, or None: a row where no fault counted (landed inside the work it claims
+    to interrupt) proves nothing, random faults that counted fewer times than asked (they kept landing outside
+    the work) are a test not done, and a failure seen on the way (a start after an uncounted kill that resumed
+    wrongly, say) fails the row too."""
+    failures = "".join(f"\n  {failure}" for failure in row.get("failures", []))
     if row["tried"] < 1:
-        return "no fault was injected"
+        return f"no fault counted of {_drawn(row)} drawn{failures}"
     if row["tried"] != row.get("asked", row["tried"]):
-        return f"only {row['tried']} of the {row['asked']} kills asked for landed"
-    if row["recovered"] != row["tried"]:
-        return f"recovered from {row['recovered']} of {row['tried']}" + "".join(
-            f"\n  {failure}" for failure in row.get("failures", []))
+        return f"only {row['tried']} of the {row['asked']} faults asked for counted ({_drawn(row)} drawn){failures}"
+    if row["recovered"] != row["tried"] or failures:
+        return f"recovered from {row['recovered']} of {row['tried']}{failures}"
     return None
 
 
+def _drawn(row: dict) -> int:
+    """The faults drawn: for a random one, every moment drawn, counted or not; a fixed fault is its own draw."""
+    return row.get("drawn", row["tried"])
+
+
 def _tried(row: dict) -> str:
-    """The faults injected, and those asked for where fewer landed."""
+    """The faults counted, and those asked for where fewer counted."""
     short = row["tried"] != row.get("asked", row["tried"])
     return f"{row['tried']} of {row['asked']} asked" if short else str(row["tried"])
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| fault | how it is injected | tried | recovered, nothing lost | checked |", "|---|---|---:|---:|---|"]
-    lines += [f"| {r['fault']} | {r['injected']} | {_tried(r)} | {r['recovered']} | {r['detail']} |" for r in rows]
+    lines = ["| fault | how it is injected | drawn | counted | recovered, nothing lost | checked |",
+             "|---|---|---:|---:|---:|---|"]
+    lines += [f"| {r['fault']} | {r['injected']} | {_drawn(r)} | {_tried(r)} | {r['recovered']} | {r['detail']} |"
+              for r in rows]
     return "\n".join(lines)
 
 
@@ -746,7 +958,7 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=20, help="random kills per training variant and for prepare")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     parser.add_argument("--only", nargs="+", help="run only these scenarios (kills write damaged disk prepare "
-                        "bad-files worker untrusted split zombie spot)")
+                        "bad-files worker untrusted split zombie spot shutdown nodes store)")
     parser.add_argument("--json", help="also write the record here")
     args = parser.parse_args()
     rows = run_suite(args.kills, args.seed, args.only)

@@ -3,9 +3,10 @@
 #   bash benchmarks/gpu_checks.sh OUT [DATA]
 # 1. tests/test_cuda.py (marked `cuda`): a CUDA run stopped by train.stop_at_step and resumed, and one stopped
 #    by SIGTERM and resumed, each bitwise equal to an uninterrupted run (EMA, Mixup/CutMix, clipping, mid-epoch
-#    checkpoints on); 20 steps of the loop's step with EMA and Mixup under torch.cuda.set_sync_debug_mode("error");
-#    bf16 and fp16 steps; torch.compile at two resolutions. Then the CPU-side tests that use torchvision where
-#    it imports (the device image has it).
+#    checkpoints on); a bf16 run resumed in fp16 with the fused SGD and AdamW (the scaler afresh, the optimizer's
+#    build flags this machine's); 20 steps of the loop's step with EMA and Mixup under
+#    torch.cuda.set_sync_debug_mode("error"); bf16 and fp16 steps; torch.compile at two resolutions. Then the
+#    CPU-side tests that use torchvision where it imports (the device image has it).
 # 2. bench train: the loop's step alone and with EMA + Mixup + CutMix, ResNet-50 at 224 px, eager: the cost of
 #    the per-step extras, which used to sync the host every step.
 # 3. With DATA (a class-folder or prepared ImageNet subset): ResNet-50 trained end to end for 2 epochs, stopped
@@ -15,8 +16,9 @@
 #    30 compiled steps with 2 micro-batches each; then --budget 90s: its dry-run (steps timed with CUDA
 #    syncs) and a budgeted imagenette_128_20ep run that must end within 90 s with its fit run to the end.
 # Writes the raw outputs into OUT and OUT/gpu_checks.json (command, GPU, versions, each part's exit status).
-# Not covered on one GPU: NCCL between processes. The agreement on dropped micro-batches goes over a gloo
-# group that CPU runs create too, so tests/test_distributed.py and test_device_paths.py run that same path.
+# Not covered on one GPU: NCCL between processes: the step's image count summed on the device (async, waited for
+# by the stream) and a stand-in micro-batch where a process has fewer than two readable images
+# (training/step.py); tests/test_host_agreement.py runs the same code over gloo on the CPU.
 # Tried on a machine without a GPU as far as it goes (the CUDA sync check left out, small benchmark sizes):
 #   GPU_CHECKS_DEVICE=cpu GPU_CHECKS_BENCH="--device cpu --model resnet18 --res 64 --batch-size 16 --steps 3
 #   --warmup 1" bash benchmarks/gpu_checks.sh OUT

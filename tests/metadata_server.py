@@ -1,7 +1,11 @@
 """A loopback stand-in for a cloud's instance metadata service, for `train --spot-notice` in the tests and
 benchmarks/faults.py: AWS's IMDSv2 (a session token from PUT /latest/api/token, required on every GET, as AWS
 requires it) and GCP's preempted flag (Metadata-Flavor: Google required). `preempted` switches both to
-announcing a notice."""
+announcing a notice.
+
+Two settings play a container on EC2 behind a bridge, one hop further than the metadata response's hop limit of
+1: `put_hangs`, the token's reply never arrives (its IP TTL runs out on the way), while GETs still do; and
+`imdsv1`, tokenless GETs answered too (the instance's http-tokens "optional"; by default "required": 401)."""
 
 from __future__ import annotations
 
@@ -19,9 +23,12 @@ class MetadataServer:
 
     def __init__(self):
         self.preempted = False
+        self.put_hangs = False
+        self.imdsv1 = False
         self.tokens: set[str] = set()  # the tokens still valid; revoke_tokens() makes the next GET a 401
         self.requests: list[tuple[str, str, int]] = []
         self._lock = threading.Lock()
+        self._closing = threading.Event()  # releases the PUTs left hanging
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         # A short poll interval: shutdown() waits for one, and the tests start many servers.
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
@@ -44,6 +51,7 @@ class MetadataServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closing.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -65,6 +73,12 @@ def _handler_for(server: MetadataServer):
         def do_PUT(self):
             if self.path != "/latest/api/token":
                 return self._answer(404)
+            if server.put_hangs:  # recorded as status 0: never answered
+                with server._lock:
+                    server.requests.append((self.command, self.path, 0))
+                server._closing.wait()
+                self.close_connection = True
+                return
             if not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds", "").isdigit():
                 return self._answer(400)  # AWS refuses a token request without its lifetime
             token = secrets.token_urlsafe(16)
@@ -75,11 +89,14 @@ def _handler_for(server: MetadataServer):
         def do_GET(self):
             if self.path.startswith("/latest/"):
                 with server._lock:
-                    valid = self.headers.get("X-aws-ec2-metadata-token") in server.tokens
+                    token = self.headers.get("X-aws-ec2-metadata-token")
+                    valid = token in server.tokens or (token is None and server.imdsv1)
                 if not valid:
                     return self._answer(401)
                 if self.path == "/latest/meta-data/spot/instance-action" and server.preempted:
                     return self._answer(200, json.dumps(AWS_NOTICE).encode(), "application/json")
+                if self.path == "/latest/meta-data/":
+                    return self._answer(200, b"ami-id\ninstance-id\nspot/\n")
                 return self._answer(404)
             if self.path == "/computeMetadata/v1/instance/preempted":
                 if self.headers.get("Metadata-Flavor") != "Google":

@@ -18,7 +18,7 @@ from imagenet_resnet.training.budget import (EXIT_SECONDS, Budget, Costs, RunSha
                                              projected_top1, seconds_to_finish)
 from imagenet_resnet.training.schedules import LRSchedule
 from imagenet_resnet.training.optim import lr_for_batch
-from imagenet_resnet.training.trainer import epoch_side
+from imagenet_resnet.training.run import epoch_side
 
 
 @pytest.mark.parametrize("text, price, seconds", [("6h", 0, 21600), ("90m", 0, 5400), ("600s", 0, 600),

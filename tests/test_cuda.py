@@ -24,7 +24,7 @@ from imagenet_resnet.training.distributed import Dist
 from imagenet_resnet.training.optim import build_optimizer
 from imagenet_resnet.training.step import StepSums, TrainStep
 from imagenet_resnet.training.stopping import RunStopped
-from imagenet_resnet.training.trainer import build_run
+from imagenet_resnet.training.run import build_run
 
 DEVICE = torch.device(os.environ.get("GPU_CHECKS_DEVICE", "cuda"))
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
@@ -64,6 +64,19 @@ def test_sigterm_mid_run_then_resume_on_the_gpu(tiny_data, tmp_path):
     straight = tmp_path / "straight"
     train_tiny(tiny_data, straight, *ON_GPU, *EVERYTHING, epochs=3)
     _same_state(checkpoint.load(straight / "last.pt"), checkpoint.load(out / "last.pt"))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_bf16_run_resumes_in_fp16_with_the_fused_optimizer(tiny_data, tmp_path, optimizer):
+    """A run trained where `auto` means bf16 (A100/H100/L4), resumed where it means fp16 (T4/V100): the scaler
+    starts afresh and the optimizer is fused (fp16 builds it so), whatever the checkpoint's optimizer was."""
+    run, settings = tmp_path / "run", [*ON_GPU, f"optim.name={optimizer}", "train.log_every_steps=0"]
+    with pytest.raises(RunStopped):
+        train_tiny(tiny_data, run, *settings, "train.precision=bf16", "train.stop_at_step=3", epochs=1)
+    train_tiny(tiny_data, run, *settings, "train.precision=fp16", epochs=1, resume=True)
+    state = checkpoint.load(run / "last.pt")
+    assert state["progress"]["global_step"] == 7 and state["scaler"]["scale"] > 0
+    assert all(group["fused"] for group in state["optimizer"]["param_groups"]) == (DEVICE.type == "cuda")
 
 
 @pytest.mark.parametrize("precision", ["auto", "fp16"])

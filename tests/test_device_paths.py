@@ -25,7 +25,8 @@ from imagenet_resnet.training.lr_finder import sweep
 from imagenet_resnet.training.schedules import LRSchedule
 from imagenet_resnet.training.optim import build_optimizer, lr_for_batch, lr_per_256
 from imagenet_resnet.training.stopping import StopPolicy
-from imagenet_resnet.training.trainer import build_run, train_one_epoch
+from imagenet_resnet.training.run import build_run
+from imagenet_resnet.training.trainer import train_one_epoch
 
 CPU = torch.device("cpu")
 

@@ -321,3 +321,33 @@ def test_two_nodes_each_restore_their_own_run_folder_from_the_bucket(s3, tiny_da
                    key=lambda state: state["progress"]["global_step"])
     assert [state["progress"]["global_step"] for state in saved] == [stop_at, 14]
     _assert_same_weights(saved[1]["model"], checkpoint.load(two_by_eight / "last.pt")["model"])
+
+
+def test_nodes_holding_different_checkpoints_all_resume_from_the_bucket(s3, tiny_data, tmp_path, two_by_eight):
+    """A bucket that lags: one node's run folder holds a checkpoint newer than the bucket's (it restarted seconds
+    after a save, before the upload), the other node's the bucket's. Whichever rank each node gets, every rank
+    must continue from the same checkpoint (the bucket's), not each from its own: the ranks would diverge, then
+    hang when one runs out of steps before the other."""
+    url = f"s3://{S3_BUCKET}/lagging"
+    settings = _settings("train.batch_size=8", "train.log_every_steps=0", "train.checkpoint_every_steps=1")
+
+    def two_nodes(*extra: str) -> list[str]:
+        port = free_port()
+        launcher = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                    f"--rdzv-id=lagging-{port}"]
+        started = [_torchrun("train", "--data", str(tiny_data), "--epochs", "2", "--mirror", url, *settings, *extra,
+                             "--out", str(tmp_path / f"node-{n}"), launcher=launcher) for n in range(2)]
+        return [_finish(node, timeout=150) for node in started]
+
+    two_nodes("--set", "train.stop_at_step=4")
+    writer = next(n for n in range(2) if (tmp_path / f"node-{n}" / "last.pt").exists())
+    # The writer's node goes on alone for two steps whose checkpoints never reach the bucket.
+    run_cli("train", "--data", str(tiny_data), "--epochs", "2", "--out", str(tmp_path / f"node-{writer}"), "--resume",
+            *settings, "--set", "train.accumulation_steps=2", "--set", "train.stop_at_step=6")
+    assert checkpoint.load(tmp_path / f"node-{writer}" / "last.pt")["progress"]["global_step"] == 6
+    shutil.rmtree(tmp_path / f"node-{1 - writer}")  # the other node's machine is new: it brings the bucket's down
+    out = "".join(two_nodes("--resume"))
+    assert "the processes hold different checkpoints" in out and "global step 6" in out
+    assert "every one continues from the mirror's, global step 4" in out
+    _assert_same_weights(checkpoint.load(tmp_path / f"node-{writer}" / "last.pt")["model"],
+                         checkpoint.load(two_by_eight / "last.pt")["model"])

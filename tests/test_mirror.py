@@ -327,6 +327,26 @@ def _someone_elses_lease(s3, prefix: str, heartbeat_age: float) -> None:
     s3.fs().pipe_file(f"{BUCKET}/{prefix}/lease.json", json.dumps(lease).encode())
 
 
+def test_the_s3_server_refuses_what_the_lease_needs_refused(s3):
+    """The lease tests prove something only against a server that refuses a PUT whose condition no longer holds
+    (moto before 5.1.5 applies a stale If-Match; the mirror's start refuses such a store, so they would fail)."""
+    import moto
+
+    fs, key = s3.fs(), f"{BUCKET}/conditions/object"
+    fs.pipe_file(key, b"first")
+    for condition in ({"IfMatch": '"' + "0" * 32 + '"'}, {"IfNoneMatch": "*"}):
+        try:
+            fs.call_s3("put_object", Bucket=BUCKET, Key="conditions/object", Body=b"second", **condition)
+            answer = "applied it"
+        except OSError as e:
+            if mirror._precondition_failed(e):  # noqa: SLF001 - 412, as the mirror reads it
+                continue
+            answer = f"answered {e!r}"
+        pytest.fail(f"moto {moto.__version__}: a PUT with {condition} {answer} where S3 refuses it (412): the lease "
+                    "tests would prove nothing; pip install -U 'moto[server]>=5.1.5'")
+    assert fs.cat_file(key) == b"first"
+
+
 def test_a_live_lease_from_another_machine_holds_the_mirror_and_a_stale_one_is_taken_over(s3, tmp_path):
     url = f"s3://{BUCKET}/lease-unit"
     _someone_elses_lease(s3, "lease-unit", heartbeat_age=5)

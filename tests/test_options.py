@@ -14,7 +14,7 @@ from imagenet_resnet.runtime import DeviceNormalize
 from imagenet_resnet.training.distributed import Dist
 from imagenet_resnet.training.step import train_step
 from imagenet_resnet.training.stopping import RunStopped
-from imagenet_resnet.training.trainer import build_run
+from imagenet_resnet.training.run import build_run
 from imagenet_resnet.models import build_model
 from imagenet_resnet.training.optim import Lamb, build_optimizer
 

@@ -136,6 +136,56 @@ def test_a_refused_connection_warns_once_too():
     assert len([w for w in warned if "--spot-notice" in str(w.message)]) == 1
 
 
+def _spot_warnings(warned) -> list[str]:
+    return [str(w.message) for w in warned if "--spot-notice" in str(w.message)]
+
+
+def test_in_a_container_one_hop_too_far_the_warning_names_the_hop_limit_and_its_fix(monkeypatch):
+    """IMDSv2 required, and the token's reply dies one hop short of a bridged container: today's poller took
+    the instance for no EC2 instance at all."""
+    monkeypatch.setattr(spot, "REQUEST_TIMEOUT_SECONDS", 0.2)  # the token's PUT waits this long for its reply
+    with MetadataServer() as server:
+        server.put_hangs = True
+        poller = SpotNotice("aws", server.url, poll_seconds=0.01)
+        with pytest.warns(UserWarning) as warned:
+            poller.start()
+            try:
+                _wait_for(lambda: len(server.statuses("GET", "/latest/meta-data/")) >= 2)
+                assert poller._thread.is_alive() and poller.notice is None  # still polling, quietly
+            finally:
+                poller.stop()
+        assert set(server.statuses("GET", "/latest/meta-data/")) == {401}  # tokenless: EC2 all the same
+        assert set(server.statuses("PUT", "/latest/api/token")) == {0}
+    ours = _spot_warnings(warned)
+    assert len(ours) == 1 and "\n" not in ours[0], ours
+    message = ours[0]
+    assert f"{server.url}/latest/api/token" in message and "hop limit" in message
+    assert ("aws ec2 modify-instance-metadata-options --instance-id INSTANCE_ID --http-put-response-hop-limit 2 "
+            "--http-endpoint enabled" in message) and "host networking" in message
+    assert "needs to run on" not in message and "no spot notice can be read" in message
+
+
+def test_in_a_container_where_imdsv1_is_allowed_the_notice_is_read_without_a_token(monkeypatch):
+    monkeypatch.setattr(spot, "REQUEST_TIMEOUT_SECONDS", 0.2)
+    heard = []
+    with MetadataServer() as server:
+        server.put_hangs, server.imdsv1 = True, True  # the instance's http-tokens: optional
+        poller = SpotNotice("aws", server.url, poll_seconds=0.01)
+        with pytest.warns(UserWarning) as warned:
+            poller.start(on_notice=heard.append)
+            try:
+                _wait_for(lambda: len(server.statuses("GET", AWS_PATH)) >= 3)
+                assert poller.notice is None
+                server.preempted = True
+                _wait_for(lambda: poller.notice is not None)
+            finally:
+                poller.stop()
+        assert heard == [AWS_NOTICE]
+        assert server.statuses("PUT", "/latest/api/token") == [0]  # asked once; no token from then on
+    ours = _spot_warnings(warned)
+    assert len(ours) == 1 and "hop limit" in ours[0] and "polled without a token (IMDSv1)" in ours[0], ours
+
+
 def test_a_notice_stops_the_run_with_exit_0_and_says_so_at_once(capsys):
     with MetadataServer() as server:
         policy = StopPolicy(Dist(), CPU, spot=SpotNotice("gcp", server.url, poll_seconds=0.02))

@@ -81,6 +81,9 @@ def _train_parser(sub, name: str, run, help: str, description: str) -> argparse.
         p.add_argument("--lease-timeout", type=positive_float, default=120.0, metavar="SECONDS",
                        help="a mirror's lease without a heartbeat for this long is stale, and --resume takes it "
                        "over (renewed every quarter of it)")
+        p.add_argument("--no-lease", action="store_true", help="mirror without taking the mirror's lease, for a store "
+                       "that does not honour conditional writes (the mirror refuses one at its start): then nothing "
+                       "stops two trainers writing one mirror, nor a zombie instance that comes back")
         p.add_argument("--spot-notice", choices=("aws", "gcp"), help="poll the instance metadata service for a spot "
                        "preemption notice (AWS: 2 minutes' warning, GCP: 30 s); on one, checkpoint, finish the "
                        "mirror's uploads and exit 0; --resume continues")
@@ -304,13 +307,15 @@ def cmd_train(args) -> int:
     from .training.tracking import TrackRequest, check_tracking
     from .training.trainer import dry_run, train
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (args.data and args.out):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (args.data and (args.out or args.dry_run)):
         raise UserError("under torchrun give --data and --out, so that every process uses the same folders")
     if is_url(args.out or ""):
         raise UserError(f"--out {args.out}: the run folder is on this machine; to keep it in object storage too, "
                         "add --mirror URL")
     if args.resume and not args.out:  # else a new, timestamped folder: a new run, not the one meant
         raise UserError("--resume continues the run in its run folder: give that folder as --out")
+    if args.no_lease and args.take_over:
+        raise UserError("--take-over takes a mirror's lease, and --no-lease takes none: give one of them")
     if not args.dry_run:  # before any data is made or fetched; the default runs/<date-time> goes in ./runs
         check_writable(Path(args.out or "runs"), "--out")
         check_tracking(TrackRequest(args.track) if args.track else None)
@@ -330,7 +335,8 @@ def cmd_train(args) -> int:
     track = TrackRequest(args.track, args.recipe) if args.track else None
     try:
         metrics = train(cfg, out, resume=args.resume, mirror=args.mirror, mirror_wait=args.mirror_wait,
-                        take_over=args.take_over, lease_seconds=args.lease_timeout, track=track)
+                        take_over=args.take_over, lease_seconds=args.lease_timeout, lease=not args.no_lease,
+                        track=track)
     except RunStopped as stop:
         return stop.exit_code
     finally:

@@ -36,6 +36,9 @@ def disk_full_said(path: Path, again: str = AGAIN, name_the_failed_file: bool = 
         raise
 
 
+PROBE_ATTEMPTS = 5
+
+
 def check_writable(folder: Path, option: str) -> Path:
     """Prove a file can be written in `folder` before any long work: a read-only mount or a folder of someone
     else's is one line naming `option`, not a traceback hours later. Trying a real write, not os.access: root
@@ -45,9 +48,16 @@ def check_writable(folder: Path, option: str) -> Path:
     missing = [p for p in [folder, *folder.parents] if not p.exists()]
     try:
         with disk_full_said(folder, "run the same command again"):
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder, prefix=".write-check-"):
-                pass
+            for attempt in range(PROBE_ATTEMPTS):
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    with tempfile.TemporaryFile(dir=folder, prefix=".write-check-"):
+                        break
+                except (FileNotFoundError, FileExistsError):
+                    # Made and removed again meanwhile by another process's probe (torchrun's ranks all probe the same
+                    # --out at once), unless a file is in the way for good.
+                    if attempt == PROBE_ATTEMPTS - 1 or (folder.exists() and not folder.is_dir()):
+                        raise
     except FileExistsError:
         raise UserError(f"{folder}: not a folder (a file of that name is in the way); give {option} a folder")
     except NotADirectoryError:

@@ -18,7 +18,7 @@ CREDENTIALS_HINT = "check the URL, the network and the credentials (AWS_* variab
 CHECKPOINTS = ("last.pt", "previous.pt")  # what a resume continues from (best.pt is not: it may be epochs older)
 # What a run writes before its first checkpoint: a run killed that early has nothing to lose by starting again.
 BEFORE_FIRST_CHECKPOINT = {"train.log", "config.yaml", "steps.jsonl", "samples.jsonl", "tensorboard",
-                           "tracking.json", "wandb"}
+                           "tracking.json", "wandb", "budget.json"}
 # And what its first epoch's end writes before last.pt: the record first, then best.pt (see trainer.train).
 FIRST_EPOCH_END = {"metrics.jsonl", "metrics.csv", "best.pt"}
 NEVER_A_RUNS = {"lost+found"}  # the root of a freshly made file system: --out /mnt/new-disk is fine

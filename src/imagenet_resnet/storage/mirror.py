@@ -30,6 +30,13 @@ taken over (a zombie instance back from the dead) has its next pointer update re
 before every other upload too, and on finding another owner stops writing, says so in one line and ends the
 run (StopPolicy). On other stores than S3 the pointer's condition is a read just before the write.
 
+A store must honour those conditions for the lease to mean anything: on S3 the mirror checks at its start with
+a probe object (a write that must be refused, 412) and refuses a store that applies it (GCS's S3 interface, MinIO
+before 2024) in one line; `--no-lease` mirrors there without a lease, and so without its protection. A conditional
+write whose reply was lost is retried by botocore with the same condition and refused (412) although it was
+applied: the object is read back, and when it holds what this writer wrote, the write counts. A 409
+(ConditionalRequestConflict: two conditional writes raced) is retried with backoff.
+
 Credentials come from the environment or the provider's config files, never from the URL (refused), and are
 never written: messages from the store are redacted.
 """
@@ -42,6 +49,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import socket
 import threading
 import time
@@ -49,7 +57,6 @@ import uuid
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ..errors import UserError
 from . import urls
@@ -62,6 +69,9 @@ LEASE = "lease.json"
 LEASE_FORMAT = "imagenet-resnet-lease/1"
 LEASE_SECONDS = 120.0  # without a heartbeat for this long, a lease is stale (renewed every quarter of it)
 READ_ATTEMPTS = 5  # reads of an object another writer may be rewriting at that moment (the lease, the pointer)
+CONFLICT_ATTEMPTS, CONFLICT_FIRST_SECONDS = 5, 0.2  # a conditional write answered 409, tried again with backoff
+PROBE = ".conditional-write-probe-"  # + the writer's owner id: the object the start's check writes, then deletes
+BOTOCORE_CONDITIONAL = "1.35.69"  # the first botocore whose put_object takes IfMatch
 CHECKPOINTS = ("last.pt", "best.pt")  # uploaded through the pointer; previous.pt is the pointer's previous
 SWEEP_SECONDS = 30.0
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 1.0, 60.0
@@ -101,18 +111,20 @@ class NoMirror:
 
 
 def open_mirror(url: str | None, out_dir: Path, resume: bool, is_main: bool, wait: float, take_over: bool = False,
-                lease_seconds: float = LEASE_SECONDS, local_rank: int = 0) -> "Mirror | NoMirror":
-    """The run's mirror (rank 0; the others get NoMirror), its lease taken. With `resume`, a run in the store
-    newer than the run folder (or a run folder that is missing) is brought down first, on every node (by its
-    first process: each node reads its own run folder); every rank waits for that."""
+                lease_seconds: float = LEASE_SECONDS, local_rank: int = 0, lease: bool = True) -> "Mirror | NoMirror":
+    """The run's mirror (rank 0; the others get NoMirror), its lease taken (none with `lease` False: --no-lease).
+    With `resume`, a run in the store newer than the run folder (or a run folder that is missing) is brought down
+    first, on every node (by its first process: each node reads its own run folder). Under torchrun the caller
+    makes every rank wait for that (training.distributed.on_every_rank: a refusal on one rank stops them all)."""
     mirror = Mirror(url, out_dir, wait, lease_seconds) if url and is_main else NoMirror()
     if isinstance(mirror, Mirror):
-        mirror.take_lease(resume, take_over)
+        if lease:
+            mirror.take_lease(resume, take_over)
+        else:
+            mirror.go_without_lease(resume)
         mirror.restore(resume)
     elif url and resume and local_rank == 0:  # another node: a copy only, the writer is rank 0
         Mirror(url, out_dir, wait, lease_seconds).bring_down()
-    if url and dist.is_initialized():
-        dist.barrier()
     return mirror
 
 
@@ -146,10 +158,24 @@ class LeaseChanged(Exception):
     """A conditional write found the object changed since it was read."""
 
 
+def _answer(error: Exception) -> tuple[int | None, str]:
+    """The HTTP status and S3 error code of a store's answer, as s3fs raises it (the botocore error its cause);
+    (None, "") where no answer came (a connection refused or cut)."""
+    response = getattr(error.__cause__, "response", None) or {}
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode"), response.get("Error", {}).get("Code", "")
+
+
 def _precondition_failed(error: Exception) -> bool:
     """A conditional PUT refused (HTTP 412), as s3fs raises it (FileExistsError for If-None-Match)."""
-    code = getattr(error.__cause__, "response", {}).get("Error", {}).get("Code", "")
-    return isinstance(error, FileExistsError) or code == "PreconditionFailed" or "pre-condition" in str(error)
+    status, code = _answer(error)
+    return isinstance(error, FileExistsError) or status == 412 or code == "PreconditionFailed" \
+        or "pre-condition" in str(error)
+
+
+def _conflict(error: Exception) -> bool:
+    """A 409 (ConditionalRequestConflict: another conditional write to the key raced this one): AWS says to try
+    again."""
+    return _answer(error)[0] == 409
 
 
 class Mirror:
@@ -158,6 +184,7 @@ class Mirror:
         self.fs, self.root = urls.filesystem(self.url)
         self.out_dir, self.wait, self.log = Path(out_dir), wait, print
         self.lease_seconds, self.generation, self.superseded = lease_seconds, 0, None
+        self.conditional = True  # writes of the lease and the pointer conditional on the version last seen
         self.lease = {"format": LEASE_FORMAT, "owner": uuid.uuid4().hex, "machine": _machine(), "pid": os.getpid()}
         self._tags: dict[str, str | None] = {}  # lease.json / checkpoints.json -> the version this writer last saw
         self._next_heartbeat, self.lease_note = 0.0, ""
@@ -244,15 +271,22 @@ class Mirror:
         """Write `name` only if it is still the version this writer last saw (or still missing); LeaseChanged
         otherwise. S3 checks that itself (If-Match / If-None-Match); elsewhere it is a read just before."""
         seen = self._tags.get(name)
+        if not self.conditional:  # --no-lease: nothing to fence, on a store that may not take conditions at all
+            self._write_small(name, data)
+            return
         if self._s3():
-            bucket, key, _ = self.fs.split_path(self._key(name))
             condition = {"IfMatch": seen} if seen else {"IfNoneMatch": "*"}
             try:
-                reply = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+                reply = self._put_if(self._key(name), data, condition)
             except OSError as e:
-                if _precondition_failed(e):
+                if not _precondition_failed(e):
+                    raise
+                # Refused: by another writer's version, or by this one's, applied by a try whose reply was lost
+                # (botocore tries again with the same condition). The store's version says which.
+                found, tag = self._read_tagged(name)
+                if found != data:
                     raise LeaseChanged(name) from None
-                raise
+                reply = {"ETag": tag}
             self.fs.invalidate_cache(self._key(name))
             self._tags[name] = reply.get("ETag")
             return
@@ -261,6 +295,65 @@ class Mirror:
                 raise LeaseChanged(name)
             self._write_small(name, data)
         self._tags[name] = hashlib.sha256(data).hexdigest()
+
+    def _put_if(self, key: str, data: bytes, condition: dict) -> dict:
+        """One conditional PUT, tried again with backoff while the store answers 409 (conditional writes racing:
+        transient); the last 409 raised."""
+        bucket, inner, _ = self.fs.split_path(key)
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                return self.fs.call_s3("put_object", Bucket=bucket, Key=inner, Body=data, **condition)
+            except OSError as e:
+                if not _conflict(e) or attempt == CONFLICT_ATTEMPTS:
+                    raise
+            time.sleep(CONFLICT_FIRST_SECONDS * 2 ** (attempt - 1) * random.uniform(0.5, 1.0))
+
+    def _check_conditional_writes(self) -> None:
+        """Refuse, in one line, a store that does not refuse the conditional writes it should: a probe object
+        written, then written again under a condition that no longer holds (If-None-Match: * on an object that
+        exists; If-Match on another version), each of which must be refused (412)."""
+        from botocore.exceptions import ParamValidationError  # s3fs's own dependency, there with any s3:// URL
+
+        probe = self._key(PROBE + self.lease["owner"])
+        checks = (({"IfNoneMatch": "*"}, "If-None-Match: * on an object that exists"),
+                  ({"IfMatch": '"' + "0" * 32 + '"'}, "If-Match with an ETag it does not have"))
+        try:
+            self._put_if(probe, b"probe", {"IfNoneMatch": "*"})
+            for condition, what in checks:
+                try:
+                    self._put_if(probe, b"probe again", condition)
+                    answer = "applied it"
+                except OSError as e:
+                    if _precondition_failed(e):
+                        continue
+                    status, code = _answer(e)
+                    if status is None:
+                        raise
+                    answer = f"answered {status} {code}".rstrip()
+                raise UserError(f"--mirror {self.url}: this store does not honour conditional writes (a PUT with "
+                                f"{what} must be refused with 412; it {answer}), so the lease cannot keep a second "
+                                "trainer out: use a store that honours them (AWS S3, MinIO since 2024, Cloudflare R2; "
+                                "not GCS's S3 interface), or add --no-lease to mirror without a lease (then nothing "
+                                "stops two trainers writing this mirror, nor fences a zombie instance that comes "
+                                "back)")
+        except ParamValidationError:
+            import botocore
+
+            raise UserError(f"--mirror {self.url}: botocore {botocore.__version__} cannot make the conditional writes "
+                            f"the mirror's lease needs (IfMatch on put_object came with botocore {BOTOCORE_CONDITIONAL}"
+                            f"); upgrade it: {urls.CLOUD_EXTRA.replace('pip install', 'pip install -U')}") from None
+        finally:
+            with contextlib.suppress(Exception):  # only tidying: a probe left behind is never read
+                self.fs.rm_file(probe)
+
+    def _store_error(self, error: Exception, doing: str) -> UserError:
+        """What went wrong with the store at the start, in one line."""
+        if _conflict(error):
+            return UserError(f"--mirror {self.url}: the store answered 409 (ConditionalRequestConflict) to "
+                             f"{CONFLICT_ATTEMPTS} conditional writes in a row while {doing}: another writer keeps "
+                             "racing this one; stop any other trainer writing there, then start again")
+        return UserError(f"--mirror {self.url}: cannot write there while {doing} ({urls.redact(str(error))}); check the "
+                         "bucket, the permissions and the credentials")
 
     @staticmethod
     def _holder(lease: dict) -> str:
@@ -277,8 +370,30 @@ class Mirror:
         return time.time() - float(lease.get("heartbeat", 0)) < self.lease_seconds
 
     def take_lease(self, resume: bool, take_over: bool) -> None:
-        """Become the mirror's one writer, or stop in one line while another trainer's lease is live."""
+        """Become the mirror's one writer, or stop in one line: while another trainer's lease is live, or where the
+        store would not keep a second trainer out (it does not honour conditional writes), or cannot be written."""
+        try:
+            if self._s3():
+                self._check_conditional_writes()
+            self._take_lease(resume, take_over)
+        except OSError as e:
+            raise self._store_error(e, "taking its lease") from None
+
+    def go_without_lease(self, resume: bool) -> None:
+        """--no-lease: no lease taken nor checked, and the pointer written without a condition (a store that does not
+        honour them may refuse them too): nothing keeps a second trainer out."""
+        self._refuse_a_run_without_resume(resume)
+        self.conditional = False
+        self.lease_note = ("no lease (--no-lease): nothing stops a second trainer writing this mirror, nor fences a "
+                           "zombie instance that comes back")
+
+    def _refuse_a_run_without_resume(self, resume: bool) -> None:
         remote = self.pointer.get("last", {}).get("global_step")
+        if remote is not None and not resume:
+            raise UserError(f"--mirror {self.url} already holds a run (checkpoint at global step {remote}); add "
+                            "--resume to continue it, or pick another --mirror")
+
+    def _take_lease(self, resume: bool, take_over: bool) -> None:
         for attempt in range(READ_ATTEMPTS):  # a live holder renews it meanwhile: read it again and decide again
             data, self._tags[LEASE] = self._read_tagged(LEASE)
             held = json.loads(data) if data else None
@@ -286,9 +401,7 @@ class Mirror:
                 raise UserError(f"--mirror {self.url} is being written by another trainer on {self._holder(held)}: two "
                                 "trainers must never write one mirror; stop that one, or wait until its lease is stale "
                                 f"({self.lease_seconds:.0f} s without a heartbeat), or add --take-over if it is gone for good")
-            if remote is not None and not resume:
-                raise UserError(f"--mirror {self.url} already holds a run (checkpoint at global step {remote}); add "
-                                "--resume to continue it, or pick another --mirror")
+            self._refuse_a_run_without_resume(resume)
             self.generation = int(held.get("generation", 0)) + 1 if held else 1
             try:
                 self._heartbeat()
@@ -320,14 +433,18 @@ class Mirror:
         self._write_if(LEASE, json.dumps(self.lease, indent=1).encode())
         self._next_heartbeat = time.monotonic() + self.lease_seconds / 4
 
-    def _still_the_writer(self) -> bool:
-        """Whether the lease is still this writer's; if not, stop writing for good and say so once."""
+    def _still_the_writer(self, adopt: bool = False) -> bool:
+        """Whether the lease is still this writer's; if not, stop writing for good and say so once. With `adopt`
+        (the lease thread, after a renewal was refused), the version found becomes the one the next renewal is
+        conditional on, when it is this writer's own (a write applied whose reply never came back)."""
         if not self.generation:  # opened without a lease (take_lease): nobody to lose it to
             return True
         if self.superseded is None:
-            data, _ = self._read_tagged(LEASE)
+            data, tag = self._read_tagged(LEASE)
             lease = json.loads(data) if data else {}
             if lease.get("owner") == self.lease["owner"]:
+                if adopt:
+                    self._tags[LEASE] = tag
                 return True
             # Said by the trainer as it stops (StopPolicy), in one line.
             self.superseded = (f"mirror: {self.url} was taken over by another trainer on "
@@ -348,8 +465,7 @@ class Mirror:
             try:  # a store that cannot be written to is said now, not after hours of training
                 self._write_if(POINTER, json.dumps({**self.pointer, "format": FORMAT, "generation": self.generation}).encode())
             except Exception as e:
-                raise UserError(f"--mirror {self.url}: cannot write there ({urls.redact(str(e))}); check the "
-                                "bucket, the permissions and the credentials") from None
+                raise self._store_error(e, f"writing its {POINTER}") from None
             self.note = f"mirroring {self.out_dir} to {self.url}"
             return
         self.note = self.bring_down() + "; mirroring it there"
@@ -362,11 +478,12 @@ class Mirror:
         if local is not None and local >= remote:
             return (f"the run folder {self.out_dir} (global step {local}) is as new as the mirror {self.url}'s "
                     f"(global step {remote}) or newer, so it continues from here")
-        self._download_run()
+        self.download_run()
         return (f"restored {self.out_dir} from {self.url} (checkpoint at global step {remote}"
                 + (f"; the run folder's was at global step {local})" if local is not None else ")"))
 
-    def _download_run(self) -> None:
+    def download_run(self) -> None:
+        """The run the pointer names, brought down into the run folder (checkpoints checked against it)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         fetched: dict[str, Path] = {}  # SHA-256 -> the checkpoint brought down with it
         for role, name in (("last", "last.pt"), ("previous", "previous.pt"), ("best", "best.pt")):
@@ -381,7 +498,8 @@ class Mirror:
             fetched[entry["sha256"]] = self.out_dir / name
         for key in self.fs.find(self.root):
             name = key[len(self.root):].strip("/")
-            if name not in (POINTER, LEASE, ".lock") and not name.startswith("checkpoints/") and not name.endswith(".tmp"):
+            # Not the store's own files: the pointer, the lease, .lock and the start's probe (should one be left)
+            if name not in (POINTER, LEASE) and not name.startswith(("checkpoints/", ".")) and not name.endswith(".tmp"):
                 self._download(name, name)
 
     def _download(self, key: str, name: str, expected: dict | None = None) -> None:
@@ -464,7 +582,10 @@ class Mirror:
                 self._cond.wait(max(0.05, min(max(wake, self._retry_at) - now, SWEEP_SECONDS)))
 
     def _keep_lease(self) -> None:
-        """Renew the lease every quarter of its life until the mirror closes or another trainer takes it."""
+        """Renew the lease every quarter of its life until the mirror closes or another trainer takes it; a renewal
+        that failed is tried again at once (on the version read back, after a refusal), then after a backoff
+        (doubling from a second, at most a quarter of the lease)."""
+        retry = 0.0
         while True:
             with self._cond:
                 if not self._closing:
@@ -475,10 +596,16 @@ class Mirror:
                 continue
             try:
                 self._heartbeat()
+                retry = 0.0
+                continue
             except LeaseChanged:
-                self._still_the_writer()
-            except Exception:  # the store unreachable: the uploads say so; the next heartbeat tries again
-                self._next_heartbeat = time.monotonic() + min(5.0, self.lease_seconds / 4)
+                with contextlib.suppress(Exception):  # unreadable: tried again after the backoff
+                    if not self._still_the_writer(adopt=True):
+                        return  # taken over: said once, and nothing more is written
+            except Exception:  # the store unreachable: the uploads say so
+                pass
+            self._next_heartbeat = time.monotonic() + min(retry, self.lease_seconds / 4)
+            retry = max(RETRY_FIRST_SECONDS, 2 * retry)
 
     def _sweep(self) -> None:
         """Queue every file of the run folder that changed since its last upload."""

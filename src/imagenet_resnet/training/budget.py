@@ -29,6 +29,11 @@ CHECK_STEPS, FIT_EVERY_SHARE = 10, 0.025  # every CHECK_STEPS steps rank 0's clo
 PACE_MEMORY = 0.8  # a re-fit's pace: seconds over steps of the windows measured, each earlier one weighing this
 # much less (about the last 5 windows); the latest window's own pace when it is slower (running late is the
 # worse error)
+# A step that took this many times the window's median step, and STALL_MIN_SECONDS more, is a stall (a paused VM,
+# a slow upload, a checkpoint written mid-epoch): its excess is left out of the pace. The clock still counts it,
+# so the fit after it has that much less time, but does not take the stall for the machine's new pace.
+STALL_FACTOR, STALL_MIN_SECONDS = 5.0, 1.0
+RECENT_COSTS = 5  # an evaluation, a checkpoint, an epoch's start: the median of this many last measurements
 # A re-fit that moves the end by less than these shares of the steps left keeps the fit as it is, so that noise
 # does not add a knot each time; shorter moves count sooner, as running late is the worse error.
 LONGER_TOLERANCE, SHORTER_TOLERANCE = 0.04, 0.01
@@ -99,6 +104,16 @@ class Timeline:
         if not self.knots and step > 0:  # the rate the run started at, for a replay
             self.knots = [[0, 0.0, last / max(self.total_steps - 1, 1)]]
         rate = (last - at) / (total_steps - 1 - step) if total_steps - 1 > step else 0.0
+        self.knots = [k for k in self.knots if k[0] < step] + [[step, at, rate]]
+        self.total_steps = total_steps
+
+    def rewind(self, step: int, total_steps: int) -> None:
+        """From `step` on, a run of `total_steps` stretched evenly over the recipe: `step` goes back to where such
+        a run would be (a finished run extended), and the rest of the recipe follows."""
+        last = self.recipe_steps - 1
+        at, rate = last * step / max(total_steps - 1, 1), last / max(total_steps - 1, 1)
+        if not self.knots and step > 0:  # the rate the run started at, for a replay
+            self.knots = [[0, 0.0, last / max(self.total_steps - 1, 1)]]
         self.knots = [k for k in self.knots if k[0] < step] + [[step, at, rate]]
         self.total_steps = total_steps
 
@@ -211,6 +226,15 @@ def fit_total_steps(shape: RunShape, costs: Costs, timeline: Timeline, step: int
     return low
 
 
+def stalled_seconds(step_times: list[float]) -> float:
+    """The seconds of these steps beyond the median step, in steps that stalled (STALL_FACTOR times the median
+    and STALL_MIN_SECONDS more): time the machine was not training at its pace."""
+    if len(step_times) < 3:
+        return 0.0
+    median = sorted(step_times)[len(step_times) // 2]
+    return sum(t - median for t in step_times if t > max(STALL_FACTOR * median, median + STALL_MIN_SECONDS))
+
+
 class Budget:
     """The run's budget: the clock, the costs measured on it, and the fits of the timeline to what is left.
 
@@ -219,16 +243,22 @@ class Budget:
     small broadcast on the host tells the others (no GPU sync)."""
 
     def __init__(self, seconds: float, used_before: float, costs: Costs, shape: RunShape, timeline: Timeline,
-                 broadcast: Callable[[list[float]], list[float]]):
+                 broadcast: Callable[[list[float]], list[float]], sync: Callable[[], None] = lambda: None,
+                 started_at: float | None = None, heartbeat: Callable[[bool], None] = lambda force: None):
         self.seconds, self.used_before, self.costs, self.shape, self.timeline = seconds, used_before, costs, shape, timeline
         self.broadcast = broadcast
-        self.started_at = process_started_at()
+        self.sync = sync  # waits for the device: a GPU's host runs ahead of it, so a pace read without it is early
+        self.started_at = started_at if started_at is not None else process_started_at()
+        self.heartbeat = heartbeat  # the billed time noted (training/ledger.py); `force` writes it at once
         self.fitted = False  # a fit was made in this process
         self.probed = False  # this machine's pace was measured for a fit (after a resume: maybe another machine)
         self.paces: dict[int, list[float]] = {}  # side: [seconds, steps] this process measured, older ones decayed
         self.session_first_step: int | None = None
         self.refitted_at, self.refitted_time = -1, time.time()  # the step and time of the last fit
         self.window: tuple[int, float] | None = None  # (step, time) where the steady measurement began
+        self.step_times: list[float] = []  # each step's seconds in the window (host clock), to find stalls
+        self._recent: dict[str, list[float]] = {}  # an evaluation's, a save's, an epoch start's last measurements
+        self.last_step_at = 0.0
         self.epoch: tuple[int, float, int] = (0, 0.0, 0)  # (first step, time, side) of the epoch under way
 
     def used(self) -> float:
@@ -244,9 +274,18 @@ class Budget:
     def start_epoch(self, step: int, side: int) -> None:
         now = time.perf_counter()
         self.epoch = (step, now, side)
-        self.window = (step, now) if self._warm_steps() == 0 else None
+        self.window = None
+        if self._warm_steps() == 0:
+            self._open_window(step)
+        self.last_step_at = now
         if self.session_first_step is None:
             self.session_first_step = step
+
+    def _open_window(self, step: int) -> float:
+        self.sync()
+        now = time.perf_counter()
+        self.window, self.step_times = (step, now), []
+        return now
 
     def _warm_steps(self) -> int:
         return min(WARM_STEPS, self.shape.steps_per_epoch - 1)
@@ -255,11 +294,14 @@ class Budget:
         """Note the pace after `step` steps; whether a re-fit is due now: the first once the pace is measured,
         then every refit_every() steps, or when FIT_EVERY_SHARE of the budget passed since the last one."""
         first, started, side = self.epoch
+        now = time.perf_counter()
+        self.step_times.append(now - self.last_step_at)
+        self.last_step_at = now
+        self.heartbeat(False)
         if step == first + self._warm_steps() and self.window is None:
-            now = time.perf_counter()
-            self.window = (step, now)
+            now = self._open_window(step)
             if first != self.session_first_step and side in self.paces:  # past compiling and warming up
-                self.costs.epoch_start_seconds = max(0.0, now - started - (step - first) * self.costs.step(side))
+                self._measured("epoch_start_seconds", max(0.0, now - started - (step - first) * self.costs.step(side)))
         if not self.probed:  # rank 0's clock decides, so every rank is asked (a host broadcast, a few steps)
             measured = self.window is not None and step > self.window[0] and (
                 step - self.window[0] >= PROBE_STEPS or time.perf_counter() - self.window[1] >= PROBE_SECONDS)
@@ -278,20 +320,30 @@ class Budget:
     def _measure_pace(self, step: int) -> None:
         if self.window is None or step <= self.window[0]:
             return
+        self.sync()
         now, side = time.perf_counter(), self.epoch[2]
+        elapsed = now - self.window[1] - stalled_seconds(self.step_times[-(step - self.window[0]):])
         seconds, steps = self.paces.get(side, (0.0, 0.0))  # a stored pace is replaced: this may be another machine
-        window = (now - self.window[1]) / (step - self.window[0])
-        seconds, steps = PACE_MEMORY * seconds + now - self.window[1], PACE_MEMORY * steps + step - self.window[0]
+        window = elapsed / (step - self.window[0])
+        seconds, steps = PACE_MEMORY * seconds + elapsed, PACE_MEMORY * steps + step - self.window[0]
         self.paces[side] = [seconds, steps]
         self.costs.step_seconds[side] = max(seconds / steps, window)
-        self.window = (step, now)
+        self.window, self.step_times = (step, now), []
 
     @contextlib.contextmanager
     def timed(self, name: str):
         """Measure an evaluation ("eval_seconds") or a checkpoint ("save_seconds")."""
         started = time.perf_counter()
         yield
-        setattr(self.costs, name, time.perf_counter() - started)
+        self._measured(name, time.perf_counter() - started)
+
+    def _measured(self, name: str, seconds: float) -> None:
+        """A cost measured once more: the median of the last RECENT_COSTS measurements (the lower one of an even
+        count) becomes the figure, so that one stalled evaluation, save or epoch start is not taken for the
+        machine's new cost; a lasting change is within two measurements."""
+        recent = self._recent.setdefault(name, [])
+        recent[:] = [*recent, seconds][-RECENT_COSTS:]
+        setattr(self.costs, name, sorted(recent)[(len(recent) - 1) // 2])
 
     def refit(self, step: int, epoch_end_due: bool = False) -> None:
         """Fit the rest of the run to what is left of the budget; every rank takes rank 0's answer. Nothing
@@ -310,13 +362,29 @@ class Budget:
             # that does fits in what the margin kept back.
             total = step + 1
         total = int(self.broadcast([total])[0])
-        if not self.fitted and total <= step and self.used_before == 0:
+        if not self.fitted and total <= step < self.timeline.total_steps:  # a resumed run's too: it would end unannealed
             raise BudgetTooSmall(self.smallest(step, epoch_end_due))
         left, move = self.timeline.total_steps - step, total - self.timeline.total_steps
         if self.fitted and left > 0 and -SHORTER_TOLERANCE * left <= move <= LONGER_TOLERANCE * left:
             return
         self.fitted = True
         self.timeline.refit(step, total)
+
+    def extend(self, step: int, used_by_the_run: float) -> int:
+        """A finished run given a larger budget: fit the steps the rest buys and re-stretch the whole recipe over
+        the run's new length from here (the LR goes up to where a run of that length would be, then anneals
+        again), as a resume with more epochs does. Fitted from this machine's costs when they are known, else in
+        proportion to the time the run took so far (the first re-fit corrects it). Returns the new length."""
+        if self.costs.step_seconds:
+            total = fit_total_steps(self.shape, self.costs, self.timeline, step, self._aim())
+        else:
+            total = int(step * self.seconds / max(used_by_the_run, 1.0))
+        total = int(self.broadcast([total])[0])
+        if total <= step:
+            raise BudgetTooSmall(self.smallest(step, False))
+        self.timeline.rewind(step, total)
+        self.fitted = bool(self.costs.step_seconds)
+        return total
 
     def smallest(self, step: int, epoch_end_due: bool) -> float:
         """The smallest budget that works on this machine: the time used so far, one more step, its

@@ -134,6 +134,20 @@ def describe_data(identity: dict[str, Any]) -> str:
             f"images, index {identity['fingerprint'][:12]})")
 
 
+# How an optimizer was built for this machine, not what it learnt: a resume keeps the fresh optimizer's. torch's
+# load_state_dict would bring back the saved ones: a run saved in bf16 (not fused) and resumed in fp16 (fused, so
+# that GradScaler hands it the scale) would then step unfused with a scale, which torch refuses.
+BUILD_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """The saved optimizer's state and hyperparameters, with this optimizer's build flags. They are put in the
+    saved groups before loading: torch places each state tensor ("step" among them) by the groups' flags."""
+    groups = [{**group, **{k: built[k] for k in BUILD_FLAGS if k in built}}
+              for group, built in zip(saved["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
+
+
 class Checkpointer:
     """last.pt (with previous.pt, its predecessor) and best.pt of one run folder, as timm's CheckpointSaver:
     the state assembled into one dict, written atomically by rank 0, and read back into a run, falling back
@@ -197,8 +211,11 @@ class Checkpointer:
     @staticmethod
     def _restore(state: TrainingState, saved: dict[str, Any]) -> None:
         state.model.load_state_dict(clean_state_dict(saved["model"]))
-        state.optimizer.load_state_dict(saved["optimizer"])
-        state.scaler.load_state_dict(saved["scaler"])
+        load_optimizer_state(state.optimizer, saved["optimizer"])
+        # A run saved without loss scaling (bf16, fp32) and resumed in fp16 (another GPU, or precision changed)
+        # has no scaler state: the scaler starts afresh. One saved in fp16 and resumed without has nothing to use.
+        if saved["scaler"] and state.scaler.is_enabled():
+            state.scaler.load_state_dict(saved["scaler"])
         ema = saved_ema(saved)
         if state.ema is not None and ema is not None:
             state.ema.load_state_dict(*ema)

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
+from ..errors import UserError
 from ..runtime import resolve_device
+from .network import choose_gloo_interface
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,14 +55,55 @@ def init(device_name: str) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        if _spans_nodes() and not os.environ.get("GLOO_SOCKET_IFNAME"):
+            choose_gloo_interface(info.is_main)
         # torchrun's store outlives a restart; keys under a prefix per restart keep the new workers from
         # finding the dead ones' addresses (seen with gloo: "connection refused" on the restarted job).
         store, rank, world_size = next(dist.rendezvous("env://"))
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
-                                store=dist.PrefixStore(f"imagenet-resnet/restart-{restart}/", store))
-        _host_group = dist.new_group(backend="gloo")  # on CPU runs too: the same path as a GPU run's, tested
+        store = dist.PrefixStore(f"imagenet-resnet/restart-{restart}/", store)
+        if device.type == "cuda":
+            dist.init_process_group("nccl", rank=rank, world_size=world_size, store=store)
+        else:
+            _connect_gloo(lambda timeout: dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                                                                  store=store, timeout=timeout))
+        # The host group, on CPU runs too: the same path as a GPU run's, tested.
+        _host_group = _connect_gloo(lambda timeout: dist.new_group(backend="gloo", timeout=timeout))
     return info, device
+
+
+# gloo connects every pair of processes when a group is made, and where a peer's address cannot be reached it
+# retries for the group's whole timeout (30 minutes by default): groups are made with this shorter one, and
+# then given the default back for their collectives, in which a rank may wait long for a slow one.
+GLOO_CONNECT_TIMEOUT = timedelta(minutes=3)
+
+
+def _connect_gloo(make_group: Callable[[timedelta], dist.ProcessGroup | None]) -> dist.ProcessGroup | None:
+    """make_group(timeout), a gloo group, connected within GLOO_CONNECT_TIMEOUT or stopped in one line."""
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # private; absent from older torch
+    timeout = GLOO_CONNECT_TIMEOUT if set_timeout else default_pg_timeout
+    try:
+        group = make_group(timeout)
+    except RuntimeError as e:  # torch's DistError and gloo's own failures alike
+        interface = os.environ.get("GLOO_SOCKET_IFNAME") or "the address this machine's name resolves to"
+        master = os.environ.get("MASTER_ADDR", "?")
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"the processes did not connect over gloo within {timeout.total_seconds():.0f} s "
+                        f"({reason}); this process used {interface}. On several nodes set GLOO_SOCKET_IFNAME "
+                        f"(and NCCL_SOCKET_IFNAME on GPUs) to the interface that reaches MASTER_ADDR {master} "
+                        f"on every node (`ip route get {master}` names it), and let the nodes accept each "
+                        "other's TCP connections") from e
+    if set_timeout:
+        set_timeout(default_pg_timeout, group)  # None: the default group, which init_process_group made
+    return group
+
+
+def _spans_nodes() -> bool:
+    """Whether this torchrun job has processes on other machines (torchrun sets LOCAL_WORLD_SIZE and
+    GROUP_WORLD_SIZE, the number of nodes)."""
+    world = int(os.environ["WORLD_SIZE"])
+    return (int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world
+            or int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1)
 
 
 def shutdown() -> None:
@@ -67,6 +115,37 @@ def shutdown() -> None:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def device_sum_started(value: int, device: torch.device) -> tuple[torch.Tensor, Callable[[], object]]:
+    """The sum of `value` over all processes, as a float64 tensor on `device`, and the call that waits for it:
+    the sum is started now, and waited for by the device, not the host, on a GPU (NCCL queues it there), so
+    the host goes on queuing work meanwhile. Read the tensor only after the wait."""
+    total = torch.full((), value, dtype=torch.float64, device=device)  # no copy from the host: no sync
+    if not dist.is_initialized():
+        return total, lambda: None
+    return total, dist.all_reduce(total, async_op=True).wait
+
+
+def on_every_rank(work: Callable[[], T]) -> T:
+    """`work()` on this process, then every process waits for the others: where it raised a UserError on any of
+    them, every one stops, the others in one line naming it, rather than waiting for it in the next collective
+    (30 minutes, then a traceback)."""
+    try:
+        result, failed = work(), None
+    except UserError as e:
+        result, failed = None, e
+    if dist.is_initialized():
+        stopped = [r for r, (flag,) in enumerate(host_all_gather([int(failed is not None)])) if flag]
+        if stopped and failed is None:
+            raise UserError(f"process {stopped[0]} stopped (its own line says why), so this one stops too")
+    if failed is not None:
+        raise failed
+    return result
 
 
 def host_all_gather(values: list[int]) -> list[list[int]]:

@@ -6,7 +6,9 @@ A daemon thread polls the instance metadata service every `poll_seconds`:
   is 404 until a notice, then {"action": "terminate", "time": "..."}: about 2 minutes' warning.
 - GCP: GET /computeMetadata/v1/instance/preempted (Metadata-Flavor: Google) says FALSE, then TRUE: about 30 s.
 A metadata service that cannot be reached (the run is not on that cloud) gets one warning and quiet retries:
-watching for a notice never stops the run.
+watching for a notice never stops the run. On AWS, a token whose reply never arrives while a tokenless GET is
+answered means a container one network hop further than the instance's metadata hop limit (1 by default): the
+warning says so and how to raise it, and where the instance allows IMDSv1 the notice is polled without a token.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ AWS_TOKEN_TTL_SECONDS = 21600  # IMDSv2's maximum, 6 hours
 AWS_TOKEN_REFRESH_MARGIN_SECONDS = 60.0  # a new token this long before the old one expires
 
 
+class TokenReplyLost(OSError):
+    """AWS's metadata service answers GETs, but the reply to the token's PUT never arrives here."""
+
+
 class SpotNotice:
     """Polls the instance metadata service of `provider` ("aws" or "gcp") in a daemon thread once started.
 
@@ -49,6 +55,7 @@ class SpotNotice:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._token, self._token_expires = "", 0.0
+        self._tokenless = False  # AWS: no token's reply reaches this process, and the instance allows IMDSv1
         # Metadata addresses are link-local: an http_proxy from the environment must not carry these requests.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -78,9 +85,16 @@ class SpotNotice:
         while not self._stopping.is_set():
             try:
                 notice = self.check()
+            except TokenReplyLost as e:
+                self._warn_once(f"{e}; until then no spot notice can be read. Training goes on, and the service "
+                                "is polled again quietly")
+                notice = None
             except (OSError, http.client.HTTPException, ValueError) as e:
                 # URLError and timeouts are OSErrors, a garbled answer a ValueError: none may end the watch
-                self._warn_once(e)
+                reason = getattr(e, "reason", None) or e
+                self._warn_once(f"cannot read {self.url} ({reason}); it needs to run on {CLOUD_NAMES[self.provider]} "
+                                "instance (or train.spot_metadata_url set to its metadata service). Training goes "
+                                "on, and the service is polled again quietly")
                 notice = None
             if notice:
                 self.notice = notice
@@ -89,14 +103,10 @@ class SpotNotice:
                 return  # a notice is final: nothing more to learn from the service
             self._stopping.wait(self.poll_seconds)
 
-    def _warn_once(self, error: Exception) -> None:
-        if self._warned:
-            return
-        self._warned = True
-        reason = getattr(error, "reason", None) or error
-        warnings.warn(f"--spot-notice {self.provider}: cannot read {self.url} ({reason}); it needs to run on "
-                      f"{CLOUD_NAMES[self.provider]} instance (or train.spot_metadata_url set to its metadata "
-                      f"service). Training goes on, and the service is polled again quietly")
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"--spot-notice {self.provider}: {message}")
 
     def check(self) -> str | None:
         """One look at the metadata service: the notice, or None. Raises OSError when it cannot be read."""
@@ -108,17 +118,18 @@ class SpotNotice:
 
     def _check_aws(self) -> str | None:
         for attempt in range(2):
-            if not self._token or time.monotonic() >= self._token_expires:
+            if not self._tokenless and (not self._token or time.monotonic() >= self._token_expires):
                 self._new_aws_token()
+            token = {} if self._tokenless else {"X-aws-ec2-metadata-token": self._token}
             try:
-                with self._get(self.url, {"X-aws-ec2-metadata-token": self._token}) as response:
+                with self._get(self.url, token) as response:
                     return _aws_notice(response.read())
             except urllib.error.HTTPError as e:
                 e.close()
                 if e.code == 404:  # no interruption scheduled
                     return None
-                if e.code == 401 and attempt == 0:  # the token expired or was revoked: one more try with a new one
-                    self._token = ""
+                if e.code == 401 and attempt == 0:  # the token expired or was revoked, or IMDSv2 became required
+                    self._token, self._tokenless = "", False
                     continue
                 raise
         return None
@@ -127,9 +138,39 @@ class SpotNotice:
         request = urllib.request.Request(f"{self.base_url}/latest/api/token", method="PUT",
                                          headers={"X-aws-ec2-metadata-token-ttl-seconds": str(AWS_TOKEN_TTL_SECONDS)})
         asked = time.monotonic()
-        with self._opener.open(request, timeout=REQUEST_TIMEOUT_SECONDS) as response:
-            self._token = response.read().decode().strip()
+        try:
+            with self._opener.open(request, timeout=REQUEST_TIMEOUT_SECONDS) as response:
+                self._token = response.read().decode().strip()
+        except urllib.error.HTTPError:
+            raise  # the service answered the PUT: a refusal, not a lost reply
+        except (OSError, http.client.HTTPException) as lost:
+            self._without_token(lost)
+            return
         self._token_expires = asked + AWS_TOKEN_TTL_SECONDS - AWS_TOKEN_REFRESH_MARGIN_SECONDS
+
+    def _without_token(self, lost: Exception) -> None:
+        """The token's PUT got no reply: a tokenless GET (IMDSv1) tells an EC2 instance whose PUT reply dies on
+        the way (a container one hop further than the hop limit; with IMDSv2 required the GET is refused with
+        401) from no metadata service at all (the original error raised again)."""
+        try:
+            with self._get(f"{self.base_url}/latest/meta-data/", {}) as answer:
+                status = answer.status
+        except urllib.error.HTTPError as refused:
+            refused.close()
+            status = refused.code
+        except (OSError, http.client.HTTPException):
+            raise lost from None
+        # AWS: "In a container environment, if the hop limit is 1, the IMDSv2 response does not return" (EC2
+        # user guide, instance metadata access considerations); the hop limit is the PUT reply's IP TTL.
+        cause = (f"{self.base_url}/latest/api/token never answers the token's PUT while {self.base_url}/latest/"
+                 f"meta-data/ answers a GET ({status}): this is an EC2 instance, and the run is likely in a container "
+                 "one network hop further than the instance's metadata hop limit (1 by default; AWS recommends 2 for "
+                 "containers). Raise it: aws ec2 modify-instance-metadata-options --instance-id INSTANCE_ID "
+                 "--http-put-response-hop-limit 2 --http-endpoint enabled, or run the container with host networking")
+        if status != 200:  # 401: IMDSv2 required
+            raise TokenReplyLost(cause)
+        self._tokenless = True
+        self._warn_once(f"{cause}. Meanwhile the notice is polled without a token (IMDSv1), which this instance allows")
 
     def _get(self, url: str, headers: dict[str, str]):
         return self._opener.open(urllib.request.Request(url, headers=headers), timeout=REQUEST_TIMEOUT_SECONDS)

@@ -35,6 +35,17 @@ def running_stats_frozen(layers: list[torch.nn.Module]):
             layer.track_running_stats = True
 
 
+STAND_IN_SIDE = 32  # small: a stand-in's only work is to take part
+
+
+def stand_in(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a process runs in place of a micro-batch it cannot train on (fewer than two readable images) under
+    DDP, where every process must run as many forward and backward passes as the others: two black images,
+    whose loss train_step weights by zero and whose BatchNorm statistics it leaves out of the running ones."""
+    return (torch.zeros(2, STAND_IN_SIDE, STAND_IN_SIDE, 3, dtype=torch.uint8, device=device),
+            torch.zeros(2, dtype=torch.int64, device=device))
+
+
 def train_step(model, optimizer, scaler, micro_batches, normalize: DeviceNormalize, precision: str,
                label_smoothing: float = 0.0, clip_grad_norm: float = 0.0, mix: MixAugment | None = None,
                step: int = 0, correct: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
@@ -43,49 +54,57 @@ def train_step(model, optimizer, scaler, micro_batches, normalize: DeviceNormali
     big batch even when unreadable images made the micro-batches unequal. Returns this process's summed loss
     (on the device) and images.
 
-    BatchNorm cannot train on a single image, so a micro-batch with fewer than two readable images is dropped,
-    and under torchrun by every process at once: the processes first exchange their micro-batch sizes (on the
-    host, no device sync), since a process that dropped one alone would leave the others waiting for its
-    gradients forever.
+    BatchNorm cannot train on a single image, so a micro-batch with fewer than two readable images is not
+    trained on; under DDP its process runs a stand-in in its place (weighted by zero), so that no process waits
+    for another's gradients. Whether a micro-batch trains is its own process's decision, so nothing is exchanged
+    on the host: the step's image count over all processes, which the weights need, is summed on the device,
+    started before the first forward pass and waited for (by the device, on a GPU) only before the first
+    backward pass. The optimizer steps unless no process trained on anything: a process that did knows it; one
+    that did not reads the count, which only such a step pays for.
 
-    The step is the same whatever its split into processes and micro-batches (a resume on another machine):
-    BatchNorm's running statistics follow the step's first micro-batch only (under DDP, rank 0's, whose
-    buffers it broadcasts), and Mixup's draws are keyed by the micro-batch's place in the global batch."""
-    device = normalize.device
-    sizes = distributed.host_all_gather([len(labels) for _, labels, _ in micro_batches])
-    rank = distributed.rank()
-    kept = [k for k in range(len(micro_batches)) if min(per_process[k] for per_process in sizes) >= 2]
-    frozen = batchnorm_layers(model) if len(kept) > 1 else []  # one walk of the model a step, with accumulation only
-    all_images = sum(per_process[k] for per_process in sizes for k in kept)
+    The step is the same whatever its split into processes and micro-batches (a resume on another machine), with
+    or without unreadable images: whether a micro-batch trains depends on its images alone; BatchNorm's running
+    statistics follow the step's first micro-batch only (rank 0's, whose buffers DDP broadcasts), and are left
+    alone when it does not train; Mixup's draws are keyed by the micro-batch's place in the global batch."""
+    device, world, rank = normalize.device, distributed.world_size(), distributed.rank()
+    trains = [len(labels) >= 2 for _, labels, _ in micro_batches]
+    images = sum(len(labels) for (_, labels, _), t in zip(micro_batches, trains) if t)
+    all_images, all_counted = distributed.device_sum_started(images, device)
+    runs = range(len(micro_batches)) if world > 1 else [k for k in range(len(micro_batches)) if trains[k]]
+    # One walk of the model a step, and only when some micro-batch must leave the running statistics alone.
+    frozen = batchnorm_layers(model) if any(k != 0 or not trains[k] for k in runs) else []
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    for position, k in enumerate(kept):
-        batch, labels, _ = micro_batches[k]
-        labels = normalize.labels(labels)
+    for position, k in enumerate(runs):
+        batch, labels = (micro_batches[k][0], normalize.labels(micro_batches[k][1])) if trains[k] else stand_in(device)
         # Under DDP, gradients are all-reduced once per step, on the last micro-batch, not on every one.
-        skip_sync = position != len(kept) - 1 and hasattr(model, "no_sync")
+        skip_sync = position != len(runs) - 1 and hasattr(model, "no_sync")
         with (model.no_sync() if skip_sync else contextlib.nullcontext(),
-              running_stats_frozen(frozen) if position else contextlib.nullcontext()):
-            images = normalize(batch)
-            if mix is not None:  # the sampler deals micro-batch k of every process out as global chunk k x W + rank
-                images, other_labels, lam = mix(images, labels, step, k * len(sizes) + rank)
+              running_stats_frozen(frozen) if k != 0 or not trains[k] else contextlib.nullcontext()):
+            x = normalize(batch)
+            if mix is not None and trains[k]:  # micro-batch k of every process is global chunk k x W + rank
+                x, other_labels, lam = mix(x, labels, step, k * world + rank)
             with autocast(precision, device):
-                logits = model(images)
+                logits = model(x)
                 loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-                if mix is not None:
+                if mix is not None and trains[k]:
                     loss = lam * loss + (1 - lam) * F.cross_entropy(logits, other_labels, label_smoothing=label_smoothing)
-            # DDP averages the processes' gradients: len(sizes) x this share makes it the mean over all images.
-            scaler.scale(loss * (len(labels) * len(sizes) / all_images)).backward()
-        loss_sum += loss.detach() * len(labels)
-        if correct is not None:  # top-1 hits on the training batch (the first label, when mixed), no sync
-            correct += (logits.detach().argmax(1) == labels).sum()
-    if kept:
+            if position == 0:
+                all_counted()
+            # DDP averages the processes' gradients: W x this share makes it the mean over all images.
+            share = (len(labels) * world / all_images).to(loss.dtype) if trains[k] else 0.0
+            scaler.scale(loss * share).backward()
+        if trains[k]:
+            loss_sum += loss.detach() * len(labels)
+            if correct is not None:  # top-1 hits on the training batch (the first label, when mixed), no sync
+                correct += (logits.detach().argmax(1) == labels).sum()
+    if images or (world > 1 and all_images.item() > 0):
         if clip_grad_norm:
             scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, sum(len(micro_batches[k][1]) for k in kept)
+    return loss_sum, images
 
 
 class StepSums:

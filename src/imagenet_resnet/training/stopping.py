@@ -30,7 +30,7 @@ class MirrorTakenOver(RunStopped):
 
 
 class StopPolicy:
-    """Catches SIGTERM and SIGINT while the run trains (a second signal stops at once), watches for a spot
+    """Catches SIGTERM and SIGINT while the run trains (a second Ctrl-C stops at once), watches for a spot
     notice with `spot` when given, and says after each step whether to stop, and whether a periodic checkpoint
     (train.checkpoint_every_steps) is due.
 
@@ -58,15 +58,19 @@ class StopPolicy:
             print(f"{notice}; stopping after this step and saving last.pt", file=sys.stderr, flush=True)
 
     def _handle(self, signum, frame) -> None:
-        if self.signal is not None:  # a second signal stops at once, without a checkpoint
-            raise KeyboardInterrupt
+        if self.signal is not None:
+            # Ctrl-C again quits at once, without a checkpoint. A repeated SIGTERM is the same request: a machine
+            # shutdown (systemd, Slurm's scancel) signals every process of the job, and torchrun then forwards
+            # its own SIGTERM to each worker, so a worker sees two while it is still saving.
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.signal = signum
         if self.world.is_main:  # said at once: a step can take minutes (a large model on a CPU)
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            again = "Ctrl-C again" if signum == signal.SIGINT else f"{name} again"
+            again = " (Ctrl-C again to quit now, without saving)" if signum == signal.SIGINT else ""
             # os.write: a signal handler must not re-enter a buffered stream the main thread may be using
-            os.write(sys.stderr.fileno(), f"\n{name}: stopping after this step and saving last.pt "
-                                          f"({again} to quit now, without saving)\n".encode())
+            os.write(sys.stderr.fileno(), f"\n{name}: stopping after this step and saving last.pt{again}\n".encode())
 
     def __exit__(self, *exc) -> None:
         for s, handler in self.previous.items():
