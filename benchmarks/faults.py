@@ -162,9 +162,19 @@ class _Watched:
     def finish(self, timeout: float = 600) -> tuple[int, str]:
         self._reader.join(timeout)
         if self._reader.is_alive():
+            stacks = _stacks([self.proc.pid] + _descendants(self.proc.pid))
             kill_all(self.proc)
-            raise TimeoutError(f"still running after {timeout} s: {''.join(self.lines)[-3000:]}")
+            raise TimeoutError(f"still running after {timeout} s: {''.join(self.lines)[-3000:]}{stacks}")
         return self.proc.wait(), "".join(self.lines)
+
+
+def _stacks(pids: list[int]) -> str:
+    """Where each of these processes is stuck, by py-spy where it is installed (a hang's report says where)."""
+    if shutil.which("py-spy") is None:
+        return ""
+    dumps = [subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60).stdout
+             for pid in pids]
+    return "\nstacks (py-spy dump):\n" + "\n".join(dumps)
 
 
 def _work_window(command: list[str], began: str, until: str) -> float:

@@ -193,10 +193,18 @@ class Handler(BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
 
+class Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client gone mid-request (a trainer killed by a fault test) is expected: said nowhere; anything else
+        as the standard library says it."""
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 def serve(upstream: str, port: int) -> None:
     parts = urlsplit(upstream)
     Handler.upstream, Handler.rules = (parts.hostname, parts.port), Rules()
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server = Server(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     print(f"s3 fault proxy on http://127.0.0.1:{server.server_port} in front of {upstream}", flush=True)
     server.serve_forever()

@@ -52,13 +52,24 @@ def test_a_finished_run_resumed_with_the_same_budget_stays_finished(finished, ti
     assert {name: (run / name).read_bytes() for name in before} == before  # nothing trained, nothing rewritten
 
 
-def test_a_budget_already_spent_is_refused_in_one_line(finished, tiny_data, tmp_path):
-    run = _copy(finished, tmp_path / "run")
-    before = (run / "last.pt").read_bytes()
-    refused = run_cli(*_budgeted(tiny_data, run, "5s", "--resume"), check=False, timeout=120)
+def test_a_budget_already_spent_is_refused_in_one_line(tiny_data, tmp_path):
+    """An unfinished run resumed with less budget than it has used: refused, where it used to be marked finished
+    with its LR never annealed."""
+    run = tmp_path / "run"
+    run_cli(*_budgeted(tiny_data, run, "30s", "--set", "train.stop_at_step=10"), timeout=120)
+    kept = ("last.pt", "metrics.jsonl", "config.yaml")
+    before = {name: (run / name).read_bytes() for name in kept}
+    used = torch.load(run / "last.pt", weights_only=True)["progress"]["budget_used_seconds"]
+    refused = run_cli(*_budgeted(tiny_data, run, f"{int(used)}s", "--resume"), check=False, timeout=120)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "the run has already used" in refused.stderr and "give a larger --budget" in refused.stderr
-    assert (run / "last.pt").read_bytes() == before
+    assert {name: (run / name).read_bytes() for name in kept} == before  # nothing of the run rewritten
+
+
+def test_a_finished_run_resumed_with_a_smaller_budget_stays_finished_too(finished, tiny_data, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    out = run_cli(*_budgeted(tiny_data, run, "5s", "--resume"), timeout=120).stdout
+    assert "nothing is left to train" in out
 
 
 @pytest.mark.slow

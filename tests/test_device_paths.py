@@ -212,11 +212,12 @@ def test_a_nonfinite_loss_stops_the_run_before_any_checkpoint_holds_it(tiny_data
 
 # --- several processes: agreement on dropped micro-batches, counts after a resume ----------------------------------
 
-def test_two_processes_agree_on_a_dropped_micro_batch_and_count_skipped_images_once(tiny_data, tmp_path):
-    """Rank 1's first micro-batch holds one readable image (BatchNorm cannot train on it): both ranks drop it,
-    where rank 1 used to drop it alone and rank 0 waited for its gradients forever. Stopped after that step
-    and resumed, the run counts the image once per epoch: the resumed ranks each took the saved count as
-    their own, and the sum over ranks doubled it."""
+def test_a_micro_batch_one_rank_cannot_train_on_never_stalls_the_other_and_counts_once(tiny_data, tmp_path):
+    """Rank 1's first micro-batch holds one readable image (BatchNorm cannot train on it): rank 1 runs a
+    zero-weighted stand-in in its place while rank 0 trains on its own (training/step.py), where rank 1 once
+    dropped it alone and rank 0 waited for its gradients forever. Stopped after that step and resumed, the run
+    counts the image once per epoch: the resumed ranks each took the saved count as their own, and the sum over
+    ranks doubled it."""
     from test_distributed import _finish, _settings, _torchrun
 
     data = tmp_path / "data"

@@ -80,23 +80,38 @@ def refit(run: Run, budget: Budget, reporter: StepReporter, log: Callable[[str],
         log(budget.describe(run.progress.global_step))
 
 
-def resume_budget(run: Run, budget: Budget, saved: dict[str, Any], reporter: StepReporter, log: Callable[[str], None]) -> None:
-    """A budgeted run resumed: the rest fitted to what is left of the budget with the costs measured before. A
-    budget already spent is refused. A finished run stays finished, unless a larger budget than it had asks for
-    more: then the extension is a schedule of its own, said in one line."""
-    t, p = run.cfg.train, run.progress
+def _finished(run: Run) -> bool:
+    return run.progress.global_step >= run.timeline.total_steps and not run.progress.step_in_epoch
+
+
+def _budget_was(run: Run, saved: dict[str, Any]) -> float:
+    """The budget the checkpoint's run had, in seconds (0: none)."""
+    train_was = saved["config"]["train"]
+    return replace(run.cfg.train, budget=train_was.get("budget") or "",
+                   price_per_hour=train_was.get("price_per_hour") or 0.0).budget_seconds()
+
+
+def refuse_a_spent_budget(run: Run, budget: Budget, saved: dict[str, Any]) -> None:
+    """A resumed run whose budget it has already used is refused, before anything is written; except a finished
+    run given no more than it had (it stays finished: resume_budget says so)."""
+    if _finished(run) and budget.seconds <= _budget_was(run, saved):
+        return
     if budget.used_before >= budget.seconds:
-        raise UserError(f"--budget {t.budget}: the run has already used {duration(budget.used_before)} of machine "
-                        f"time ({duration(budget.seconds)} asked for); give a larger --budget to train on, or leave "
-                        "it as it was")
-    if p.global_step < run.timeline.total_steps:
-        if budget.costs.step_seconds:
+        raise UserError(f"--budget {run.cfg.train.budget}: the run has already used {duration(budget.used_before)} of "
+                        f"machine time ({duration(budget.seconds)} asked for); give a larger --budget to train on, or "
+                        "leave it as it was")
+
+
+def resume_budget(run: Run, budget: Budget, saved: dict[str, Any], reporter: StepReporter,
+                  log: Callable[[str], None]) -> None:
+    """A budgeted run resumed (refuse_a_spent_budget passed): the rest fitted to what is left of the budget with
+    the costs measured before. A finished run stays finished, unless a larger budget than it had asks for more:
+    then the extension is a schedule of its own, said in one line."""
+    t, p, was = run.cfg.train, run.progress, _budget_was(run, saved)
+    if not _finished(run):
+        if p.global_step < run.timeline.total_steps and budget.costs.step_seconds:
             refit(run, budget, reporter, log)
-        return
-    if p.step_in_epoch:  # every step done, the epoch's end (its validation and checkpoint) still to come
-        return
-    was = replace(t, budget=saved["config"]["train"].get("budget") or "",
-                  price_per_hour=saved["config"]["train"].get("price_per_hour") or 0.0).budget_seconds()
+        return  # (every step done, the epoch's end, its validation and checkpoint, still to come: nothing to fit)
     if not was:
         raise UserError(f"--budget {t.budget}: the run finished its {run_epochs(run)} epochs without a budget; to train "
                         "on, give more --epochs (the schedule is re-stretched over them), without --budget")
@@ -104,7 +119,13 @@ def resume_budget(run: Run, budget: Budget, saved: dict[str, Any], reporter: Ste
         log(f"--resume: the run finished at global step {p.global_step} within its budget of {duration(was)}: nothing "
             "is left to train (a larger --budget trains on)")
         return
-    step, last_lr = p.global_step, float(saved["optimizer"]["param_groups"][0]["lr"])
+    _extend(run, budget, saved, was, reporter, log)
+
+
+def _extend(run: Run, budget: Budget, saved: dict[str, Any], was: float, reporter: StepReporter,
+            log: Callable[[str], None]) -> None:
+    """A finished run given a larger budget than `was`: trained on over a re-stretched schedule (Budget.extend)."""
+    t, step, last_lr = run.cfg.train, run.progress.global_step, float(saved["optimizer"]["param_groups"][0]["lr"])
     try:
         total = budget.extend(step, budget.used_before)
     except BudgetTooSmall as e:
@@ -112,10 +133,10 @@ def resume_budget(run: Run, budget: Budget, saved: dict[str, Any], reporter: Ste
     reporter.total_steps = total
     lr = LRSchedule(run.cfg.schedule, lr_for_batch(run.cfg.optim, run.global_batch), t.epochs, run.steps_per_epoch,
                     run.timeline)(step)
+    fitted = "fitted to this machine" if budget.fitted else "estimated; re-fitted after the first steps"
     log(f"--resume: the run finished at global step {step} within its budget of {duration(was)}; --budget {t.budget} "
-        f"trains on for {total - step} more steps ({'fitted to this machine' if budget.fitted else 'estimated; re-fitted after the first steps'}): "
-        f"the {run.cfg.schedule.name} schedule re-stretched over all {total} steps from here, where the LR goes "
-        f"from {last_lr:.4g} up to {lr:.4g}, then anneals again")
+        f"trains on for {total - step} more steps ({fitted}): the {run.cfg.schedule.name} schedule re-stretched over "
+        f"all {total} steps from here, where the LR goes from {last_lr:.4g} up to {lr:.4g}, then anneals again")
 
 
 DRY_RUN_STEPS = 4  # steps timed at each of the recipe's sides by `train --budget ... --dry-run` (after one more)

@@ -29,7 +29,7 @@ from .monitor import MetricsSink, SampleLog, StepReporter, SystemSampler
 from .optim import lr_for_batch, lr_per_256
 from .resume import agree_on_checkpoint, newest_checkpoint, reshape_for_resume, restretch, resume_run
 from .run import Run, build_run, endless_batches, epoch_side, loader_workers, run_epochs, run_identity, run_shape, where
-from .run_budget import budget_for, budget_plan, refit, resume_budget
+from .run_budget import budget_for, budget_plan, refit, refuse_a_spent_budget, resume_budget
 from .schedules import LRSchedule
 from .spot import spot_notice_for
 from .step import StepSums
@@ -166,12 +166,14 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | 
     peak_lr = lr_for_batch(cfg.optim, run.global_batch)
     schedule = LRSchedule(cfg.schedule, peak_lr, t.epochs, run.steps_per_epoch, run.timeline)
     restretch(run, newest[0], schedule, log)
+    ledger = Ledger(out_dir if world.is_main else None, store.notify)
+    budget = budget_for(run, ledger) if t.budget else None
+    if budget is not None and newest[0] is not None:  # before the trackers and the records are touched
+        refuse_a_spent_budget(run, budget, newest[0])
     run.samples = SampleLog(out_dir) if t.record_samples and world.is_main else None
     run.tracking = open_tracking(track, cfg, checkpointer.identity["data"]["fingerprint"], out_dir, world.is_main,
                                  newest[0], log, store.notify, mirror_wait)
     metrics = MetricsSink(out_dir, world.is_main, t.tensorboard, run.progress, store.notify, run.tracking)
-    ledger = Ledger(out_dir if world.is_main else None, store.notify)
-    budget = budget_for(run, ledger) if t.budget else None
     if world.is_main:  # resolved: with the LR the finder chose, if it ran
         save_config(cfg, out_dir / "config.yaml")
     _say_the_start(run, peak_lr, budget, ledger, log)
