@@ -113,7 +113,7 @@ def whole_job_shutdown(work: Path, data: Path, tries: int, rng: random.Random, e
         checks["ended as an uninterrupted run"] = code2 == 0 and _same(_weights(run), _weights(straight))
         failed = [name for name, ok in checks.items() if not ok]
         recovered += not failed
-        failures += [f"{run.name}: not {', '.join(failed)}: {out[-1500:]!r}"] if failed else []
+        failures += [f"{run.name}: not {', '.join(failed)}: {_said(out)!r}"] if failed else []
     what = ("a spot notice, then a machine shutdown: SIGTERM to every process of the job at once" if notice_first
             and shutdown else "a spot notice, polled by local rank 0 alone" if notice_first else
             "a machine shutdown: SIGTERM to every process of the job at once")
@@ -141,6 +141,13 @@ def shutdown_rows(work: Path, data: Path, kills: int, rng: random.Random) -> lis
             rows.append(whole_job_shutdown(work, data, max(1, kills // 4), rng, notice_first=True, metadata=metadata,
                                            shutdown=shutdown))
     return rows
+
+
+def _said(out: str) -> str:
+    """What the run itself said (its log lines and the last line of each traceback), for a failure's record."""
+    lines = out.splitlines()
+    said = [line for line in lines if not line.startswith((" ", "Traceback")) and line.strip()]
+    return "\n".join(said[-40:])
 
 
 def _total_steps(run: Path) -> int:

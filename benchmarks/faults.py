@@ -121,8 +121,10 @@ def _run(command: list[str], timeout: float = 600, **kw) -> tuple[int, str]:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        stacks = _stacks([proc.pid] + _descendants(proc.pid))
         kill_all(proc)
-        raise
+        out, _ = proc.communicate()
+        raise TimeoutError(f"{' '.join(command)}: still running after {timeout} s: {out[-3000:]}{stacks}") from None
     return proc.returncode, out
 
 
