@@ -33,12 +33,14 @@ def png_header(width: int, height: int) -> bytes:
 
 
 def start_server(command: list[str], port: int, log: Path, cwd: Path | None = None, env: dict | None = None,
-                 timeout: float = 180) -> tuple[subprocess.Popen, str]:
-    """Start a server process (its output into `log`) and wait until its /api/health answers."""
+                 timeout: float = 180, new_session: bool = False) -> tuple[subprocess.Popen, str]:
+    """Start a server process (its output into `log`) and wait until its /api/health answers. `new_session`: in
+    a process group of its own, which os.killpg(process.pid, ...) ends whole."""
     import httpx  # imported here so that the tests can import this file where httpx is missing
 
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                   start_new_session=new_session)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

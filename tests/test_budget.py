@@ -32,7 +32,7 @@ def test_a_budget_reads_as_seconds(text, price, seconds):
     (["train.budget=6 hours"], "give wall time as 6h"),
     (["train.budget=25usd"], "--price-per-hour"),
     (["train.budget=1h", "train.total_steps=100"], "drop train.total_steps"),
-    (["train.schedule_knots=[[5, 0.5]]"], "needed with train.schedule_knots"),
+    (["train.schedule_knots=[[5, 0.5, 1.0]]"], "needed with train.schedule_knots"),
 ])
 def test_a_wrong_budget_is_refused_in_one_line(settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -54,7 +54,7 @@ def test_devkit_without_meta_mat_uses_the_packaged_id_table(tmp_path, imagenet_l
 
 def test_mismatched_sources_are_clear_errors(tmp_path, imagenet_like):
     kaggle = imagenet_like.kaggle(tmp_path / "k1", solution_rows=[("ILSVRC2012_val_00000001", "n99999999")])
-    with pytest.raises(SourceError, match="LOC_val_solution.csv: ILSVRC2012_val_00000001 has the unknown class n99999999"):
+    with pytest.raises(SourceError, match="LOC_val_solution.csv:2: ILSVRC2012_val_00000001 has the unknown class 'n99999999'"):
         open_source(kaggle)
     kaggle = imagenet_like.kaggle(tmp_path / "k2", solution_rows=[("ILSVRC2012_val_00000001", "n01440764")])
     with pytest.raises(SourceError, match="no label for 29 validation images"):

@@ -56,7 +56,7 @@ def test_a_negative_train_size_fails_the_dry_run_in_one_line(tmp_path, tiny_data
                    check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "imagenet-resnet train: data.train_size=-5 is out of range: need train_size >= 1"]
+        "imagenet-resnet train: data.train_size=-5 is out of range: need 1 <= train_size <= 4096"]
     assert not (tmp_path / "run").exists()
 
 
@@ -64,8 +64,9 @@ def test_several_settings_out_of_range_are_each_named_in_one_line(tmp_path, tiny
     proc = run_cli(*tiny_train_args(tiny_data, tmp_path / "run", "--set", "model.width=0", "--set", "train.epochs=0",
                                     "--set", "train.batch_size=0"), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    for said in ("model.width=0 is out of range: need width >= 1", "train.epochs=0 is out of range: need epochs >= 1",
-                 "train.batch_size=0 is out of range: need batch_size >= 1"):
+    for said in ("model.width=0 is out of range: need 1 <= width <= 512",
+                 "train.epochs=0 is out of range: need 1 <= epochs <= 100000",
+                 "train.batch_size=0 is out of range: need 1 <= batch_size <= 65536"):
         assert said in proc.stderr
 
 

@@ -25,7 +25,7 @@ from .bench import commands as bench_commands
 from .config import MODEL_NAMES, PIPELINES, RECIPES_DIR, Config, load_config
 from .errors import UserError, check_writable
 from .option_types import int_in, non_negative_float, non_negative_int, port, positive_float, positive_int, workers
-from .storage.urls import is_url
+from .storage.urls import is_url, redact
 
 DEMO_DATA_DEFAULT = Path.home() / ".cache" / "imagenet-resnet" / "shapes"
 
@@ -684,13 +684,20 @@ def _run_command(args) -> int:
         raise
 
 
+def one_line(error: UserError) -> str:
+    """An expected error's message as the one line it promises, and nothing secret in it: a name it quotes from a
+    file, a folder or an archive (anyone's) has its control characters (a line break, a terminal's escape) shown
+    escaped, and credentials are blanked (storage.urls.redact)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in redact(str(error)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     try:
         return _run_command(args)
     except UserError as e:  # expected, and the message says what to do: one line
-        print(f"imagenet-resnet {args.command}: {e}", file=sys.stderr)
+        print(f"imagenet-resnet {args.command}: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C while training, or Ctrl-C anywhere else
         print(f"imagenet-resnet {args.command}: stopped at once (Ctrl-C); whatever was saved before is kept",

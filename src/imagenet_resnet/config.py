@@ -7,10 +7,13 @@ changed_settings lists what a config changes from a saved one (a resume's log li
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -174,34 +177,67 @@ class ConfigError(UserError):
     """A recipe or --set override that is not a valid config."""
 
 
-def _coerce(value: Any, current: Any, where: str) -> Any:
+LARGEST_INT = 2**63 - 1  # what numpy and torch hold: a larger whole number would overflow there, far from here
+KNOTS = "schedule_knots"  # the one list of lists: [[step, recipe step, rate], ...]
+
+
+def _short(value: Any) -> str:
+    """A value for a message, bounded however large or deeply nested (reprlib: a few items per level)."""
+    return reprlib.repr(value)
+
+
+def _finite(value: Any, where: str) -> Any:
+    """`value`, unless it is a number that is not finite or too large a whole number: a ConfigError."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not a finite number")
+    if isinstance(value, int) and abs(value) > LARGEST_INT:
+        raise ConfigError(f"{where}: {value} is too large a whole number (the most is {LARGEST_INT})")
+    return value
+
+
+def _flat_list(value: Any, key: str, where: str) -> list:
+    """A list setting's value: numbers (or text, which YAML 1.1 makes of 1e-5), and for train.schedule_knots lists of
+    three of them; nothing nested deeper. A YAML alias repeated within itself (a "billion laughs") is a few lines
+    that dataclasses.asdict, as every saved config and checkpoint is made, would copy out exponentially."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list like [1, 2], got {_short(value)}")
+    rows = value if key == KNOTS else [value]
+    if key == KNOTS and not all(isinstance(knot, (list, tuple)) and len(knot) == 3 for knot in rows):
+        raise ConfigError(f"{where}: expected [[step, recipe step, rate], ...], got {_short(value)}")
+    if not all(isinstance(v, (int, float, str)) for row in rows for v in row):
+        raise ConfigError(f"{where}: expected a list of numbers like [1, 2], got {_short(value)}")
+    return [[_finite(v, where) for v in knot] for knot in value] if key == KNOTS else [_finite(v, where) for v in value]
+
+
+def _coerce(value: Any, current: Any, where: str, key: str = "") -> Any:
     """Check a value against the type of the default it replaces (YAML gives ints where floats are meant)."""
     if isinstance(current, bool):
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {_short(value)}")
         return value
     if isinstance(current, float) and not isinstance(value, bool):
         if isinstance(value, int):
-            return float(value)
+            return float(_finite(value, where))
         if isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+            else:
+                return _finite(number, where)
     if isinstance(current, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list like [1, 2], got {value!r}")
+        value = _flat_list(value, key, where)
         return [float(v) if isinstance(v, int) and current and isinstance(current[0], float) else v for v in value]
     if current is not None and not isinstance(value, type(current)):
-        raise ConfigError(f"{where}: expected {type(current).__name__}, got {value!r}")
-    return value
+        raise ConfigError(f"{where}: expected {type(current).__name__}, got {_short(value)}")
+    return _finite(value, where)
 
 
 def apply_dict(cfg: Config, raw: dict[str, Any], source: str) -> None:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections (model, data, optim, schedule, train)")
     for section_name, values in raw.items():
-        section = getattr(cfg, section_name, None)
+        section = getattr(cfg, section_name, None) if isinstance(section_name, str) else None
         if section is None or not dataclasses.is_dataclass(section):
             raise ConfigError(f"{source}: unknown section {section_name!r}; sections are {', '.join(_sections())}")
         if values is None:
@@ -215,7 +251,7 @@ def apply_dict(cfg: Config, raw: dict[str, Any], source: str) -> None:
                     f"{source}: unknown key {section_name}.{key}; known keys: {', '.join(sorted(known))}"
                 )
             where = f"{source}: {section_name}.{key}"
-            setattr(section, key, _coerce(value, getattr(section, key), where))
+            setattr(section, key, _coerce(value, getattr(section, key), where, key))
 
 
 def _sections() -> list[str]:
@@ -228,7 +264,7 @@ def parse_override(text: str) -> dict[str, Any]:
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set optim.lr=0.2")
     dotted, value = text.split("=", 1)
     section, key = dotted.split(".", 1)
-    return {section.strip(): {key.strip(): yaml.safe_load(value)}}
+    return {section.strip(): {key.strip(): _yaml(value, f"--set {text}")}}
 
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # shipped with the package
@@ -256,16 +292,37 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
     cfg = Config()
     if recipe is not None:
         path = find_recipe(recipe)
-        with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"recipe {path} is not valid YAML: {e}".replace("\n", " ")) from None
+        with open(path, "rb") as f:
+            raw = _yaml(f, f"recipe {path}") or {}
         apply_dict(cfg, raw, str(path))
     for text in overrides or []:
         apply_dict(cfg, parse_override(text), f"--set {text}")
     validate(cfg)
+    _refuse_credentials(cfg)
     return cfg
+
+
+def _yaml(text, what: str) -> Any:
+    """yaml.safe_load (plain data only, never an object); whatever it refuses, one line naming `what`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} is not valid YAML: {e}".replace("\n", " ")) from None
+    except RecursionError:  # PyYAML composes nested lists by recursion
+        raise ConfigError(f"{what}: nested too deeply to be a setting") from None
+
+
+def _refuse_credentials(cfg: Config) -> None:
+    """No setting may hold a URL with user:password@ in it: the config is saved in config.yaml, in every checkpoint
+    and as the trackers' parameters, and goes wherever the run folder is mirrored."""
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            if isinstance(value, str) and "://" in value:
+                scheme, netloc = urlsplit(value)[:2]
+                if "@" in netloc:
+                    raise ConfigError(f"{section}.{key}: the URL {scheme}://...@{netloc.rsplit('@', 1)[-1]} holds "
+                                      "credentials (user:password@), which would be saved with the run; remove them "
+                                      "(a store's credentials come from the environment: docs/cloud.md)")
 
 
 @dataclass(frozen=True)
@@ -283,7 +340,7 @@ class Range:
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
     def describe(self, name: str) -> str:
-        """The range in words about `name`: "width >= 1", "0 <= momentum < 1"."""
+        """The range in words about `name`: "lr > 0", "0 <= momentum < 1"."""
         if self.high is None:
             return f"{name} {'>' if self.low_open else '>='} {self.low:g}"
         low = "" if self.low is None else f"{self.low:g} {'<' if self.low_open else '<='} "
@@ -292,27 +349,32 @@ class Range:
 
 AT_LEAST_1, AT_LEAST_0, ABOVE_0 = Range(1), Range(0), Range(0, low_open=True)
 FRACTION, FRACTION_BELOW_1 = Range(0, 1), Range(0, 1, high_open=True)
+# Tops for the settings that size memory: far beyond any real run (ResNet-50 at width 512 has 1.6 billion
+# parameters; a 4096 px crop is 50 MB decoded), so that a recipe or a checkpoint from elsewhere saying 10**12 is
+# one line here, not an attempt to allocate it.
+WIDTHS, SIDES, BATCHES = Range(1, 512), Range(1, 4096), Range(1, 65536)
 # Every numeric setting with an obvious valid range, checked when a config is loaded: a bad size fails here in
-# one line, not later in a loader worker. (train.eval_every, ema_decay, total_steps, spot_poll_seconds and
-# data.crop_scale have checks of their own below, with advice.)
+# one line, not later in a loader worker. (train.eval_every, ema_decay, total_steps and spot_poll_seconds have
+# checks of their own below, with advice, and data.crop_scale its order too.)
 RANGES = {
-    "model.width": AT_LEAST_1,
-    "data.train_size": AT_LEAST_1, "data.eval_size": AT_LEAST_1, "data.progressive_start_size": AT_LEAST_0,
+    "model.width": WIDTHS,
+    "data.train_size": SIDES, "data.eval_size": SIDES, "data.progressive_start_size": Range(0, 4096),
+    "data.crop_scale": Range(0, 1, low_open=True),
     "data.progressive_start_epoch": AT_LEAST_0, "data.progressive_end_epoch": AT_LEAST_0,
     "data.eval_crop_ratio": Range(0, 1, low_open=True), "data.crop_ratio": ABOVE_0,
     "data.mixup_alpha": AT_LEAST_0, "data.cutmix_alpha": AT_LEAST_0, "data.color_jitter": AT_LEAST_0,
-    "data.workers": Range(-1), "data.prefetch_batches": AT_LEAST_1,
+    "data.workers": Range(-1, 1024), "data.prefetch_batches": Range(1, 1024),
     "optim.lr": ABOVE_0, "optim.momentum": FRACTION_BELOW_1, "optim.betas": FRACTION_BELOW_1, "optim.eps": ABOVE_0,
     "optim.weight_decay": AT_LEAST_0, "optim.clip_grad_norm": AT_LEAST_0, "optim.label_smoothing": FRACTION_BELOW_1,
     "schedule.warmup_epochs": AT_LEAST_0, "schedule.warmup_start_factor": AT_LEAST_0,
     "schedule.milestones": AT_LEAST_0, "schedule.gamma": ABOVE_0, "schedule.min_lr_factor": FRACTION,
     "schedule.pct_start": FRACTION, "schedule.div_factor": ABOVE_0, "schedule.final_div_factor": ABOVE_0,
     "schedule.peak_epoch": AT_LEAST_0, "schedule.start_factor": AT_LEAST_0, "schedule.end_factor": AT_LEAST_0,
-    "train.epochs": AT_LEAST_1, "train.batch_size": AT_LEAST_1, "train.accumulation_steps": AT_LEAST_1,
+    "train.epochs": Range(1, 100_000), "train.batch_size": BATCHES, "train.accumulation_steps": BATCHES,
     "train.seed": AT_LEAST_0, "train.checkpoint_every_steps": AT_LEAST_0, "train.log_every_steps": AT_LEAST_0,
     "train.sample_system_seconds": AT_LEAST_0, "train.stop_at_step": AT_LEAST_0, "train.price_per_hour": AT_LEAST_0,
 }
-PAIRS = ("data.crop_ratio", "optim.betas")  # lists of exactly two numbers
+PAIRS = ("data.crop_ratio", "optim.betas", "data.crop_scale")  # lists of exactly two numbers
 
 
 def out_of_range(cfg: Config) -> list[str]:

@@ -26,6 +26,7 @@ from torch import nn
 from .config import ModelConfig
 from .errors import UserError
 from .runtime import memory_format
+from .storage.verified import compressed_records
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -183,12 +184,40 @@ def build_model_from_config(model_cfg: ModelConfig, num_classes: int,
 
 
 def trained_model(model_cfg: ModelConfig, num_classes: int, weights: dict[str, torch.Tensor],
-                  device: torch.device | str = "cpu") -> ResNet:
+                  device: torch.device | str = "cpu", where: str = "the weights") -> ResNet:
     """A checkpoint's or an export's model, in eval mode: the config's model with `weights` (a state dict,
-    DDP or compile prefixes allowed) loaded into it."""
+    DDP or compile prefixes allowed) loaded into it. The config and the weights come from the same file, from
+    anyone: the model is first built without memory (on the meta device) and its every tensor's shape compared
+    with the weights', so that a config asking for more than the file holds is one line naming `where`, never an
+    allocation of it."""
+    m = model_cfg
+    with torch.device("meta"):
+        shapes = build_model(m.name, num_classes, m.width, m.zero_init_residual, m.blurpool, m.variant).state_dict()
+    weights = clean_state_dict(weights)
+    problem = weights_mismatch(shapes, weights)
+    if problem:
+        raise UserError(f"{where}: its weights are not those of the model its settings describe ({m.describe()}, "
+                        f"{num_classes} classes): {problem}; the file is damaged or not one of ours")
     model = build_model_from_config(model_cfg, num_classes, device)
-    model.load_state_dict(clean_state_dict(weights))
+    model.load_state_dict(weights)
     return model.eval()
+
+
+def weights_mismatch(expected: dict[str, torch.Tensor], weights: dict, ignore: tuple[str, ...] = ()) -> str | None:
+    """What keeps `weights` from loading into a model whose state dict is `expected` (tensors, on any device: only
+    their shapes are read), in a phrase; None when they fit. `ignore`: names not compared."""
+    not_tensors = [k for k, v in weights.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if not_tensors:
+        return f"{len(not_tensors)} entries are not named tensors ({str(not_tensors[:3])[:80]})"
+    # BatchNorm fills in a missing num_batches_tracked (torchvision's and timm's files have none)
+    missing = [k for k in expected if k not in weights and k not in ignore and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in weights if k not in expected and k not in ignore]
+    if missing or unexpected:
+        return f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+    for key, tensor in expected.items():
+        if key not in ignore and weights[key].shape != tensor.shape:
+            return f"{key} is {list(weights[key].shape)} there, {list(tensor.shape)} in the model"
+    return None
 
 
 class BlurConv2d(nn.Conv2d):
@@ -224,6 +253,9 @@ def load_weights(model: nn.Module, path: str) -> bool:
     """Load a torchvision/timm ResNet state dict, or one of our checkpoints, into `model` to fine-tune it.
     A classifier head of another shape (another number of classes) is left freshly initialised; any other
     mismatch is an error. Returns whether the head was replaced."""
+    if compressed_records(path):
+        raise UserError(f"{path}: holds compressed records, which torch.save never writes (loading them could take "
+                        "any amount of memory), so it was not loaded; save the weights again with torch.save")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and plain data
@@ -232,18 +264,20 @@ def load_weights(model: nn.Module, path: str) -> bool:
     except Exception as e:  # torch raises several types for unreadable files
         raise UserError(f"{path}: not a loadable weights file ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     for key in ("model", "state_dict"):  # our checkpoints; training scripts' {"state_dict": ...}
-        if isinstance(state.get(key), dict):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: holds a {type(state).__name__}, not a state dict of weights; use a file saved with "
+                        "torch.save(model.state_dict(), ...)")
     state = clean_state_dict(state)
     own = model.state_dict()
-    head = [k for k in ("fc.weight", "fc.bias") if k in state and state[k].shape != own[k].shape]
-    for key in head:
-        del state[key]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in head]
-    if missing or unexpected:
-        raise UserError(f"{path}: not weights of this architecture (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}); check model.name, model.width and model.variant")
+    head = [k for k in ("fc.weight", "fc.bias") if isinstance(state.get(k), torch.Tensor)
+            and k in own and state[k].shape != own[k].shape]
+    problem = weights_mismatch(own, state, ignore=tuple(head))
+    if problem:
+        raise UserError(f"{path}: not weights of this architecture ({problem}); check model.name, model.width and "
+                        "model.variant")
+    model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
     return bool(head)
 
 
@@ -252,7 +286,7 @@ def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     cleaned = {}
     for key, value in state_dict.items():
         for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
+            while isinstance(key, str) and key.startswith(prefix):
                 key = key[len(prefix):]
         cleaned[key] = value
     return cleaned

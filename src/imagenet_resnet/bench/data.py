@@ -10,7 +10,6 @@ processes, as training runs it.
 
 from __future__ import annotations
 
-import io
 import time
 from pathlib import Path
 
@@ -22,12 +21,14 @@ from ..data.index import ImageIndex
 from ..data.loader import EpochBatchSampler, ImageDataset, build_loader
 from ..data.prepared import index_path, read_manifest
 from ..data.presets import TrainPreset, random_resized_crop_box
+from ..data.untrusted_images import DATA_FORMATS, open_untrusted
 from ..errors import UserError
 from .record import write_record
 
 
 def torchvision_like_sample(data: bytes, size: int, rng: np.random.Generator) -> torch.Tensor:
-    img = Image.open(io.BytesIO(data)).convert("RGB")
+    with open_untrusted(data, DATA_FORMATS) as original:
+        img = original.convert("RGB")
     x0, y0, x1, y1 = random_resized_crop_box(*img.size, (0.08, 1.0), (3 / 4, 4 / 3), rng)
     img = img.crop((x0, y0, x1, y1)).resize((size, size), Image.Resampling.BILINEAR)
     if rng.random() < 0.5:

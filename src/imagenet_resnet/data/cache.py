@@ -18,6 +18,8 @@ What is checked. The format records no hashes of the shards (prepare computes no
 - each index (.npz) against the CRC-32s of its zip entries, and the packed ones against prepared.json
   (classes, images, bytes, shards);
 - every other file's size against the store's listing;
+- every name prepared.json and the packed indexes give (indexes, shards): written nowhere but the cache folder
+  (storage/urls.local_path), and each packed index reads its images from the shards beside it;
 - prepared.json is read once at the start and written here last; read again at the end, the copy is refused
   when it changed meanwhile (a new prepare --out began uploading), so that two versions are never mixed.
 A shard damaged at the URL without a change of size goes unseen.
@@ -165,21 +167,20 @@ def _fetch_locked(remote: _Remote, folder: Path, log, workers: int, chunk_bytes:
     _check_room(folder, sum(small.values()) + sum(s["bytes"] for s in manifest["packed"]["splits"].values()))
 
     with _Fetcher(remote, folder, workers, chunk_bytes) as fetcher:
-        fetcher.fetch(small)
+        fetcher.fetch(small, f"{url}/{MANIFEST}: the index")
         for name in small:
             if name.endswith(".npz"):
                 _check_zip(url, folder, name)
-        shards = {}
-        for split in manifest["packed"]["splits"]:
-            shards.update(_shard_sizes(url, folder, split, manifest))
-        for name, size in shards.items():
+        shards = {split: _shard_sizes(url, folder, split, manifest) for split in manifest["packed"]["splits"]}
+        for name, size in (item for found in shards.values() for item in found.items()):
             if name not in listing:
                 raise _damaged_at_url(url, name, "missing (the packed index lists it)")
             if listing[name] != size:
                 raise _damaged_at_url(url, name, f"{listing[name]} bytes, the index says {size}")
-        fetcher.fetch(shards)
+        for split, found in shards.items():
+            fetcher.fetch(found, f"{url}/packed/{split}.index.npz: the shard")
 
-    files = {**small, **shards}
+    files = {**small, **{name: size for found in shards.values() for name, size in found.items()}}
     _check_fetched(remote, folder, files, manifest_bytes)
     write_atomic(manifest_bytes, folder / MANIFEST, again=FULL_AGAIN)
     record = {"url": url, "version": version, "fetched": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -265,6 +266,8 @@ def _shard_sizes(url: str, folder: Path, split: str, manifest: dict) -> dict[str
         raise _damaged_at_url(url, name, str(e).split(";")[0].split(": ", 1)[-1]) from None
     if index.storage != "ranges" or index.sizes is None:
         raise _damaged_at_url(url, name, f"a {index.storage!r} index, not the packed copy's byte ranges")
+    if index.root != folder / "packed":  # training would read there, not the shards fetched and checked here
+        raise _damaged_at_url(url, name, f"its images are read from {index.root}, not from the shards beside it")
     expected = manifest["packed"]["splits"][split]
     found = {"images": len(index), "bytes": int(index.sizes.sum()), "shards": len(index.files)}
     if index.classes != manifest["classes"] or found != {k: expected.get(k) for k in found}:
@@ -293,10 +296,13 @@ class _Fetcher:
     def __exit__(self, *exc) -> None:
         self._bar.close()
 
-    def fetch(self, files: dict[str, int]) -> None:
+    def fetch(self, files: dict[str, int], source: str) -> None:
+        """`files` (name -> size), their names from `source` (what handed them out, for the message refusing one):
+        every name is checked before any is fetched."""
+        paths = {name: urls.local_path(self.folder, name, source) for name in files}
         todo = []
         for name, size in files.items():
-            final, part = self.folder / name, self.folder / (name + PART)
+            final, part = paths[name], paths[name].with_name(paths[name].name + PART)
             if final.exists():
                 if final.stat().st_size == size:  # renamed into place only once whole and checked
                     self.reused += size
@@ -307,8 +313,8 @@ class _Fetcher:
                 part.unlink()
                 have = 0
             self.reused += have
-            todo.append((name, size, have))
-        self._bar.total += sum(size - have for _, size, have in todo)
+            todo.append((name, final, size, have))
+        self._bar.total += sum(size - have for _, _, size, have in todo)
         self._bar.refresh()
         with ThreadPoolExecutor(self.workers, thread_name_prefix="fetch") as pool:
             futures = [pool.submit(self._fetch_one, *job) for job in todo]
@@ -322,8 +328,8 @@ class _Fetcher:
         if errors:
             raise errors[0]
 
-    def _fetch_one(self, name: str, size: int, have: int) -> None:
-        final, part = self.folder / name, self.folder / (name + PART)
+    def _fetch_one(self, name: str, final: Path, size: int, have: int) -> None:
+        part = final.with_name(final.name + PART)
         where, key = f"{self.remote.url}/{name}", self.remote.key(name)
         try:
             with disk_full_said(part, FULL_AGAIN):

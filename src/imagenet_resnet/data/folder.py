@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .index import ImageIndex
+from .index import ImageIndex, name_array
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "valid", "validation")}
@@ -56,4 +56,4 @@ def scan_class_folders(split_dir: str | Path, classes: list[str] | None = None, 
     labels = np.fromiter((label_of[c] for c, names in zip(found, listings) for _ in names), dtype=np.int32)
     if not paths:
         raise UserError(f"{split_dir}: the class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return ImageIndex("files", split_dir, np.array(paths, dtype=np.bytes_), labels, list(classes))
+    return ImageIndex("files", split_dir, name_array(paths), labels, list(classes))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,6 +27,45 @@ import numpy as np
 from ..errors import UserError
 from ..storage import urls
 from ..storage.atomic import atomic_file
+
+# Far above any photo (a 40-megapixel image, the most any reader here decodes, is 120 MB even uncompressed): a
+# larger file is no image to train on, and reading it whole would only exhaust memory.
+MAX_IMAGE_BYTES = 256 << 20
+
+
+def name_array(names: list[str]) -> np.ndarray:
+    """Image names as an index stores them: each the bytes of its file name (UTF-8, and on Linux any other bytes
+    too, as os.fsencode gives them back), so that every name a folder or an archive holds can be indexed."""
+    return np.array([os.fsencode(name) for name in names], dtype=np.bytes_)
+
+
+def read_regular_file(path: str) -> bytes:
+    """The bytes of the regular file at `path` (through any links), of at most MAX_IMAGE_BYTES; an OSError for
+    anything else. A tree of images is the work of whoever made it: a link in it to /dev/zero or a FIFO would
+    otherwise hang the read or fill the memory. O_NONBLOCK: opening a FIFO does not wait for a writer."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError("not a regular file (a device, FIFO or socket)")
+        # Sized by fstat (a read of MAX_IMAGE_BYTES would allocate that much each time); one that holds more than
+        # fstat says (growing, or in /proc, where sizes read 0) is read on, never past the limit.
+        data = f.read(info.st_size + 1)
+        if len(data) > info.st_size:
+            data += f.read(MAX_IMAGE_BYTES + 1 - len(data))
+        if len(data) > MAX_IMAGE_BYTES:
+            raise _too_large(max(info.st_size, len(data)))
+        return data
+
+
+def _too_large(size: int) -> OSError:
+    return OSError(f"{size:,} bytes, over the {MAX_IMAGE_BYTES >> 20} MiB limit for one image")
+
+
+def _printable(name: bytes) -> str:
+    """A name for a message or problems.tsv: control characters (a newline, a tab, a terminal's escape) shown
+    escaped, never acted on; bytes that are not UTF-8 shown as \\x.. escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name.decode("utf-8", "backslashreplace"))
 
 
 @dataclass
@@ -48,25 +88,26 @@ class ImageIndex:
         return len(self.labels)
 
     def path(self, i: int) -> str:
-        return os.path.join(self.root, self.names[i].decode())
+        return os.path.join(self.root, os.fsdecode(self.names[i]))
 
     def describe(self, i: int) -> str:
         """Where image i is, for messages: a path, or a container file and position."""
         if self.storage == "files":
-            return self.path(i)
+            return os.path.join(self.root, _printable(self.names[i]))
         where = f"byte {self.offsets[i]}" if self.storage == "ranges" else f"row {self.offsets[i]}"
-        return f"{urls.join(self.root, self.files[self.file_ids[i]])} ({where}: {self.names[i].decode()})"
+        return f"{urls.join(self.root, self.files[self.file_ids[i]])} ({where}: {_printable(self.names[i])})"
 
     def read(self, i: int) -> bytes:
         if self.storage == "files":
-            with open(self.path(i), "rb") as f:
-                return f.read()
+            return read_regular_file(self.path(i))
         if self.storage == "ranges" and urls.is_url(self.root):
             found = self.read_many([i])[0]
             if isinstance(found, OSError):
                 raise found
             return found
         if self.storage == "ranges":
+            if self.sizes[i] > MAX_IMAGE_BYTES:
+                raise _too_large(int(self.sizes[i]))
             return os.pread(self._handle(int(self.file_ids[i])), int(self.sizes[i]), int(self.offsets[i]))
         return self._parquet_row(int(self.file_ids[i]), int(self.offsets[i]))
 
@@ -77,9 +118,9 @@ class ImageIndex:
         positions = [int(i) for i in positions]
         if not (self.storage == "ranges" and urls.is_url(self.root)):
             return [self._read_or_error(i) for i in positions]
-        found: list = [None] * len(positions)
+        found: list = [_too_large(int(self.sizes[i])) if self.sizes[i] > MAX_IMAGE_BYTES else None for i in positions]
         for file_id in sorted({int(self.file_ids[i]) for i in positions}):
-            picks = [k for k, i in enumerate(positions) if self.file_ids[i] == file_id]
+            picks = [k for k, i in enumerate(positions) if self.file_ids[i] == file_id and found[k] is None]
             starts = [int(self.offsets[positions[k]]) for k in picks]
             ends = [start + int(self.sizes[positions[k]]) for start, k in zip(starts, picks)]
             url = urls.join(self.root, self.files[file_id])

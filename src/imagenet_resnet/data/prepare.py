@@ -1,10 +1,11 @@
 """`imagenet-resnet prepare`: any ImageNet source -> a checked index, and optionally a packed copy.
 
 1. The source is recognised and listed (sources.py), labels in sorted class-ID order.
-2. Every image is checked in parallel: read, header parsed, fully decoded at 1/8 scale (libjpeg still reads
-   every byte, so truncation shows) and classified. Empty, truncated and unreadable files are left out of
-   the index; PNGs named .JPEG, CMYK, grayscale and other modes stay in and are converted when loaded (or
-   when packed). Nothing is dropped silently: each one is in problems.tsv and the summary.
+2. Every image is checked in parallel: read, header parsed (by Pillow, shown only the formats training reads:
+   untrusted_images.py), fully decoded at 1/8 scale (libjpeg still reads every byte, so truncation shows) and
+   classified. Empty, truncated and unreadable files are left out of the index; PNGs named .JPEG, CMYK,
+   grayscale and other modes stay in and are converted when loaded (or when packed). Nothing is dropped
+   silently: each one is in problems.tsv and the summary.
 3. With --pack: images are re-encoded once as RGB JPEG with the short side capped, into shard files of
    consecutive JPEGs plus an offset index (random access with one pread, exact shuffling). Shards are
    written in parallel, each atomically (storage/atomic.py), its sizes file (the mark of a complete shard)
@@ -43,6 +44,7 @@ from .prepared import (FORMAT, MANIFEST, SPLITS, STAGING, UNPACKED, finish_switc
                        not_written_by_prepare, read_manifest, write_switch)
 from .presets import unreadable_reason
 from .sources import Source, SourceError, open_source
+from .untrusted_images import DATA_FORMATS, open_untrusted
 
 # Problem kinds: those that leave an image out of the index, and those fixed by conversion.
 EXCLUDED = ("empty", "truncated", "unreadable")
@@ -66,7 +68,7 @@ def inspect(data: bytes, name: str) -> tuple[str | None, str, int, int]:
     if not data:
         return "empty", unreadable_reason(data, ValueError()), 0, 0
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_untrusted(data, DATA_FORMATS) as img:
             width, height = img.size
             fmt, mode = img.format, img.mode
             if fmt == "JPEG":
@@ -123,7 +125,7 @@ def _check_chunk(bounds: tuple[int, int]):
         if isinstance(data, OSError):
             kind, detail, w, h = "unreadable", f"{type(data).__name__}: {data}", 0, 0
         else:
-            kind, detail, w, h = inspect(data, index.names[i].decode())
+            kind, detail, w, h = inspect(data, os.fsdecode(index.names[i]))
         codes[k], sizes[k] = KINDS.index(kind), (w, h)
         if kind:
             details[i] = detail
@@ -136,7 +138,7 @@ def _check_chunk(bounds: tuple[int, int]):
 def encode_for_pack(data: bytes, kind: str | None, settings: PackSettings) -> bytes:
     """The bytes to store: the original when it is already a clean RGB JPEG within the size cap (no second
     generation of JPEG loss), else a re-encode as RGB JPEG with the short side capped."""
-    with Image.open(io.BytesIO(data)) as img:
+    with open_untrusted(data, DATA_FORMATS) as img:
         width, height = img.size
         cap = settings.short_side
         scale = cap / min(width, height) if cap and min(width, height) > cap else 1.0
@@ -366,6 +368,8 @@ def _prepare_here(source_path, out: Path, pack: bool, settings: PackSettings | N
             raise UserError(f"{source_path}: a source at a URL is prepared with --pack (training reads the packed "
                             "copy on this machine, never the store image by image)")
     source = open_source(source_path, val_only, unpack_dir=out / UNPACKED)  # --out URL: `out` is the work folder
+    if uploader is not None:
+        _refuse_links_leaving(source, uploader.url)
     finish_switch(out)  # a switch an earlier prepare began is finished first: its files were complete
     print(f"{source_path}: {source.kind} layout, {len(source.classes)} classes", file=sys.stderr)
     for note in source.notes:
@@ -388,6 +392,28 @@ def _prepare_here(source_path, out: Path, pack: bool, settings: PackSettings | N
     write_switch(out, [index_path(Path(), s).name for s in SPLITS if s not in indexes])
     _print_summary(source, indexes, counts, problems, out, packed_bytes, limit)
     return manifest
+
+
+def _refuse_links_leaving(source: Source, url: str) -> None:
+    """Before a packed copy is uploaded: no image may be read through a link that leads out of the folder its
+    index reads from. Locally, links are followed (a subset made of links, as benchmarks/imagenette_subset.py makes
+    one, is a way to prepare part of a dataset, and the packed copy stays on this machine); but a tree made
+    elsewhere could link to any photo of this machine's, and the upload would publish it. The folder itself is
+    resolved first, so a link given as the source, or as its train/, is followed."""
+    for index in source.splits.values():
+        if index.storage != "files":
+            continue  # an archive's members or parquet rows: read from the files the user named, never through links
+        root, real_folders = Path(index.root).resolve(), {}
+        for i in range(len(index)):
+            path = index.path(i)
+            folder = os.path.dirname(path)
+            if folder not in real_folders:
+                real_folders[folder] = Path(folder).resolve()
+            real = Path(path).resolve() if os.path.islink(path) else real_folders[folder]
+            if not real.is_relative_to(root):
+                raise UserError(f"{index.describe(i)}: a link to {real}, outside {root}; prepare does not upload "
+                                f"what links lead to (to {url}): copy the files in (cp -rL), or prepare locally "
+                                "with --out DATA")
 
 
 def _where(source_path) -> str:

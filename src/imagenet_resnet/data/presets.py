@@ -5,7 +5,8 @@ the minimum: only the JPEG header is parsed to place the crop; the decode is ask
 power-of-two DCT scaling (libjpeg-turbo decodes 1/2, 1/4 or 1/8 of the size for a fraction of the cost)
 that keeps the crop at least as large as the output; the crop is resized with PyTorch's uint8 bilinear
 kernel, which is about twice as fast as PIL's. JPEGs go through simplejpeg (libjpeg-turbo, no Python
-image object); PNG, CMYK and anything else it refuses go through PIL.
+image object); PNG, CMYK and anything else it refuses go through PIL, which is shown only the formats
+training reads (untrusted_images.py).
 
 `data.pipeline` picks how the pixels are made, so that an accuracy A/B can rule out a loss in the fast path:
 - `fast`: the above (reduced-size decode; fast IDCT and chroma upsampling for training);
@@ -19,12 +20,13 @@ All three draw the same random numbers in the same order: at one seed they take 
 from __future__ import annotations
 
 import functools
-import io
 import math
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from .untrusted_images import DATA_FORMATS, ImageRejected, check_pixels, open_untrusted
 
 try:  # a small wheel that bundles libjpeg-turbo; optional so that any platform without it still works
     import simplejpeg
@@ -38,22 +40,25 @@ def unreadable_reason(data: bytes, error: Exception) -> str:
     """Why an image could not be read, in the same words wherever it is found (prepare, training, evaluation)."""
     if not data:
         return "empty file (0 bytes)"
-    if isinstance(error, UnidentifiedImageError):  # its message names an in-memory buffer, not the file
-        return "not an image file (no image format recognised)"
+    if isinstance(error, ImageRejected):  # a format not read here, or too many pixels: its message says so
+        return str(error)
     if "truncated" in str(error):
         return f"truncated ({error})"
     return f"{type(error).__name__}: {error}"
 
 
 def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the header alone."""
+    """(width, height) from the header alone; ImageRejected for a format training does not read or an image
+    of too many pixels."""
     if simplejpeg is not None and data[:2] == b"\xff\xd8":
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-            return width, height
         except ValueError:
             pass  # not something libjpeg-turbo reads (e.g. CMYK): PIL will say
-    with Image.open(io.BytesIO(data)) as img:
+        else:
+            check_pixels(width, height, DATA_FORMATS)
+            return width, height
+    with open_untrusted(data, DATA_FORMATS) as img:
         return img.size
 
 
@@ -73,7 +78,7 @@ def _decode(data: bytes, width: int, height: int, factor: int, fast: bool) -> np
                                           min_height=-(-height // factor), min_width=-(-width // factor))
         except ValueError:
             pass  # CMYK, or a damaged file that PIL may read or report better
-    with Image.open(io.BytesIO(data)) as img:
+    with open_untrusted(data, DATA_FORMATS) as img:
         if factor > 1:
             img.draft("RGB", (-(-width // factor), -(-height // factor)))
         if img.mode != "RGB":
@@ -220,7 +225,7 @@ def torchvision_functional():
 
 def _open_rgb(data: bytes) -> Image.Image:
     """torchvision's ImageFolder loader: the whole image, converted to RGB."""
-    with Image.open(io.BytesIO(data)) as img:
+    with open_untrusted(data, DATA_FORMATS) as img:
         return img.convert("RGB")
 
 

@@ -14,7 +14,6 @@ headers are listed with ranged reads, streaming, and the images are read by thei
 
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 import json
@@ -30,19 +29,16 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ..errors import UserError
 from ..storage import urls
 from ..storage.atomic import atomic_file, write_atomic
 from .classes import ilsvrc2012_ids, imagenet_classes, some_of
 from .folder import IMAGE_EXTENSIONS, SPLIT_NAMES, find_split, scan_class_folders
-from .index import ImageIndex
+from .index import ImageIndex, name_array
+from .label_files import (SourceError, check_label_size, label_text, parse_ground_truth, parse_synset_mapping,
+                          parse_val_annotations, parse_val_solution, parse_wnids, parse_words, read_label_file)
 
 OFFICIAL_TRAIN, OFFICIAL_VAL, OFFICIAL_DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
 VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})\.")
-
-
-class SourceError(UserError):
-    """The source is incomplete or inconsistent; the message names the file and the fix."""
 
 
 @dataclass
@@ -260,7 +256,7 @@ def _imagenet_v2_tar_index(tar: Path, archive: Path) -> ImageIndex:
         trees = sorted("/".join(top) or "." for top in tops)
         raise SourceError(f"{archive}: holds several class trees ({some_of(trees)}); extract it and give the folder "
                           "of one")
-    index = ImageIndex("ranges", tar.parent, np.array(names, dtype=np.bytes_), np.array(labels, dtype=np.int32),
+    index = ImageIndex("ranges", tar.parent, name_array(names), np.array(labels, dtype=np.int32),
                        list(imagenet_classes()), files=[tar.name], file_ids=np.zeros(len(names), np.int32),
                        offsets=np.array(offsets, np.int64), sizes=np.array(sizes, np.int64))
     return _sorted_by_label(index)
@@ -291,7 +287,8 @@ def unpack_gzip_tar(archive: Path, unpack_dir: Path) -> Path:
         pass  # no record, or a broken one: decompress again
     unpack_dir.mkdir(parents=True, exist_ok=True)
     (unpack_dir / UNPACKED_MARK).touch()
-    expected = _gzip_size(archive)
+    # Never more than a tar of images can be: a cut-short download's trailer is any 4 bytes.
+    expected = min(_gzip_size(archive), GZIP_GROWTH * stat.st_size + (1 << 20))
     free = shutil.disk_usage(unpack_dir).free
     if expected > free:
         raise SourceError(f"{archive}: decompresses to about {expected / 1e9:.2f} GB but {unpack_dir} has "
@@ -303,21 +300,39 @@ def unpack_gzip_tar(archive: Path, unpack_dir: Path) -> Path:
     try:
         with (atomic_file(target, temp=partial, again="run the same prepare again") as out,
               gzip.open(archive, "rb") as compressed):
-            shutil.copyfileobj(compressed, out, 4 << 20)
+            _copy_at_most(compressed, out, expected, archive)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise SourceError(f"{archive}: not a whole gzip file ({e}); download it again") from e
     write_atomic(json.dumps(wanted).encode(), record, again="run the same prepare again")
     return target
 
 
+GZIP_GROWTH = 2  # the most a .tar.gz of images may grow decompressed (ImageNet-V2's grow by about 1 percent)
+
+
 def _gzip_size(archive: Path) -> int:
-    """About the uncompressed size of a gzip file: the size its last 4 bytes record, which is modulo 4 GiB,
-    or its own size where that is larger (JPEGs barely compress)."""
+    """The uncompressed size of a gzip file, from its trailer, which records it modulo 4 GiB: the one size agreeing
+    with it at or above the archive's own size less deflate's overhead (stored blocks add 5 bytes in 64 KiB, the
+    header and trailer a few dozen), as a tar of JPEGs never shrinks by more."""
     size = archive.stat().st_size
     with open(archive, "rb") as f:
         f.seek(max(0, size - 4))
         recorded = int.from_bytes(f.read(4), "little")
-    return max(recorded, size)
+    floor = max(0, size - size // 10_000 - (64 << 10))
+    return floor + (recorded - floor) % (1 << 32)
+
+
+def _copy_at_most(source, out, limit: int, archive: Path) -> None:
+    """Copy `source` into `out`, refusing as soon as more than `limit` bytes come out: a gzip stream may inflate
+    far beyond what its trailer says, and is only checked against it at its end, once the disk is full."""
+    written = 0
+    while chunk := source.read(4 << 20):
+        written += len(chunk)
+        if written > limit:
+            raise SourceError(f"{archive}: decompresses to more than {limit:,} bytes, what its gzip trailer records "
+                              f"or {GZIP_GROWTH}x its own size (a decompression bomb, or a damaged file); download it "
+                              "again")
+        out.write(chunk)
 
 
 # --- Kaggle: ILSVRC/Data/CLS-LOC/{train/<wnid>/, val/}, LOC_synset_mapping.txt, LOC_val_solution.csv -----
@@ -329,10 +344,7 @@ def _kaggle(path: Path, val_only: bool) -> Source:
         if not needed.exists():
             raise SourceError(f"{needed}: missing from the Kaggle layout, which needs it even to prepare only the "
                               "validation split for `evaluate`; download the whole competition archive")
-    rows = [line.split(" ", 1) for line in mapping.read_text().splitlines() if line.strip()]
-    classes, names = [r[0] for r in rows], [r[1].strip() if len(r) > 1 else r[0] for r in rows]
-    if classes != sorted(classes):
-        raise SourceError(f"{mapping}: the WordNet IDs are not in sorted order; this is not the file Kaggle ships")
+    classes, names = parse_synset_mapping(read_label_file(mapping), mapping)
     splits, notes = {}, []
     if not val_only and (images / "train").is_dir():
         splits["train"] = scan_class_folders(images / "train", classes=classes)
@@ -340,14 +352,7 @@ def _kaggle(path: Path, val_only: bool) -> Source:
     elif not val_only:
         notes.append(_val_only_note(images / "train"))
 
-    label_of = {c: k for k, c in enumerate(classes)}
-    val_labels = {}
-    with open(solution, newline="") as f:
-        for row in csv.DictReader(f):
-            wnid = row["PredictionString"].split()[0]
-            if wnid not in label_of:
-                raise SourceError(f"{solution}: {row['ImageId']} has the unknown class {wnid}")
-            val_labels[row["ImageId"]] = label_of[wnid]
+    val_labels = parse_val_solution(read_label_file(solution), solution, {c: k for k, c in enumerate(classes)})
     files = sorted(e.name for e in os.scandir(images / "val") if e.name.lower().endswith(IMAGE_EXTENSIONS))
     unlabelled = [f for f in files if Path(f).stem not in val_labels]
     if unlabelled:
@@ -355,7 +360,7 @@ def _kaggle(path: Path, val_only: bool) -> Source:
     if len(files) != len(val_labels):
         raise SourceError(f"{images / 'val'}: {len(files)} images but {solution.name} labels {len(val_labels)}; "
                           "the validation folder is incomplete")
-    val = ImageIndex("files", images / "val", np.array(files, dtype=np.bytes_),
+    val = ImageIndex("files", images / "val", name_array(files),
                      np.array([val_labels[Path(f).stem] for f in files], dtype=np.int32), classes)
     splits["val"] = _sorted_by_label(val)
     return Source("kaggle", path, classes, names, splits, notes)
@@ -364,12 +369,8 @@ def _kaggle(path: Path, val_only: bool) -> Source:
 # --- Tiny-ImageNet-200: wnids.txt, words.txt, train/<wnid>/images/, val/images/ + val_annotations.txt -----
 
 def _tiny(path: Path, val_only: bool) -> Source:
-    classes = sorted(path.joinpath("wnids.txt").read_text().split())
-    words = {}
-    if (path / "words.txt").exists():
-        for line in (path / "words.txt").read_text().splitlines():
-            wnid, _, text = line.partition("\t")
-            words[wnid] = text.strip()
+    classes = parse_wnids(read_label_file(path / "wnids.txt"), path / "wnids.txt")
+    words = parse_words(read_label_file(path / "words.txt")) if (path / "words.txt").exists() else {}
     label_of = {c: k for k, c in enumerate(classes)}
     splits, notes = {}, []
     if not (val_only or (path / "train").is_dir()):
@@ -386,51 +387,42 @@ def _tiny(path: Path, val_only: bool) -> Source:
             files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
             names += [f"train/{c}/images/{f}" for f in files]
             labels += [label_of[c]] * len(files)
-        splits["train"] = ImageIndex("files", path, np.array(names, dtype=np.bytes_), np.array(labels, dtype=np.int32), classes)
+        splits["train"] = ImageIndex("files", path, name_array(names), np.array(labels, dtype=np.int32), classes)
         _require_every_class(splits["train"], path / "train", "train")
     annotations = path / "val" / "val_annotations.txt"
     names, labels = [], []
-    for line in annotations.read_text().splitlines():
-        fields = line.split("\t")
-        if len(fields) < 2:
-            continue
-        if fields[1] not in label_of:
-            raise SourceError(f"{annotations}: {fields[0]} has the class {fields[1]}, which is not in wnids.txt")
-        if not (path / "val" / "images" / fields[0]).exists():
-            raise SourceError(f"{annotations}: {fields[0]} is listed but missing from val/images/")
-        names.append(f"val/images/{fields[0]}")
-        labels.append(label_of[fields[1]])
-    val = ImageIndex("files", path, np.array(names, dtype=np.bytes_), np.array(labels, dtype=np.int32), classes)
+    for file, label in parse_val_annotations(read_label_file(annotations), annotations, label_of):
+        if not (path / "val" / "images" / file).exists():
+            raise SourceError(f"{annotations}: {file} is listed but missing from val/images/")
+        names.append(f"val/images/{file}")
+        labels.append(label)
+    val = ImageIndex("files", path, name_array(names), np.array(labels, dtype=np.int32), classes)
     splits["val"] = _sorted_by_label(val)
     return Source("tiny", path, classes, [words.get(c, c) for c in classes], splits, notes)
 
 
 # --- The official ILSVRC2012 tars, read in place: no second copy on disk ----------------------------------
 
+DEVKIT_MEMBERS = 1000  # the t12 devkit holds about 20 files: a tar.gz of millions of headers is not one
+GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
+
+
 def _devkit_ids(devkit: Path) -> tuple[list[str], list[int]]:
-    """(WordNet ID per ILSVRC2012_ID, the validation ground truth as ILSVRC2012_IDs), streamed from the tar.gz."""
-    meta, truth = None, None
+    """(WordNet ID per ILSVRC2012_ID, the validation ground truth as ILSVRC2012_IDs), streamed from the tar.gz: only
+    the ground truth is read, its size checked before it is decompressed into memory. The IDs are the packaged
+    table, data/ilsvrc2012_ids.txt, the same 1,000 rows as the devkit's meta.mat, which is not read: scipy's MAT
+    reader, native code, crashes (a segmentation fault) on a meta.mat with one byte changed, and a check of a
+    table this package ships is no reason to hand anyone's file to it."""
     with urls.open_read(devkit) as f, tarfile.open(fileobj=f, mode="r:gz") as tar:
-        for member in tar:
-            if member.name.endswith("data/meta.mat"):
-                meta = tar.extractfile(member).read()
-            elif member.name.endswith("data/ILSVRC2012_validation_ground_truth.txt"):
-                truth = [int(x) for x in tar.extractfile(member).read().split()]
-    if truth is None:
-        raise SourceError(f"{devkit}: no data/ILSVRC2012_validation_ground_truth.txt inside; is this the t12 devkit?")
-    ids = ilsvrc2012_ids()
-    if meta is not None:
-        try:
-            from scipy.io import loadmat
-        except ImportError:
-            loadmat = None  # the packaged table (the same 1,000 rows) stands in for meta.mat
-        if loadmat is not None:
-            synsets = loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
-            from_meta = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
-            listed = [from_meta.get(k) for k in range(1, 1001)]
-            if listed != ids:
-                raise SourceError(f"{devkit}: meta.mat's ILSVRC2012_ID -> WordNet ID table is not ImageNet-1k's")
-    return ids, truth
+        for count, member in enumerate(tar, 1):
+            if member.name.endswith(GROUND_TRUTH) and member.isfile():
+                where = f"{devkit}/{member.name}"
+                check_label_size(member.size, where)
+                return ilsvrc2012_ids(), parse_ground_truth(label_text(tar.extractfile(member).read(), where), where)
+            if count >= DEVKIT_MEMBERS:
+                break
+    raise SourceError(f"{devkit}: no {GROUND_TRUTH} among its first {DEVKIT_MEMBERS} files; is this the t12 devkit "
+                      "(ILSVRC2012_devkit_t12.tar.gz)?")
 
 
 def _tar_members(tar_path: Path | str, start: int = 0, size: int | None = None, held: bytes = b""):
@@ -527,7 +519,7 @@ def _official_train(path: Path | str, train_tar: Path | str, label_of: dict, cla
             labels.append(label_of[wnid])
             offsets.append(offset)
             sizes.append(size)
-    train = ImageIndex("ranges", path, np.array(names, dtype=np.bytes_), np.array(labels, dtype=np.int32), classes,
+    train = ImageIndex("ranges", path, name_array(names), np.array(labels, dtype=np.int32), classes,
                        files=[OFFICIAL_TRAIN], file_ids=np.zeros(len(names), np.int32),
                        offsets=np.array(offsets, np.int64), sizes=np.array(sizes, np.int64))
     _require_every_class(train, train_tar, "train")
@@ -563,7 +555,7 @@ def _official_val(path: Path | str, ids: list[str], truth: list[int], label_of: 
         if not number or not 1 <= int(number.group(1)) <= len(truth):
             raise SourceError(f"{val_tar}: {name} has no line in the devkit's ground truth ({len(truth)} lines)")
         val_labels.append(label_of[ids[truth[int(number.group(1)) - 1] - 1]])
-    val = ImageIndex("ranges", path, np.array([m[0] for m in members], dtype=np.bytes_),
+    val = ImageIndex("ranges", path, name_array([m[0] for m in members]),
                      np.array(val_labels, dtype=np.int32), classes, files=[OFFICIAL_VAL],
                      file_ids=np.zeros(len(members), np.int32), offsets=np.array([m[1] for m in members], np.int64),
                      sizes=np.array([m[2] for m in members], np.int64))
@@ -573,6 +565,9 @@ def _official_val(path: Path | str, ids: list[str], truth: list[int], label_of: 
 # --- Hugging Face ILSVRC/imagenet-1k parquet shards -------------------------------------------------------
 
 PARQUET_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid")}
+# More rows than ImageNet-1k's whole train split (1,281,167) is no shard of it; and a few kilobytes of run-length
+# encoded labels can declare billions of rows, each an index entry in memory.
+MAX_SHARD_ROWS = 2_000_000
 
 
 def _parquet_shards(path: Path | str) -> list[str]:
@@ -606,8 +601,14 @@ def _parquet(path: Path | str, val_only: bool) -> Source:
         for k, file in enumerate(files):
             file = urls.join(path, file)
             try:  # from a URL: the label and path columns alone, not the images
+                declared = pq.read_metadata(urls.open_read(file, 1 << 20) if urls.is_url(file) else file).num_rows
+                if declared > MAX_SHARD_ROWS:
+                    raise SourceError(f"{file}: declares {declared:,} rows, more than ImageNet-1k's whole train "
+                                      "split: no shard of imagenet-1k; download it again")
                 table = pq.read_table(urls.open_read(file, 1 << 20) if urls.is_url(file) else file,
                                       columns=["label", "image.path"])
+            except SourceError:
+                raise
             except Exception as e:  # pyarrow raises its own error types for bad files
                 raise SourceError(f"{file}: not a readable imagenet-1k parquet shard with image and label columns ({e})") from e
             shard_labels = table.column("label").to_numpy()
@@ -620,7 +621,7 @@ def _parquet(path: Path | str, val_only: bool) -> Source:
             rows.append(np.arange(len(shard_labels), dtype=np.int64))
             labels.append(shard_labels.astype(np.int32))
             names += [p or f"{urls.name(file)}:{r}" for r, p in enumerate(paths)]
-        index = ImageIndex("parquet", path, np.array(names, dtype=np.bytes_), np.concatenate(labels), classes,
+        index = ImageIndex("parquet", path, name_array(names), np.concatenate(labels), classes,
                            files=files, file_ids=np.concatenate(file_ids),
                            offsets=np.concatenate(rows))
         if split == "train":

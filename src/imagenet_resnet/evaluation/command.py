@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +145,9 @@ def save_in_run(report: dict) -> Path | None:
     folder = run / "evaluations"
     folder.mkdir(exist_ok=True)
     data_name = Path(report["data"]).resolve().name or "data"
-    path = folder / f"{data_name}-{report['weights']}{'-flip' if report['flip'] else ''}-{report['size']}px.json"
+    name = f"{data_name}-{report['weights']}{'-flip' if report['flip'] else ''}-{report['size']}px"
+    # `weights` is the card's text, an export's own word for it: one name in this folder, whatever it holds.
+    path = folder / (re.sub(r"[^\w .,()=+-]", "_", name) + ".json")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(path)

@@ -54,7 +54,9 @@ def data_facts(data_path: str, classes: list[str], val_images: int | None) -> di
 
 def describe_source(card: dict[str, Any]) -> str:
     """The card's data in words: "imagenette2-224 (ImageNet photos, 10 of its classes)"."""
-    name = f"`{card['data']}`" if card.get("data") else "data of unrecorded name"
+    # In a code span, text shows as it is: only a backquote or a line break (from whoever named it) could end it.
+    data = "".join(c if c.isprintable() and c != "`" else " " for c in card.get("data") or "")
+    name = f"`{data}`" if data else "data of unrecorded name"
     source, classes = card.get("data_source"), card.get("num_classes")
     if source == IMAGENET:
         share = "all 1,000 classes" if classes == 1000 else f"{classes} of its classes"

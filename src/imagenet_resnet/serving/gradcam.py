@@ -172,7 +172,7 @@ def explain_mistakes(loaded, index, out: str | Path, num_show: int = 20, layer: 
         x = loaded.normalize(torch.from_numpy(np.stack([m["pixels"], m["pixels"]])))
         cams = grad_cam(loaded.model, x, torch.tensor([m["predicted"], m["label"]]), layer).cpu().numpy()
         entries.append({"image": m["pixels"], "panels": [
-            (index.names[m["i"]].decode().rsplit("/", 1)[-1][:28], None),
+            (index.names[m["i"]].decode(errors="replace").rsplit("/", 1)[-1][:28], None),
             (f"predicted: {loaded.names[m['predicted']][:18]} {m['p_pred']:.0%}", cams[0]),
             (f"true: {loaded.names[m['label']][:18]} {m['p_true']:.0%}", cams[1]),
         ]})

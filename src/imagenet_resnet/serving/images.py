@@ -1,30 +1,21 @@
-"""Opening an image someone uploaded, safely: bounded in bytes, and in pixels before any decoding
-(decompression bombs), the first frame of an animation, 16-bit depth scaled to 8, transparency composited
-onto white, EXIF rotation applied, any colour mode turned into RGB; or a one-line message saying what is
-wrong. `serve`, `predict` and the export checks all read images through it."""
+"""Opening an image someone uploaded, safely: one of the formats the page promises (no other Pillow plugin
+sees it), bounded in bytes, and in pixels before any decoding (decompression bombs), the first frame of an
+animation, 16-bit depth scaled to 8, transparency composited onto white, EXIF rotation applied, any colour
+mode turned into RGB; or a one-line message saying what is wrong. `serve`, `predict` and the export checks
+all read images through it."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import UserError
+from ..data.untrusted_images import UPLOAD_FORMATS, ImageRejected, open_untrusted
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-MAX_PIXELS = 40_000_000  # a 40-megapixel RGB image is 120 MB decoded; PIL's own bomb limit is 179 megapixels
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # "I": 16-bit PNG/TIFF in some Pillow versions
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
-
-
-class ImageRejected(UserError):
-    """An upload that cannot be classified; the message says why and what to do, `status` is the HTTP code."""
-
-    def __init__(self, message: str, status: int = 415):
-        super().__init__(message)
-        self.status = status
 
 
 def too_large(size: int) -> ImageRejected:
@@ -47,20 +38,9 @@ def read_image_bytes(source: bytes | str | Path) -> bytes:
 
 
 def open_image(data: bytes) -> Image.Image:
-    """The image's header (nothing decoded yet), refused when it is not an image or holds too many pixels."""
-    try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError:  # PIL's own limit, far above ours, checked as it reads the header
-        raise ImageRejected(f"the image claims more pixels than is safe to decode (a decompression bomb?): use "
-                            f"an image of at most {MAX_PIXELS // 10**6} megapixels", 413) from None
-    except Exception:  # PIL raises many kinds of error on files it cannot identify
-        raise ImageRejected("not a readable image: use a JPEG, PNG, WebP, GIF, BMP or TIFF file",
-                            415) from None
-    width, height = image.size
-    if width * height > MAX_PIXELS:
-        image.close()
-        raise ImageRejected(f"the image is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels), "
-                            f"over the {MAX_PIXELS // 10**6} megapixel limit: use a smaller image", 413)
+    """The image's header (nothing decoded yet), refused when it is not one of the formats the page promises
+    or holds too many pixels."""
+    image = open_untrusted(data, UPLOAD_FORMATS)
     if image.mode == "F":
         image.close()
         raise ImageRejected("32-bit floating-point images are not supported: save it as an 8-bit PNG or JPEG")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError, validate
 from ..data.folder import IMAGE_EXTENSIONS
 from ..data.presets import EvalPreset
 from ..errors import UserError
@@ -162,11 +163,15 @@ def load_model(path: str | Path, device_name: str = "auto", ema: bool = False) -
         meta_path = path.with_suffix(".json")
         if not meta_path.is_file():
             raise UserError(f"{meta_path} not found: a .safetensors export needs its JSON sidecar beside it")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != SIDECAR_FORMAT:
-            raise UserError(f"{meta_path} is not an imagenet-resnet sidecar (format {meta.get('format')!r})")
-        cfg, classes, names = Config.from_dict(meta["config"], source=str(meta_path)), meta["classes"], meta["class_names"]
-        weights, card = load_file(path), meta["card"]
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
+            raise UserError(f"{meta_path} is not readable JSON ({type(e).__name__}); export the model again") from None
+        if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise UserError(f"{meta_path} is not an imagenet-resnet sidecar (format {found!r})")
+        cfg, classes, names = _model_settings(meta, meta_path)
+        weights, card = load_file(path), _plain_card(meta.get("card"))
         exported_ema = meta.get("weights") == "ema"  # sidecars from before EMA exports hold the raw weights
         if ema and not exported_ema:
             raise UserError(f"{path} holds the raw weights (its sidecar {meta_path.name} says so): an export "
@@ -177,24 +182,82 @@ def load_model(path: str | Path, device_name: str = "auto", ema: bool = False) -
             card.setdefault(key, value)  # sidecars from before model cards named their data
     else:
         state = checkpoint.load(path)
-        cfg = Config.from_dict(state["config"], source=str(path))
-        classes, names, weights = state["classes"], state.get("class_names", state["classes"]), state["model"]
-        card, ema_updates = None, None
+        cfg, classes, names = _model_settings(state, path)
+        weights, card, ema_updates = state.get("model"), None, None
         if ema:
             averaged = saved_ema(state)
             if averaged is None:
                 raise UserError(f"{path} holds no EMA weights: its run was trained without train.ema_decay; "
                                 "drop --ema (or train with --set train.ema_decay=0.9999 to have them)")
             weights, ema_updates = averaged
-    model = trained_model(cfg.model, len(classes), weights, device)
+    if not isinstance(weights, dict):
+        raise UserError(f"{path}: holds no weights; it is not one of our checkpoints or exports")
+    model = trained_model(cfg.model, len(classes), weights, device, str(path))
     if card is None:
-        progress = state.get("progress", {})
-        metrics = state.get("metrics") or {"epoch": progress.get("epoch"),  # checkpoints before 0.1 had no metrics
-                                            "val_top1": progress["best_top1"] if progress.get("best_top1", -1) >= 0 else None}
-        saved_at = state.get("saved_at") or path.stat().st_mtime
+        metrics, saved_at = _saved_figures(state, path)
         card = model_card(cfg, classes, metrics, saved_at, sum(p.numel() for p in model.parameters()), ema_updates)
+    else:  # what the model itself says, never the sidecar's word for it
+        card.update(architecture=cfg.model.describe(), blurpool=cfg.model.blurpool, num_classes=len(classes),
+                    parameters=sum(p.numel() for p in model.parameters()), eval_size=cfg.data.eval_size)
     return LoadedModel(model, cfg, classes, names, device, resolve_precision(cfg.train.precision, device),
                        DeviceNormalize(device, cfg.model.channels_last), card, ema)
+
+
+def _model_settings(saved: Any, where: Path) -> tuple[Config, list[str], list[str]]:
+    """(config, class ids, readable names) of a checkpoint or an export's sidecar, checked: both are files anyone
+    can hand over, and what they hold sizes the model built from them (validate bounds its width and sizes)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise UserError(f"{where}: holds no training config; it is not one of our checkpoints or exports")
+    classes, names = saved.get("classes"), saved.get("class_names", saved.get("classes"))
+    if not (isinstance(classes, list) and classes and isinstance(names, list) and len(names) == len(classes)
+            and all(isinstance(c, str) for c in classes + names)):
+        raise UserError(f"{where}: its classes are not a list of names, one readable name each; it is not one of "
+                        "our checkpoints or exports")
+    cfg = Config.from_dict(saved["config"], source=str(where))
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: its settings are not ones a model was trained with ({e})") from None
+    return cfg, classes, names
+
+
+def _numbers(record: Any) -> dict[str, float]:
+    """The finite numbers of a saved record (a dict), by name; nothing else."""
+    if not isinstance(record, dict):
+        return {}
+    return {k: v for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+LAST_SAVE_TIME = 32503680000  # the year 3000: a later time is no time a checkpoint was saved at
+
+
+def _saved_figures(state: dict[str, Any], path: Path) -> tuple[dict[str, float], float]:
+    """A checkpoint's figures for its card, numbers only (the card formats them as numbers, and a checkpoint is a
+    file anyone can hand over): the latest epoch's record, and when it was saved (else the file's time)."""
+    progress, metrics = _numbers(state.get("progress")), _numbers(state.get("metrics"))
+    if not metrics:  # checkpoints before 0.1 had no metrics
+        best = progress.get("best_top1", -1)
+        metrics = {"epoch": progress.get("epoch"), "val_top1": best if best >= 0 else None}
+    saved_at = state.get("saved_at")
+    if not (isinstance(saved_at, (int, float)) and 0 < saved_at < LAST_SAVE_TIME):
+        saved_at = path.stat().st_mtime
+    return metrics, saved_at
+
+
+# A sidecar's card entries and their types; what the model itself says (architecture, size, classes, input side)
+# is set by load_model from the model.
+CARD_TYPES = {"weights": str, "val_top1": float, "val_top5": float, "epochs_trained": int, "epochs_planned": int,
+              "trained_at": str, "data": str, "data_source": str, "val_images": int, "limitations": str}
+
+
+def _plain_card(card: Any) -> dict[str, Any]:
+    """A sidecar's model card, each entry of the type the page and the Space's README format it as, or left out:
+    a card is shown to whoever visits the page, and a number that is text would fail there, at the first visit."""
+    card = card if isinstance(card, dict) else {}
+    return {key: value for key, value in card.items() if key in CARD_TYPES and (value is None or (
+        isinstance(value, CARD_TYPES[key]) and not isinstance(value, bool)
+        and (CARD_TYPES[key] is not float or math.isfinite(value))))}
 
 
 def image_sources(inputs: list[str]) -> list[tuple[Path, str | None]]:

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 
 from ..data.prepared import open_split
 from ..data.presets import EvalPreset
+from ..data.untrusted_images import MAX_PIXELS
 from ..errors import UserError
 from .card import describe_source
 from .gradcam import cam_layer, grad_cam
-from .images import (MAX_PIXELS, MAX_UPLOAD_BYTES, ImageRejected, read_image_bytes, safe_open_image,  # noqa: F401
+from .images import (MAX_UPLOAD_BYTES, ImageRejected, read_image_bytes, safe_open_image,  # noqa: F401
                      too_large)  # (ImageRejected, safe_open_image: re-exported for the tests)
 from .inference import LoadedModel, top_k_records
 
@@ -110,13 +111,24 @@ def example_images(loaded: LoadedModel, out: Path, limit: int = 8) -> list[Path]
     return files
 
 
+MARKDOWN_SPECIAL = frozenset("\\`*_[]<>&|!:~#")  # what makes Markdown (or HTML) of text, with ':' for bare links
+
+
+def markdown_text(text: str) -> str:
+    """`text` shown as itself in Markdown: never a link, an image, HTML or formatting. Class names and a card's
+    entries come from the checkpoint, which anyone can hand over, and the page shows them to every visitor."""
+    return "".join("\\" + c if c in MARKDOWN_SPECIAL else c if c.isprintable() else " " for c in text)
+
+
 def model_card_markdown(loaded: LoadedModel) -> str:
-    card = loaded.card
+    # `data` is shown in a code span, where escapes would show: describe_source keeps it in one.
+    card = {k: markdown_text(v) if isinstance(v, str) and k != "data" else v for k, v in loaded.card.items()}
 
     def share(value: float | None) -> str:
         return f"{value:.1%}" if value is not None else "not recorded"
 
-    names = ", ".join(loaded.names[:20]) + (f", ... ({len(loaded.names) - 20} more)" if len(loaded.names) > 20 else "")
+    names = ", ".join(map(markdown_text, loaded.names[:20])) + (
+        f", ... ({len(loaded.names) - 20} more)" if len(loaded.names) > 20 else "")
     epochs = card.get("epochs_trained")
     val_images = f"{card['val_images']:,} validation images" if card.get("val_images") else "validation images"
     return "\n".join([
@@ -166,7 +178,7 @@ def _page(classifier: Classifier, loaded: LoadedModel, examples: list[Path] | No
             raise gr.Error(str(e), print_exception=False) from None
         return {r["name"]: r["probability"] for r in ranked}, overlay
 
-    title = f"{loaded.card['architecture']}, {loaded.card['num_classes']} classes"
+    title = f"{markdown_text(loaded.card['architecture'])}, {loaded.card['num_classes']} classes"
     with gr.Blocks(title=f"imagenet-resnet: {title}", delete_cache=(3600, 3600)) as page:
         gr.Markdown(f"## imagenet-resnet: {title}\nUpload an image (up to {MAX_UPLOAD_BYTES // 2**20} MiB and "
                     f"{MAX_PIXELS // 10**6} megapixels) or pick an example: the model's top-5 classes, and where in "
@@ -235,18 +247,37 @@ def _json_api(classifier: Classifier, loaded: LoadedModel, concurrency: int, max
     return api
 
 
+# A request holds its place in the bounded queue while its body arrives: a client sending a byte a second (or
+# nothing) would hold it for good, and a few such clients would keep the server busy for everyone. The body must
+# start within UPLOAD_GRACE_SECONDS and keep coming at UPLOAD_MIN_RATE on average (a 20 MiB photo: 22 minutes);
+# else the request ends with 408.
+UPLOAD_GRACE_SECONDS = 5.0
+UPLOAD_MIN_RATE = 16 << 10  # bytes per second
+
+
 async def _read_body(request) -> bytes:
-    """The request body, refused as soon as it is known to exceed MAX_UPLOAD_BYTES."""
+    """The request body, refused as soon as it is known to exceed MAX_UPLOAD_BYTES, or once it comes slower than
+    UPLOAD_MIN_RATE after UPLOAD_GRACE_SECONDS."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
         raise too_large(int(declared))
     chunks, size = [], 0
-    async for chunk in request.stream():
+    loop = asyncio.get_running_loop()
+    started, stream = loop.time(), request.stream()
+    while True:
+        allowed = started + UPLOAD_GRACE_SECONDS + size / UPLOAD_MIN_RATE - loop.time()
+        try:
+            chunk = await asyncio.wait_for(anext(stream), max(allowed, 0.0))
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except asyncio.TimeoutError:
+            raise ImageRejected(f"the upload came too slowly ({size:,} bytes in {loop.time() - started:.0f} s; the "
+                                f"server waits {UPLOAD_GRACE_SECONDS:g} s, then needs {UPLOAD_MIN_RATE >> 10} KiB/s)",
+                                408) from None
         size += len(chunk)
         if size > MAX_UPLOAD_BYTES:
             raise too_large(size)
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def port_taken(host: str, port: int) -> bool:

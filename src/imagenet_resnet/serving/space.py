@@ -13,16 +13,18 @@ import shutil
 import sys
 from pathlib import Path
 
+from ..data.untrusted_images import MAX_PIXELS
 from ..errors import UserError
 from .card import IMAGENET, IMAGENET_TERMS
 from .export import check_safetensors, export_safetensors
 from .inference import LoadedModel
-from .images import MAX_PIXELS, MAX_UPLOAD_BYTES, safe_open_image
+from .images import MAX_UPLOAD_BYTES, safe_open_image
 from .serve import example_images, model_card_markdown
 
 # What app.py imports: the package's core dependencies less matplotlib (only for plots), plus safetensors and
 # Gradio (pinned to the version the Space's `sdk_version` names, so that local runs match the Space).
-SPACE_REQUIREMENTS = ["numpy>=1.24", "pillow>=10.0", "pyyaml>=6.0", "simplejpeg>=1.7", "tqdm>=4.60", "safetensors>=0.4"]
+SPACE_REQUIREMENTS = ["numpy>=1.24", "pillow>=10.0.1", "pyyaml>=6.0", "simplejpeg>=1.7", "tqdm>=4.60",
+                      "safetensors>=0.4"]
 # PyPI's torch for Linux is the CUDA build (about 5.7 GB with its CUDA libraries); a Space on CPU hardware
 # wants PyTorch's CPU-only wheel (about 0.2 GB), which PyTorch serves from its own index.
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -33,7 +35,10 @@ def cpu_torch_requirement() -> str:
     with, without CUDA."""
     version = importlib.metadata.version("torch").split("+")[0]
     return f"torch=={version}+cpu"
-PACKAGE_DIR = Path(__file__).resolve().parents[1]  # imagenet_resnet/, copied whole into the Space
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # imagenet_resnet/, whose own files are copied into the Space
+# The package's own files: its modules and the data pyproject.toml ships with it. Nothing else that lies in its
+# folder (a checkout's stray notes, a token or a checkpoint saved there) goes into a Space, which is published.
+PACKAGE_FILES = ("**/*.py", "data/*.tsv", "data/*.txt", "data/*.json.gz", "data/*.LICENSE", "recipes/*.yaml")
 
 APP_PY = '''"""Serves the model in model.safetensors with imagenet-resnet's page: upload an image, see its top-5
 classes, a Grad-CAM overlay and the model card. On a Hugging Face Space it runs as is; locally:
@@ -78,7 +83,7 @@ def write_space(loaded: LoadedModel, out: Path, examples: list[Path] | None = No
     out.mkdir(parents=True, exist_ok=True)
     package = out / "imagenet_resnet"
     shutil.rmtree(package, ignore_errors=True)
-    shutil.copytree(PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    _copy_package(package)
     written = export_safetensors(loaded, out / "model.safetensors")
     parity = check_safetensors(loaded, written["weights"], examples)
 
@@ -101,6 +106,16 @@ def write_space(loaded: LoadedModel, out: Path, examples: list[Path] | None = No
     return {"space": str(out), "weights": written["weights"], "sidecar": written["sidecar"], "parity": parity,
             "examples": [str(path) for path in shipped],
             "next": f"run it here: cd {out} && python app.py; push it: hf upload USER/SPACE {out} --repo-type space"}
+
+
+def _copy_package(target: Path) -> None:
+    """The package's own files (PACKAGE_FILES, none hidden) copied into `target`, in the same layout."""
+    for pattern in PACKAGE_FILES:
+        for file in PACKAGE_DIR.glob(pattern):
+            relative = file.relative_to(PACKAGE_DIR)
+            if file.is_file() and not any(part.startswith(".") for part in relative.parts):
+                (target / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(file, target / relative)
 
 
 def _readme(loaded: LoadedModel, gradio_version: str) -> str:

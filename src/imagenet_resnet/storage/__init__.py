@@ -2,7 +2,8 @@
 training and data packages stand on (it imports neither).
 
     urls.py      files that are not on this machine: fsspec URLs (s3://, gs://, file://), checked and opened;
-                 fsspec and s3fs are imported only when a URL is given
+                 fsspec and s3fs are imported only when a URL is given; local_path, the one way a name from a
+                 store (a key listed, a name in a file fetched) becomes a local path: never outside its folder
     atomic.py    the one durability rule for local files (temporary file, fsync, rename, fsync of the folder)
                  and the one-line message for a full disk
     verified.py  uploads and downloads checked by size and SHA-256 read back

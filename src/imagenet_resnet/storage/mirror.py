@@ -38,7 +38,9 @@ applied: the object is read back, and when it holds what this writer wrote, the 
 (ConditionalRequestConflict: two conditional writes raced) is retried with backoff.
 
 Credentials come from the environment or the provider's config files, never from the URL (refused), and are
-never written: messages from the store are redacted.
+never written: messages from the store are redacted. The names in the store are chosen by whoever can write
+there: a restore refuses one that would be written outside the run folder (storage/urls.local_path), and a
+pointer naming a key outside checkpoints/.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -61,7 +64,7 @@ import torch
 from ..errors import UserError
 from . import urls
 from .atomic import write_atomic
-from .verified import DamagedCopy, get_verified, put_verified, sha256_of
+from .verified import DamagedCopy, compressed_records, get_verified, put_verified, sha256_of
 
 POINTER = "checkpoints.json"
 FORMAT = "imagenet-resnet-mirror/1"
@@ -70,6 +73,7 @@ LEASE_FORMAT = "imagenet-resnet-lease/1"
 LEASE_SECONDS = 120.0  # without a heartbeat for this long, a lease is stale (renewed every quarter of it)
 READ_ATTEMPTS = 5  # reads of an object another writer may be rewriting at that moment (the lease, the pointer)
 CONFLICT_ATTEMPTS, CONFLICT_FIRST_SECONDS = 5, 0.2  # a conditional write answered 409, tried again with backoff
+CHECKPOINT_KEY = re.compile(r"checkpoints/[A-Za-z0-9_-][A-Za-z0-9._-]*")  # what a pointer may name: no ../
 PROBE = ".conditional-write-probe-"  # + the writer's owner id: the object the start's check writes, then deletes
 BOTOCORE_CONDITIONAL = "1.35.69"  # the first botocore whose put_object takes IfMatch
 CHECKPOINTS = ("last.pt", "best.pt")  # uploaded through the pointer; previous.pt is the pointer's previous
@@ -84,6 +88,8 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
 def local_step(out_dir: Path) -> int | None:
     """The global step of the run folder's newest readable checkpoint (last.pt, else previous.pt), or None."""
     for name in ("last.pt", "previous.pt"):
+        if compressed_records(out_dir / name):  # a zip bomb (storage.verified): not one of ours
+            continue
         try:
             saved = torch.load(out_dir / name, map_location="cpu", weights_only=True, mmap=True)
             return int(saved["progress"]["global_step"])
@@ -218,6 +224,12 @@ class Mirror:
                             "network and the credentials (AWS_* variables, AWS_PROFILE, AWS_ENDPOINT_URL)") from None
         if pointer.get("format") != FORMAT:
             raise UserError(f"--mirror {self.url}: its {POINTER} is not one of ours; pick another --mirror")
+        for role, entry in pointer.items():
+            # The mirror reads these keys and deletes them once replaced: one outside checkpoints/ (../ on a
+            # local store reaches any file) would have it fetch or delete whatever the pointer's writer chose.
+            if isinstance(entry, dict) and not CHECKPOINT_KEY.fullmatch(str(entry.get("key"))):
+                raise UserError(f"--mirror {self.url}: its {POINTER} names {entry.get('key')!r} as the {role} "
+                                f"checkpoint, not an object in checkpoints/; {urls.FOREIGN_NAME_FIX}")
         return pointer
 
     def _write_small(self, name: str, data: bytes) -> None:
@@ -483,8 +495,19 @@ class Mirror:
                 + (f"; the run folder's was at global step {local})" if local is not None else ")"))
 
     def download_run(self) -> None:
-        """The run the pointer names, brought down into the run folder (checkpoints checked against it)."""
+        """The run the pointer names, brought down into the run folder (checkpoints checked against it). Every name
+        the store lists is checked first, those it skips too: one that would be written outside the run folder
+        stops the restore before anything is written."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        # A key ending in / is a folder marker (a console's "create folder"), not a file.
+        keys = [key for key in self.fs.find(self.root) if not key.endswith("/")]
+        listed = {name: urls.local_path(self.out_dir, name, f"--mirror {self.url}: the object")
+                  for name in (key[len(self.root):].strip("/") for key in keys)}
+        # Not the store's own files (the pointer, the lease, .lock, the start's probe should one be left), nor an
+        # object named as a checkpoint: those come from checkpoints/, checked against the pointer, never unchecked.
+        not_restored = (POINTER, LEASE, "previous.pt", *CHECKPOINTS)
+        others = {name: path for name, path in listed.items() if name not in not_restored
+                  and not name.startswith(("checkpoints/", ".")) and not name.endswith(".tmp")}
         fetched: dict[str, Path] = {}  # SHA-256 -> the checkpoint brought down with it
         for role, name in (("last", "last.pt"), ("previous", "previous.pt"), ("best", "best.pt")):
             entry = self.pointer.get(role)
@@ -494,24 +517,21 @@ class Mirror:
                 write_atomic(fetched[entry["sha256"]].read_bytes(), self.out_dir / name)
                 self._uploaded[name] = _stat_key((self.out_dir / name).stat())
             else:
-                self._download(entry["key"], name, entry)
+                self._download(entry["key"], self.out_dir / name, entry)
             fetched[entry["sha256"]] = self.out_dir / name
-        for key in self.fs.find(self.root):
-            name = key[len(self.root):].strip("/")
-            # Not the store's own files: the pointer, the lease, .lock and the start's probe (should one be left)
-            if name not in (POINTER, LEASE) and not name.startswith(("checkpoints/", ".")) and not name.endswith(".tmp"):
-                self._download(name, name)
+        for name, path in others.items():
+            self._download(name, path)
 
-    def _download(self, key: str, name: str, expected: dict | None = None) -> None:
-        """The object `key` as RUN/name, written atomically; a checkpoint is checked against the pointer."""
-        path = self.out_dir / name
+    def _download(self, key: str, path: Path, expected: dict | None = None) -> None:
+        """The object `key` as `path` in the run folder, written atomically; a checkpoint is checked against the
+        pointer."""
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             get_verified(self.fs, self._key(key), path, expected["sha256"] if expected is not None else None)
         except DamagedCopy:
             raise UserError(f"--mirror {self.url}: {key} does not match the checksum {POINTER} gives; the store "
                             "holds a damaged copy: resume from the run folder, or from another copy") from None
-        self._uploaded[name] = _stat_key(path.stat())  # it is in the store already
+        self._uploaded[path.relative_to(self.out_dir).as_posix()] = _stat_key(path.stat())  # in the store already
 
     # --- what the trainer calls ------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import os
 import re
+import unicodedata
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,8 +19,12 @@ from ..errors import UserError
 
 CLOUD_EXTRA = 'pip install "imagenet-resnet[cloud]"'
 SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS",
-                    "AZURE_STORAGE_KEY", "AZURE_STORAGE_CONNECTION_STRING")
+                    "AZURE_STORAGE_KEY", "AZURE_STORAGE_CONNECTION_STRING", "MLFLOW_TRACKING_PASSWORD",
+                    "MLFLOW_TRACKING_TOKEN", "WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+_USER_INFO = re.compile(r"(?<=://)[^/\s@]+@")  # the user:password@ of a URL in a message
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_DRIVE = re.compile(r"^[a-zA-Z]:")  # C:\x, C:/x, C:x: a Windows path, never a name a store should hand out
+FOREIGN_NAME_FIX = "remove that object from the store: whoever can write there could write on this machine"
 
 
 def is_url(path) -> bool:
@@ -61,6 +66,41 @@ def join(base: str | Path, *names: str) -> str | Path:
 
 def name(path: str | Path) -> str:
     return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _not_plain(name: str) -> str | None:
+    """Why `name` is not a plain relative name (parts separated by single slashes), or None when it is one."""
+    if not name:
+        return "an empty name"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "a NUL or control character"
+    if "\\" in name:
+        return "a backslash"
+    if name.startswith("/") or _DRIVE.match(name):
+        return "an absolute path"
+    parts = name.split("/")
+    if ".." in parts:
+        return "a '..' part"
+    if "" in parts or "." in parts:
+        return "an empty or '.' part"
+    return None
+
+
+def local_path(root: Path, name: str, source: str) -> Path:
+    """root/name for a name that came from a store (a key under a URL, or a name in a file fetched from one), or a
+    one-line refusal naming `source` (what handed out the name, said before it) unless it stays inside root once
+    resolved: a name is data anyone who can write the store chooses, and must not let them write elsewhere on this
+    machine. Symlinks already in root are followed in the check, so none leads a write out of it."""
+    why = _not_plain(name)
+    path = Path(root) / name
+    if why is None:
+        inside = Path(root).resolve()
+        resolved = path.resolve()
+        if resolved == inside or not resolved.is_relative_to(inside):
+            why = f"through a symlink, to {resolved}"
+    if why is not None:
+        raise UserError(f"{source} {name!r} would be written outside {root} ({why}); {FOREIGN_NAME_FIX}")
+    return path
 
 
 def exists(path: str | Path) -> bool:
@@ -128,9 +168,11 @@ def read_ranges(url: str, starts: list[int], ends: list[int], max_gap: int = 64 
 
 
 def redact(text: str) -> str:
-    """`text` with the values of credential variables of this environment blanked out (for messages)."""
+    """`text` with the values of credential variables of this environment, and the user:password@ of any URL,
+    blanked out: for every line a message, a log or an error writes (a store's or a tracker's error may quote
+    either)."""
     for variable in SECRET_VARIABLES:
         value = os.environ.get(variable, "")
         if len(value) >= 4:
             text = text.replace(value, "***")
-    return text
+    return _USER_INFO.sub("***@", text)

@@ -5,12 +5,15 @@
   checkpoints this way and the shard upload (`prepare --out URL`) every file.
 - get_verified: an object streamed down into a local file atomically (storage/atomic.py), checked against a
   SHA-256 when one is given before it replaces anything.
+- compressed_records: whether a checkpoint file (torch.save's zip) holds a compressed record, a zip bomb torch.load
+  would inflate: every reader of a checkpoint from elsewhere asks first.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
+import zipfile
 from pathlib import Path
 
 from .atomic import atomic_file
@@ -65,3 +68,14 @@ def get_verified(fs, key: str, path: str | Path, sha256: str | None = None) -> N
             out.write(block)
         if sha256 is not None and digest.hexdigest() != sha256:
             raise DamagedCopy(f"{key}: the bytes read back differ from the SHA-256 expected")
+
+
+def compressed_records(path: str | Path) -> bool:
+    """Whether `path`, a zip file (torch.save's format), holds a compressed record. torch.save stores every record
+    as it is, so that a file's size bounds what loading it takes; torch.load would inflate a compressed one into
+    memory however large it declares itself (a zip bomb: a 1 MB file asking for 1 GB)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return False  # not a zip (an older torch format, or no weights at all): torch.load says which

@@ -27,6 +27,7 @@ from ..data.index import ImageIndex
 from ..data.prepared import read_manifest
 from ..errors import UserError
 from ..models import clean_state_dict
+from ..storage.verified import compressed_records
 from ..storage.atomic import write_atomic
 from .ema import ModelEma, saved_ema
 
@@ -46,6 +47,9 @@ def load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found")
+    if compressed_records(path):  # before testzip, which would inflate them all
+        raise DamagedCheckpoint(path, "holds compressed records, which torch.save never writes (loading them could "
+                                "take any amount of memory); it is not one of ours")
     try:
         with zipfile.ZipFile(path) as archive:  # torch.save writes a zip file with a checksum per record
             failed = archive.testzip()

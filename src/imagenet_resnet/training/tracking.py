@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..errors import UserError
 from ..report import make_report
@@ -134,6 +135,10 @@ class MlflowBackend:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         self.uri = target or os.environ.get("MLFLOW_TRACKING_URI") or None
+        if self.uri and not target and "@" in urlsplit(self.uri).netloc:  # (--track's URI: checked by parse_track)
+            raise UserError("MLFLOW_TRACKING_URI holds credentials (user:password@), which would be written to "
+                            "train.log and RUN/tracking.json; remove them and set MLFLOW_TRACKING_USERNAME and "
+                            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
         try:  # reaches no server yet: what fails here is the URI itself, and no retry would mend it
             self.client = self.mlflow.tracking.MlflowClient(tracking_uri=self.uri)
         except Exception as e:

@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..evaluation.loop import evaluate
 from ..run_files import check_new_run_folder
 from ..storage.mirror import LEASE_SECONDS, open_mirror
+from ..storage.urls import redact
 from . import distributed
 from .budget import Budget
 from .checkpoint import Checkpointer, Progress
@@ -46,7 +47,7 @@ class RunLog:
     def __call__(self, message: str) -> None:
         if self.file is None:
             return
-        line = f"{time.strftime('%H:%M:%S')} {message}"
+        line = f"{time.strftime('%H:%M:%S')} {redact(message)}"  # the one writer of train.log: no secret in it
         print(line, flush=True)
         self.file.write(line + "\n")
 
