@@ -80,13 +80,14 @@ def client_cost(uri: str, work: Path, calls: int, records_per_call: int) -> dict
     """The CPU time this process spends per call to the tracker (MLflow's client building and sending a batch,
     then RUN/tracking.json rewritten), measured directly: what the tracker's thread can take from training, at
     most once a second (tracking.SEND_EVERY_SECONDS)."""
+    from imagenet_resnet.training.run_folder import RunFolder
     from imagenet_resnet.training.tracking import SEND_EVERY_SECONDS, MlflowBackend, Tracking
 
     backend = MlflowBackend(uri)
     backend.start(None, "client-cost", {"model.name": "resnet50"}, {})
     record = {"step": 0, "loss": 2.3, "train_top1": 0.1, "lr": 0.1, "images_per_sec": 500.0, "cpu_util": 50.0,
               "cpu_util_run": 40.0}
-    state = Tracking(work)
+    state = Tracking(RunFolder(work))
     started = time.process_time()
     for call in range(calls):
         backend.log([("train", record, call * records_per_call + k) for k in range(records_per_call)])

@@ -23,6 +23,18 @@ TINY_SETTINGS = [
 ]
 
 
+def pytest_addoption(parser):
+    parser.addini("quick_tests", type="linelist", help="the test files `-m quick` runs (the README's quick subset)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The quick marker on every test of the files pyproject.toml's quick_tests lists, so that one list says it."""
+    quick = set(config.getini("quick_tests"))
+    for item in items:
+        if item.nodeid.split("::")[0] in quick:
+            item.add_marker(pytest.mark.quick)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """10 classes x 12 train / 4 val images of 40 px."""

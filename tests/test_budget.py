@@ -3,6 +3,7 @@ within their budget with the LR at the schedule's end, after a kill and resume t
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,7 +23,8 @@ from imagenet_resnet.training.run import epoch_side
 
 
 @pytest.mark.parametrize("text, price, seconds", [("6h", 0, 21600), ("90m", 0, 5400), ("600s", 0, 600),
-                                                  ("1.5h", 0, 5400), ("25usd", 4.0, 22500)])
+                                                  ("1.5h", 0, 5400), ("25usd", 4.0, 22500), ("2h30m", 0, 9000),
+                                                  ("1h 5m 30s", 0, 3930), ("45m30s", 0, 2730)])
 def test_a_budget_reads_as_seconds(text, price, seconds):
     cfg = load_config(None, [f"train.budget={text}", f"train.price_per_hour={price}"])
     assert cfg.train.budget_seconds() == pytest.approx(seconds)
@@ -30,6 +32,7 @@ def test_a_budget_reads_as_seconds(text, price, seconds):
 
 @pytest.mark.parametrize("settings, message", [
     (["train.budget=6 hours"], "give wall time as 6h"),
+    (["train.budget=30m2h"], "give wall time as 6h, 2h30m"),  # hours first, as a clock says it
     (["train.budget=25usd"], "--price-per-hour"),
     (["train.budget=1h", "train.total_steps=100"], "drop train.total_steps"),
     (["train.schedule_knots=[[5, 0.5, 1.0]]"], "needed with train.schedule_knots"),
@@ -37,6 +40,27 @@ def test_a_budget_reads_as_seconds(text, price, seconds):
 def test_a_wrong_budget_is_refused_in_one_line(settings, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, settings)
+
+
+def test_a_budget_is_said_in_the_unit_it_was_given():
+    """A budget of 0.03usd was said as "budget 1m00s: ... 20s used" everywhere; a price per hour with a budget of
+    time said nothing of the cost."""
+    def said(seconds: float, used: float, price: float, in_money: bool) -> str:
+        budget = Budget(seconds, used, Costs(), _shape(10), Timeline(100), broadcast=lambda values: values,
+                        started_at=time.time(), price_per_hour=price, in_money=in_money)
+        return budget.summary().split("; replay")[0]
+
+    assert said(60.0, 20.0, 1.8, True) == "budget 0.03usd (1m00s): ended after 0.01usd (20s)"
+    assert said(7200.0, 5400.0, 4.1, False) == "budget 2h00m (8.20usd): ended after 1h30m (6.15usd)"
+    assert said(600.0, 30.0, 0.0, False) == "budget 10m00s: ended after 30s"
+
+
+def test_a_price_per_hour_without_a_budget_is_refused_not_ignored(tiny_data, tmp_path):
+    proc = run_cli(*tiny_train_args(tiny_data, tmp_path / "run", "--epochs", "1", "--price-per-hour", "4.10"),
+                   check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--price-per-hour 4.1 is used with --budget only" in proc.stderr and "add --budget" in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_budget_and_epochs_together_are_refused(tmp_path):
@@ -279,6 +303,20 @@ def test_a_budget_too_small_is_refused_naming_the_smallest_that_works(tmp_path, 
     assert smallest.endswith("s") and 2 < int(smallest[:-1]) < 60
     money = run_cli(*_budgeted(tiny_data, tmp_path / "money", "0.001usd", "--price-per-hour", "1.0"), check=False)
     assert money.returncode == 2 and "usd" in money.stderr.strip().splitlines()[-1].split("works here is")[1]
+
+
+def test_a_money_budget_is_fitted_and_refused_in_money(tmp_path, tiny_data):
+    """0.03usd at 3.60usd an hour buys 30 s: the fit's line and a spent budget's refusal say both."""
+    run = tmp_path / "run"
+    run_cli(*_budgeted(tiny_data, run, "0.03usd", "--price-per-hour", "3.6", "--set", "train.stop_at_step=10"),
+            timeout=120)
+    fitted = next(line for line in (run / "train.log").read_text().splitlines() if "| fitted to " in line)
+    assert re.search(r" budget 0\.03usd \(30s\): 0\.0\d+usd \(\d+s\) used, 0\.0\d+usd \(\d+s\) left \|", fitted), fitted
+    refused = run_cli(*_budgeted(tiny_data, run, "0.001usd", "--price-per-hour", "3.6", "--resume"), check=False,
+                      timeout=120)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert re.search(r"the run has already used 0\.0\d+usd \(\d+s\) of machine time \(0\.001usd \(1s\) asked for\)",
+                     refused.stderr), refused.stderr
 
 
 def test_a_dry_run_measures_the_recipe_and_prints_the_fit(tmp_path, tiny_data):

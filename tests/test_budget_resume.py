@@ -15,7 +15,8 @@ import torch
 from conftest import run_cli, tiny_train_args
 from imagenet_resnet.training.budget import Budget, Costs, RunShape, Timeline, stalled_seconds
 from imagenet_resnet.data.synthetic import make_shapes_dataset
-from imagenet_resnet.training.ledger import HEARTBEAT_SECONDS, LEDGER, Ledger, booted_at
+from imagenet_resnet.training.ledger import HEARTBEAT_SECONDS, Ledger, booted_at
+from imagenet_resnet.training.run_folder import RunFolder
 
 SPE = 120 // 16  # tiny_data's steps per epoch at batch 16
 
@@ -111,16 +112,16 @@ def test_a_new_machine_is_billed_from_its_boot_and_a_resume_elsewhere_from_its_s
     if boot is None:
         pytest.skip("no /proc/uptime here")
     # The run was last seen alive before this machine booted: a spot recovery's machine, billed from its boot.
-    (tmp_path / LEDGER).write_text(json.dumps({"format": "imagenet-resnet-budget/1", "sessions": [
+    RunFolder(tmp_path).ledger.write_text(json.dumps({"format": "imagenet-resnet-budget/1", "sessions": [
         {"machine": "lost/1", "started": boot - 500.0, "heartbeat": boot - 100.0}]}))
-    ledger = Ledger(tmp_path)
+    ledger = Ledger(RunFolder(tmp_path))
     assert ledger.billed_before() == pytest.approx(400.0)
     assert ledger.open(process_start=time.time()) == pytest.approx(boot, abs=1)
     # Last seen after this machine booted: it was up already, billed from the process start.
-    (tmp_path / LEDGER).write_text(json.dumps({"format": "imagenet-resnet-budget/1", "sessions": [
+    RunFolder(tmp_path).ledger.write_text(json.dumps({"format": "imagenet-resnet-budget/1", "sessions": [
         {"machine": "other/2", "started": time.time() - 50.0, "heartbeat": time.time() - 10.0}]}))
     now = time.time()
-    assert Ledger(tmp_path).open(process_start=now) == now
+    assert Ledger(RunFolder(tmp_path)).open(process_start=now) == now
 
 
 @pytest.mark.slow
@@ -144,11 +145,11 @@ def test_the_work_lost_to_a_kill_counts_against_the_budget(tmp_path):
     proc.wait()
     saved = torch.load(run / "last.pt", weights_only=True)["progress"]
     assert lost > HEARTBEAT_SECONDS + 1, "the kill came too soon after a checkpoint to tell"
-    billed = json.loads((run / LEDGER).read_text())["billed_seconds"]
+    billed = json.loads(RunFolder(run).ledger.read_text())["billed_seconds"]
     assert billed >= saved["budget_used_seconds"] + lost - HEARTBEAT_SECONDS - 1
     out = run_cli(*args, "--resume", "--set", f"train.stop_at_step={saved['global_step'] + 2}", timeout=120).stdout
     assert "resumed" in out
-    sessions = json.loads((run / LEDGER).read_text())["sessions"]
+    sessions = json.loads(RunFolder(run).ledger.read_text())["sessions"]
     assert len(sessions) == 2 and sessions[1]["from"] == "process" and sessions[0]["heartbeat"] <= sessions[1]["started"]
     used = torch.load(run / "last.pt", weights_only=True)["progress"]["budget_used_seconds"]
     assert used >= billed + (sessions[1]["heartbeat"] - sessions[1]["started"]) - 1

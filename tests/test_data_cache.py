@@ -16,7 +16,7 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
 from conftest import run_cli, tiny_train_args  # noqa: E402
-from imagenet_fixtures import prepared_pairs  # noqa: E402
+from imagenet_fixtures import prepared_pairs, tiny_jpeg  # noqa: E402
 from conftest import S3_BUCKET as BUCKET  # noqa: E402
 from imagenet_resnet import cli  # noqa: E402
 from imagenet_resnet.data import cache  # noqa: E402
@@ -150,25 +150,63 @@ def test_a_damaged_copy_in_the_cache_is_repaired_on_the_next_run(s3, prepared, t
     assert prepared_pairs(folder, packed=True) == prepared_pairs(work, packed=True)
 
 
-@pytest.mark.parametrize("damage", ["shard_cut_short", "index_bit_flipped"])
+@pytest.mark.parametrize("damage", ["shard_cut_short", "index_bit_flipped", "shard_bit_flipped"])
 def test_a_damaged_object_in_the_bucket_is_refused_in_one_line(s3, prepared, tmp_path, damage):
     url = _copy_to(s3, prepared[1], f"damaged-{damage}")
     fs = s3.fs()
-    name = "packed/train-00001.bin" if damage == "shard_cut_short" else "packed/val.index.npz"
+    name = "packed/val.index.npz" if damage == "index_bit_flipped" else "packed/train-00001.bin"
     key = f"{BUCKET}/damaged-{damage}/{name}"
     data = bytearray(fs.cat_file(key))
     if damage == "shard_cut_short":
         del data[-100:]
     else:
-        data[len(data) // 2] ^= 0x01  # the same size: only the zip's CRC-32 tells
+        data[len(data) // 2] ^= 0x01  # the same size: only the zip's CRC-32 tells, or the shard's SHA-256
     fs.pipe_file(key, bytes(data))
     with pytest.raises(UserError) as refused:
         fetch_prepared(url, tmp_path, log=lambda line: None)
     message = str(refused.value)
     assert "\n" not in message and message.startswith(f"{url}/{name}: ")
     assert f"run `imagenet-resnet prepare SOURCE --out {url} --pack` again" in message
-    assert ("the index says" in message) if damage == "shard_cut_short" else ("CRC-32" in message)
+    assert {"shard_cut_short": "the index says", "index_bit_flipped": "CRC-32",
+            "shard_bit_flipped": "its SHA-256 is not the one prepared.json records"}[damage] in message
     assert not (cache_folder(url, tmp_path) / COMPLETE).exists()
+
+
+def test_a_folder_prepared_before_shard_digests_is_fetched_and_said_once(s3, prepared, tmp_path):
+    url = _copy_to(s3, prepared[1], "before-digests")
+    manifest = json.loads(s3.fs().cat_file(f"{BUCKET}/before-digests/prepared.json"))
+    for info in manifest["packed"]["splits"].values():
+        info.pop("sha256", None)
+    s3.fs().pipe_file(f"{BUCKET}/before-digests/prepared.json", json.dumps(manifest).encode())
+    lines = []
+    folder = fetch_prepared(url, tmp_path, log=lines.append)
+    said = [line for line in lines if "recorded no shard digests" in line]
+    assert said == [f"{url}: prepared by a version that recorded no shard digests, so its shards are checked by size "
+                    f"alone; to add them, run `imagenet-resnet prepare SOURCE --out {url} --pack` again"]
+    assert prepared_pairs(folder, packed=True) == prepared_pairs(prepared[1], packed=True)
+
+
+def _same_size_photo(old: bytes) -> bytes:
+    """Another JPEG of exactly as many bytes as `old` (zeros after its end mark, which decoders ignore)."""
+    other = next(data for seed in range(100, 200) if len(data := tiny_jpeg(seed, size=40)) <= len(old))
+    return other + bytes(len(old) - len(other))
+
+
+def test_a_photo_replaced_at_the_same_size_reaches_the_bucket_and_the_cache(s3, tmp_path):
+    """Issue 35: the shard of a replaced photo is packed again; at the same size it must still go up again."""
+    source, url, work = tmp_path / "src", f"s3://{BUCKET}/replaced", tmp_path / "work"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (source / split / c).mkdir(parents=True)
+            for k in range(3):
+                (source / split / c / f"{k}.jpg").write_bytes(tiny_jpeg(k + 10 * (c == "b"), size=40))
+    _prepare_to(url, source, work, shard_images=2)
+    photo = source / "train" / "b" / "1.jpg"
+    new_photo = _same_size_photo(photo.read_bytes())
+    photo.write_bytes(new_photo)
+    _prepare_to(url, source, work, shard_images=2)
+    train = open_splits(fetch_prepared(url, tmp_path / "cache", log=lambda line: None))[0]
+    assert train.read(list(train.names).index(b"b/1.jpg")) == new_photo
 
 
 def test_a_url_without_a_prepared_folder_is_refused_in_one_line(s3, tmp_path):

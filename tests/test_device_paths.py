@@ -19,6 +19,7 @@ from imagenet_resnet.runtime import DeviceNormalize, auto_precision, compile_mod
 from imagenet_resnet.training import checkpoint
 from imagenet_resnet.training.augment import MixAugment
 from imagenet_resnet.training.checkpoint import Checkpointer, TrainingState
+from imagenet_resnet.training.run_folder import RunFolder
 from imagenet_resnet.training.distributed import Dist
 from imagenet_resnet.training.ema import ModelEma
 from imagenet_resnet.training.lr_finder import sweep
@@ -46,7 +47,7 @@ def test_resume_places_the_checkpoint_beside_the_runs_own_tensors(tmp_path, tiny
     optimizer = build_optimizer(model, cfg, lr=0.1)
     state = TrainingState(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), ModelEma(model, 0.9))
     newest, fell_back = checkpoint.load_newest(tmp_path / "run")
-    Checkpointer(tmp_path / "run", True, cfg, saved["classes"]).resume(state, (newest, fell_back))
+    Checkpointer(RunFolder(tmp_path / "run"), True, cfg, saved["classes"]).resume(state, (newest, fell_back))
     assert newest["config"] == saved["config"] and fell_back is None
     assert state.progress.global_step == saved["progress"]["global_step"] and state.ema.updates == 7
     assert all(p.device.type == "meta" for p in model.parameters())
@@ -132,7 +133,7 @@ def test_twenty_steps_with_ema_mixup_and_cutmix_wait_for_the_device_only_at_the_
     run = build_run(cfg, Dist(), CPU)
     assert run.steps_per_epoch == 20
     schedule = LRSchedule(cfg.schedule, 0.1, 1, run.steps_per_epoch)
-    checkpointer = Checkpointer(tmp_path, True, cfg, run.train_index.classes)
+    checkpointer = Checkpointer(RunFolder(tmp_path), True, cfg, run.train_index.classes)
     reporter = _Silent()
     with HostSyncs() as syncs:
         train_one_epoch(run, 0, schedule, None, StopPolicy(run.world, CPU), reporter, checkpointer, print)

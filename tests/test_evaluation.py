@@ -115,9 +115,15 @@ def test_evaluate_on_imagenet_validation_files_reports_real_calibration_and_the_
     report = json.loads(proc.stdout)
     # ReaL recomputed here from `predict`, which reads each file as evaluate does: the same top-1 per image.
     files = sorted((folders / "val").glob("*/*.JPEG"))
-    predicted = json.loads(run_cli("predict", "--json", "--top-k", "5", "--checkpoint", str(run / "best.pt"),
+    predicted = json.loads(run_cli("predict", "--json", "--top-k", "1000", "--checkpoint", str(run / "best.pt"),
                                    "--device", "cpu", *map(str, files)).stdout)
     real, scored, right1, right5 = real_labels(), 0, 0, 0
+    # `predict`'s probabilities of every class, with the set's own labels (each file's folder): the NLL, -log
+    # p(true class) (probabilities to 5 decimals: about 0.005 on the log of the ~0.001 here), and the confidence.
+    true_probability = [next(t["probability"] for t in result["top"] if t["class"] == path.parent.name)
+                        for path, result in zip(files, predicted)]
+    assert min(true_probability) > 0
+    confidence = sum(result["top"][0]["probability"] for result in predicted) / len(files)
     for path, result in zip(files, predicted):
         wanted = {WNIDS[c] for c in real[int(path.stem[-8:]) - 1]}
         if wanted:
@@ -130,12 +136,15 @@ def test_evaluate_on_imagenet_validation_files_reports_real_calibration_and_the_
     assert report["real"]["top5"] == pytest.approx(right5 / scored)
     calibration_report = report["calibration"]
     assert len(calibration_report["bins"]) == 15 and sum(b["images"] for b in calibration_report["bins"]) == 40
-    assert calibration_report["nll"] == pytest.approx(report["loss"])
-    assert calibration_report["accuracy"] == pytest.approx(report["top1"])
+    nll = sum(-math.log(p) for p in true_probability) / len(files)
+    assert report["loss"] == pytest.approx(nll, abs=0.01) and calibration_report["nll"] == pytest.approx(nll, abs=0.01)
+    assert calibration_report["mean_confidence"] == pytest.approx(confidence, abs=1e-4)
+    # (Its accuracy beside predict's: test_explain, where a model gets some images right and some wrong.)
     assert report["benchmark"] == "val"
     assert set(report["published"]["ours"]) == {"val", "real"}
     names = [row["name"] for row in report["published"]["rows"]]
     assert any(n.startswith("torchvision V1") for n in names) and any(n.startswith("FFCV, 88") for n in names)
+    assert sorted(report["plots"]) == [str(tmp_path / "plots" / name) for name in ("per_class.png", "reliability.png")]
     for plot in report["plots"]:
         assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # Kept in the run folder, where `report` sets it beside the published figures.

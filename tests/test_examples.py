@@ -5,7 +5,9 @@ the same global batch whatever GPUs the job lands on."""
 import json
 import os
 import shlex
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +40,7 @@ def test_skypilot_reads_a_spot_job_on_any_of_the_gpus(tmp_path):
         assert resources.use_spot and str(resources.cloud) == "AWS" and resources.disk_size >= 200
         assert resources.job_recovery["max_restarts_on_errors"] >= 1
     assert task.envs["RUN"] == PLACEHOLDERS["RUN"] and task.num_nodes == 1
+    assert task.workdir is None and sorted(task.file_mounts.values()) == ["README.md", "pyproject.toml", "src"]
     assert "torchrun" in task.run and "imagenet_resnet train" in task.run
 
 
@@ -105,6 +108,31 @@ def test_after_a_clean_exit_the_job_ends_only_once_the_run_has_finished(tmp_path
         f.write(json.dumps({**record, "epoch": 2, "step": 20}) + "\n")
     finished = _run_command(tmp_path, 8, 1, 81559, RUN=str(run), TORCHRUN_EXIT="0", RECLAIM_WAIT="0")
     assert finished.returncode == 0 and "reclaimed" not in finished.stdout, finished.stderr
+
+
+def test_the_job_uploads_the_package_alone_and_setup_builds_it_from_that(tmp_path):
+    """`workdir: .` uploaded the whole clone but what .gitignore leaves out (runs/, demo-run/): an export, a
+    report or a prepared folder made inside the clone went with every launch. Now file_mounts names what goes,
+    and pip builds the package from exactly that, as setup does (no index reached: --no-deps, no isolation)."""
+    task = _task()
+    assert "workdir" not in task
+    uploaded = tmp_path / "imagenet-resnet"
+    for remote, local in task["file_mounts"].items():
+        assert remote.startswith("~/imagenet-resnet/"), remote
+        target = uploaded / remote.removeprefix("~/imagenet-resnet/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / local).is_dir():
+            shutil.copytree(ROOT / local, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy(ROOT / local, target)
+    assert sorted(p.name for p in uploaded.iterdir()) == ["README.md", "pyproject.toml", "src"]
+    setup = [line.strip() for line in task["setup"].splitlines()]
+    assert setup.index("cd ~/imagenet-resnet") < setup.index('pip install ".[cloud,gpu]"')
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                    "-w", str(tmp_path / "wheel"), str(uploaded)], check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "wheel").glob("imagenet_resnet-*.whl"))
+    names = subprocess.run([sys.executable, "-m", "zipfile", "-l", str(wheel)], capture_output=True, text=True).stdout
+    assert "imagenet_resnet/cli.py" in names and "imagenet_resnet/recipes/resnet50_ffcv88.yaml" in names
 
 
 def test_the_setup_installs_extras_that_exist():

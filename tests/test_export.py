@@ -1,7 +1,11 @@
 """export (safetensors, ONNX, TorchScript) and bench infer."""
 
+import copy
+import dataclasses
+import hashlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 
@@ -57,10 +61,53 @@ def test_safetensors_round_trip_gives_identical_logits_and_card(loaded, tmp_path
     assert np.array_equal(_logits(again.model, batch), _logits(loaded.model, batch))
     assert again.card == loaded.card and again.classes == loaded.classes and again.names == loaded.names
     assert again.preset().size == loaded.preset().size == 32 and again.cfg.model.channels_last
-    assert json.loads((tmp_path / "model.json").read_text()) == json.loads(json.dumps(sidecar(loaded)))
-    parity = export.check_safetensors(loaded, written["weights"])
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta.pop("exports") == {"safetensors": {"file": "model.safetensors",
+                                                   "sha256": _sha256(tmp_path / "model.safetensors")}}
+    assert meta == json.loads(json.dumps(sidecar(loaded)))
+    parity = written["parity"]
     assert parity["random"]["max_abs_diff"] == parity["images"]["max_abs_diff"] == 0.0
     assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644  # readable by a server's own user
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_failed_export_leaves_the_files_it_would_replace(checkpoint, onnx_export, tmp_path, capsys):
+    """Issue 35: an export whose check images held an empty file exited 2 after replacing model.onnx."""
+    shutil.copy(onnx_export["sidecar"], tmp_path / "model.json")
+    (tmp_path / "model.onnx").write_bytes(b"an earlier export, of another model")
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    images = tmp_path / "check"
+    images.mkdir()
+    (images / "shape.jpg").write_bytes(_encoded("JPEG", 70, 50, 3))
+    (images / "empty.jpg").write_bytes(b"")
+    assert cli.main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out",
+                     str(tmp_path / "model.onnx"), "--check-images", str(images)]) == 2
+    assert "empty.jpg" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
+
+
+def test_one_sidecar_describes_one_model_and_lists_its_exports(loaded, tmp_path):
+    """Issue 35: a safetensors export rewrote the sidecar an existing export of another model was described by."""
+    pytest.importorskip("safetensors")
+    export.export_torchscript(loaded, tmp_path / "model")
+    before = (tmp_path / "model.json").read_bytes()
+    other = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+    with torch.no_grad():
+        next(other.model.parameters()).add_(1.0)
+    with pytest.raises(UserError, match=rf"^--out {tmp_path / 'model.safetensors'}: {tmp_path / 'model.json'} "
+                                        rf"describes {tmp_path / 'model.torchscript'}, exported from run/best.pt with "
+                                        "other weights; one sidecar describes one model: give --out another name"):
+        export.export_safetensors(other, tmp_path / "model")
+    assert (tmp_path / "model.json").read_bytes() == before and not (tmp_path / "model.safetensors").exists()
+    export.export_safetensors(loaded, tmp_path / "model")  # the same model: its sidecar lists both
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["checkpoint"] == "run/best.pt" and meta["weights_sha256"] == sidecar(loaded)["weights_sha256"]
+    assert meta["exports"] == {name: {"file": f"model.{name}", "sha256": _sha256(tmp_path / f"model.{name}")}
+                               for name in ("torchscript", "safetensors")}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.json", "model.safetensors", "model.torchscript"]
 
 
 def test_onnx_has_the_contract_and_a_dynamic_batch(loaded, onnx_export):
@@ -161,7 +208,6 @@ def test_cli_export_writes_the_files_it_reports(checkpoint, tmp_path, fmt, suffi
 
 
 def test_cli_export_space_folder(checkpoint, tmp_path):
-    pytest.importorskip("imagenet_resnet.serving.space")
     proc = run_cli("export", "--checkpoint", str(checkpoint), "--format", "space", "--out", str(tmp_path / "space"))
     assert json.loads(proc.stdout)["format"] == "space" and any((tmp_path / "space").iterdir())
 

@@ -241,7 +241,9 @@ def _objects(s3, prefix: str) -> dict[str, bytes]:
 
 
 def _local_files(work) -> dict[str, bytes]:
-    return {p.relative_to(work).as_posix(): p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    """The work folder's files, less its record of what it uploaded (which stays here)."""
+    return {p.relative_to(work).as_posix(): p.read_bytes() for p in work.rglob("*")
+            if p.is_file() and p.name != upload.RECORD}
 
 
 def _slow_pack_shard(shard: int):

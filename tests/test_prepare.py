@@ -1,7 +1,9 @@
 import io
 import json
 import os
+import re
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -180,10 +182,10 @@ def test_a_prepare_that_fails_midway_leaves_the_previous_one_whole(tmp_path, mon
     before = _state(out)
     real_pack_split = prepare_module.pack_split
 
-    def dies_in_val(index, kinds, settings, out_dir, split, workers):
+    def dies_in_val(index, kinds, settings, out_dir, split, *rest):
         if split == "val":  # the train split was packed already
             raise KeyboardInterrupt
-        return real_pack_split(index, kinds, settings, out_dir, split, workers)
+        return real_pack_split(index, kinds, settings, out_dir, split, *rest)
 
     monkeypatch.setattr(prepare_module, "pack_split", dies_in_val)
     with pytest.raises(KeyboardInterrupt):
@@ -239,6 +241,79 @@ def test_a_copy_without_training_images_prepares_for_evaluation(tmp_path, imagen
     assert refused.returncode == 2 and "prepared without a train split" in refused.stderr
 
 
+def test_parquet_is_always_packed_so_the_train_it_suggests_reads_it(tmp_path, imagenet_like):
+    """Issue 35: the README says parquet is always packed, yet `prepare` without --pack did not pack it and
+    suggested a `train` that refused the folder."""
+    source, out = imagenet_like.parquet(tmp_path / "parquet"), tmp_path / "out"
+    proc = run_cli("prepare", str(source), "--out", str(out), "--workers", "1")
+    train, val = open_splits(out)  # what the `train --data` it suggests reads
+    assert train.storage == val.storage == "ranges" and len(train) == 1000
+    assert f"next: imagenet-resnet train --data {out} " in proc.stdout
+    assert f"{source}: parquet shards are always packed" in proc.stderr
+
+
+def _partial_val(source, layout: str, keep: int) -> None:
+    """Cut a copy's validation images to the first `keep`, its label file untouched (a download cut short)."""
+    if layout == "kaggle":
+        for path in sorted((source / "ILSVRC" / "Data" / "CLS-LOC" / "val").iterdir())[keep:]:
+            path.unlink()
+        return
+    tar_path = source / "ILSVRC2012_img_val.tar"
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()[:keep]]
+    with tarfile.open(tar_path, "w") as tar:
+        for member, data in members:
+            tar.addfile(member, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("layout", ["official", "kaggle"])
+def test_a_partial_validation_download_is_prepared_alike_in_every_layout(tmp_path, imagenet_like, layout, capsys):
+    """Issue 35: a Kaggle copy with part of its val folder was refused; the same photos as official tars were
+    accepted. Both are prepared, and say how many of the labelled images are there."""
+    source = getattr(imagenet_like, layout)(tmp_path / layout)
+    _partial_val(source, layout, keep=20)
+    manifest = prepare(source, tmp_path / "out", workers=1)
+    assert manifest["splits"]["val"]["images"] == 20 and manifest["splits"]["train"]["images"] == 1000
+    where = source / ("ILSVRC/Data/CLS-LOC/val" if layout == "kaggle" else "ILSVRC2012_img_val.tar")
+    labels = "LOC_val_solution.csv" if layout == "kaggle" else "the devkit's ground truth"
+    said = capsys.readouterr().err
+    assert f"{where}: 20 of the 30 validation images {labels} labels are here (a partial copy)" in said
+
+
+def test_a_partial_tiny_imagenet_validation_folder_is_prepared_too(tmp_path, capsys):
+    root, wnids = tmp_path / "tiny", ["n01443537", "n01629819"]
+    for k, wnid in enumerate(wnids):
+        (root / "train" / wnid / "images").mkdir(parents=True)
+        (root / "train" / wnid / "images" / f"{wnid}_0.JPEG").write_bytes(tiny_jpeg(k, size=40))
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    (root / "val" / "images").mkdir(parents=True)
+    for k in range(3):  # of the 4 the annotations list
+        (root / "val" / "images" / f"val_{k}.JPEG").write_bytes(tiny_jpeg(10 + k, size=40))
+    (root / "val" / "val_annotations.txt").write_text("".join(f"val_{k}.JPEG\t{wnids[k % 2]}\t0\t0\t9\t9\n"
+                                                              for k in range(4)))
+    assert prepare(root, tmp_path / "out", workers=1)["splits"]["val"]["images"] == 3
+    assert (f"{root / 'val' / 'images'}: 3 of the 4 validation images val_annotations.txt labels are here (a "
+            "partial copy)") in capsys.readouterr().err
+
+
+def test_a_layout_read_only_once_prepared_is_named_with_what_to_run(tmp_path, imagenet_like):
+    """Issue 35: a path one level too deep (.../ILSVRC/Data/CLS-LOC) or a raw Kaggle folder given to train got
+    messages that never said it was Kaggle's layout, nor to prepare it first."""
+    kaggle = imagenet_like.kaggle(tmp_path / "kaggle")
+    inside = kaggle / "ILSVRC" / "Data" / "CLS-LOC"
+    told = (f"{inside}: inside Kaggle's layout, whose labels are in {kaggle} (LOC_synset_mapping.txt, "
+            "LOC_val_solution.csv); give the folder holding LOC_synset_mapping.txt: imagenet-resnet prepare "
+            f"{kaggle} --out DATA (then train or evaluate with --data DATA)")
+    for opens in (detect, open_splits):  # as `prepare` and as `train` or `evaluate` read it
+        with pytest.raises(SourceError) as refused:
+            opens(inside)
+        assert str(refused.value) == told
+    refused = run_cli("train", "--data", str(kaggle), "--out", str(tmp_path / "run"), check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().endswith(
+        f"{kaggle}: this is Kaggle's layout, which training and evaluation read only once prepared; prepare it "
+        f"first: imagenet-resnet prepare {kaggle} --out DATA, then give --data DATA")
+
+
 def test_val_only_skips_the_training_images_of_a_full_copy(tmp_path, imagenet_like):
     source = imagenet_like.official(tmp_path / "src")
     manifest = prepare(source, tmp_path / "out", workers=1, val_only=True)
@@ -272,6 +347,86 @@ def test_verify_finds_a_damaged_shard(tmp_path):
     problems = verify(tmp_path / "out", workers=1)
     assert len(problems) == 1 and "shorter than its index says" in problems[0]
     assert run_cli("prepare", "--verify", str(tmp_path / "out"), check=False).returncode == 1
+
+
+def test_a_photo_replaced_after_packing_is_seen_and_its_shard_alone_packed_again(tmp_path, capsys):
+    """Issue 35: a photo replaced under the same name after a finished prepare stayed in its shard, the next
+    prepare said "resuming", and `--verify` said OK."""
+    source, out = _bad_files_tree(tmp_path / "src"), tmp_path / "out"
+    prepare(source, out, pack=True, workers=1, settings=_settings(shard_images=4))
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "packed").glob("train-*.bin")}
+    photo, new_photo = source / "train" / "b" / "good1.JPEG", tiny_jpeg(1234, size=40)
+    photo.write_bytes(new_photo)
+    problems = verify(out, workers=1)
+    assert len(problems) == 1 and problems[0].startswith(f"{out / 'packed'} (train): 1 of its images changed at "
+                                                         f"their source since they were packed ({photo})")
+    assert problems[0].endswith(f"run the same prepare again: imagenet-resnet prepare {source} --out {out} --pack "
+                                "--shard-images 4: it re-packs the shards holding them alone")
+    capsys.readouterr()
+    prepare(source, out, pack=True, workers=1, settings=_settings(shard_images=4))
+    said = capsys.readouterr().err
+    assert f"train: 1 of its images changed at their source since they were packed ({photo}): re-packing the " \
+           "1 of 3 shards holding them" in said and "resuming" not in said
+    train = open_splits(out)[0]
+    assert train.read(list(train.names).index(b"b/good1.JPEG")) == new_photo
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "packed").glob("train-*.bin")}
+    assert [name for name in after if after[name] != stamps[name]] == ["train-00001.bin"]
+    assert verify(out, workers=1) == []
+
+
+def test_verify_finds_a_shard_damaged_without_a_change_of_size(tmp_path):
+    source, out = _bad_files_tree(tmp_path / "src"), tmp_path / "out"
+    prepare(source, out, pack=True, workers=1)
+    recorded = json.loads((out / "prepared.json").read_text())["packed"]["splits"]["train"]["sha256"]
+    shard = out / "packed" / "train-00000.bin"
+    assert len(recorded) == 1 and recorded[0] == _sha256(shard.read_bytes())
+    data = bytearray(shard.read_bytes())
+    assert data[6:10] == b"JFIF"
+    data[15] ^= 0x55  # the first JPEG's pixel density: it still decodes, to the same pixels
+    shard.write_bytes(data)
+    assert verify(out, workers=1) == [
+        f"{shard}: its SHA-256 is not the one recorded when it was written (damaged since, without a change of "
+        f"size); delete it and run the same prepare again: imagenet-resnet prepare {source} --out {out} --pack: "
+        "it re-packs that shard alone"]
+    shard.unlink()
+    prepare(source, out, pack=True, workers=1)  # as the message says
+    assert verify(out, workers=1) == []
+
+
+def _without_digests(out):
+    """The prepared folder as a version before shard digests wrote it: none in prepared.json nor in the records."""
+    manifest = json.loads((out / "prepared.json").read_text())
+    for info in manifest["packed"]["splits"].values():
+        info.pop("sha256", None)
+    (out / "prepared.json").write_text(json.dumps(manifest))
+    for record in (out / "packed").glob("*.sizes.npz"):
+        with np.load(record) as z:
+            sizes, failed = z["sizes"], z["failed"]
+        np.savez(record, sizes=sizes, failed=failed)
+
+
+def test_a_folder_packed_before_digests_is_read_and_a_prepare_adds_them(tmp_path, capsys):
+    source, out = _bad_files_tree(tmp_path / "src"), tmp_path / "out"
+    prepare(source, out, pack=True, workers=1)
+    _without_digests(out)
+    capsys.readouterr()
+    assert verify(out, workers=1) == [] and len(open_splits(out)[0]) == 9
+    note = capsys.readouterr().err
+    assert note.count("recorded no shard digests") == 1
+    assert f"to add them, run the same prepare again: imagenet-resnet prepare {source} --out {out} --pack" in note
+    shards = {p.name: p.stat().st_ino for p in (out / "packed").glob("*.bin")}
+    prepare(source, out, pack=True, workers=1)
+    assert "train: 1 of 1 shards in" in capsys.readouterr().err
+    assert {p.name: p.stat().st_ino for p in (out / "packed").glob("*.bin")} == shards  # none packed again
+    assert all(len(info["sha256"]) == 1
+               for info in json.loads((out / "prepared.json").read_text())["packed"]["splits"].values())
+    assert verify(out, workers=1) == [] and "recorded no shard digests" not in capsys.readouterr().err
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def test_limit_per_class_keeps_the_first_n_of_each_class(tmp_path):
@@ -408,3 +563,18 @@ def test_prepare_and_training_describe_an_unreadable_file_in_the_same_words(tmp_
         train_tiny(data, tmp_path / "run", epochs=1)
     said = " ".join(str(w.message) for w in warned)
     assert "empty.jpg: empty file (0 bytes)" in said and "notes.jpg: not an image file (no image format recognised)" in said
+
+
+def test_problems_in_the_official_tars_are_summed_up_by_their_own_names(tmp_path, capsys):
+    """Issue 35: the summary named a tar's member "n01440764_2.JPEG)", the closing parenthesis of "ILSVRC2012_img_
+    train.tar (byte 2560: n01440764/n01440764_2.JPEG)" kept; and a JPEG cut inside its header was "unreadable: not
+    an image file" where one cut in its pixels is "truncated"."""
+    like = ImageNetLike()
+    wnid = like.classes[0]
+    like.train[wnid] += [(f"{wnid}_2.JPEG", tiny_jpeg(5)[:300]), (f"{wnid}_3.JPEG", b"")]
+    prepare(like.official(tmp_path / "official"), tmp_path / "prepared", workers=1)
+    summary = capsys.readouterr().out
+    assert re.search(rf"^ +1 empty +left out: {wnid}_3\.JPEG$", summary, re.MULTILINE), summary
+    assert re.search(rf"^ +1 truncated +left out: {wnid}_2\.JPEG$", summary, re.MULTILINE), summary
+    problems = (tmp_path / "prepared" / "problems.tsv").read_text()
+    assert f": {wnid}/{wnid}_2.JPEG)\ttruncated\tleft out\ta JPEG file, truncated or damaged" in problems

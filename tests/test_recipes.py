@@ -38,6 +38,20 @@ def test_recipes_are_found_by_name_outside_the_repository(tmp_path, tiny_data):
     assert missing.returncode == 2 and "resnet50_step90" in missing.stderr  # the shipped names are listed
 
 
+def test_the_imagenette_recipes_cite_the_leaderboard_as_it_stands():
+    """fastai's 5-epoch Imagenette entry at 128 px has been 87.43% since 2021-03 (its README at ba8db39); the
+    recipe went on citing the 85.77% that entry replaced. `recipes` prints each recipe's published figure."""
+    lines = run_cli("recipes").stdout.splitlines()
+
+    def published(recipe: str) -> str:
+        at = next(i for i, line in enumerate(lines) if line.split()[:1] == [recipe])
+        return lines[at + 1].strip()
+
+    for recipe, figure in (("imagenette_128_5ep", "87.43%"), ("imagenette_128_20ep", "91.57%")):
+        assert published(recipe).startswith(f"published: {figure} top-1, fastai's Imagenette leaderboard at 128 px")
+        assert "fastai/imagenette/blob/ba8db39/README.md#imagenette-leaderboard" in published(recipe)
+
+
 def test_ffcv_recipes_keep_ffcvs_numbers():
     for epochs, ramp in {16: (11, 13), 24: (17, 20), 32: (23, 27), 40: (29, 34), 88: (65, 76)}.items():
         cfg = load_config(RECIPES[0].parent / f"resnet50_ffcv{epochs}.yaml")

@@ -73,6 +73,7 @@ def test_progress_bar_on_a_terminal_and_log_lines_elsewhere(tmp_path, monkeypatc
     import sys
 
     from imagenet_resnet.training.monitor import StepReporter
+    from imagenet_resnet.training.run_folder import RunFolder
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -81,7 +82,7 @@ def test_progress_bar_on_a_terminal_and_log_lines_elsewhere(tmp_path, monkeypatc
     for stdout, expect_bar in ((Terminal(), True), (io.StringIO(), False)):
         monkeypatch.setattr(sys, "stdout", stdout)
         logged = []
-        reporter = StepReporter(tmp_path, True, logged.append, steps_per_epoch=10, total_steps=20, every=5)
+        reporter = StepReporter(RunFolder(tmp_path), True, logged.append, steps_per_epoch=10, total_steps=20, every=5)
         reporter.start_epoch(0, 2, first_step=0)
         for step in range(10):
             reporter.step(0, step, step + 1, lambda: (1.5, 0.25), 0.1, 100.0)

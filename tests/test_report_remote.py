@@ -158,3 +158,24 @@ def test_a_missing_or_unreachable_url_is_one_line_naming_the_fix(s3, monkeypatch
     assert down.returncode == 2 and down.stderr.count("\n") == 1, down.stderr
     assert "cannot read" in down.stderr and "check the URL, the network and the credentials" in down.stderr
     assert not any(secret in missing.stderr + down.stderr for secret in SECRETS.values())
+
+
+def test_status_of_a_run_stopped_before_its_first_record_and_of_a_folder_of_runs(tiny_data, tmp_path):
+    """Issue 35: a run stopped after 5 steps, before steps.jsonl's first record, was "step 0/... | starting: no
+    step recorded yet"; a folder of runs was "no run there"."""
+    runs = tmp_path / "runs"
+    cfg = load_config(None, [*TINY_SETTINGS, f"data.path={tiny_data}", "train.epochs=2", "train.log_every_steps=50",
+                             "train.stop_at_step=5"])
+    with pytest.raises(RunStopped):
+        train(cfg, runs / "a")
+    shutil.copytree(runs / "a", runs / "b")
+    (runs / "notes").mkdir()  # a folder of other things is no run, and not listed
+    line = run_cli("status", str(runs / "a")).stdout.strip()
+    assert line.startswith(f"{runs / 'a'}: epoch 1/2 | step 5/14 | no validation yet | stopped: reached "
+                           "train.stop_at_step=5 (the same command with --resume continues it; "), line
+    assert "starting" not in line
+    listed = run_cli("status", str(runs)).stdout.strip().splitlines()
+    assert [each.split(": ", 1)[0] for each in listed] == [str(runs / "a"), str(runs / "b")]
+    assert [status["step"] for status in json.loads(run_cli("status", str(runs), "--json").stdout)] == [5, 5]
+    nothing = run_cli("status", str(runs / "notes"), check=False)
+    assert nothing.returncode == 2 and "no run there" in nothing.stderr

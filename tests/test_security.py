@@ -397,20 +397,23 @@ def test_an_mlflow_uri_with_credentials_in_the_environment_is_refused(monkeypatc
     from imagenet_resnet.training.tracking import TrackRequest, TrackSpec, check_tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cr3tpw@127.0.0.1:9/")
-    with pytest.raises(UserError, match="MLFLOW_TRACKING_URI holds credentials") as refused:
+    with pytest.raises(UserError, match="MLFLOW_TRACKING_URI: the URL holds credentials") as refused:
         check_tracking(TrackRequest([TrackSpec("mlflow")]))
-    assert "s3cr3tpw" not in str(refused.value)
+    assert "s3cr3tpw" not in str(refused.value) and "MLFLOW_TRACKING_PASSWORD" in str(refused.value)
 
 
 def test_train_log_and_error_lines_never_hold_a_secret(tmp_path, monkeypatch):
     """The one writer of train.log, and the one printer of expected errors, blank the environment's credentials and
     a URL's user:password@ (a tracker's or a store's error may quote either)."""
     from imagenet_resnet.cli import one_line
+    from imagenet_resnet.training.run_folder import RunFolder
     from imagenet_resnet.training.trainer import RunLog
 
     monkeypatch.setenv("WANDB_API_KEY", "wandbkey0123456789")
     message = "tracking: no answer from http://bob:pa55w0rd@mlflow.example (key wandbkey0123456789)"
-    RunLog(tmp_path)(message)
+    folder = RunFolder(tmp_path)
+    folder.accept()  # a run that passed its checks: its log is written
+    RunLog(folder)(message)
     for said in ((tmp_path / "train.log").read_text(), one_line(UserError(message + "\n\x1b[2J"))):
         assert "pa55w0rd" not in said and "wandbkey0123456789" not in said and "\x1b" not in said
         assert "http://***@mlflow.example" in said

@@ -21,6 +21,7 @@ from PIL import Image
 
 from conftest import run_cli, train_tiny
 from helpers import free_port, png_header, start_server, stop
+from imagenet_resnet.serving import export as onnx_export
 from imagenet_resnet.serving.inference import load_model
 from imagenet_resnet.serving.serve import MAX_UPLOAD_BYTES, Classifier, ImageRejected, example_images, safe_open_image
 
@@ -64,6 +65,7 @@ def bad_inputs() -> dict[str, tuple[bytes, int, str]]:
         "empty.jpg": (b"", 400, "empty (0 bytes)"),
         "notes.txt": (b"this is not an image\n" * 50, 415, "not a readable image"),
         "truncated.jpg": (jpeg[: len(jpeg) // 3], 422, "truncated or damaged"),
+        "header-cut.jpg": (jpeg[:300], 422, "a JPEG file, truncated or damaged"),  # issue 35: was 415, "not an image"
         "many-pixels.png": (png_header(8000, 6000), 413, "(48 megapixels), over the 40 megapixel limit"),
         "bomb.png": (png_header(60_000, 60_000), 413, "decompression bomb"),
         "float.tif": (encode(Image.fromarray(np.ones((8, 8), np.float32)), "TIFF"), 415, "floating-point"),
@@ -128,7 +130,6 @@ def test_one_photo_gets_the_same_probabilities_from_evaluate_predict_serve_and_o
     served, _ = Classifier(loaded)(photo)
     for answer in (predicted, served):
         assert [(t["probability"], t["class"]) for t in answer] == expected
-    onnx_export = pytest.importorskip("imagenet_resnet.serving.export")
     if all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")):
         written = onnx_export.export_onnx(loaded, tmp_path / "model")
         session = onnx_export.onnx_session(written["model"])
@@ -364,16 +365,6 @@ def test_gradio_analytics_are_off_by_default(checkpoint, monkeypatch):
     assert not gradio.Blocks().analytics_enabled
 
 
-def _reachable(url: str) -> bool:
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(url, timeout=5)
-        return True
-    except OSError:
-        return False
-
-
 @needs_gradio
 def test_space_installs_the_cpu_only_torch(checkpoint, tmp_path):
     """Issue 14: `torch>=2.1` from PyPI is the CUDA build on Linux, 5.7 GB for a CPU demo."""
@@ -383,14 +374,3 @@ def test_space_installs_the_cpu_only_torch(checkpoint, tmp_path):
     lines = (tmp_path / "space" / "requirements.txt").read_text().split("\n")
     assert lines[0] == f"--extra-index-url {CPU_TORCH_INDEX}"
     assert [line for line in lines if line.startswith("torch")] == [f"torch=={torch.__version__.split('+')[0]}+cpu"]
-
-
-def test_the_spaces_cpu_torch_wheel_is_small(tmp_path):
-    from imagenet_resnet.serving.space import CPU_TORCH_INDEX, cpu_torch_requirement
-
-    if not _reachable(CPU_TORCH_INDEX + "/torch/"):
-        pytest.skip(f"{CPU_TORCH_INDEX} is not reachable from here (only PyPI is): the wheel's size is not checked")
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(tmp_path),
-                    "--extra-index-url", CPU_TORCH_INDEX, cpu_torch_requirement()], check=True, capture_output=True,
-                   timeout=900)
-    assert sum(f.stat().st_size for f in tmp_path.iterdir()) < 400e6  # the CUDA build's wheels come to gigabytes

@@ -20,6 +20,7 @@ from imagenet_resnet.data.synthetic import make_shapes_dataset
 from imagenet_resnet.errors import UserError
 from imagenet_resnet.training.checkpoint import Checkpointer
 from imagenet_resnet.training.monitor import StepReporter, SystemSampler
+from imagenet_resnet.training.run_folder import RunFolder
 from imagenet_resnet.training.trainer import _worker_deaths
 
 
@@ -91,7 +92,7 @@ class _Dying(torch.utils.data.Dataset):
 
 
 def _load_all_through_worker_deaths(tmp_path, how: str) -> None:
-    checkpointer = Checkpointer(tmp_path, True, Config(), ["a"])  # no checkpoint written
+    checkpointer = Checkpointer(RunFolder(tmp_path), True, Config(), ["a"])  # no checkpoint written
     loader = torch.utils.data.DataLoader(_Dying(how), batch_size=1, num_workers=1, persistent_workers=True)
     try:
         with _worker_deaths(checkpointer):
@@ -149,7 +150,7 @@ class _Terminal(io.StringIO):
 
 def test_the_bar_shows_the_loss_on_an_epoch_shorter_than_log_every_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stdout", _Terminal())
-    reporter = StepReporter(tmp_path, True, print, steps_per_epoch=20, total_steps=40, every=50)
+    reporter = StepReporter(RunFolder(tmp_path), True, print, steps_per_epoch=20, total_steps=40, every=50)
     reporter.start_epoch(0, 2, first_step=0)
     for step in range(20):
         reporter.step(0, step, step + 1, lambda: (1.5, 0.25), 0.1, 100.0)

@@ -14,7 +14,9 @@ from conftest import run_cli, tiny_train_args
 from tracking_helpers import mlflow_run_summary, mlflow_server, read_wandb_offline_all  # noqa: F401 (a fixture)
 
 from imagenet_resnet.data.synthetic import make_shapes_dataset
+from imagenet_resnet.errors import UserError
 from imagenet_resnet.training import checkpoint
+from imagenet_resnet.training.tracking import TrackRequest, check_tracking, parse_track
 
 pytest.importorskip("mlflow")
 
@@ -160,3 +162,38 @@ def test_bad_track_options_are_one_line_and_write_nothing(tiny_data, tmp_path, m
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert said in proc.stderr.strip().splitlines()[-1] and "hunter2" not in proc.stderr
         assert not (tmp_path / "run").exists()
+
+
+def test_tracker_refusals_give_the_trackers_own_fix_once(monkeypatch):
+    """Issue 35: an MLflow URI holding user:password@ was told the S3 variables (AWS_ACCESS_KEY_ID...); a server
+    given without its scheme got MLflow's text on file stores, cut mid-sentence; a missing wandb package was said
+    after "--track wandb:" twice; and argparse's "argument --track:" came before the message's own "--track"."""
+    with pytest.raises(UserError) as credentials:
+        parse_track("mlflow:http://ann:hunter2@tracker.example")
+    said = str(credentials.value)
+    assert "MLFLOW_TRACKING_USERNAME" in said and "AWS_" not in said and "hunter2" not in said
+    with pytest.raises(UserError, match=r"without its scheme.*; did you mean http://127\.0\.0\.1:5055\?$"):
+        parse_track("mlflow:127.0.0.1:5055")
+    for spec in ("mlflow:http://ann:hunter2@tracker.example", "mlflow:127.0.0.1:5055"):
+        line = run_cli("train", "--track", spec, check=False).stderr.strip().splitlines()[-1]
+        assert line.startswith("imagenet-resnet train: error: argument --track: ") and line.count("--track") == 1
+
+    import mlflow
+
+    with pytest.raises(UserError) as refused:  # a URI MLflow itself refuses, with a message of several sentences
+        check_tracking(TrackRequest([parse_track("mlflow:ftp://tracker/x")]))
+    fix = "; give a tracking server's URL (mlflow:http://HOST:PORT) or a database (mlflow:sqlite:///mlflow.db)"
+    said = str(refused.value)
+    assert said.startswith("--track mlflow:ftp://tracker/x: ") and said.endswith(fix), said
+    with pytest.raises(Exception) as mlflows:
+        mlflow.tracking.MlflowClient(tracking_uri="ftp://tracker/x")
+    reason = said.removeprefix("--track mlflow:ftp://tracker/x: ").removesuffix(fix)
+    assert str(mlflows.value).strip().startswith(reason + ". ")  # MLflow's own words, cut where a sentence ends
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # the wandb package not installed
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with pytest.raises(UserError) as no_wandb:
+        check_tracking(TrackRequest([parse_track("wandb:shapes")]))
+    assert str(no_wandb.value) == ('--track wandb: the wandb package is not installed: pip install '
+                                   '"imagenet-resnet[wandb]"')
+

@@ -77,7 +77,8 @@ def _train_parser(sub, name: str, run, help: str, description: str) -> argparse.
                        "same tracker run; credentials the tracker's own ways (MLFLOW_TRACKING_*, WANDB_API_KEY); "
                        'pip install "imagenet-resnet[mlflow]" or "[wandb]"')
         p.add_argument("--take-over", action="store_true", help="take the mirror's lease from a trainer whose lease "
-                       "is still live (one you know is gone); that trainer, should it come back, stops writing")
+                       "is still live (one you know is gone); that trainer, should it come back, stops writing. Never "
+                       "a run folder's lock: only a live trainer holds one")
         p.add_argument("--lease-timeout", type=positive_float, default=120.0, metavar="SECONDS",
                        help="a mirror's lease without a heartbeat for this long is stale, and --resume takes it "
                        "over (renewed every quarter of it)")
@@ -90,15 +91,18 @@ def _train_parser(sub, name: str, run, help: str, description: str) -> argparse.
         p.add_argument("--data-cache", metavar="DIR", help="with --data s3://... (a folder `prepare --out URL --pack` "
                        "wrote): where its local copy is kept, fetched once and checked (default: "
                        "~/.cache/imagenet-resnet/data)")
-        p.add_argument("--budget", metavar="TIME|MONEY", help="fit the whole run to this much wall time (6h, 90m, "
-                       "600s) or money (25usd, with --price-per-hour), start-up, evaluations and checkpoints "
-                       "included: the recipe's epochs stretched or shrunk to what fits, ending with the LR "
-                       "annealed; replaces --epochs; a resumed run gets what is left")
+        p.add_argument("--budget", metavar="TIME|MONEY", help="fit the whole run to this much wall time (6h, "
+                       "2h30m, 90m, 600s) or money (25usd, with --price-per-hour), start-up, evaluations and "
+                       "checkpoints included: the recipe's epochs stretched or shrunk to spend all of it, ending "
+                       "with the LR annealed; replaces --epochs; a resumed run gets what is left")
         p.add_argument("--price-per-hour", type=positive_float, metavar="USD",
-                       help="what the run's machines cost per hour, all together, for --budget in usd")
+                       help="what the run's machines cost per hour, all together, with --budget: for a budget in "
+                       "usd, and to say a time budget's cost")
         p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan (model, "
-                       "device, precision, global batch, steps) and exit without training; with --budget, "
-                       "measure a few steps at each of the recipe's resolutions and print the epochs that fit")
+                       "device, precision, global batch, steps) and what a step needs in memory, and exit without "
+                       "training or writing anything; --out is checked and a --resume planned as train would; with "
+                       "--budget, measure a few steps at each of the recipe's resolutions and print the epochs that "
+                       "fit")
         p.add_argument("--init-from", help="start from these weights (torchvision/timm ResNet state dict or one of "
                        "our checkpoints); a head for another number of classes is replaced")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -206,9 +210,10 @@ def _add_model_commands(sub) -> None:
                  "one line: epoch, step, last val top-1, images/s, ETA, age of the last record",
                  "Where a run stands, from its run folder or the bucket it is mirrored to (train --mirror URL): "
                  "reads config.yaml, metrics.jsonl and the ends of steps.jsonl and train.log, never a "
-                 "checkpoint. A run that stopped writing shows as stale.")
-    p.add_argument("run", metavar="RUN|URL", help="the run folder, or the URL it is mirrored to (s3://bucket/run)")
-    p.add_argument("--json", action="store_true", help="the same as a JSON object (times in Unix seconds)")
+                 "checkpoint. A run that stopped writing shows as stale. A folder of runs: a line for each.")
+    p.add_argument("run", metavar="RUN|URL", help="the run folder, or the URL it is mirrored to (s3://bucket/run); "
+                   "or a folder holding runs")
+    p.add_argument("--json", action="store_true", help="the same as JSON (times in Unix seconds); a list for runs")
 
     p = _command(sub, "predict", cmd_predict, "top-k classes with names and probabilities for images",
                  "Images are read as the server reads uploads: any format and mode, 16-bit, alpha, EXIF rotation.")
@@ -283,6 +288,9 @@ def _config_for_train(args) -> Config:
             raise UserError(f"--budget {args.budget} fits the recipe's epochs to the budget: drop --epochs {args.epochs}")
         overrides.append(f"train.budget={json.dumps(args.budget)}")
     if getattr(args, "price_per_hour", None) is not None:
+        if not getattr(args, "budget", None):  # nothing else reads it: taken silently, it would look used
+            raise UserError(f"--price-per-hour {args.price_per_hour:g} is used with --budget only (a budget in usd, "
+                            "or a time budget said with its cost): add --budget, e.g. --budget 25usd, or drop it")
         overrides.append(f"train.price_per_hour={args.price_per_hour}")
     for flag, key in (("model", "model.name"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
                       ("init_from", "train.init_from"), ("spot_notice", "train.spot_notice")):
@@ -296,13 +304,16 @@ def _track_spec(spec: str):
 
     try:
         return parse_track(spec)
-    except UserError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--track {spec}: ")) from None
+    except UserError as e:  # argparse says "argument --track:" itself: the message's own "--track ...: " goes
+        message = str(e)
+        raise argparse.ArgumentTypeError(message.split(": ", 1)[1] if message.startswith("--track ") else message) \
+            from None
 
 
 def cmd_train(args) -> int:
     from .data.synthetic import make_shapes_dataset
     from .training import distributed
+    from .training.run_folder import RunFolder
     from .training.stopping import RunStopped
     from .training.tracking import TrackRequest, check_tracking
     from .training.trainer import dry_run, train
@@ -316,8 +327,12 @@ def cmd_train(args) -> int:
         raise UserError("--resume continues the run in its run folder: give that folder as --out")
     if args.no_lease and args.take_over:
         raise UserError("--take-over takes a mirror's lease, and --no-lease takes none: give one of them")
-    if not args.dry_run:  # before any data is made or fetched; the default runs/<date-time> goes in ./runs
-        check_writable(Path(args.out or "runs"), "--out")
+    # The run folder as train will check it, before any data is made or fetched (the default runs/<date-time>
+    # goes in ./runs); neither check writes anything, so a dry-run makes them too.
+    check_writable(Path(args.out or "runs"), "--out")
+    if args.out and not args.resume:
+        RunFolder(Path(args.out)).check_new()
+    if not args.dry_run:
         check_tracking(TrackRequest(args.track) if args.track else None)
     if not args.data:
         args.data, args.shapes = str(make_shapes_dataset(DEMO_DATA_DEFAULT)), True
@@ -329,7 +344,10 @@ def cmd_train(args) -> int:
         args.data = str(fetch_prepared(args.data, args.data_cache))
     cfg = _config_for_train(args)
     if args.dry_run:
-        print(dry_run(cfg), end="")
+        if args.mirror:
+            print(f"note: --dry-run plans from --out as it is here; it does not read --mirror {args.mirror} (a resume "
+                  "continues from the mirror's checkpoint where that is newer)", flush=True)
+        dry_run(cfg, Path(args.out) if args.out else None, args.resume)
         return 0
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     track = TrackRequest(args.track, args.recipe) if args.track else None
@@ -454,10 +472,13 @@ def cmd_report(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .status import run_status, status_line
+    from .status import status_line, status_of
 
-    status = run_status(args.run)
-    print(json.dumps(status) if args.json else status_line(status))
+    found = status_of(args.run)
+    if args.json:
+        print(json.dumps(found))
+    else:
+        print("\n".join(status_line(status) for status in (found if isinstance(found, list) else [found])))
     return 0
 
 
@@ -528,8 +549,7 @@ def cmd_export(args) -> int:
                         "or folders holding some")
     loaded = load_model(args.checkpoint, "cpu", args.ema)  # exports are made on the CPU, whatever machine this is
     if args.format == "safetensors":
-        summary = export.export_safetensors(loaded, args.out)
-        summary["parity"] = export.check_safetensors(loaded, summary["weights"], images)
+        summary = export.export_safetensors(loaded, args.out, images)
     elif args.format == "onnx":
         summary = export.export_onnx(loaded, args.out, args.opset or export.ONNX_OPSET, images)
     elif args.format == "torchscript":

@@ -26,6 +26,9 @@ SCHEDULES = ("step", "cosine", "flat-cosine", "onecycle", "linear", "constant")
 OPTIMIZERS = ("sgd", "adamw", "radam", "lamb")
 LR_SCALINGS = ("auto", "linear", "sqrt")
 SPOT_PROVIDERS = ("", "aws", "gcp")  # train.spot_notice: see training/spot.py
+_AMOUNT = r"(\d+(?:\.\d*)?|\.\d+)"
+_BUDGET_TIME = re.compile(rf"(?:{_AMOUNT}\s*h)?\s*(?:{_AMOUNT}\s*m)?\s*(?:{_AMOUNT}\s*s)?")  # 6h, 2h30m, 90m, 1.5h
+_BUDGET_MONEY = re.compile(rf"{_AMOUNT}\s*usd")
 
 
 @dataclass
@@ -125,9 +128,10 @@ class TrainConfig:
     compile: str = ""  # torch.compile mode: "" = off, default, reduce-overhead, max-autotune, ...
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no C++ compiler needed)
     init_from: str = ""  # start from these weights (torchvision/timm format or our checkpoint); a different head is replaced
-    budget: str = ""  # fit the whole run to this much wall time (6h, 90m, 600s) or money (25usd, with
+    budget: str = ""  # fit the whole run to this much wall time (6h, 2h30m, 90m, 600s) or money (25usd, with
     # price_per_hour): the recipe's epochs stretched or shrunk to fit (training/budget.py); "" = off
-    price_per_hour: float = 0.0  # what the run's machines cost together per hour, for a budget in usd
+    price_per_hour: float = 0.0  # what the run's machines cost together per hour: for a budget in usd, and to
+    # say a time budget's cost
     total_steps: int = 0  # the run's length in optimizer steps, the recipe stretched to it; 0 = epochs x steps per
     # epoch. With schedule_knots, replays a budgeted run without its budget (its train.log prints both)
     schedule_knots: list = field(default_factory=list)  # [[step, recipe step, rate], ...]: where a budgeted
@@ -138,21 +142,29 @@ class TrainConfig:
     # AWS, http://metadata.google.internal on GCP)
     spot_poll_seconds: float = 5.0  # how often the metadata service is asked (AWS warns 2 minutes ahead, GCP 30 s)
 
+    def budget_in_money(self) -> bool:
+        return self.budget.strip().lower().endswith("usd")
+
     def budget_seconds(self) -> float:
         """train.budget in seconds of wall time (0: no budget)."""
         if not self.budget:
             return 0.0
-        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|m|h|usd)\s*", self.budget.lower())
-        if not match or float(match[1]) <= 0:
-            raise ConfigError(f"train.budget={self.budget!r}: give wall time as 6h, 90m or 600s, or money as 25usd "
-                              "with --price-per-hour")
-        value, unit = float(match[1]), match[2]
-        if unit == "usd":
-            if self.price_per_hour <= 0:
-                raise ConfigError(f"--budget {self.budget}: a budget in money needs what the machines cost, e.g. "
-                                  "--price-per-hour 4.10 (dollars per hour, all the run's machines together)")
-            return value / self.price_per_hour * 3600
-        return value * {"s": 1, "m": 60, "h": 3600}[unit]
+        text = self.budget.strip().lower()
+        money, time = _BUDGET_MONEY.fullmatch(text), _BUDGET_TIME.fullmatch(text)
+        if money and self.price_per_hour <= 0:
+            raise ConfigError(f"--budget {self.budget}: a budget in money needs what the machines cost, e.g. "
+                              "--price-per-hour 4.10 (dollars per hour, all the run's machines together)")
+        if money:
+            seconds = float(money[1]) / self.price_per_hour * 3600
+        elif time:
+            hours, minutes, secs = (float(part or 0) for part in time.groups())
+            seconds = hours * 3600 + minutes * 60 + secs
+        else:
+            seconds = 0.0
+        if seconds <= 0:
+            raise ConfigError(f"train.budget={self.budget!r}: give wall time as 6h, 2h30m, 90m or 600s, or money "
+                              "as 25usd with --price-per-hour")
+        return seconds
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """The project's one exception for expected problems, and the one expected problem every writer meets: a full
-disk, said in one line (disk_full_said) wherever a file is written."""
+disk, said in one line (disk_full_said) wherever a file is written; and the one refusal of a second trainer
+(another_writer)."""
 
 import contextlib
 import errno
@@ -16,6 +17,13 @@ class UserError(ValueError):
 
 
 AGAIN = "run the same command again (with --resume to continue a run)"
+
+
+def another_writer(place: str, holder: str, way_out: str) -> UserError:
+    """The one refusal of a second trainer, whichever guard found the first: a run folder's lock
+    (training/run_folder.py) or a mirror's lease (storage/mirror.py). `holder` names the trainer in the way."""
+    return UserError(f"{place} is being written by another trainer on {holder}: two trainers must never write one "
+                     f"run; {way_out}")
 
 
 def disk_full(path: Path, error: OSError, again: str = AGAIN) -> UserError:

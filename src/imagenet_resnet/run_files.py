@@ -22,12 +22,14 @@ BEFORE_FIRST_CHECKPOINT = {"train.log", "config.yaml", "steps.jsonl", "samples.j
 # And what its first epoch's end writes before last.pt: the record first, then best.pt (see trainer.train).
 FIRST_EPOCH_END = {"metrics.jsonl", "metrics.csv", "best.pt"}
 NEVER_A_RUNS = {"lost+found"}  # the root of a freshly made file system: --out /mnt/new-disk is fine
+LOCK = ".lock"  # held by the trainer writing the folder (training/run_folder.py); a killed one may leave the file
 
 
 def _entries(out_dir: Path) -> list[str]:
     if not out_dir.is_dir():
         return []
-    return sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir() if p.name not in NEVER_A_RUNS)
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir()
+                  if p.name not in NEVER_A_RUNS and p.name != LOCK)
 
 
 def _named(names: list[str]) -> str:

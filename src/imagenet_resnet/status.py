@@ -19,6 +19,7 @@ import yaml
 
 from .errors import UserError
 from .run_files import RunFiles
+from .storage import urls
 
 RECENT_STEP_RECORDS = 20  # the speed behind the ETA: over the last this many sampled steps
 # A gap this many times the recent median seconds per step is not training speed: a restart after a
@@ -32,7 +33,13 @@ LOG_ENDS_BYTES = 64 << 10
 
 _PLAN = re.compile(r"\| (\d+) steps/epoch x ")
 _FITTED = re.compile(r"\| fitted to (\d+) steps ")
-_STOPPED = re.compile(r"^(?:\d\d:\d\d:\d\d )?(.+?): saved .* run the same command with --resume to continue$")
+_STOPPED = re.compile(r"^(?:\d\d:\d\d:\d\d )?(.+?): saved .*\(global step (\d+)\); run the same command with "
+                      r"--resume to continue$")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "steps.jsonl", "train.log")  # what `train` writes, the first at once
+
+
+class NoRunThere(UserError):
+    """A folder (or URL) holding none of a run's files."""
 
 
 def duration(seconds: float) -> str:
@@ -55,14 +62,14 @@ def _last_match(pattern: re.Pattern, lines: list[str]) -> int | None:
     return found[-1] if found else None
 
 
-def _stop_reason(lines: list[str]) -> str | None:
-    """Why the run stopped early (a signal, train.stop_at_step), when that is the log's last word; the
-    mirror's closing lines come after it and are passed over."""
+def _stop_line(lines: list[str]) -> tuple[str, int] | None:
+    """(why the run stopped early (a signal, train.stop_at_step), the global step of the checkpoint it saved),
+    when that is the log's last word; the mirror's closing lines come after it and are passed over."""
     for line in reversed(lines):
         if line[9:].startswith("mirror: ") or not line.strip():
             continue
         m = _STOPPED.match(line)
-        return m.group(1) if m else None
+        return (m.group(1), int(m.group(2))) if m else None
     return None
 
 
@@ -113,13 +120,16 @@ def run_status(run: str | Path, now: float | None = None) -> dict:
     head_lines, tail_lines = _log_lines(head), _log_lines(tail)
     log_lines = head_lines + tail_lines
     if not (config or epochs or steps or log_lines):
-        raise UserError(f"{files}: no run there (no config.yaml, metrics.jsonl, steps.jsonl or train.log); give "
-                        "the --out folder of a run, or the URL it is mirrored to (--mirror)")
+        raise NoRunThere(f"{files}: no run there (no {', '.join(RUN_FILES[:-1])} or {RUN_FILES[-1]}); give "
+                         "the --out folder of a run, or the URL it is mirrored to (--mirror)")
 
     steps_per_epoch, total_steps = _run_length(train, epochs, steps, head_lines, tail_lines)
 
     last_step, last_epoch = (steps[-1] if steps else None), (epochs[-1] if epochs else None)
-    step = max(last_step["step"] if last_step else 0, last_epoch["step"] if last_epoch else 0)
+    finished = bool(last_epoch and total_steps and last_epoch["step"] >= total_steps)
+    stopped, saved_step = (None, 0) if finished else (_stop_line(log_lines) or (None, 0))
+    # A run stopped between records (before its first sampled step, say) is where its checkpoint is.
+    step = max(last_step["step"] if last_step else 0, last_epoch["step"] if last_epoch else 0, saved_step)
     if steps_per_epoch:
         epoch = max(1, math.ceil(step / steps_per_epoch))
     else:
@@ -128,8 +138,6 @@ def run_status(run: str | Path, now: float | None = None) -> dict:
     validated = next((r for r in reversed(epochs) if r.get("val_top1") is not None), None)
     newest = max([r for r in (last_step, last_epoch) if r], key=lambda r: r["time"], default=None)
     seconds_per_step = _seconds_per_step(steps, epochs)
-    finished = bool(last_epoch and total_steps and last_epoch["step"] >= total_steps)
-    stopped = None if finished else _stop_reason(log_lines)
     steps_left = max(total_steps - step, 0) if total_steps else None
     age = now - newest["time"] if newest else None
     every = train.get("log_every_steps") or steps_per_epoch or 1
@@ -181,12 +189,34 @@ def status_line(s: dict, now: float | None = None) -> str:
         parts.append(f"stopped: {s['stopped_because']} (the same command with --resume continues it; {eta} left)")
     else:
         parts.append(f"ETA {eta}")
-    if s["last_record_age_seconds"] is None:
+    if s["state"] == "starting":
         parts.append("starting: no step recorded yet")
-    else:
+    elif s["last_record_age_seconds"] is not None:  # (a run stopped before its first record has none)
         last = f"last record {duration(s['last_record_age_seconds'])} ago"
         if s["state"] == "stale":
             last += (f" (STALE: nothing new for over {duration(s['stale_after_seconds'])}; is it still running? "
                      "its train.log ends with the last thing it said)")
         parts.append(last)
     return f"{s['run']}: " + " | ".join(parts)
+
+
+def runs_inside(where: str | Path) -> list[str]:
+    """The runs directly inside a folder (or URL) of runs, as `status` takes them: runs/ holding runs/a and runs/b."""
+    files = RunFiles(where)
+    if files.remote:
+        names = urls.list_names(files.root)
+    else:
+        names = sorted(p.name for p in files.root.iterdir() if p.is_dir())
+    inside = [urls.join(files.root, name) for name in names]
+    return [str(run) for run in inside if any(urls.exists(urls.join(run, name)) for name in RUN_FILES)]
+
+
+def status_of(where: str | Path, now: float | None = None) -> dict | list[dict]:
+    """The status of the run at `where`, or for a folder of runs the list of the status of each run in it."""
+    try:
+        return run_status(where, now)
+    except NoRunThere:
+        runs = runs_inside(where)
+        if not runs:
+            raise
+        return [run_status(run, now) for run in runs]

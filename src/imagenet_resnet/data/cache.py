@@ -12,9 +12,11 @@ brought down whole, once per machine, and reused by every later run:
 
 CACHE is --data-cache, by default $XDG_CACHE_HOME/imagenet-resnet/data (~/.cache/imagenet-resnet/data).
 
-What is checked. The format records no hashes of the shards (prepare computes none), so:
+What is checked:
 - each shard's size against the packed index (the end of its last image), at the URL before fetching and
-  here after;
+  here after, and its SHA-256 (computed as its bytes arrive) against the one prepare recorded in prepared.json
+  while writing it: a shard damaged at the URL without a change of size is refused. A folder prepared by a
+  version that recorded no digests is checked by size alone, and the fetch says so;
 - each index (.npz) against the CRC-32s of its zip entries, and the packed ones against prepared.json
   (classes, images, bytes, shards);
 - every other file's size against the store's listing;
@@ -22,7 +24,7 @@ What is checked. The format records no hashes of the shards (prepare computes no
   (storage/urls.local_path), and each packed index reads its images from the shards beside it;
 - prepared.json is read once at the start and written here last; read again at the end, the copy is refused
   when it changed meanwhile (a new prepare --out began uploading), so that two versions are never mixed.
-A shard damaged at the URL without a change of size goes unseen.
+A complete copy is reused after a look at its files' sizes: reading it all back would cost a fetch.
 """
 
 from __future__ import annotations
@@ -172,21 +174,22 @@ def _fetch_locked(remote: _Remote, folder: Path, log, workers: int, chunk_bytes:
             if name.endswith(".npz"):
                 _check_zip(url, folder, name)
         shards = {split: _shard_sizes(url, folder, split, manifest) for split in manifest["packed"]["splits"]}
+        digests = _shard_digests(url, manifest, shards, log)
         for name, size in (item for found in shards.values() for item in found.items()):
             if name not in listing:
                 raise _damaged_at_url(url, name, "missing (the packed index lists it)")
             if listing[name] != size:
                 raise _damaged_at_url(url, name, f"{listing[name]} bytes, the index says {size}")
         for split, found in shards.items():
-            fetcher.fetch(found, f"{url}/packed/{split}.index.npz: the shard")
+            fetcher.fetch(found, f"{url}/packed/{split}.index.npz: the shard", digests)
 
     files = {**small, **{name: size for found in shards.values() for name, size in found.items()}}
     _check_fetched(remote, folder, files, manifest_bytes)
     write_atomic(manifest_bytes, folder / MANIFEST, again=FULL_AGAIN)
     record = {"url": url, "version": version, "fetched": time.strftime("%Y-%m-%d %H:%M:%S"),
               "files": {**files, MANIFEST: len(manifest_bytes)},
-              "checked": "shard sizes against the packed indexes, index CRC-32s and counts against prepared.json, "
-                         "other sizes against the listing",
+              "checked": "shard sizes against the packed indexes" + (", their SHA-256s" if digests else "")
+                         + " and index CRC-32s and counts against prepared.json, other sizes against the listing",
               "fetched_bytes": fetcher.fetched, "reused_bytes": fetcher.reused}
     _write_json(folder / COMPLETE, record)  # the marker, last: the copy is complete and checked
     total = sum(record["files"].values())
@@ -278,6 +281,23 @@ def _shard_sizes(url: str, folder: Path, split: str, manifest: dict) -> dict[str
     return {f"packed/{file}": int(end) for file, end in zip(index.files, ends)}
 
 
+def _shard_digests(url: str, manifest: dict, shards: dict[str, dict[str, int]], log) -> dict[str, str]:
+    """packed/NAME -> the SHA-256 prepare recorded for each shard (prepared.json lists them in shard order, as the
+    packed index lists the files); none, said once, for a folder prepared before digests were recorded."""
+    digests = {}
+    for split, found in shards.items():
+        recorded = manifest["packed"]["splits"][split].get("sha256")
+        if recorded is None:
+            log(f"{url}: prepared by a version that recorded no shard digests, so its shards are checked by size "
+                f"alone; to add them, run `imagenet-resnet prepare SOURCE --out {url} --pack` again")
+            return {}
+        if not isinstance(recorded, list) or len(recorded) != len(found):
+            raise _damaged_at_url(url, MANIFEST, f"its {split} SHA-256s do not match the packed index's "
+                                                 f"{len(found)} shards")
+        digests.update(zip(found, recorded))
+    return digests
+
+
 class _Fetcher:
     """Fetches files into the cache folder, `workers` at a time, each in ranged chunks appended to NAME.part and
     renamed once whole; with one progress bar over the bytes to fetch."""
@@ -296,9 +316,9 @@ class _Fetcher:
     def __exit__(self, *exc) -> None:
         self._bar.close()
 
-    def fetch(self, files: dict[str, int], source: str) -> None:
+    def fetch(self, files: dict[str, int], source: str, digests: dict[str, str] | None = None) -> None:
         """`files` (name -> size), their names from `source` (what handed them out, for the message refusing one):
-        every name is checked before any is fetched."""
+        every name is checked before any is fetched. `digests`: the SHA-256 a file must have (name -> hex)."""
         paths = {name: urls.local_path(self.folder, name, source) for name in files}
         todo = []
         for name, size in files.items():
@@ -313,8 +333,8 @@ class _Fetcher:
                 part.unlink()
                 have = 0
             self.reused += have
-            todo.append((name, final, size, have))
-        self._bar.total += sum(size - have for _, _, size, have in todo)
+            todo.append((name, final, size, have, (digests or {}).get(name)))
+        self._bar.total += sum(size - have for _, _, size, have, _ in todo)
         self._bar.refresh()
         with ThreadPoolExecutor(self.workers, thread_name_prefix="fetch") as pool:
             futures = [pool.submit(self._fetch_one, *job) for job in todo]
@@ -328,12 +348,17 @@ class _Fetcher:
         if errors:
             raise errors[0]
 
-    def _fetch_one(self, name: str, final: Path, size: int, have: int) -> None:
+    def _fetch_one(self, name: str, final: Path, size: int, have: int, sha256: str | None) -> None:
         part = final.with_name(final.name + PART)
         where, key = f"{self.remote.url}/{name}", self.remote.key(name)
         try:
             with disk_full_said(part, FULL_AGAIN):
                 part.parent.mkdir(parents=True, exist_ok=True)
+                digest = hashlib.sha256()
+                if have:  # the bytes a fetch cut short left: read once more, here
+                    with open(part, "rb") as kept:
+                        while block := kept.read(self.chunk_bytes):
+                            digest.update(block)
                 with open(part, "ab") as f:  # kept when cut short: the next fetch continues it
                     position = have
                     while position < size:
@@ -345,10 +370,17 @@ class _Fetcher:
                             raise UserError(f"{where}: got {len(data)} bytes at byte {position}, expected "
                                             f"{end - position} (a new prepare --out is uploading there?); {AGAIN}")
                         f.write(data)
+                        digest.update(data)
                         position = end
                         with self._lock:
                             self.fetched += len(data)
                             self._bar.update(len(data))
+                    if sha256 is not None and digest.hexdigest() != sha256:
+                        part.unlink()
+                        raise UserError(f"{where}: its SHA-256 is not the one {MANIFEST} records for it (damaged at "
+                                        "the URL without a change of size); delete it there and run `imagenet-resnet "
+                                        f"prepare SOURCE --out {self.remote.url} --pack` again, which uploads it anew, "
+                                        "then this command")
                     commit_file(f, part, final)
         except OSError as e:
             raise UserError(f"{part}: cannot write it ({e.strerror or e}); give --data-cache DIR on a disk you can "

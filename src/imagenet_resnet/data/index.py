@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -66,6 +67,16 @@ def _printable(name: bytes) -> str:
     """A name for a message or problems.tsv: control characters (a newline, a tab, a terminal's escape) shown
     escaped, never acted on; bytes that are not UTF-8 shown as \\x.. escapes."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name.decode("utf-8", "backslashreplace"))
+
+
+_IN_CONTAINER = re.compile(r" \((?:byte|row) \d+: (.*)\)$")  # ImageIndex.describe's "(byte 512: NAME)"
+
+
+def short_name(where: str) -> str:
+    """The image's own file name in an ImageIndex.describe() text: a file's name, or the name of an entry in a
+    container (a tar's member, a parquet row) without the container and the parentheses around it."""
+    entry = _IN_CONTAINER.search(where)
+    return (entry[1] if entry else where).rsplit("/", 1)[-1]
 
 
 @dataclass

@@ -8,8 +8,9 @@
    silently: each one is in problems.tsv and the summary.
 3. With --pack: images are re-encoded once as RGB JPEG with the short side capped, into shard files of
    consecutive JPEGs plus an offset index (random access with one pread, exact shuffling). Shards are
-   written in parallel, each atomically (storage/atomic.py), its sizes file (the mark of a complete shard)
-   last, so an interrupted run resumes at the first unfinished shard.
+   written in parallel, each atomically (storage/atomic.py), its record (the mark of a complete shard: sizes,
+   SHA-256, what it was packed from; shards.py) last, so an interrupted run resumes at the first unfinished
+   shard, and a later run packs again only the shards whose source images changed.
 
 A source at a URL (s3://...: the official tars or parquet shards) is read in place, without a local copy, and
 always packed: the images are fetched by byte range, a few hundred at a time, nearby ones in one request.
@@ -18,6 +19,7 @@ With --out at a URL, the folder is prepared in a local work folder and uploaded 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import multiprocessing as mp
@@ -27,6 +29,7 @@ import signal
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +42,12 @@ from ..storage import urls
 from ..storage.atomic import atomic_file
 from . import upload
 from .classes import some_of
-from .index import ImageIndex
+from .index import ImageIndex, short_name
 from .prepared import (FORMAT, MANIFEST, SPLITS, STAGING, UNPACKED, finish_switch, index_path,
                        not_written_by_prepare, read_manifest, write_switch)
 from .presets import unreadable_reason
+from .shards import (AGAIN, CHANGED, DIGEST_BYTES, MISSING, UNRECORDED, add_digests, file_sha256, link_shard,
+                     read_record, shard_path, shard_state, source_digest, write_record)
 from .sources import Source, SourceError, open_source
 from .untrusted_images import DATA_FORMATS, open_untrusted
 
@@ -50,7 +55,6 @@ from .untrusted_images import DATA_FORMATS, open_untrusted
 EXCLUDED = ("empty", "truncated", "unreadable")
 CONVERTED = ("not_jpeg", "cmyk", "grayscale", "other_mode")
 KINDS = (None,) + EXCLUDED + CONVERTED  # position = the code stored per image
-AGAIN = "run the same prepare again: it resumes its packing"  # after a full disk
 
 
 @dataclass
@@ -120,8 +124,10 @@ def _check_chunk(bounds: tuple[int, int]):
     index, start, stop = _worker["index"], bounds[0], bounds[1]
     codes = np.zeros(stop - start, np.uint8)
     sizes = np.zeros((stop - start, 2), np.int32)
+    digests = np.zeros((stop - start, DIGEST_BYTES), np.uint8)
     details = {}
     for k, (i, data) in enumerate(_images(index, start, stop)):
+        digests[k] = np.frombuffer(source_digest(index.names[i], int(index.labels[i]), data), np.uint8)
         if isinstance(data, OSError):
             kind, detail, w, h = "unreadable", f"{type(data).__name__}: {data}", 0, 0
         else:
@@ -132,7 +138,7 @@ def _check_chunk(bounds: tuple[int, int]):
         if k % 32 == 31:
             _count(32)
     _count((stop - start) % 32)
-    return start, codes, sizes, details
+    return start, codes, sizes, details, digests
 
 
 def encode_for_pack(data: bytes, kind: str | None, settings: PackSettings) -> bytes:
@@ -155,19 +161,17 @@ def encode_for_pack(data: bytes, kind: str | None, settings: PackSettings) -> by
         return out.getvalue()
 
 
-def shard_path(out_dir: Path, split: str, shard: int, suffix: str) -> Path:
-    return out_dir / f"{split}-{shard:05d}{suffix}"
-
-
 def _pack_shard(shard: int):
     index, settings, out_dir, split = _worker["index"], _worker["settings"], _worker["out_dir"], _worker["split"]
     start = shard * settings.shard_images
     stop = min(start + settings.shard_images, len(index))
     bin_path, part_path = shard_path(out_dir, split, shard, ".bin"), shard_path(out_dir, split, shard, ".bin.part")
     sizes = np.zeros(stop - start, np.int64)
-    failed = {}
+    sources = np.zeros((stop - start, DIGEST_BYTES), np.uint8)
+    failed, sha256 = {}, hashlib.sha256()
     with atomic_file(bin_path, temp=part_path, again=AGAIN) as f:
         for k, (i, data) in enumerate(_images(index, start, stop)):
+            sources[k] = np.frombuffer(source_digest(index.names[i], int(index.labels[i]), data), np.uint8)
             try:
                 if isinstance(data, OSError):
                     raise data
@@ -176,14 +180,12 @@ def _pack_shard(shard: int):
                 failed[i] = f"{type(e).__name__}: {e}"  # passed the check, failed now: reported, left out
                 blob = b""
             f.write(blob)
+            sha256.update(blob)
             sizes[k] = len(blob)
             if k % 32 == 31:
                 _count(32)
     _count((stop - start) % 32)
-    # The sizes file is written last: its presence marks the shard complete.
-    sizes_path = shard_path(out_dir, split, shard, ".sizes.npz")
-    with atomic_file(sizes_path, temp=shard_path(out_dir, split, shard, ".sizes.npz.part"), again=AGAIN) as f:
-        np.savez(f, sizes=sizes, failed=np.array(json.dumps({str(k): v for k, v in failed.items()})))
+    write_record(out_dir, split, shard, sizes, failed, sources, sha256.hexdigest())  # last: the shard is complete
     return shard
 
 
@@ -223,15 +225,16 @@ def limit_per_class(index: ImageIndex, n: int) -> ImageIndex:
 
 
 def check_split(index: ImageIndex, workers: int, desc: str):
-    """(codes, sizes, details) for every image, checked in parallel."""
+    """(codes, sizes, details, source digests) for every image, checked in parallel."""
     chunk = 1024 if index.storage == "parquet" else 256  # parquet: fewer re-reads of one row group
     tasks = [(s, min(s + chunk, len(index))) for s in range(0, len(index), chunk)]
     results = _run_parallel(_check_chunk, tasks, len(index), workers, {"index": index}, desc)
     codes, sizes, details = np.zeros(len(index), np.uint8), np.zeros((len(index), 2), np.int32), {}
-    for start, c, s, d in results:
-        codes[start : start + len(c)], sizes[start : start + len(c)] = c, s
+    digests = np.zeros((len(index), DIGEST_BYTES), np.uint8)
+    for start, c, s, d, g in results:
+        codes[start : start + len(c)], sizes[start : start + len(c)], digests[start : start + len(c)] = c, s, g
         details.update(d)
-    return codes, sizes, details
+    return codes, sizes, details, digests
 
 
 def estimate_pack(index: ImageIndex, kinds: list, settings: PackSettings,
@@ -257,22 +260,75 @@ def about_duration(seconds: float) -> str:
     return f"about {seconds / 60:.0f} min" if seconds < 5400 else f"about {seconds / 3600:.1f} h"
 
 
-def pack_split(index: ImageIndex, kinds: list, settings: PackSettings, out_dir: Path, split: str, workers: int):
-    """Write the shards not yet complete, then the packed index over all of them."""
-    shards = -(-len(index) // settings.shard_images)
-    todo = [k for k in range(shards) if not shard_path(out_dir, split, k, ".sizes.npz").exists()]
-    if len(todo) < shards:
-        print(f"  {split}: {shards - len(todo)} of {shards} shards already written; resuming", file=sys.stderr)
-    images_todo = sum(min(settings.shard_images, len(index) - k * settings.shard_images) for k in todo)
+@dataclass
+class ShardPlan:
+    """What a packing does with each shard of a split."""
+    keep: dict[int, Path]  # shard -> the folder holding it complete and packed from these very images
+    unrecorded: list[int]  # kept, packed by a version that recorded no digests: they are added
+    changed: dict[int, list[int]]  # shard -> its images (positions in the index) changed since it was packed
+    missing: list[int]  # not complete anywhere
+
+    def todo(self) -> list[int]:
+        return sorted([*self.changed, *self.missing])
+
+
+def plan_split(packed_dir: Path, earlier: Path | None, split: str, sources: np.ndarray, shard_images: int) -> ShardPlan:
+    """Which shards of `packed_dir`, or else of `earlier` (the packed copy in place), are complete and packed from
+    the images whose source digests are `sources` (from the check), and which are to be written."""
+    plan = ShardPlan({}, [], {}, [])
+    for k in range(-(-len(sources) // shard_images)):
+        wanted = sources[k * shard_images : (k + 1) * shard_images]
+        state, record, where = *shard_state(packed_dir, split, k, wanted), packed_dir
+        if state in (MISSING, CHANGED) and earlier is not None:
+            found = shard_state(earlier, split, k, wanted)
+            if found[0] != MISSING:
+                (state, record), where = found, earlier
+        if state == CHANGED:
+            differ = np.flatnonzero((record["sources"] != wanted).any(axis=1))
+            plan.changed[k] = (k * shard_images + differ).tolist()
+        elif state == MISSING:
+            plan.missing.append(k)
+        else:
+            plan.keep[k] = where
+            if state == UNRECORDED:
+                plan.unrecorded.append(k)
+    return plan
+
+
+def _say_plan(index: ImageIndex, plan: ShardPlan, split: str, packed_dir: Path) -> None:
+    shards, kept = len(plan.keep) + len(plan.changed) + len(plan.missing), len(plan.keep)
+    if plan.changed:
+        changed = [index.describe(i) for positions in plan.changed.values() for i in positions]
+        print(f"  {split}: {len(changed)} of its images changed at their source since they were packed "
+              f"({some_of(changed)}): re-packing the {len(plan.changed)} of {shards} shards holding them",
+              file=sys.stderr)
+    elif kept and plan.missing:
+        print(f"  {split}: {kept} of {shards} shards already written; resuming", file=sys.stderr)
+    if plan.unrecorded:
+        print(f"  {split}: {len(plan.unrecorded)} of {shards} shards in {packed_dir} were packed by an earlier "
+              "version, which recorded no digests: adding them (reading the shards once; their sources are taken as "
+              "they are now)", file=sys.stderr)
+
+
+def pack_split(index: ImageIndex, kinds: list, settings: PackSettings, out_dir: Path, split: str, workers: int,
+               sources: np.ndarray, plan: ShardPlan):
+    """Write the shards `plan` says are to be written (the rest linked in from where it keeps them), then the
+    packed index over all of them. Returns it, the images that failed to pack, and each shard's SHA-256."""
+    n = settings.shard_images
+    for k, where in plan.keep.items():
+        if where != out_dir:
+            link_shard(where, out_dir, split, k)
+    _say_plan(index, plan, split, out_dir)
+    todo = plan.todo()
+    images_todo = sum(min(n, len(index) - k * n) for k in todo)
     state = {"index": index, "settings": settings, "out_dir": out_dir, "split": split, "kinds": kinds}
     _run_parallel(_pack_shard, todo, images_todo, workers, state, f"pack {split}")
-    sizes, failed = [], {}
-    for k in range(shards):
-        with np.load(shard_path(out_dir, split, k, ".sizes.npz")) as z:
-            sizes.append(z["sizes"])
-            failed.update({int(i): v for i, v in json.loads(str(z["failed"])).items()})
-    sizes = np.concatenate(sizes)
-    file_ids = np.arange(len(index)) // settings.shard_images
+    add_digests(out_dir, split, plan.unrecorded, [sources[k * n : (k + 1) * n] for k in plan.unrecorded], workers)
+    shards = -(-len(index) // n)
+    records = [read_record(out_dir, split, k) for k in range(shards)]
+    sizes = np.concatenate([r["sizes"] for r in records])
+    failed = {i: why for r in records for i, why in r["failed"].items()}
+    file_ids = np.arange(len(index)) // n
     starts = np.zeros(len(index), np.int64)
     for k in range(shards):
         in_shard = file_ids == k
@@ -283,7 +339,7 @@ def pack_split(index: ImageIndex, kinds: list, settings: PackSettings, out_dir: 
     keep = sizes > 0
     packed = packed.subset(keep) if not keep.all() else packed
     packed.save(out_dir / f"{split}.index.npz")
-    return packed, failed
+    return packed, failed, [r["sha256"] for r in records]
 
 
 def _print_summary(source: Source, indexes: dict, counts: dict, problems: list, out: Path, packed_bytes: int | None,
@@ -308,7 +364,7 @@ def _print_summary(source: Source, indexes: dict, counts: dict, problems: list, 
             by_kind.setdefault((row[2], row[3]), []).append(row[1])
         lines.append(f"  {len(problems)} files needed attention (all listed in {out / 'problems.tsv'}):")
         for (kind, action), where in sorted(by_kind.items()):
-            lines.append(f"    {len(where):6d} {kind:11s} {action}: {', '.join(Path(w).name for w in where[:3])}"
+            lines.append(f"    {len(where):6d} {kind:11s} {action}: {', '.join(short_name(w) for w in where[:3])}"
                          + (", ..." if len(where) > 3 else ""))
     else:
         lines.append("  no bad files found")
@@ -372,15 +428,19 @@ def _prepare_here(source_path, out: Path, pack: bool, settings: PackSettings | N
         _refuse_links_leaving(source, uploader.url)
     finish_switch(out)  # a switch an earlier prepare began is finished first: its files were complete
     print(f"{source_path}: {source.kind} layout, {len(source.classes)} classes", file=sys.stderr)
+    if not pack and any(index.storage == "parquet" for index in source.splits.values()):
+        pack = True  # a parquet row cannot be read on its own quickly: training reads the packed copy
+        print(f"{source_path}: parquet shards are always packed (training reads images one by one, which parquet "
+              "cannot do quickly), as with --pack", file=sys.stderr)
     for note in source.notes:
         print(f"  {note}", file=sys.stderr)
     _say_empty_classes(source, "val", source.splits["val"])
-    indexes, kinds_of, counts, problems = _check_splits(source, limit, pack, workers)
+    indexes, kinds_of, sources_of, counts, problems = _check_splits(source, limit, pack, workers)
     with disk_full_said(out, AGAIN, name_the_failed_file=True):
         packed_info, packed_bytes = None, None
         if pack:
-            packed_info, packed_bytes = _pack(source_path, out, indexes, kinds_of, counts, problems, settings, limit,
-                                              workers, uploader)
+            packed_info, packed_bytes = _pack(source_path, out, indexes, kinds_of, sources_of, counts, problems,
+                                              settings, limit, workers, uploader)
         manifest = {
             "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "source": {"kind": source.kind, "path": _where(source_path)},
@@ -435,13 +495,14 @@ def _stage(stage: Path, indexes: dict, problems: list, manifest: dict) -> None:
 
 
 def _check_splits(source: Source, limit: int, pack: bool, workers: int):
-    """Check every image of both splits: the indexes of the images kept, their kinds, counts, and the problems."""
-    problems, counts, indexes, kinds_of = [], {}, {}, {}
+    """Check every image of both splits: the indexes of the images kept, their kinds and source digests, counts,
+    and the problems."""
+    problems, counts, indexes, kinds_of, sources_of = [], {}, {}, {}, {}
     for split in (s for s in SPLITS if s in source.splits):
         index = source.splits[split]
         if limit:
             index = limit_per_class(index, limit)
-        codes, _, details = check_split(index, workers, f"check {split}")
+        codes, _, details, sources = check_split(index, workers, f"check {split}")
         kinds = [KINDS[c] for c in codes]
         for i in np.flatnonzero(codes):
             action = "left out" if kinds[i] in EXCLUDED else ("re-encoded as RGB JPEG" if pack else "converted to RGB when loaded")
@@ -449,11 +510,12 @@ def _check_splits(source: Source, limit: int, pack: bool, workers: int):
         keep = np.array([k not in EXCLUDED for k in kinds], dtype=bool)
         indexes[split] = index.subset(keep)
         kinds_of[split] = [k for k in kinds if k not in EXCLUDED]
+        sources_of[split] = sources[keep]
         counts[split] = {"images": int(keep.sum()), "excluded": int((~keep).sum())}
         if counts[split]["images"] == 0:
             raise SourceError(f"{source.path}: no readable {split} images")
         _say_empty_classes(source, split, indexes[split], listed=index)
-    return indexes, kinds_of, counts, problems
+    return indexes, kinds_of, sources_of, counts, problems
 
 
 def _say_empty_classes(source: Source, split: str, index: ImageIndex, listed: ImageIndex | None = None) -> None:
@@ -475,41 +537,58 @@ def _say_empty_classes(source: Source, split: str, index: ImageIndex, listed: Im
     warnings.warn(f"{what}; validation accuracy will not cover them")
 
 
-def _pack(source_path, out: Path, indexes, kinds_of, counts, problems: list, settings: PackSettings,
+def _pack(source_path, out: Path, indexes, kinds_of, sources_of, counts, problems: list, settings: PackSettings,
           limit: int, workers: int, uploader=None) -> tuple[dict, int]:
-    """Write the packed copy of the splits: in place when DATA/packed holds these very images with these very
-    settings (it resumes), else beside it in the staging folder (resuming there too). Adds what failed to
-    `problems`; returns the manifest's `packed` entry and the bytes written."""
+    """Write the packed copy of the splits. DATA/packed is only ever completed where it stands (its shards' digests
+    added): when it holds these very images with these very settings and nothing is to be written. Otherwise
+    the shards go beside it, into the staging folder (resuming there), those of DATA/packed still packed from
+    the same images linked in, not packed again. Adds what failed to `problems`; returns the manifest's
+    `packed` entry and the bytes written."""
     wanted = {**settings.as_dict(), "source": _where(source_path), "limit_per_class": limit,
               "images": {s: counts[s]["images"] for s in indexes}}
-    packed_dir = out / "packed" if _pack_settings(out / "packed") == wanted else out / STAGING / "packed"
-    if _pack_settings(packed_dir) not in (None, wanted):  # an abandoned packing with other settings
-        shutil.rmtree(packed_dir)
-    first = next(iter(indexes))
-    per_image, seconds, sampled = estimate_pack(indexes[first], kinds_of[first], settings)
-    total_images = sum(counts[s]["images"] for s in indexes)
-    estimate = per_image * total_images
-    free = shutil.disk_usage(next(p for p in (packed_dir, *packed_dir.parents) if p.exists())).free
-    print(f"packing {total_images:,} images, short side <= {settings.short_side or 'any'} px, quality "
-          f"{settings.quality}: about {estimate / 1e9:.2f} GB on disk ({free / 1e9:.1f} GB free), "
-          f"{about_duration(seconds * total_images / workers)} with {workers} processes (both from packing {sampled} "
-          f"{first} images as a sample)", file=sys.stderr)
-    if estimate > free * 0.95:
-        raise SourceError(f"{out}: about {estimate / 1e9:.1f} GB needed for the packed copy but {free / 1e9:.1f} GB "
-                          "free (an older packed copy stays until the new one is complete); free space, lower "
-                          "--short-side, or pack elsewhere with --out")
+    in_place, staged = out / "packed", out / STAGING / "packed"
+    if _pack_settings(staged) not in (None, wanted):  # an abandoned packing with other settings
+        shutil.rmtree(staged)
+    earlier = in_place if _pack_settings(in_place) == wanted else None
+    plans = {s: plan_split(staged, earlier, s, sources_of[s], settings.shard_images) for s in indexes}
+    todo = {s: sum(min(settings.shard_images, counts[s]["images"] - k * settings.shard_images)
+                   for k in plans[s].todo()) for s in indexes}
+    packed_dir = in_place if earlier is not None and not staged.exists() and not any(todo.values()) else staged
+    if any(todo.values()):
+        _check_room(out, packed_dir, indexes, kinds_of, todo, settings, workers)
     packed_dir.mkdir(parents=True, exist_ok=True)
     (packed_dir / "settings.json").write_text(json.dumps(wanted, indent=1))
     if uploader is not None:
         uploader.watch(packed_dir)  # each shard goes up as soon as it is complete
     packed_bytes, splits_info = 0, {}
     for split in indexes:
-        packed, failed = pack_split(indexes[split], kinds_of[split], settings, packed_dir, split, workers)
+        packed, failed, digests = pack_split(indexes[split], kinds_of[split], settings, packed_dir, split, workers,
+                                             sources_of[split], plans[split])
         for i, detail in failed.items():
             problems.append((split, indexes[split].describe(i), "unreadable", "left out", detail))
         packed_bytes += int(packed.sizes.sum())
-        splits_info[split] = {"images": len(packed), "bytes": int(packed.sizes.sum()), "shards": len(packed.files)}
+        splits_info[split] = {"images": len(packed), "bytes": int(packed.sizes.sum()), "shards": len(packed.files),
+                              "sha256": digests}
     return {**settings.as_dict(), "splits": splits_info}, packed_bytes
+
+
+def _check_room(out: Path, packed_dir: Path, indexes, kinds_of, todo: dict, settings: PackSettings,
+                workers: int) -> None:
+    """Say what packing the `todo` images of each split will take, estimated from packing a sample, and refuse
+    when the disk has not room for it."""
+    first = next(s for s in indexes if todo[s])
+    per_image, seconds, sampled = estimate_pack(indexes[first], kinds_of[first], settings)
+    images = sum(todo.values())
+    estimate = per_image * images
+    free = shutil.disk_usage(next(p for p in (packed_dir, *packed_dir.parents) if p.exists())).free
+    print(f"packing {images:,} images, short side <= {settings.short_side or 'any'} px, quality "
+          f"{settings.quality}: about {estimate / 1e9:.2f} GB on disk ({free / 1e9:.1f} GB free), "
+          f"{about_duration(seconds * images / workers)} with {workers} processes (both from packing {sampled} "
+          f"{first} images as a sample)", file=sys.stderr)
+    if estimate > free * 0.95:
+        raise SourceError(f"{out}: about {estimate / 1e9:.1f} GB needed for the packed copy but {free / 1e9:.1f} GB "
+                          "free (an older packed copy stays until the new one is complete); free space, lower "
+                          "--short-side, or pack elsewhere with --out")
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -539,35 +618,94 @@ def _check_containers(index: ImageIndex) -> list[str]:
 
 def verify(data: str | Path, workers: int = -1) -> list[str]:
     """Re-check a prepared folder: indexes load and agree with the manifest, every byte range lies inside
-    its file, and every image decodes. Returns the problems found (empty when all is well)."""
+    its file, every image decodes, every shard has the SHA-256 recorded when it was written, and every packed
+    image is still what its source holds. Returns the problems found (empty when all is well)."""
     data = Path(data)
     workers = workers if workers > 0 else min(len(os.sched_getaffinity(0)), 32)
     manifest = read_manifest(data)
     if manifest is None:
         raise UserError(f"{data}: no {MANIFEST}; this folder was not made by `imagenet-resnet prepare`")
     found = []
-    variants = [False] + ([True] if manifest.get("packed") else [])
+    packed = manifest.get("packed")
+    if packed and any("sha256" not in info for info in packed["splits"].values()):
+        print(f"{data}: packed by an earlier version, which recorded no shard digests: a shard damaged without a "
+              f"change of size, or a photo replaced since it was packed, goes unseen; to add them, "
+              f"{_same_prepare(data, manifest)} (it reads the shards once and re-packs none)", file=sys.stderr)
     for split in manifest["splits"]:
-        for packed in variants:
-            label = f"{split}{' (packed)' if packed else ''}"
-            path = index_path(data, split, packed)
-            if not path.exists():
-                found.append(f"{path}: missing")
-                continue
-            index = ImageIndex.load(path)
-            if index.classes != manifest["classes"]:
-                found.append(f"{path}: its class list differs from {MANIFEST}'s")
-            expected = manifest["packed"]["splits"][split]["images"] if packed else manifest["splits"][split]["images"]
-            if len(index) != expected:
-                found.append(f"{path}: {len(index)} images, {MANIFEST} says {expected}")
-            if index.storage == "ranges":
-                found += _check_containers(index)
-            if any(f.endswith("missing") or "shorter" in f for f in found):
-                continue
-            codes, _, details = check_split(index, workers, f"verify {label}")
-            for i in np.flatnonzero(np.isin(codes, [KINDS.index(k) for k in EXCLUDED])):
-                found.append(f"{index.describe(int(i))}: {KINDS[codes[i]]} ({details[int(i)]})")
+        checked = _verify_index(data, manifest, split, False, workers, found)
+        if packed and checked is not None:
+            found += _changed_since_packed(data, manifest, split, *checked)
+        if packed and _verify_index(data, manifest, split, True, workers, found) is not None:
+            found += _damaged_shards(data, packed["splits"][split].get("sha256"), split, workers, manifest)
     return found
+
+
+def _verify_index(data: Path, manifest: dict, split: str, packed: bool, workers: int, found: list):
+    """Check one index of a prepared folder, adding what is wrong to `found`; (the index, the check's codes and
+    source digests), or None where its files are missing."""
+    path = index_path(data, split, packed)
+    if not path.exists():
+        found.append(f"{path}: missing")
+        return None
+    index = ImageIndex.load(path)
+    if index.classes != manifest["classes"]:
+        found.append(f"{path}: its class list differs from {MANIFEST}'s")
+    expected = manifest["packed"]["splits"][split]["images"] if packed else manifest["splits"][split]["images"]
+    if len(index) != expected:
+        found.append(f"{path}: {len(index)} images, {MANIFEST} says {expected}")
+    if index.storage == "ranges":
+        missing = _check_containers(index)
+        found += missing
+        if missing:
+            return None
+    codes, _, details, sources = check_split(index, workers, f"verify {split}{' (packed)' if packed else ''}")
+    for i in np.flatnonzero(np.isin(codes, [KINDS.index(k) for k in EXCLUDED])):
+        found.append(f"{index.describe(int(i))}: {KINDS[codes[i]]} ({details[int(i)]})")
+    return index, codes, sources
+
+
+def _changed_since_packed(data: Path, manifest: dict, split: str, index: ImageIndex, codes: np.ndarray,
+                          sources: np.ndarray) -> list[str]:
+    """The images of the split whose source (as the index over the original files reads it now) differs from
+    what their shard was packed from, in one line; nothing where the shards' records hold no digests (packed by
+    an earlier version, or a copy fetched without its records)."""
+    n, changed = manifest["packed"]["shard_images"], []
+    for k in range(-(-len(index) // n)):
+        record = read_record(data / "packed", split, k)
+        if record is None or record["sources"] is None or len(record["sources"]) != len(sources[k * n : (k + 1) * n]):
+            continue
+        # an unreadable source is a problem of its own, said already
+        readable = ~np.isin(codes[k * n : (k + 1) * n], [KINDS.index(kind) for kind in EXCLUDED])
+        differ = (record["sources"] != sources[k * n : (k + 1) * n]).any(axis=1) & readable
+        changed += [index.describe(k * n + int(i)) for i in np.flatnonzero(differ)]
+    if not changed:
+        return []
+    return [f"{data / 'packed'} ({split}): {len(changed)} of its images changed at their source since they were packed "
+            f"({some_of(changed)}), and training would read the old ones; {_same_prepare(data, manifest)}: it "
+            "re-packs the shards holding them alone"]
+
+
+def _damaged_shards(data: Path, recorded: list[str] | None, split: str, workers: int, manifest: dict) -> list[str]:
+    """Each shard of the split whose SHA-256 is not the one recorded when it was written."""
+    if recorded is None:
+        return []
+    paths = [shard_path(data / "packed", split, k, ".bin") for k in range(len(recorded))]
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # hashlib reads without the GIL
+        digests = list(pool.map(file_sha256, paths))
+    return [f"{path}: its SHA-256 is not the one recorded when it was written (damaged since, without a change of "
+            f"size); delete it and {_same_prepare(data, manifest)}: it re-packs that shard alone"
+            for path, digest, wanted in zip(paths, digests, recorded) if digest != wanted]
+
+
+def _same_prepare(data: Path, manifest: dict) -> str:
+    """The prepare that made `data` (a packed one), as a command to run again."""
+    packed, defaults = manifest["packed"], PackSettings()
+    options = [f"--{name.replace('_', '-')} {packed[name]}" for name in ("short_side", "quality", "shard_images")
+               if packed[name] != getattr(defaults, name)]
+    options += [f"--limit-per-class {manifest['limit_per_class']}"] if manifest.get("limit_per_class") else []
+    options += ["--val-only"] if "train" not in manifest["splits"] else []
+    return (f"run the same prepare again: imagenet-resnet prepare {manifest['source']['path']} --out {data} --pack"
+            + "".join(f" {option}" for option in options))
 
 
 IMAGENET_SCALE = 200_000  # train images from which a dataset wants ResNet-50 on GPUs

@@ -4,7 +4,8 @@
     DATA/{train,val}.index.npz  the checked index over the original files (ImageIndex); val only for an
                                 evaluation-only copy
     DATA/problems.tsv           every bad file found: split, where, kind, what was done
-    DATA/packed/                with --pack: {train,val}-NNNNN.bin shards of JPEGs and {train,val}.index.npz
+    DATA/packed/                with --pack: {train,val}-NNNNN.bin shards of JPEGs, each with its record
+                                (.sizes.npz: shards.py), and {train,val}.index.npz
     DATA/source/                a compressed source decompressed once to be read in place (ImageNet-V2's
                                 .tar.gz as <name>.tar, with a record of the archive it came from)
 
@@ -24,7 +25,7 @@ from ..storage.atomic import sync_folder, write_atomic
 from .classes import differences
 from .folder import find_split, scan_class_folders
 from .index import ImageIndex
-from .sources import find_imagenet_v2, imagenet_v2_index, unpacked_dir_is_ours
+from .sources import find_imagenet_v2, imagenet_v2_index, refuse_unprepared, unpacked_dir_is_ours
 
 MANIFEST = "prepared.json"
 FORMAT = "imagenet-resnet-prepared/1"
@@ -121,6 +122,7 @@ def open_split(data: str | Path, split: str, packed: bool = True, classes: list[
         imagenet_v2 = find_imagenet_v2(data)
         if imagenet_v2 is not None:
             return _open_imagenet_v2(data, imagenet_v2, split, classes)
+        refuse_unprepared(data)
         return scan_class_folders(find_split(data, split), classes=classes)
     if split not in manifest["splits"]:
         raise UserError(f"{data}: prepared without a {split} split (from {manifest['source']['path']}, which has "

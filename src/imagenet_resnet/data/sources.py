@@ -55,6 +55,45 @@ def _val_only_note(missing: Path) -> str:
     return f"{missing}: missing, so only the validation split is prepared (enough for `evaluate`, not for `train`)"
 
 
+def _partial_val_note(where: Path | str, present: int, labelled: int, labels: str) -> list[str]:
+    """A note for a validation folder or tar holding only some of the images its label file labels (a download
+    cut short, or a subset made on purpose): the ones there are prepared, and accuracy is measured on them."""
+    if present >= labelled:
+        return []
+    return [f"{where}: {present:,} of the {labelled:,} validation images {labels} labels are here (a partial copy): "
+            "those are prepared, and accuracy is measured on them alone"]
+
+
+KAGGLE_LABELS = "LOC_synset_mapping.txt"
+LAYOUT_NAMES = {"official": "the official ILSVRC2012 tars", "kaggle": "Kaggle's layout",
+                "parquet": "Hugging Face parquet shards", "tiny": "Tiny-ImageNet's layout"}
+
+
+def _kaggle_root_above(path: Path) -> Path | None:
+    """The Kaggle copy that `path` lies inside (its ILSVRC/, ILSVRC/Data/, CLS-LOC/ or a split of it): the folder
+    holding LOC_synset_mapping.txt a few levels up, or None."""
+    path = Path(os.path.abspath(path))
+    for root in list(path.parents)[:4]:
+        if path.is_relative_to(root / "ILSVRC") and (root / KAGGLE_LABELS).is_file():
+            return root
+    return None
+
+
+def refuse_unprepared(path: Path) -> None:
+    """Before a folder is read as a class-folder tree (train or evaluate on data not prepared): a SourceError
+    where it is a layout only `prepare` reads, or the inside of Kaggle's, saying what it is and what to run."""
+    try:
+        kind = detect(path)
+    except SourceError:
+        if _kaggle_root_above(path) is not None:
+            raise  # the inside of Kaggle's layout: the message names the folder to prepare
+        return  # no layout: the class-folder tree's own messages say what is missing
+    if kind in LAYOUT_NAMES:
+        raise SourceError(f"{path}: this is {LAYOUT_NAMES[kind]}, which training and evaluation read only once "
+                          f"prepared; prepare it first: imagenet-resnet prepare {path} --out DATA"
+                          f"{' --pack' if kind == 'parquet' else ''}, then give --data DATA")
+
+
 def detect(path: Path | str) -> str:
     if urls.is_url(path):
         return _detect_url(path)
@@ -64,9 +103,14 @@ def detect(path: Path | str) -> str:
         return "imagenet-v2"
     if not path.is_dir():
         raise SourceError(f"{path}: not a folder; give the folder holding the ImageNet files")
+    kaggle_root = _kaggle_root_above(path)
+    if kaggle_root is not None:
+        raise SourceError(f"{path}: inside Kaggle's layout, whose labels are in {kaggle_root} ({KAGGLE_LABELS}, "
+                          f"LOC_val_solution.csv); give the folder holding {KAGGLE_LABELS}: imagenet-resnet prepare "
+                          f"{kaggle_root} --out DATA (then train or evaluate with --data DATA)")
     if (path / OFFICIAL_TRAIN).exists() or (path / OFFICIAL_VAL).exists():
         return "official"
-    if (path / "LOC_synset_mapping.txt").exists() or (path / "ILSVRC" / "Data" / "CLS-LOC").is_dir():
+    if (path / KAGGLE_LABELS).exists() or (path / "ILSVRC" / "Data" / "CLS-LOC").is_dir():
         return "kaggle"
     if (path / "wnids.txt").exists() and (path / "val" / "val_annotations.txt").exists():
         return "tiny"
@@ -338,7 +382,7 @@ def _copy_at_most(source, out, limit: int, archive: Path) -> None:
 # --- Kaggle: ILSVRC/Data/CLS-LOC/{train/<wnid>/, val/}, LOC_synset_mapping.txt, LOC_val_solution.csv -----
 
 def _kaggle(path: Path, val_only: bool) -> Source:
-    mapping, solution = path / "LOC_synset_mapping.txt", path / "LOC_val_solution.csv"
+    mapping, solution = path / KAGGLE_LABELS, path / "LOC_val_solution.csv"
     images = path / "ILSVRC" / "Data" / "CLS-LOC"
     for needed in (mapping, solution, images / "val"):
         if not needed.exists():
@@ -357,9 +401,7 @@ def _kaggle(path: Path, val_only: bool) -> Source:
     unlabelled = [f for f in files if Path(f).stem not in val_labels]
     if unlabelled:
         raise SourceError(f"{solution}: no label for {len(unlabelled)} validation images ({unlabelled[0]}, ...)")
-    if len(files) != len(val_labels):
-        raise SourceError(f"{images / 'val'}: {len(files)} images but {solution.name} labels {len(val_labels)}; "
-                          "the validation folder is incomplete")
+    notes += _partial_val_note(images / "val", len(files), len(val_labels), solution.name)
     val = ImageIndex("files", images / "val", name_array(files),
                      np.array([val_labels[Path(f).stem] for f in files], dtype=np.int32), classes)
     splits["val"] = _sorted_by_label(val)
@@ -390,12 +432,10 @@ def _tiny(path: Path, val_only: bool) -> Source:
         splits["train"] = ImageIndex("files", path, name_array(names), np.array(labels, dtype=np.int32), classes)
         _require_every_class(splits["train"], path / "train", "train")
     annotations = path / "val" / "val_annotations.txt"
-    names, labels = [], []
-    for file, label in parse_val_annotations(read_label_file(annotations), annotations, label_of):
-        if not (path / "val" / "images" / file).exists():
-            raise SourceError(f"{annotations}: {file} is listed but missing from val/images/")
-        names.append(f"val/images/{file}")
-        labels.append(label)
+    listed = parse_val_annotations(read_label_file(annotations), annotations, label_of)
+    present = [(file, label) for file, label in listed if (path / "val" / "images" / file).exists()]
+    notes += _partial_val_note(path / "val" / "images", len(present), len(listed), annotations.name)
+    names, labels = [f"val/images/{file}" for file, _ in present], [label for _, label in present]
     val = ImageIndex("files", path, name_array(names), np.array(labels, dtype=np.int32), classes)
     splits["val"] = _sorted_by_label(val)
     return Source("tiny", path, classes, [words.get(c, c) for c in classes], splits, notes)
@@ -495,11 +535,12 @@ def _official(path: Path | str, val_only: bool) -> Source:
     classes = sorted(ids)
     label_of = {c: k for k, c in enumerate(classes)}
     splits = {"val": _official_val(path, ids, truth, label_of, classes)}
+    notes = _partial_val_note(val_tar, len(splits["val"]), len(truth), "the devkit's ground truth")
     if val_only or not urls.exists(train_tar):
-        notes = [] if val_only else [_val_only_note(train_tar)]
+        notes += [] if val_only else [_val_only_note(train_tar)]
         return Source("official", path, classes, _imagenet_names(classes), splits, notes)
     splits["train"] = _official_train(path, train_tar, label_of, classes)
-    return Source("official", path, classes, _imagenet_names(classes), splits)
+    return Source("official", path, classes, _imagenet_names(classes), splits, notes)
 
 
 def _official_train(path: Path | str, train_tar: Path | str, label_of: dict, classes: list[str]) -> ImageIndex:

@@ -5,7 +5,8 @@ before anything is decoded (a decompression bomb: a small file claiming billions
 Why a list: Pillow's EPS plugin rasterises with Ghostscript, an interpreter run on the file's PostScript whose
 -dSAFER sandbox has been escaped (CVE-2023-36664, CVE-2024-29510), and dozens of other plugins are decoders of
 formats nobody here needs. A file of any other format is refused with one line, as is a file over its path's
-pixel bound.
+pixel bound; one that starts as an accepted format does but cannot be read (a JPEG cut inside its header) is
+said to be damaged.
 """
 
 from __future__ import annotations
@@ -59,18 +60,39 @@ def check_pixels(width: int, height: int, formats: Formats) -> None:
                             f"over the {formats.max_pixels // 10**6} megapixel limit: use a smaller image", 413)
 
 
+def _signature_of(data: bytes, formats: Formats) -> str | None:
+    """The one of `formats` whose signature `data` starts with (PIL's own check of each format's first bytes).
+    BMP's and PPM's are two letters ("BM", "P6") that a text file may start with: not taken for a signature."""
+    Image.init()  # every plugin's signature check registered (none of them opens anything)
+    for name in (n for n in formats.names if n not in ("BMP", "PPM")):
+        accepts = Image.OPEN.get(name, (None, None))[1]
+        if accepts is not None and accepts(data[:16]) is True:
+            return name
+    return None
+
+
+def _damaged(data: bytes, formats: Formats, detail: str) -> ImageRejected:
+    """A file PIL could not read: damaged (422) when it starts as one of `formats` does (a JPEG cut inside its
+    header), else a format not read here (415)."""
+    name = _signature_of(data, formats)
+    if name is None:
+        return ImageRejected(formats.refusal + detail)
+    return ImageRejected(f"a {name} file, truncated or damaged before its pixels begin{detail}: use an intact copy "
+                         "of the file", 422)
+
+
 def open_untrusted(data: bytes, formats: Formats) -> Image.Image:
-    """The image's header (nothing decoded yet), or ImageRejected when it is none of `formats` or holds more
-    than it reads."""
+    """The image's header (nothing decoded yet), or ImageRejected when it is none of `formats`, is damaged or
+    holds more than it reads."""
     try:
         image = Image.open(io.BytesIO(data), formats=formats.names)
     except UnidentifiedImageError:
-        raise ImageRejected(formats.refusal) from None
+        raise _damaged(data, formats, "") from None
     except Image.DecompressionBombError:  # PIL's own limit, far above ours, checked as it reads the header
         raise ImageRejected(f"the image claims more pixels than is safe to decode (a decompression bomb?): use "
                             f"an image of at most {formats.max_pixels // 10**6} megapixels", 413) from None
     except Exception as e:  # a header of an accepted format, damaged: PIL's plugins raise many kinds of error
-        raise ImageRejected(f"{formats.refusal} ({type(e).__name__}: {e})") from None
+        raise _damaged(data, formats, f" ({type(e).__name__}: {e})") from None
     try:
         check_pixels(*image.size, formats)
     except ImageRejected:

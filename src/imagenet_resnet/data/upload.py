@@ -2,7 +2,10 @@
 prepare writes it (resumable, all or nothing), and goes up to the URL as it is written.
 
 - A background thread uploads each packed shard once it is complete (its `.sizes.npz` exists); packing never
-  waits for it. A shard already at the URL with the right size (a rerun) is not uploaded again.
+  waits for it. A shard already at the URL (a rerun) is not uploaded again when it has the right size and the
+  SHA-256 it went up with (as the URL's last prepared.json, or else this work folder's record of its uploads,
+  RECORD, says) is the local shard's: a shard packed again, since a photo of it changed, goes up again even at
+  the same size. Where neither knows (a folder prepared by an earlier version), the size decides.
 - At the end: the shards still missing, the rest of `packed/`, the index files and problems.tsv, and the
   manifest (prepared.json) LAST. An existing manifest at the URL is removed before anything is uploaded, so a
   prepared folder at the URL is complete exactly when its manifest is there.
@@ -13,6 +16,7 @@ prepare writes it (resumable, all or nothing), and goes up to the URL as it is w
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import threading
@@ -20,10 +24,13 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..storage import urls
+from ..storage.atomic import write_atomic
 from ..storage.verified import put_verified, sha256_of
 from .prepared import MANIFEST, STAGING, UNPACKED
+from .shards import recorded_sha256, shard_path
 
 CACHE = Path.home() / ".cache" / "imagenet-resnet" / "prepare"
+RECORD = ".uploaded-shards.json"  # in the work folder, never uploaded: packed/NAME -> the SHA-256 it went up with
 
 
 def default_work_dir(url: str) -> Path:
@@ -40,6 +47,7 @@ class Uploader:
         self.url, self.work = urls.check_url(url), Path(work)
         self.fs, self.root = urls.filesystem(self.url)
         self.remote: dict[str, int] = {}  # name under the URL -> size, as listed at the start
+        self.sent: dict[str, str] = {}  # shard name under the URL -> the SHA-256 it was uploaded with
         self.uploaded: list[str] = []
         self.skipped: list[str] = []
         self.watching: Path | None = None  # the packed folder being written
@@ -50,7 +58,9 @@ class Uploader:
 
     def __enter__(self) -> Uploader:
         self.remote = self._listing()
+        self.sent = self._read_record()
         if MANIFEST in self.remote:  # from here on, the folder at the URL is incomplete until the new manifest
+            self.sent.update(self._guard(self._remote_digests))
             self._guard(lambda: self.fs.rm_file(self._key(MANIFEST)))
             del self.remote[MANIFEST]
         self._thread.start()
@@ -73,8 +83,8 @@ class Uploader:
             raise UserError(f"--out {self.url}: upload failed ({self.error}); the local folder {self.work} is "
                             "complete: run the same prepare again to finish the upload")
         # Not the decompressed source (ImageNet-V2's tar, about 1.2 GB): the copy at the URL is read packed.
-        files = sorted(p for p in self.work.rglob("*")
-                       if p.is_file() and STAGING not in p.parts and p.relative_to(self.work).parts[0] != UNPACKED)
+        files = sorted(p for p in self.work.rglob("*") if p.is_file() and STAGING not in p.parts
+                       and p.relative_to(self.work).parts[0] != UNPACKED and p.name != RECORD)
         for path in (p for p in files if p.suffix != ".bin" and p.name != MANIFEST):
             self._guard(lambda: self._put(path, path.relative_to(self.work).as_posix(), checksum=True))
         self._guard(lambda: self._put(self.work / MANIFEST, MANIFEST, checksum=True))
@@ -96,13 +106,17 @@ class Uploader:
                 return
             if name in self._done:
                 continue
-            if self.remote.get(name) == shard.stat().st_size:
+            sha256 = recorded_sha256(marker)
+            if self.remote.get(name) == shard.stat().st_size and self.sent.get(name) in (None, sha256):
                 self.skipped.append(name)
                 self._done.add(name)
                 continue
             try:
                 self._put(shard, name, checksum=False)
                 self._done.add(name)
+                if sha256 is not None:
+                    self.sent[name] = sha256
+                    write_atomic(json.dumps(self.sent, indent=1).encode(), self.work / RECORD)
             except Exception as e:  # noqa: BLE001 - kept for the message; finish() tries again and reports
                 self.error = urls.redact(f"{name}: {type(e).__name__}: {e}")
 
@@ -114,13 +128,29 @@ class Uploader:
             put_verified(self.fs, f, self._key(name), size, sha256)
         self.uploaded.append(name)
 
-    def _guard(self, action) -> None:
+    def _guard(self, action):
         try:
-            action()
+            return action()
         except Exception as e:  # noqa: BLE001 - any store error becomes one line, without credentials
             raise UserError(urls.redact(f"--out {self.url}: upload failed ({type(e).__name__}: {e}); the local "
                                            f"folder {self.work} is complete: run the same prepare again to finish "
                                            "the upload")) from None
+
+    def _read_record(self) -> dict[str, str]:
+        try:
+            record = json.loads((self.work / RECORD).read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def _remote_digests(self) -> dict[str, str]:
+        """Shard name -> SHA-256, as the manifest at the URL records them (none from an earlier version's)."""
+        try:
+            splits = json.loads(self.fs.cat_file(self._key(MANIFEST)))["packed"]["splits"]
+            return {shard_path(Path("packed"), split, k, ".bin").as_posix(): digest
+                    for split, info in splits.items() for k, digest in enumerate(info.get("sha256") or [])}
+        except (ValueError, KeyError, TypeError, AttributeError):  # not ours, or not packed: nothing known
+            return {}
 
     def _key(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"

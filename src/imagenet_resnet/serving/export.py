@@ -3,9 +3,16 @@ Hugging Face Space folder.
 
 Exports are made from a CPU fp32 copy of the model, so they work the same on any machine and leave the loaded
 model alone. They carry the weights it was loaded with: the raw ones, or the EMA's (`load_model(..., ema=True)`,
-`export --ema`); the sidecar's `weights` ("raw" or "ema") and its card's `weights` say which. Each written model
-is read back and its logits compared with PyTorch's, on a random batch and on images preprocessed as `predict`
-does them, before the export counts as done.
+`export --ema`); the sidecar's `weights` ("raw" or "ema") and its card's `weights` say which. Each model is
+written beside its target under a temporary name, read back and its logits compared with PyTorch's, on a random
+batch and on images preprocessed as `predict` does them (checked for readability before anything is written);
+only then are it and its sidecar renamed into place: a failed export leaves the files it would replace as they
+were.
+
+The sidecar, NAME.json, is shared by the exports of one name (NAME.safetensors, NAME.onnx, NAME.torchscript) and
+describes one model: it names the checkpoint they were exported from and the SHA-256 of its weights, and lists
+each export with the SHA-256 of its file. An export of another model to a name whose sidecar still describes
+another export there is refused before anything is written.
 
 The ONNX contract: input `images`, float32 N x 3 x S x S with N dynamic and S the sidecar's `preprocessing.size`,
 RGB pixels made as `predict` makes them (docs/serving.md has a Pillow + NumPy function that gives the same pixels),
@@ -15,11 +22,13 @@ float32 N x num_classes in the order of the sidecar's `classes` (softmax for pro
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import io
 import json
 import logging
+import secrets
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +38,9 @@ import torch
 
 from ..data.synthetic import draw_image
 from ..errors import UserError
-from .inference import LoadedModel, load_model, sidecar
+from ..storage.atomic import commit_file
+from ..storage.verified import sha256_of
+from .inference import SIDECAR_FORMAT, LoadedModel, load_model, sidecar
 
 ONNX_INPUT, ONNX_OUTPUT = "images", "logits"
 ONNX_OPSET = 18  # runs on onnxruntime >= 1.14; the exporter's own newer default would need a newer runtime
@@ -129,60 +140,129 @@ def write_onnx(model: torch.nn.Module, size: int, out: Path, opset: int = ONNX_O
         registry_log.setLevel(level)
 
 
-def _write_sidecar(loaded: LoadedModel, path: Path) -> Path:
-    """The same sidecar for every format, so exports sharing a name share one correct .json."""
-    path.write_text(json.dumps(sidecar(loaded), indent=1) + "\n")
-    return path
+EXPORT_FORMATS = {".safetensors": "safetensors", ".onnx": "onnx", ".torchscript": "torchscript"}
 
 
-def export_safetensors(loaded: LoadedModel, out: str | Path) -> dict:
+def _sidecar_beside(loaded: LoadedModel, out: Path) -> dict:
+    """The sidecar that `out` (an export) is to have, NAME.json: this model's, with its `exports` listing the
+    exports of the same model still beside it (each file with its SHA-256). One sidecar describes one model:
+    a UserError, before anything is written, where the one there describes another model's export that is
+    still there."""
+    meta, path = sidecar(loaded), out.with_suffix(".json")
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):  # none, or not readable: replaced
+        old = None
+    others = _described(old, path, out) if isinstance(old, dict) and old.get("format") == SIDECAR_FORMAT else {}
+    if "weights_sha256" in (old or {}):
+        same = old["weights_sha256"] == meta["weights_sha256"]
+    else:  # an earlier version's sidecar: the same model when it says all the same
+        same = old == {k: v for k, v in meta.items() if k not in ("checkpoint", "weights_sha256")}
+    if others and not same:
+        files = " and ".join(str(path.parent / entry["file"]) for entry in others.values())
+        raise UserError(f"--out {out}: {path} describes {files}, exported from "
+                        f"{old.get('checkpoint') or 'another checkpoint'} with other weights; one sidecar describes "
+                        f"one model: give --out another name, or delete {files} and {path.name} first")
+    meta["exports"] = others
+    return meta
+
+
+def _described(old: dict, path: Path, out: Path) -> dict[str, dict]:
+    """Format -> {file, sha256} of each export other than `out` that the sidecar `old` (at `path`) describes and
+    that is still there: those it lists, or for an earlier version's sidecar, which lists none, every export of
+    that name."""
+    listed = old.get("exports")
+    if not isinstance(listed, dict):
+        listed = {fmt: {"file": path.with_suffix(suffix).name} for suffix, fmt in EXPORT_FORMATS.items()}
+    found = {}
+    for fmt, entry in listed.items():
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name == Path(name).name and name != out.name and (path.parent / name).is_file():
+            found[fmt] = {"file": name, "sha256": entry.get("sha256") or _sha256(path.parent / name)}
+    return found
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return sha256_of(f)[0]
+
+
+@contextlib.contextmanager
+def _beside(out: Path):
+    """A temporary name beside `out` (.NAME.<random>.partial.SUFFIX) to write an export to, and its sidecar's
+    (the same with .json); whatever the block has not put in place is removed, so that a failed export leaves
+    `out` and its sidecar as they were."""
+    temp = out.with_name(f".{out.stem}.{secrets.token_hex(4)}.partial{out.suffix}")
+    try:
+        yield temp
+    finally:
+        temp.unlink(missing_ok=True)
+        temp.with_suffix(".json").unlink(missing_ok=True)
+
+
+def _put_in_place(temp: Path, out: Path, meta: dict) -> Path:
+    """The checked export at `temp` made `out`, then its sidecar, which lists it, made NAME.json: each renamed
+    over the old one whole (storage/atomic.py)."""
+    meta["exports"][EXPORT_FORMATS[out.suffix]] = {"file": out.name, "sha256": _sha256(temp)}
+    written, sidecar_path = temp.with_suffix(".json"), out.with_suffix(".json")
+    written.write_text(json.dumps(meta, indent=1) + "\n")
+    for source, target in ((temp, out), (written, sidecar_path)):
+        with open(source, "rb+") as f:
+            commit_file(f, source, target)
+    return sidecar_path
+
+
+def export_safetensors(loaded: LoadedModel, out: str | Path, images: list[Path] | None = None) -> dict:
     """Weights in `out` (.safetensors) and everything else (architecture, classes, preprocessing, model
-    card, config) in the JSON sidecar beside it; `load_model(out)` reads the pair back."""
+    card, config) in the JSON sidecar beside it, both put in place once `load_model` reads the pair back with
+    the original's logits."""
     from safetensors.torch import save_file
 
     out = Path(out).with_suffix(".safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
+    meta, batches = _sidecar_beside(loaded, out), check_batches(loaded, images)
     weights = {name: tensor.detach().to("cpu").contiguous() for name, tensor in loaded.model.state_dict().items()}
-    save_file(weights, out, metadata={"format": "imagenet-resnet/1", "sidecar": out.with_suffix(".json").name,
-                                      "weights": "ema" if loaded.ema else "raw"})
-    out.chmod(0o644)  # safetensors writes owner-only (0600); a Space or a model server reads it as another user
-    meta = _write_sidecar(loaded, out.with_suffix(".json"))
-    return {"weights": str(out), "sidecar": str(meta)}
-
-
-def check_safetensors(loaded: LoadedModel, out: str | Path, images: list[Path] | None = None) -> dict:
-    """Load an export back with `load_model` and compare its logits with the original's."""
-    reloaded = cpu_fp32_copy(load_model(out, "cpu").model)
-    return compare_logits(cpu_fp32_copy(loaded.model), lambda x: reloaded(x).numpy(), check_batches(loaded, images),
-                          str(out))
+    with _beside(out) as temp:
+        save_file(weights, temp, metadata={"format": "imagenet-resnet/1", "sidecar": out.with_suffix(".json").name,
+                                           "weights": "ema" if loaded.ema else "raw"})
+        temp.chmod(0o644)  # safetensors writes owner-only (0600); a Space or a model server reads it as another user
+        temp.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")  # load_model reads it beside
+        reloaded = cpu_fp32_copy(load_model(temp, "cpu").model)
+        parity = compare_logits(cpu_fp32_copy(loaded.model), lambda x: reloaded(x).numpy(), batches, str(out))
+        sidecar_path = _put_in_place(temp, out, meta)
+    return {"weights": str(out), "sidecar": str(sidecar_path), "parity": parity}
 
 
 def export_onnx(loaded: LoadedModel, out: str | Path, opset: int = ONNX_OPSET,
                 images: list[Path] | None = None) -> dict:
-    """`out` (.onnx) with the JSON sidecar beside it (written once onnxruntime's logits match PyTorch's); see the
-    module docstring for the input/output contract."""
+    """`out` (.onnx) with the JSON sidecar beside it, both put in place once onnxruntime's logits match
+    PyTorch's; see the module docstring for the input/output contract."""
     require("onnx", "onnxscript", "onnxruntime")
     out = Path(out).with_suffix(".onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
+    meta, batches = _sidecar_beside(loaded, out), check_batches(loaded, images)
     model, size = cpu_fp32_copy(loaded.model), loaded.preset().size
-    write_onnx(model, size, out, opset)
-    session = onnx_session(out)
-    parity = compare_logits(model, lambda x: session.run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})[0],
-                            check_batches(loaded, images), str(out))
-    meta = _write_sidecar(loaded, out.with_suffix(".json"))
-    return {"model": str(out), "sidecar": str(meta), "opset": opset, "parity": parity}
+    with _beside(out) as temp:
+        write_onnx(model, size, temp, opset)
+        session = onnx_session(temp)
+        parity = compare_logits(model, lambda x: session.run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})[0], batches,
+                                str(out))
+        sidecar_path = _put_in_place(temp, out, meta)
+    return {"model": str(out), "sidecar": str(sidecar_path), "opset": opset, "parity": parity}
 
 
 def export_torchscript(loaded: LoadedModel, out: str | Path, images: list[Path] | None = None) -> dict:
     """`out` (.torchscript, a traced module: `torch.jit.load(out)` needs no code of ours) with the JSON sidecar
-    beside it, written once the reloaded module's logits match."""
+    beside it, both put in place once the reloaded module's logits match."""
     out = Path(out).with_suffix(".torchscript")
     out.parent.mkdir(parents=True, exist_ok=True)
+    meta, batches = _sidecar_beside(loaded, out), check_batches(loaded, images)
     model, size = cpu_fp32_copy(loaded.model), loaded.preset().size
     with torch.no_grad():
         traced = torch.jit.trace(model, torch.randn(2, 3, size, size))
-    torch.jit.save(traced, str(out))
-    reloaded = torch.jit.load(str(out), map_location="cpu")
-    parity = compare_logits(model, lambda x: reloaded(x).numpy(), check_batches(loaded, images), str(out))
-    meta = _write_sidecar(loaded, out.with_suffix(".json"))
-    return {"model": str(out), "sidecar": str(meta), "parity": parity}
+    with _beside(out) as temp:
+        torch.jit.save(traced, str(temp))
+        reloaded = torch.jit.load(str(temp), map_location="cpu")
+        parity = compare_logits(model, lambda x: reloaded(x).numpy(), batches, str(out))
+        sidecar_path = _put_in_place(temp, out, meta)
+    return {"model": str(out), "sidecar": str(sidecar_path), "parity": parity}

@@ -7,6 +7,7 @@ It loads from one of our checkpoints (.pt) or from an exported safetensors file 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class LoadedModel:
     normalize: DeviceNormalize
     card: dict[str, Any]  # what a model card shows: see model_card()
     ema: bool = False  # the weights are the run's exponential moving average (card["weights"] says which)
+    source: Path | None = None  # the checkpoint or export it was loaded from
 
     def preset(self, size: int | None = None) -> EvalPreset:
         return EvalPreset(size or self.cfg.data.eval_size, self.cfg.data.eval_crop_ratio)
@@ -92,8 +94,13 @@ def model_card(cfg: Config, classes: list[str], metrics: dict[str, Any], saved_a
 def sidecar(loaded: "LoadedModel") -> dict[str, Any]:
     """Everything but the weights, as JSON-ready data: enough to rebuild the model and preprocess images."""
     preset = loaded.preset()
+    source = loaded.source
     return {
         "format": SIDECAR_FORMAT,
+        # The checkpoint it was exported from, as its folder and file name (never a path of this machine), and
+        # its weights' digest: two exports describe the same model exactly when theirs agree.
+        "checkpoint": f"{source.parent.name}/{source.name}".lstrip("/") if source else None,
+        "weights_sha256": weights_sha256(loaded.model),
         "weights": "ema" if loaded.ema else "raw",  # which the file holds; the card says it in words
         "card": loaded.card,
         "classes": loaded.classes,
@@ -114,6 +121,17 @@ def sidecar(loaded: "LoadedModel") -> dict[str, Any]:
         },
         "config": _without_local_paths(loaded.cfg.to_dict()),
     }
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """A SHA-256 of a model's state: every tensor's name and bytes, in order (fp32 on the CPU, contiguous, as
+    exports store them)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype)
+        digest.update(name.encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _without_local_paths(config: dict[str, Any]) -> dict[str, Any]:
@@ -200,7 +218,7 @@ def load_model(path: str | Path, device_name: str = "auto", ema: bool = False) -
         card.update(architecture=cfg.model.describe(), blurpool=cfg.model.blurpool, num_classes=len(classes),
                     parameters=sum(p.numel() for p in model.parameters()), eval_size=cfg.data.eval_size)
     return LoadedModel(model, cfg, classes, names, device, resolve_precision(cfg.train.precision, device),
-                       DeviceNormalize(device, cfg.model.channels_last), card, ema)
+                       DeviceNormalize(device, cfg.model.channels_last), card, ema, path)
 
 
 def _model_settings(saved: Any, where: Path) -> tuple[Config, list[str], list[str]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..data.untrusted_images import MAX_PIXELS
 from ..errors import UserError
 from .card import IMAGENET, IMAGENET_TERMS
-from .export import check_safetensors, export_safetensors
+from .export import export_safetensors
 from .inference import LoadedModel
 from .images import MAX_UPLOAD_BYTES, safe_open_image
 from .serve import example_images, model_card_markdown
@@ -84,8 +84,7 @@ def write_space(loaded: LoadedModel, out: Path, examples: list[Path] | None = No
     package = out / "imagenet_resnet"
     shutil.rmtree(package, ignore_errors=True)
     _copy_package(package)
-    written = export_safetensors(loaded, out / "model.safetensors")
-    parity = check_safetensors(loaded, written["weights"], examples)
+    written = export_safetensors(loaded, out / "model.safetensors", examples)
 
     example_dir = out / "examples"
     shutil.rmtree(example_dir, ignore_errors=True)
@@ -103,7 +102,8 @@ def write_space(loaded: LoadedModel, out: Path, examples: list[Path] | None = No
     if not (out / ".gitattributes").exists():  # a clone of the Space keeps the Hub's own, which covers more
         (out / ".gitattributes").write_text(GITATTRIBUTES)
     (out / "README.md").write_text(_readme(loaded, gradio_version))
-    return {"space": str(out), "weights": written["weights"], "sidecar": written["sidecar"], "parity": parity,
+    return {"space": str(out), "weights": written["weights"], "sidecar": written["sidecar"],
+            "parity": written["parity"],
             "examples": [str(path) for path in shipped],
             "next": f"run it here: cd {out} && python app.py; push it: hf upload USER/SPACE {out} --repo-type space"}
 

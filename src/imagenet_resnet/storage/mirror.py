@@ -21,10 +21,12 @@ thread uploads it, so a training step never waits on the store:
   and SHA-256), and only then named in checkpoints.json: an upload cut short never replaces a good one.
 - While the store cannot be reached: one warning, retries with backoff, and a line when it has caught up.
 - At the end of the run, a stop signal included, it waits for the queue to empty (at most `wait` seconds).
-One writer per mirror. A trainer takes the lease at its start (a conditional write: S3's If-None-Match or
-If-Match on the lease's ETag; elsewhere a compare-and-write under a file lock) and renews it every quarter of
-`lease_seconds`. A second trainer stops in one line while the lease is live; `--resume` takes over a stale one
-(no heartbeat for `lease_seconds`, or its process gone from this machine), `--take-over` a live one. Taking over
+One writer per mirror (and per run folder: the trainer locks its folder first, training/run_folder.py, and both
+refuse a second trainer in the same line, errors.another_writer). A trainer takes the lease at its start (a
+conditional write: S3's If-None-Match or If-Match on the lease's ETag; elsewhere a compare-and-write under a file
+lock) and renews it every quarter of `lease_seconds`. A second trainer stops in one line while the lease is live;
+`--resume` takes over a stale one (no heartbeat for `lease_seconds`, or its process gone from this machine),
+`--take-over` a live one. Taking over
 also rewrites checkpoints.json, on which every writer's updates are conditional (S3), so a writer that was
 taken over (a zombie instance back from the dead) has its next pointer update refused; it reads the lease
 before every other upload too, and on finding another owner stops writing, says so in one line and ends the
@@ -61,7 +63,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, another_writer
 from . import urls
 from .atomic import write_atomic
 from .verified import DamagedCopy, compressed_records, get_verified, put_verified, sha256_of
@@ -107,6 +109,9 @@ class NoMirror:
         pass
 
     def report_to(self, log) -> None:
+        pass
+
+    def release(self) -> None:
         pass
 
     def __enter__(self) -> "NoMirror":
@@ -410,9 +415,9 @@ class Mirror:
             data, self._tags[LEASE] = self._read_tagged(LEASE)
             held = json.loads(data) if data else None
             if self._live(held) and not take_over:
-                raise UserError(f"--mirror {self.url} is being written by another trainer on {self._holder(held)}: two "
-                                "trainers must never write one mirror; stop that one, or wait until its lease is stale "
-                                f"({self.lease_seconds:.0f} s without a heartbeat), or add --take-over if it is gone for good")
+                stale = f"{self.lease_seconds:.0f} s without a heartbeat"
+                raise another_writer(f"--mirror {self.url}", self._holder(held), "stop that one, or wait until its "
+                                     f"lease is stale ({stale}), or add --take-over if it is gone for good")
             self._refuse_a_run_without_resume(resume)
             self.generation = int(held.get("generation", 0)) + 1 if held else 1
             try:
@@ -771,11 +776,11 @@ class Mirror:
                      f"holds the checkpoint at global step {self.pointer.get('last', {}).get('global_step')}; run "
                      "again with --resume --mirror to upload the rest")
         self._stop()
-        self._release()  # after the thread stopped: no heartbeat renews it behind this
+        self.release()  # after the thread stopped: no heartbeat renews it behind this
 
-    def _release(self) -> None:
-        """The lease given up as the process ends, so that a --resume can start at once (a trainer killed leaves
-        it to go stale)."""
+    def release(self) -> None:
+        """The lease given up as the process ends (at the mirror's end, or by a run refused before it began), so that
+        a --resume can start at once (a trainer killed leaves it to go stale)."""
         if not self.generation:
             return
         self.lease["released"] = True

@@ -25,6 +25,7 @@ _USER_INFO = re.compile(r"(?<=://)[^/\s@]+@")  # the user:password@ of a URL in 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _DRIVE = re.compile(r"^[a-zA-Z]:")  # C:\x, C:/x, C:x: a Windows path, never a name a store should hand out
 FOREIGN_NAME_FIX = "remove that object from the store: whoever can write there could write on this machine"
+STORE_CREDENTIALS = "give them the standard way (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
 
 
 def is_url(path) -> bool:
@@ -32,14 +33,13 @@ def is_url(path) -> bool:
     return isinstance(path, str) and bool(_SCHEME.match(path))
 
 
-def check_url(url: str, what: str | None = None) -> str:
+def check_url(url: str, what: str | None = None, credentials: str = STORE_CREDENTIALS) -> str:
     """The URL without a trailing slash; one holding credentials (user:password@) is refused, in a message
-    that does not repeat them."""
+    that does not repeat them and says where they go instead (`credentials`: a store's by default)."""
     parts = urlsplit(url)
     if parts.username or parts.password or "@" in parts.netloc:
         what = what or f"{parts.scheme}://...@{parts.netloc.rsplit('@', 1)[-1]}{parts.path}"
-        raise UserError(f"{what}: the URL holds credentials (user:password@); remove them and give them the "
-                        "standard way (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
+        raise UserError(f"{what}: the URL holds credentials (user:password@); remove them and {credentials}")
     return url.rstrip("/")
 
 

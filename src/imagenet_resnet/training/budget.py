@@ -68,6 +68,20 @@ def duration(seconds: float) -> str:
     return f"{seconds}s"
 
 
+def money(dollars: float) -> str:
+    """24.60usd, 0.0125usd: cents from a dollar up, three figures below (a test run's budget is cents)."""
+    return f"{dollars:.2f}usd" if dollars >= 1 else f"{max(dollars, 0.0):.3g}usd"
+
+
+def amount(seconds: float, price_per_hour: float = 0.0, in_money: bool = False) -> str:
+    """A budget's figure in the unit it was given: wall time (6h05m), or money with the time it buys
+    (0.03usd (1m00s)); a time budget with a price per hour shows its cost beside it (6h00m (24.60usd))."""
+    if not price_per_hour:
+        return duration(seconds)
+    cost = money(seconds / 3600 * price_per_hour)
+    return f"{cost} ({duration(seconds)})" if in_money else f"{duration(seconds)} ({cost})"
+
+
 class Timeline:
     """Where each optimizer step of the run falls in its recipe: `recipe_step(step)`, the step of the recipe as
     written whose LR and resolution it takes. The run's first step is the recipe's first and its last step
@@ -244,8 +258,10 @@ class Budget:
 
     def __init__(self, seconds: float, used_before: float, costs: Costs, shape: RunShape, timeline: Timeline,
                  broadcast: Callable[[list[float]], list[float]], sync: Callable[[], None] = lambda: None,
-                 started_at: float | None = None, heartbeat: Callable[[bool], None] = lambda force: None):
+                 started_at: float | None = None, heartbeat: Callable[[bool], None] = lambda force: None,
+                 price_per_hour: float = 0.0, in_money: bool = False):
         self.seconds, self.used_before, self.costs, self.shape, self.timeline = seconds, used_before, costs, shape, timeline
+        self.price_per_hour, self.in_money = price_per_hour, in_money  # how its figures are said (amount)
         self.broadcast = broadcast
         self.sync = sync  # waits for the device: a GPU's host runs ahead of it, so a pace read without it is early
         self.started_at = started_at if started_at is not None else process_started_at()
@@ -263,6 +279,10 @@ class Budget:
 
     def used(self) -> float:
         return self.used_before + time.time() - self.started_at
+
+    def amount(self, seconds: float) -> str:
+        """`seconds` of this budget, said in the unit it was given (money with the time it buys)."""
+        return amount(seconds, self.price_per_hour, self.in_money)
 
     def left(self) -> float:
         return self.seconds - self.used()
@@ -393,7 +413,7 @@ class Budget:
         return (self.used() + finish + EXIT_SECONDS) / (1 - SAFETY_SHARE)
 
     def summary(self) -> str:
-        return (f"budget {duration(self.seconds)}: ended after {duration(self.used())}; replay this schedule "
+        return (f"budget {self.amount(self.seconds)}: ended after {self.amount(self.used())}; replay this schedule "
                 f"without a budget: {self.timeline.replay()}")
 
     def describe(self, step: int) -> str:
@@ -402,8 +422,8 @@ class Budget:
         epochs = t.total_steps / self.shape.steps_per_epoch
         finish = seconds_to_finish(self.shape, self.costs, t, step, t.total_steps, False)
         end = time.strftime("%H:%M:%S", time.localtime(time.time() + finish + EXIT_SECONDS))
-        return (f"budget {duration(self.seconds)}: {duration(self.used())} used, {duration(self.left())} left | "
-                f"fitted to {t.total_steps} steps ({epochs:.2f} epochs) | ends about {end}")
+        return (f"budget {self.amount(self.seconds)}: {self.amount(self.used())} used, {self.amount(self.left())} "
+                f"left | fitted to {t.total_steps} steps ({epochs:.2f} epochs) | ends about {end}")
 
 
 class BudgetTooSmall(Exception):

@@ -30,6 +30,7 @@ from ..models import clean_state_dict
 from ..storage.verified import compressed_records
 from ..storage.atomic import write_atomic
 from .ema import ModelEma, saved_ema
+from .run_folder import RunFolder
 
 
 class DamagedCheckpoint(UserError):
@@ -157,17 +158,14 @@ class Checkpointer:
     the state assembled into one dict, written atomically by rank 0, and read back into a run, falling back
     to previous.pt when last.pt is damaged."""
 
-    def __init__(self, out_dir: Path, is_main: bool, cfg: Config, classes: list[str], on_write=None,
+    def __init__(self, folder: RunFolder, is_main: bool, cfg: Config, classes: list[str], on_write=None,
                  shape: dict[str, Any] | None = None, identity: dict[str, Any] | None = None):
-        self.last, self.previous, self.best = out_dir / "last.pt", out_dir / "previous.pt", out_dir / "best.pt"
+        self.last, self.previous, self.best = folder.last, folder.previous, folder.best
         self.is_main, self.cfg, self.classes = is_main, cfg, classes
         self.shape = shape or {}  # how the run is split over processes (see trainer.run_shape)
         self.identity = identity or {}  # its data and schedule length, checked by a resume (trainer.run_identity)
         self.on_write = on_write or (lambda path, **meta: None)  # told of each checkpoint written (the mirror)
         self.saved_step: int | None = None  # the global step of the newest checkpoint written or resumed from
-        if is_main:  # temporary files of writes that a kill cut short
-            for stale in out_dir.glob(".*.pt.*.tmp"):
-                stale.unlink(missing_ok=True)
 
     def exists(self) -> bool:
         return self.last.exists() or self.previous.exists()

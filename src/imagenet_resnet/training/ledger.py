@@ -23,8 +23,8 @@ from pathlib import Path
 
 from ..storage.atomic import write_atomic
 from .budget import process_started_at
+from .run_folder import RunFolder
 
-LEDGER = "budget.json"
 FORMAT = "imagenet-resnet-budget/1"
 HEARTBEAT_SECONDS = 5.0
 
@@ -50,8 +50,8 @@ def booted_at() -> float | None:
 class Ledger:
     """The billed sessions of a run folder; rank 0 keeps it, the others hold an empty one that never writes."""
 
-    def __init__(self, out_dir: Path | None, on_write=None):
-        self.path = out_dir / LEDGER if out_dir is not None else None
+    def __init__(self, folder: RunFolder | None, on_write=None):
+        self.path = folder.ledger if folder is not None else None
         self.on_write = on_write or (lambda path: None)
         self.sessions: list[dict] = []
         if self.path is not None and self.path.is_file():

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..errors import disk_full_said
 from ..storage.atomic import write_atomic
+from .run_folder import RunFolder
 
 
 ESTIMATE_AFTER_STEPS = 10  # the whole run's time is estimated once this many steps after the first
@@ -35,8 +36,8 @@ class SampleLog:
     """RUN/samples.jsonl (train.record_samples), rank 0: the image indices each optimizer step trained on, over
     all processes, a line per step. A step redone after a resume is written again; its last line counts."""
 
-    def __init__(self, out_dir: Path):
-        self.file = open(out_dir / "samples.jsonl", "a", buffering=1)
+    def __init__(self, folder: RunFolder):
+        self.file = open(folder.samples, "a", buffering=1)
 
     def write(self, global_step: int, epoch: int, indices: list[int]) -> None:
         self.file.write(json.dumps({"step": global_step, "epoch": epoch, "indices": indices}) + "\n")
@@ -48,10 +49,10 @@ class StepReporter:
     as a log line otherwise. The loss is read from the device only then, so the bar costs no synchronisation
     on other steps."""
 
-    def __init__(self, out_dir: Path, enabled: bool, log, steps_per_epoch: int, total_steps: int, every: int,
+    def __init__(self, folder: RunFolder, enabled: bool, log, steps_per_epoch: int, total_steps: int, every: int,
                  system: "SystemSampler | None" = None, scalars=None):
         """`scalars(group, record, step)`: where else each record goes (MetricsSink.scalars: TensorBoard, trackers)."""
-        self.path, self.enabled, self.log = out_dir / "steps.jsonl", enabled, log
+        self.path, self.enabled, self.log = folder.steps, enabled, log
         self.system, self.scalars = system, scalars or (lambda group, record, step: None)
         self.steps_per_epoch, self.total_steps, self.every = steps_per_epoch, total_steps, every
         # The bar's figures: at the logged steps, and at least 4 times an epoch (the loss read costs a sync).
@@ -133,15 +134,15 @@ class MetricsSink:
     """The epoch records of a run, on rank 0: metrics.jsonl, metrics.csv mirroring it, TensorBoard events and the
     trackers. A resumed run first drops the records past its checkpoint (it is about to write them again)."""
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, progress, on_write=None, tracking=None):
+    def __init__(self, folder: RunFolder, enabled: bool, tensorboard: bool, progress, on_write=None, tracking=None):
         """`progress`: where the run starts (checkpoint.Progress); records past it are dropped. `on_write`: told
         of each file written (the mirror). `tracking`: the run's trackers (tracking.Tracking), if any."""
-        self.path, self.enabled, self.tracking = out_dir / "metrics.jsonl", enabled, tracking
+        self.path, self.enabled, self.tracking = folder.metrics, enabled, tracking
         self.on_write = on_write or (lambda path: None)
         if enabled:
             drop_records_after(self.path, "epoch", progress.epoch)
-            drop_records_after(out_dir / "steps.jsonl", "step", progress.global_step)
-        self.tensorboard = TensorBoardLog(out_dir, enabled and tensorboard, progress.global_step)
+            drop_records_after(folder.steps, "step", progress.global_step)
+        self.tensorboard = TensorBoardLog(folder.tensorboard, enabled and tensorboard, progress.global_step)
 
     def scalars(self, group: str, record: dict, step: int) -> None:
         """A record's figures to TensorBoard and the trackers (neither waits on anything)."""
@@ -208,7 +209,7 @@ class TensorBoardLog:
 
     SKIP = {"step", "epoch", "time"}
 
-    def __init__(self, out_dir: Path, enabled: bool, resume_step: int = 0):
+    def __init__(self, path: Path, enabled: bool, resume_step: int = 0):
         self.writer = None
         if not enabled:
             return
@@ -218,7 +219,7 @@ class TensorBoardLog:
             return
         # purge_step: a resumed run hides the events past its checkpoint, which it is about to write again.
         # The writer queues events and writes them from its own thread every flush_secs: nothing waits on disk.
-        self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None,
+        self.writer = SummaryWriter(str(path), purge_step=resume_step + 1 if resume_step else None,
                                     flush_secs=30)
 
     def add(self, group: str, record: dict, step: int) -> None:

@@ -17,18 +17,20 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 from ..config import Config, changed_settings
 from ..errors import UserError
+from ..models import clean_state_dict, weights_mismatch
 from ..run_files import check_nothing_to_lose
 from ..storage.mirror import Mirror
 from ..storage.verified import sha256_of
 from . import distributed
 from .budget import Timeline
 from .checkpoint import Checkpointer, describe_data, load_newest
-from .run import Run, run_shape, where
+from .run import Run, run_shape
 from .schedules import LRSchedule
 
 NO_CHECKPOINT = (-1, 0)
@@ -152,6 +154,28 @@ def restretch(run: Run, saved: dict[str, Any] | None, schedule: LRSchedule, log:
         "step)" + ("" if goes == "stays at" else f" to {lr:.4g}"))
 
 
+ARCHITECTURE = ("name", "width", "variant")  # the model settings that shape its tensors
+
+
+def _same_network(run: Run, saved: dict[str, Any], run_dir: Path) -> None:
+    """A resume continues the same network: a checkpoint of another model, width or variant is refused in one line
+    naming what the run folder holds and what was asked, not by load_state_dict's list of every tensor."""
+    problem = weights_mismatch(run.model.state_dict(), clean_state_dict(saved["model"]))
+    if problem is None:
+        return
+    was = saved["config"]["model"]
+    held = replace(run.cfg.model, **{key: was[key] for key in ARCHITECTURE if key in was})
+    asked = run.cfg.model
+    settings = [f"--model {held.name}" if key == "name" else f"--set model.{key}={getattr(held, key)}"
+                for key in ARCHITECTURE if getattr(held, key) != getattr(asked, key)]
+    if not settings:  # the same settings, other tensors: not a checkpoint of this version's models
+        raise UserError(f"--resume: {run_dir}'s checkpoint does not fit the {asked.describe()} its settings describe "
+                        f"({problem}); resume it with the version that wrote it, or start a new run in another --out")
+    raise UserError(f"--resume: {run_dir} holds a {held.describe()} and this command asks for a {asked.describe()}: a "
+                    f"resume continues the same network; give the run's {' '.join(settings)}, or train the "
+                    f"{asked.describe()} in another --out")
+
+
 def _split(shape: dict[str, Any]) -> str:
     return f"{shape['processes']} process(es) x batch {shape['batch_size']} x accumulation {shape['accumulation_steps']}"
 
@@ -182,13 +206,11 @@ def reshape_for_resume(cfg: Config, saved: dict[str, Any], processes: int) -> st
             "global batch, LR, schedule and sample order")
 
 
-def resume_run(run: Run, checkpointer: Checkpointer, newest: tuple[dict | None, str | None], reshaped: str | None,
-            log: Callable[[str], None]) -> None:
-    """Continue from the newest intact checkpoint: its state, and its LR if the LR finder chose it."""
+def resume_run(run: Run, checkpointer: Checkpointer, newest: tuple[dict, str | None], reshaped: str | None,
+               log: Callable[[str], None]) -> Path:
+    """Continue from `newest`, the newest intact checkpoint: its state, and its LR if the LR finder chose it, once
+    every check passed; returns the checkpoint's path."""
     cfg, (saved, fell_back) = run.cfg, newest
-    if saved is None:
-        log(f"--resume: no {checkpointer.last} yet, starting a new run")
-        return
     shape, now = saved.get("shape") or {}, run_shape(run)
     if shape.get("train_images", now["train_images"]) != now["train_images"]:
         raise UserError(f"--resume: {checkpointer.last.parent} was trained on {shape['train_images']} training images "
@@ -196,6 +218,7 @@ def resume_run(run: Run, checkpointer: Checkpointer, newest: tuple[dict | None, 
                         "data; give the run's --data, or start a new run with another --out")
     data_note = _same_data(checkpointer.last.parent, saved, checkpointer.identity["data"])
     _refuse_past_the_end(run, saved)
+    _same_network(run, saved, checkpointer.last.parent)
     checkpointer.resume(run.state, newest)
     if data_note:
         log(data_note)
@@ -221,7 +244,7 @@ def resume_run(run: Run, checkpointer: Checkpointer, newest: tuple[dict | None, 
     changed = changed_settings(saved["config"], cfg.to_dict())
     if changed:
         log(f"resuming with settings changed since the checkpoint: {', '.join(changed)}")
-    log(f"resumed {checkpointer.previous if fell_back else checkpointer.last} at {where(run)}")
+    return checkpointer.previous if fell_back else checkpointer.last
 
 
 def newest_checkpoint(out_dir: Path) -> tuple[dict[str, Any] | None, str | None]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import secrets
 import subprocess
 import threading
@@ -33,15 +34,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from ..errors import UserError
 from ..report import make_report
 from ..storage.atomic import write_atomic
 from ..storage.urls import check_url
+from .run_folder import RunFolder
 
 TRACKERS = ("mlflow", "wandb")
-STATE_FILE = "tracking.json"
 QUEUE_RECORDS = 100_000  # a day of records at one a second: a tracker down for hours loses nothing
 RETRY_SECONDS = (1, 2, 5, 10)  # between attempts while a tracker does not answer, the last repeated
 EXPERIMENT = "imagenet-resnet"  # MLflow's experiment and W&B's project when none is given
@@ -49,6 +49,10 @@ DOWN_AT_END_SECONDS = 10.0  # how long the end of a run waits for a tracker that
 BATCH_RECORDS = 50  # records sent in one call at most (a backlog: an hour of steps in a minute, not an hour)
 SEND_EVERY_SECONDS = 1.0  # a call a second at most: each costs the tracker and this process more than a record
 _STOP = ("stop",)  # the last item of a queue
+MLFLOW_CREDENTIALS = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead: "
+                      "the URI is written to train.log and RUN/tracking.json")
+MLFLOW_URIS = "give a tracking server's URL (mlflow:http://HOST:PORT) or a database (mlflow:sqlite:///mlflow.db)"
+_HOST_PORT = re.compile(r"[\w.-]+:\d+(/.*)?")  # 127.0.0.1:5055, tracker:5000/path: a server without its scheme
 
 
 @dataclass
@@ -63,8 +67,17 @@ def parse_track(spec: str) -> TrackSpec:
     if kind not in TRACKERS:
         raise UserError(f"--track {spec}: unknown tracker {kind!r}; use mlflow[:URI] or wandb[:PROJECT]")
     if kind == "mlflow" and target:
-        check_url(target, f"--track mlflow:{target.split('@')[-1]}")  # user:password@ stays out of every file
+        check_mlflow_uri(target, f"--track mlflow:{target.split('@')[-1]}")  # user:password@ stays out of every file
     return TrackSpec(kind, target or None)
+
+
+def check_mlflow_uri(uri: str, what: str) -> None:
+    """Refuse a tracking URI that holds credentials (they would be written down), or a server's address without
+    its scheme (MLflow would take it for a local folder)."""
+    check_url(uri, what, MLFLOW_CREDENTIALS)
+    if _HOST_PORT.fullmatch(uri):
+        raise UserError(f"{what}: a server's address without its scheme, which MLflow takes for a local folder; "
+                        f"did you mean http://{uri}?")
 
 
 @dataclass
@@ -92,8 +105,9 @@ def check_tracking(request: TrackRequest | None) -> None:
         if spec.kind == "mlflow" and rank0:
             MlflowBackend(spec.target)
         elif spec.kind == "wandb" and rank0 and os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
+            wandb = _import("wandb")  # not installed: its own message, not a key's
             try:  # reads the key the standard ways (WANDB_API_KEY, ~/.netrc); never prompts; False: none
-                problem = None if _import("wandb").login(prompt=False, verify=False) else "no W&B API key found"
+                problem = None if wandb.login(prompt=False, verify=False) else "no W&B API key found"
             except Exception as e:
                 problem = _first_line(e)
             if problem:
@@ -135,14 +149,13 @@ class MlflowBackend:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         self.uri = target or os.environ.get("MLFLOW_TRACKING_URI") or None
-        if self.uri and not target and "@" in urlsplit(self.uri).netloc:  # (--track's URI: checked by parse_track)
-            raise UserError("MLFLOW_TRACKING_URI holds credentials (user:password@), which would be written to "
-                            "train.log and RUN/tracking.json; remove them and set MLFLOW_TRACKING_USERNAME and "
-                            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
+        if self.uri and not target:  # (--track's URI: checked by parse_track)
+            check_mlflow_uri(self.uri, "MLFLOW_TRACKING_URI")
         try:  # reaches no server yet: what fails here is the URI itself, and no retry would mend it
             self.client = self.mlflow.tracking.MlflowClient(tracking_uri=self.uri)
         except Exception as e:
-            raise UserError(f"--track mlflow:{self.uri or ''}: {_first_line(e)}") from None
+            reason = _first_line(e).removesuffix(".")
+            raise UserError(f"--track mlflow:{self.uri or ''}: {reason}; {MLFLOW_URIS}") from None
         self.run_id = None
 
     def where(self) -> dict[str, Any]:
@@ -351,17 +364,24 @@ class _Channel:
         return not self.thread.is_alive()
 
 
-def _first_line(error: Exception) -> str:
-    return (str(error) or type(error).__name__).strip().split("\n")[0][:200]
+def _first_line(error: Exception, limit: int = 200) -> str:
+    """The error's first line for a one-line message: a long one ends after its last whole sentence within
+    `limit` characters, else after its last whole word there, marked "[...]"; never mid-sentence unmarked."""
+    line = (str(error) or type(error).__name__).strip().split("\n")[0]
+    if len(line) <= limit:
+        return line
+    head = line[:limit]
+    sentence_end = max(head.rfind(". "), head.rfind("! "), head.rfind("? "))
+    return head[:sentence_end + 1] if sentence_end > 0 else head.rsplit(" ", 1)[0] + " [...]"
 
 
-def open_tracking(request: TrackRequest | None, cfg, fingerprint: str, out_dir: Path, enabled: bool,
+def open_tracking(request: TrackRequest | None, cfg, fingerprint: str, folder: RunFolder, enabled: bool,
                   checkpoint: dict[str, Any] | None, say, on_write, wait: float) -> Tracking:
     """The run's trackers: none unless asked for, and on rank 0 only (`enabled`). A resumed run (`checkpoint`,
     the state it resumes from) continues the tracker runs that RUN/tracking.json, or else the checkpoint, names."""
     if request is None or not request.specs or not enabled:
-        return Tracking(out_dir)
-    saved = json.loads((out_dir / STATE_FILE).read_text()) if (out_dir / STATE_FILE).is_file() else {}
+        return Tracking(folder)
+    saved = json.loads(folder.tracking.read_text()) if folder.tracking.is_file() else {}
     if checkpoint is None:
         saved = {}  # a new run (or one that starts again before its first checkpoint): new tracker runs
     for kind, run_id in (checkpoint or {}).get("tracking", {}).items():
@@ -372,10 +392,10 @@ def open_tracking(request: TrackRequest | None, cfg, fingerprint: str, out_dir: 
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
-    tracking = Tracking(out_dir, say, on_write, wait)
+    tracking = Tracking(folder, say, on_write, wait)
     for spec in request.specs:
-        backend = MlflowBackend(spec.target) if spec.kind == "mlflow" else WandbBackend(spec.target, out_dir)
-        tracking.channels.append(_Channel(backend, saved.get(spec.kind, {}), out_dir.resolve().name,
+        backend = MlflowBackend(spec.target) if spec.kind == "mlflow" else WandbBackend(spec.target, folder.root)
+        tracking.channels.append(_Channel(backend, saved.get(spec.kind, {}), folder.root.resolve().name,
                                           flat_params(cfg.to_dict()), tags, tracking._save, say))
     return tracking
 
@@ -385,8 +405,8 @@ class Tracking:
     leaving it as a context sends the artefacts of a finished run and closes the trackers' runs. RUN/
     tracking.json is rewritten as the trackers answer."""
 
-    def __init__(self, out_dir: Path, say=print, on_write=None, wait: float = 60.0):
-        self.out_dir, self.path, self.say, self.wait = out_dir, out_dir / STATE_FILE, say, wait
+    def __init__(self, folder: RunFolder, say=print, on_write=None, wait: float = 60.0):
+        self.folder, self.path, self.say, self.wait = folder, folder.tracking, say, wait
         self.on_write = on_write or (lambda path: None)
         self.channels: list[_Channel] = []
         self.lock = threading.Lock()
@@ -406,11 +426,11 @@ class Tracking:
     def end_artifacts(self) -> list[tuple[Path, str | None]]:
         """The report's plots and training_log.md (made now), and best.pt."""
         try:
-            made = [Path(f) for f in make_report(self.out_dir)["files"]]
+            made = [Path(f) for f in make_report(self.folder.root)["files"]]
         except Exception as e:  # a report that cannot be drawn still leaves the checkpoint to send
             self.say(f"tracking: the report could not be made ({_first_line(e)}); sending best.pt alone")
             made = []
-        return [(f, "report" if f.suffix == ".png" else None) for f in made] + [(self.out_dir / "best.pt", None)]
+        return [(f, "report" if f.suffix == ".png" else None) for f in made] + [(self.folder.best, None)]
 
     def __bool__(self) -> bool:
         return bool(self.channels)

@@ -18,19 +18,20 @@ from ..data.loader import worker_death
 from ..data.presets import pipeline_description
 from ..errors import UserError
 from ..evaluation.loop import evaluate
-from ..run_files import check_new_run_folder
-from ..storage.mirror import LEASE_SECONDS, open_mirror
+from ..storage.mirror import LEASE_SECONDS, Mirror, NoMirror, open_mirror
 from ..storage.urls import redact
 from . import distributed
 from .budget import Budget
 from .checkpoint import Checkpointer, Progress
-from .ledger import LEDGER as RUN_LEDGER, Ledger
+from .ledger import Ledger
 from .lr_finder import LRSweep, save_plot, sweep
+from .memory import say_memory
 from .monitor import MetricsSink, SampleLog, StepReporter, SystemSampler
 from .optim import lr_for_batch, lr_per_256
 from .resume import agree_on_checkpoint, newest_checkpoint, reshape_for_resume, restretch, resume_run
 from .run import Run, build_run, endless_batches, epoch_side, loader_workers, run_epochs, run_identity, run_shape, where
 from .run_budget import budget_for, budget_plan, refit, refuse_a_spent_budget, resume_budget
+from .run_folder import RunFolder
 from .schedules import LRSchedule
 from .spot import spot_notice_for
 from .step import StepSums
@@ -39,17 +40,22 @@ from .tracking import TrackRequest, open_tracking
 
 
 class RunLog:
-    """Prints to stdout and appends the same lines to RUN/train.log; silent on ranks other than 0."""
+    """Prints to stdout and appends the same lines to RUN/train.log, those said before the run was accepted
+    once it is (a refused run writes nothing); silent on ranks other than 0."""
 
-    def __init__(self, out_dir: Path, enabled: bool = True):
-        self.file = open(out_dir / "train.log", "a", buffering=1) if enabled else None
+    def __init__(self, folder: RunFolder, enabled: bool = True):
+        self.folder, self.enabled, self.file, self.unwritten = folder, enabled, None, []
 
     def __call__(self, message: str) -> None:
-        if self.file is None:
+        if not self.enabled:
             return
         line = f"{time.strftime('%H:%M:%S')} {redact(message)}"  # the one writer of train.log: no secret in it
         print(line, flush=True)
-        self.file.write(line + "\n")
+        self.unwritten.append(line)
+        if self.folder.accepted:
+            self.file = self.file or open(self.folder.log, "a", buffering=1)
+            self.file.write("".join(f"{unwritten}\n" for unwritten in self.unwritten))
+            self.unwritten.clear()
 
 
 def _sweep(run: Run, start_lr: float = 1e-5, end_lr: float = 10.0, steps: int = 200) -> LRSweep:
@@ -98,20 +104,58 @@ def _cpu_hint(run: Run) -> str | None:
             "quick run use --recipe small_cpu, or lower model.width (e.g. 16) and data.train_size (e.g. 64)")
 
 
-def dry_run(cfg: Config) -> str:
-    """What `train` would do with this config, without training: the resolved config and the plan line. Under
-    torchrun every process joins the group, as the run would (a budget's dry-run times real DDP steps), and
-    rank 0 alone returns the text."""
+def dry_run(cfg: Config, out_dir: Path | None = None, resume: bool = False) -> None:
+    """What `train` would do with this config and run folder, said line by line as it is found, without training
+    or writing anything: the resolved config, the plan, where a resume would continue, what a step needs in
+    memory, and with a budget the steps timed and the fit; refused where train would refuse. Under torchrun every
+    process joins the group, as the run would (a budget's dry-run times real DDP steps), and rank 0 speaks."""
     world, device = distributed.init(cfg.train.device)
+    say = functools.partial(print, flush=True) if world.is_main else (lambda line: None)
+    folder = RunFolder(out_dir) if out_dir is not None else None
     try:
-        run = build_run(cfg, world, device)
-        plan = _plan(run, lr_for_batch(cfg.optim, run.global_batch))
-        text = (yaml.safe_dump(cfg.to_dict(), sort_keys=False) + f"\nplan: {plan}\n"
-                + (f"{_cpu_hint(run)}\n" if _cpu_hint(run) else ""))
-        text += budget_plan(run) if cfg.train.budget else ""
+        if folder is not None and not resume:
+            folder.check_new()
+        newest = (None, None)
+        if folder is not None and resume:
+            newest = distributed.on_every_rank(lambda: newest_checkpoint(folder.root))
+        say(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        run = _planned_run(cfg, world, device, folder, newest, say)
+        if folder is not None and resume and newest[0] is None:
+            say(f"--resume: {folder} holds no checkpoint yet: a new run would start there")
+        say(f"plan: {_plan(run, lr_for_batch(cfg.optim, run.global_batch))}")
+        if _cpu_hint(run):
+            say(_cpu_hint(run))
+        split = say_memory(run, say)
+        if cfg.train.budget:
+            if split is not None:  # timed as it can run here, and said so
+                cfg.train.batch_size, cfg.train.accumulation_steps = split
+                run = _planned_run(cfg, world, device, folder, newest, lambda line: None)
+                say(f"budget {cfg.train.budget}: timed at --batch-size {split[0]} --set train.accumulation_steps="
+                    f"{split[1]}, the split that fits here: give train the same")
+            budget_plan(run, say, Ledger(folder) if newest[0] is not None else None, newest[0])
     finally:
         distributed.shutdown()
-    return text if world.is_main else ""
+
+
+def _planned_run(cfg: Config, world: distributed.Dist, device: torch.device, folder: RunFolder | None,
+                 newest: tuple[dict | None, str | None], say) -> Run:
+    """The run train would build, a resume checked and loaded into it as train does (nothing is written);
+    says where the resume would continue and what is left."""
+    reshaped = reshape_for_resume(cfg, newest[0], world.world_size) if newest[0] is not None else None
+    run = build_run(cfg, world, device)
+    if newest[0] is None:
+        return run
+    checkpointer = Checkpointer(folder, False, cfg, run.train_index.classes, shape=run_shape(run),
+                                identity=run_identity(run))
+    resumed = resume_run(run, checkpointer, newest, reshaped, say)
+    schedule = LRSchedule(cfg.schedule, lr_for_batch(cfg.optim, run.global_batch), cfg.train.epochs,
+                          run.steps_per_epoch, run.timeline)
+    restretch(run, newest[0], schedule, say)
+    left = run.timeline.total_steps - run.progress.global_step
+    say(f"--resume: would continue {resumed} at {where(run)}: " + (
+        f"{left} of the run's {run.timeline.total_steps} steps left ({left / run.steps_per_epoch:.2f} epochs)"
+        if left or run.progress.step_in_epoch else "nothing is left to train"))
+    return run
 
 
 @contextlib.contextmanager
@@ -149,81 +193,119 @@ def _save(run: Run, checkpointer: Checkpointer, budget: Budget | None, best: boo
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, mirror: str | None = None,
           mirror_wait: float = 300.0, take_over: bool = False, lease_seconds: float = LEASE_SECONDS, lease: bool = True,
           track: TrackRequest | None = None) -> dict[str, Any]:
-    """Train, evaluate and checkpoint for cfg.train.epochs, mirrored to the URL `mirror` if given (its lease taken,
-    over a live one with `take_over`) and sent to the trackers of `track`; returns the last epoch's record."""
-    out_dir = _open_run_folder(Path(out_dir), resume)
+    """Train, evaluate and checkpoint for cfg.train.epochs into the run folder `out_dir`, which this trainer owns
+    alone while it runs (training/run_folder.py), mirrored to the URL `mirror` if given (its lease taken, over a
+    live one with `take_over`) and sent to the trackers of `track`; returns the last epoch's record. Every check
+    comes before the run writes its first file."""
+    folder = RunFolder(Path(out_dir))
+    if not resume:  # by every process before any can write there: distributed.init waits for them all
+        folder.check_new()
     world, device = distributed.init(cfg.train.device)
-    store, newest, log = _open_mirror_and_checkpoint(out_dir, world, resume, mirror, mirror_wait, take_over,
-                                                     lease_seconds, lease)
-    reshaped = reshape_for_resume(cfg, newest[0], world.world_size) if newest[0] is not None else None
-    run = build_run(cfg, world, device)
-    t = cfg.train
-    checkpointer = Checkpointer(out_dir, world.is_main, cfg, run.train_index.classes, store.notify, run_shape(run),
-                                run_identity(run))
-    if cfg.optim.find_lr and newest[0] is None:  # a resumed run keeps the LR it chose
-        _choose_lr(run, log)
-    if resume:
-        resume_run(run, checkpointer, newest, reshaped, log)
-    peak_lr = lr_for_batch(cfg.optim, run.global_batch)
-    schedule = LRSchedule(cfg.schedule, peak_lr, t.epochs, run.steps_per_epoch, run.timeline)
-    restretch(run, newest[0], schedule, log)
-    ledger = Ledger(out_dir if world.is_main else None, store.notify)
-    budget = budget_for(run, ledger) if t.budget else None
-    if budget is not None and newest[0] is not None:  # before the trackers and the records are touched
-        refuse_a_spent_budget(run, budget, newest[0])
-    run.samples = SampleLog(out_dir) if t.record_samples and world.is_main else None
-    run.tracking = open_tracking(track, cfg, checkpointer.identity["data"]["fingerprint"], out_dir, world.is_main,
-                                 newest[0], log, store.notify, mirror_wait)
-    metrics = MetricsSink(out_dir, world.is_main, t.tensorboard, run.progress, store.notify, run.tracking)
-    if world.is_main:  # resolved: with the LR the finder chose, if it ran
-        save_config(cfg, out_dir / "config.yaml")
-    _say_the_start(run, peak_lr, budget, ledger, log)
-    system = SystemSampler(device, t.sample_system_seconds) if world.is_main and t.sample_system_seconds > 0 else None
-    reporter = StepReporter(out_dir, world.is_main, log, run.steps_per_epoch, run.timeline.total_steps,
-                            t.log_every_steps, system, metrics.scalars)
-    stop = StopPolicy(world, device, t.stop_at_step, t.checkpoint_every_steps, spot_notice_for(t), store)
-    # The stop policy outermost: its signal handlers stay until the mirror has drained (a shutdown's second
-    # SIGTERM, torchrun's, must not kill the process during the last uploads).
-    with stop, store, run.tracking, metrics, system or contextlib.nullcontext(), loader_workers(run), \
-            _worker_deaths(checkpointer):
+    with _owned(folder, world, resume, mirror, mirror_wait, take_over, lease_seconds, lease) as store:
+        log = RunLog(folder, enabled=world.is_main)
+        store.report_to(log)
+        newest = _checkpoint_to_continue(folder, world, resume, store, mirror, log)
+        reshaped = reshape_for_resume(cfg, newest[0], world.world_size) if newest[0] is not None else None
+        run = build_run(cfg, world, device)
+        t = cfg.train
+        checkpointer = Checkpointer(folder, world.is_main, cfg, run.train_index.classes, store.notify, run_shape(run),
+                                    run_identity(run))
+        if cfg.optim.find_lr and newest[0] is None:  # a resumed run keeps the LR it chose
+            _choose_lr(run, log)
+        if newest[0] is not None:
+            log(f"resumed {resume_run(run, checkpointer, newest, reshaped, log)} at {where(run)}")
+        elif resume:
+            log(f"--resume: no {folder.last} yet, starting a new run")
+        peak_lr = lr_for_batch(cfg.optim, run.global_batch)
+        schedule = LRSchedule(cfg.schedule, peak_lr, t.epochs, run.steps_per_epoch, run.timeline)
+        restretch(run, newest[0], schedule, log)
+        ledger = Ledger(folder if world.is_main else None, store.notify)
+        budget = budget_for(run, ledger) if t.budget else None
         if budget is not None and newest[0] is not None:
-            resume_budget(run, budget, newest[0], reporter, log)
-        # An epoch stopped at its last step (a signal) still needs its end: its validation and checkpoint.
-        while run.progress.global_step < run.timeline.total_steps or run.progress.step_in_epoch:
-            epoch = run.progress.epoch
-            lr = train_one_epoch(run, epoch, schedule, budget, stop, reporter, checkpointer, log)
-            if budget is not None and run.progress.step_in_epoch == run.steps_per_epoch:
-                refit(run, budget, reporter, log)  # with this epoch's costs measured
-            record = end_epoch(run, epoch, lr, system, log, budget)
-            is_best = _keep_record(run, record)
-            # The record first: should the process die before last.pt is written, the resume drops it and
-            # redoes the epoch, where in the other order the record would be lost.
-            metrics.epoch(record, run.progress.global_step)
-            _save(run, checkpointer, budget, best=is_best)
-            if budget is not None:
-                log(budget.describe(run.progress.global_step))
-        _say_the_end(run, budget, log)
+            refuse_a_spent_budget(run, budget, newest[0])
+        folder.accept()  # every check passed: the run's files are written from here on
+        metrics, system, reporter = _open_writers(run, folder, store, checkpointer, track, newest[0], mirror_wait, log)
+        _say_the_start(run, peak_lr, budget, ledger, folder, log)
+        stop = StopPolicy(world, device, t.stop_at_step, t.checkpoint_every_steps, spot_notice_for(t), store)
+        # The stop policy outermost: its signal handlers stay until the mirror has drained (a shutdown's second
+        # SIGTERM, torchrun's, must not kill the process during the last uploads).
+        with stop, store, run.tracking, metrics, system or contextlib.nullcontext(), loader_workers(run), \
+                _worker_deaths(checkpointer):
+            if budget is not None and newest[0] is not None:
+                resume_budget(run, budget, newest[0], reporter, log)
+            # An epoch stopped at its last step (a signal) still needs its end: its validation and checkpoint.
+            while run.progress.global_step < run.timeline.total_steps or run.progress.step_in_epoch:
+                epoch = run.progress.epoch
+                lr = train_one_epoch(run, epoch, schedule, budget, stop, reporter, checkpointer, log)
+                if budget is not None and run.progress.step_in_epoch == run.steps_per_epoch:
+                    refit(run, budget, reporter, log)  # with this epoch's costs measured
+                record = end_epoch(run, epoch, lr, system, log, budget)
+                is_best = _keep_record(run, record)
+                # The record first: should the process die before last.pt is written, the resume drops it and
+                # redoes the epoch, where in the other order the record would be lost.
+                metrics.epoch(record, run.progress.global_step)
+                _save(run, checkpointer, budget, best=is_best)
+                if budget is not None:
+                    log(budget.describe(run.progress.global_step))
+            _say_the_end(run, budget, log)
     return run.state.metrics
 
 
-def _open_mirror_and_checkpoint(out_dir: Path, world: distributed.Dist, resume: bool, mirror: str | None,
-                                mirror_wait: float, take_over: bool, lease_seconds: float, lease: bool):
-    """The run's mirror (a newer run in it brought down first, on every node), the run log, and the checkpoint
-    every rank continues from (each node reads its own run folder). A refusal on one rank stops every rank."""
-    store = distributed.on_every_rank(lambda: open_mirror(mirror, out_dir, resume, world.is_main, mirror_wait,
-                                                          take_over, lease_seconds, world.local_rank, lease))
-    newest = distributed.on_every_rank(lambda: newest_checkpoint(out_dir)) if resume else (None, None)
-    log = RunLog(out_dir, enabled=world.is_main)
-    store.report_to(log)
-    if resume:
-        newest = agree_on_checkpoint(out_dir, newest, world, store if mirror and world.is_main else None, mirror, log)
-    return store, newest, log
+@contextlib.contextmanager
+def _owned(folder: RunFolder, world: distributed.Dist, resume: bool, mirror: str | None, mirror_wait: float,
+           take_over: bool, lease_seconds: float, lease: bool):
+    """The run folder and its mirror, held by this trainer alone until it ends: rank 0 takes the folder's lock,
+    then the mirror's lease (one guard, one refusal: a second trainer stops in one line on every rank); a newer
+    run in the mirror is brought down first, on every node. Yields the mirror. A run that fails before it began
+    gives the lease back, and one that fails before its first checkpoint leaves the folder as it found it."""
+    distributed.on_every_rank(lambda: folder.claim(take_over) if world.is_main else None)
+    if not world.is_main:  # every node has its --out: rank 0's claim made the writer's, another node's copy is here
+        folder.root.mkdir(parents=True, exist_ok=True)
+    store, failed = NoMirror(), True
+    try:
+        store = distributed.on_every_rank(lambda: open_mirror(mirror, folder.root, resume, world.is_main, mirror_wait,
+                                                              take_over, lease_seconds, world.local_rank, lease))
+        yield store
+        failed = False
+    finally:
+        if failed and not folder.accepted:  # refused: the lease given back now (an accepted run's mirror does it)
+            store.release()
+        folder.release(failed)
 
 
-def _say_the_start(run: Run, peak_lr: float, budget: Budget | None, ledger: Ledger, log: RunLog) -> None:
+def _checkpoint_to_continue(folder: RunFolder, world: distributed.Dist, resume: bool, store: Mirror | NoMirror,
+                            mirror: str | None, log: RunLog) -> tuple[dict | None, str | None]:
+    """The checkpoint every rank continues from (each node reads its own run folder); none for a new run. A
+    refusal on one rank stops every rank."""
+    if not resume:
+        return None, None
+    newest = distributed.on_every_rank(lambda: newest_checkpoint(folder.root))
+    return agree_on_checkpoint(folder.root, newest, world, store if mirror and world.is_main else None, mirror, log)
+
+
+def _open_writers(run: Run, folder: RunFolder, store: Mirror | NoMirror, checkpointer: Checkpointer,
+                  track: TrackRequest | None, saved: dict | None, mirror_wait: float, log: RunLog):
+    """The accepted run's writers besides its log and checkpointer: the sample log, the trackers, the metrics
+    sink (a resumed run's records past its checkpoint dropped), config.yaml, the system sampler and the step
+    reporter; returns the last three that the loop uses."""
+    cfg, t, is_main = run.cfg, run.cfg.train, run.world.is_main
+    run.samples = SampleLog(folder) if t.record_samples and is_main else None
+    run.tracking = open_tracking(track, cfg, checkpointer.identity["data"]["fingerprint"], folder, is_main, saved, log,
+                                 store.notify, mirror_wait)
+    metrics = MetricsSink(folder, is_main, t.tensorboard, run.progress, store.notify, run.tracking)
+    if is_main:  # resolved: with the LR the finder chose, if it ran
+        save_config(cfg, folder.config)
+    system = SystemSampler(run.device, t.sample_system_seconds) if is_main and t.sample_system_seconds > 0 else None
+    reporter = StepReporter(folder, is_main, log, run.steps_per_epoch, run.timeline.total_steps, t.log_every_steps,
+                            system, metrics.scalars)
+    return metrics, system, reporter
+
+
+def _say_the_start(run: Run, peak_lr: float, budget: Budget | None, ledger: Ledger, folder: RunFolder,
+                   log: RunLog) -> None:
     log(_plan(run, peak_lr))
     if budget is not None:
-        log(f"budget {run.cfg.train.budget}: the machine time of the whole run ({RUN_LEDGER}); {ledger.said()}")
+        log(f"budget {run.cfg.train.budget}: the machine time of the whole run ({folder.ledger.name}); {ledger.said()}")
     if _cpu_hint(run):
         log(_cpu_hint(run))
 
@@ -234,13 +316,6 @@ def _say_the_end(run: Run, budget: Budget | None, log: RunLog) -> None:
     if budget is not None:
         log(budget.summary())
         budget.heartbeat(True)  # billed up to here: what follows is the exit EXIT_SECONDS keeps back
-
-
-def _open_run_folder(out_dir: Path, resume: bool) -> Path:
-    if not resume:  # by every process before any can write there: distributed.init waits for them all
-        check_new_run_folder(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
 
 
 def _choose_lr(run: Run, log: RunLog) -> None:
