@@ -441,7 +441,14 @@ def full_disk(work: Path, data: Path) -> list[dict]:
     return rows
 
 
-def _shards_written(out_dir: Path) -> dict[str, tuple] | None:
+class _Shards(dict):
+    """Shards by name (see _shards_written), and whether they lie in the staging folder (a packing under way, which
+    the next prepare resumes and says so) or in place (a finished folder, which it keeps and need not mention)."""
+
+    staged = False
+
+
+def _shards_written(out_dir: Path) -> _Shards | None:
     """The shards a prepare of `out_dir` has completed (its .sizes.npz is written after the .bin), by name
     ("train-00003"), each as the (inode, mtime in ns) of its two files: a shard written again gets others.
     None before packing began (no settings.json yet, the first file packing writes); in the staging folder, or
@@ -451,9 +458,11 @@ def _shards_written(out_dir: Path) -> dict[str, tuple] | None:
     for packed in (out_dir / STAGING / "packed", out_dir / "packed"):
         if (packed / "settings.json").exists():
             done = [sizes.name.removesuffix(".sizes.npz") for sizes in packed.glob("*.sizes.npz")]
-            return {name: tuple((f.stat().st_ino, f.stat().st_mtime_ns) for f in (packed / f"{name}.bin",
-                                                                                  packed / f"{name}.sizes.npz"))
-                    for name in done}
+            shards = _Shards({name: tuple((f.stat().st_ino, f.stat().st_mtime_ns)
+                                          for f in (packed / f"{name}.bin", packed / f"{name}.sizes.npz"))
+                              for name in done})
+            shards.staged = packed.parent.name == STAGING
+            return shards
     return None
 
 
@@ -461,13 +470,14 @@ def packing_resume_failure(output: str | None, left: dict | None, after: dict) -
     """Why a prepare run again after a kill did not go on from the shards the kill left (`left`, by
     _shards_written right after it), or None: each of them must be in the finished folder as it was (`after`),
     not written again, and the prepare that went on to its end (`output`; None where it was killed too) must
-    say for each split how many it kept."""
+    say for each split how many it kept of a packing under way (of a finished folder's: nothing to say)."""
     rewritten = sorted(name for name, written in (left or {}).items() if after.get(name) != written)
     if rewritten:
         return f"wrote again {len(rewritten)} of the {len(left)} shards the kill left ({', '.join(rewritten[:4])})"
     if output is None:
         return None
-    kept = {split: n for split in ("train", "val") if (n := sum(name.startswith(f"{split}-") for name in left or {}))}
+    staged = left if left is not None and left.staged else {}
+    kept = {split: n for split in ("train", "val") if (n := sum(name.startswith(f"{split}-") for name in staged))}
     said = {split: int(n) for split, n in SHARDS_KEPT.findall(output)}
     return None if said == kept else f"said it kept shards {said or 'none'} where the kill left {kept or 'none'}"
 

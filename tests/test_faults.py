@@ -54,7 +54,8 @@ def test_a_start_after_a_fault_must_resume_at_the_newest_checkpoints_step():
 
 
 def test_a_prepare_after_a_kill_must_keep_the_shards_the_kill_left():
-    left = {"train-00000": ((1, 5), (2, 6)), "train-00001": ((3, 7), (4, 8))}
+    left = faults._Shards({"train-00000": ((1, 5), (2, 6)), "train-00001": ((3, 7), (4, 8))})
+    left.staged = True  # in the staging folder: a packing under way
     finished = {**left, "train-00002": ((9, 9), (10, 10)), "val-00000": ((11, 11), (12, 12))}
     kept = "  train: 2 of 8 shards already written; resuming\n"
     assert faults.packing_resume_failure(kept, left, finished) is None
@@ -65,6 +66,9 @@ def test_a_prepare_after_a_kill_must_keep_the_shards_the_kill_left():
     assert "wrote again" in faults.packing_resume_failure(None, left, again)
     assert "where the kill left {'train': 2}" in faults.packing_resume_failure("", left, finished)
     assert faults.packing_resume_failure("  train: 1 of 8 shards already written; resuming\n", left, finished)
+    in_place = faults._Shards(finished)  # the kill came after the switch: a finished folder, kept without a word
+    assert faults.packing_resume_failure("", in_place, finished) is None
+    assert faults.packing_resume_failure(kept, in_place, finished)
 
 
 @pytest.mark.parametrize("variant", list(faults.VARIANTS))

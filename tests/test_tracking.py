@@ -70,15 +70,21 @@ def test_a_resume_after_a_kill_sends_no_step_twice(mlflow_server, tmp_path):
     data = make_shapes_dataset(tmp_path / "shapes", train_per_class=48, val_per_class=2, size=40)
     steps_per_epoch, epochs = 30, 6  # 480 images at batch 16: epochs long beside the tracker's call a second
     run = tmp_path / "run"
-    args = _args(data, run, "--epochs", str(epochs), "--set", "data.train_size=48")
+    # A wider model than the other tests': steps slower than the tracker's pace (a call a second, 50 records at most),
+    # so that it can get past an epoch's start while the trainer is still inside that epoch.
+    args = _args(data, run, "--epochs", str(epochs), "--set", "data.train_size=48", "--set", "model.width=32")
     proc = subprocess.Popen([sys.executable, "-m", "imagenet_resnet", *args, "--track", f"mlflow:{mlflow_server.uri}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    sent, deadline = 0, time.time() + 240
-    # Kill once the tracker has steps of a later epoch than the first, a few steps short of that epoch's end.
-    while not (sent > steps_per_epoch and sent % steps_per_epoch <= steps_per_epoch - 4) and proc.poll() is None:
+    sent, trained, deadline = 0, 0, time.time() + 240
+    # Kill a few steps short of an epoch's end (not the first's) once the tracker has steps past that epoch's start,
+    # where the last checkpoint stands: judged by the trainer's own step (steps.jsonl), since the tracker sends at
+    # most once a second and a loaded machine's trainer runs well ahead of it.
+    while not (trained >= steps_per_epoch and sent > trained // steps_per_epoch * steps_per_epoch
+               and trained % steps_per_epoch <= steps_per_epoch - 4) and proc.poll() is None:
         assert time.time() < deadline
         try:
             sent = json.loads((run / "tracking.json").read_text())["mlflow"]["sent"].get("train", 0)
+            trained = len((run / "steps.jsonl").read_text().splitlines())
         except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.01)

@@ -296,14 +296,16 @@ def plan_split(packed_dir: Path, earlier: Path | None, split: str, sources: np.n
 
 
 def _say_plan(index: ImageIndex, plan: ShardPlan, split: str, packed_dir: Path) -> None:
-    shards, kept = len(plan.keep) + len(plan.changed) + len(plan.missing), len(plan.keep)
+    shards = len(plan.keep) + len(plan.changed) + len(plan.missing)
+    # Shards kept from the staging folder are a killed packing's work, resumed (a finished folder's are just kept)
+    resumed = sum(where == packed_dir for where in plan.keep.values()) if packed_dir.parent.name == STAGING else 0
     if plan.changed:
         changed = [index.describe(i) for positions in plan.changed.values() for i in positions]
         print(f"  {split}: {len(changed)} of its images changed at their source since they were packed "
               f"({some_of(changed)}): re-packing the {len(plan.changed)} of {shards} shards holding them",
               file=sys.stderr)
-    elif kept and plan.missing:
-        print(f"  {split}: {kept} of {shards} shards already written; resuming", file=sys.stderr)
+    elif resumed:
+        print(f"  {split}: {resumed} of {shards} shards already written; resuming", file=sys.stderr)
     if plan.unrecorded:
         print(f"  {split}: {len(plan.unrecorded)} of {shards} shards in {packed_dir} were packed by an earlier "
               "version, which recorded no digests: adding them (reading the shards once; their sources are taken as "

@@ -16,8 +16,9 @@ it runs out (90 s by default on NFSv4). Mounted with `nolock` or `local_lock=pos
 trainers of the same machine. A file system that cannot lock at all is said in a warning, and the run goes on.
 
 Nothing is written before the run is accepted (`accept`: every check passed): a refused run leaves its folder as
-it found it. And a run that ends before its first checkpoint, in a folder it found empty, takes its files away
-again: the same command can then start again there (its lines were printed).
+it found it. And a run refused before its first checkpoint (its data, a budget too small for it), in a folder it
+found empty, takes its files away again: the corrected command can then start there (its lines were printed). A
+crash keeps them: its log says what happened.
 """
 
 from __future__ import annotations
@@ -125,12 +126,13 @@ class RunFolder:
             for stale in self.root.glob(".*.pt.*.tmp"):
                 stale.unlink(missing_ok=True)
 
-    def release(self, failed: bool) -> None:
-        """Stop owning the folder. A run that `failed` before its first checkpoint, in a folder it found empty,
-        first takes its files away again (and the folder, if it made it)."""
+    def release(self, undo: bool) -> None:
+        """Stop owning the folder. With `undo` (a run refused, or failed before it was accepted), a run that has
+        no checkpoint yet, in a folder it found empty, first takes its files away again (and the folder, if it
+        made it)."""
         if self._found is None:
             return
-        if failed and not self._found and not (self.last.exists() or self.previous.exists()):
+        if undo and not self._found and not (self.last.exists() or self.previous.exists()):
             for name in self._entries():
                 path = self.root / name
                 if path.is_dir() and not path.is_symlink():
@@ -142,7 +144,7 @@ class RunFolder:
             os.close(self._fd)
             self._fd = None
         self._found = None
-        if failed and self._made:
+        if undo and self._made:
             try:
                 self.root.rmdir()
             except OSError:  # not empty: it holds what the run keeps, or someone else's files

@@ -257,20 +257,24 @@ def _owned(folder: RunFolder, world: distributed.Dist, resume: bool, mirror: str
     """The run folder and its mirror, held by this trainer alone until it ends: rank 0 takes the folder's lock,
     then the mirror's lease (one guard, one refusal: a second trainer stops in one line on every rank); a newer
     run in the mirror is brought down first, on every node. Yields the mirror. A run that fails before it began
-    gives the lease back, and one that fails before its first checkpoint leaves the folder as it found it."""
+    gives the lease back, and one refused (a UserError: the data, a budget too small for it) before its first
+    checkpoint leaves the folder as it found it, so the corrected command runs there; a crash keeps its log."""
     distributed.on_every_rank(lambda: folder.claim(take_over) if world.is_main else None)
     if not world.is_main:  # every node has its --out: rank 0's claim made the writer's, another node's copy is here
         folder.root.mkdir(parents=True, exist_ok=True)
-    store, failed = NoMirror(), True
+    store, failed, refused = NoMirror(), True, False
     try:
         store = distributed.on_every_rank(lambda: open_mirror(mirror, folder.root, resume, world.is_main, mirror_wait,
                                                               take_over, lease_seconds, world.local_rank, lease))
         yield store
         failed = False
+    except UserError:
+        refused = True
+        raise
     finally:
         if failed and not folder.accepted:  # refused: the lease given back now (an accepted run's mirror does it)
             store.release()
-        folder.release(failed)
+        folder.release(refused or (failed and not folder.accepted))
 
 
 def _checkpoint_to_continue(folder: RunFolder, world: distributed.Dist, resume: bool, store: Mirror | NoMirror,
