@@ -83,6 +83,12 @@ assert r['real']['images'] > 0 and sum(b['images'] for b in r['calibration']['bi
   $CLI train --data "$data" --recipe imagenette_128_20ep --budget 90s --dry-run --set data.workers=16 \
     > "$out/budget_dry_run.txt" 2>&1
   status+=("budget_dry_run=$?")
+  # Its memory line reads the GPU's free memory (training/memory.py, torch.cuda.mem_get_info), said before the
+  # timing; on a CPU only tests/test_dry_run.py's host-memory path runs.
+  grep -q "^memory: .*free on the GPU" "$out/budget_dry_run.txt" \
+    && [ "$(grep -n '^memory:' "$out/budget_dry_run.txt" | head -1 | cut -d: -f1)" -lt \
+         "$(grep -n 'a step takes' "$out/budget_dry_run.txt" | head -1 | cut -d: -f1)" ]
+  status+=("dry_run_gpu_memory_before_timing=$?")
   brun=/tmp/gpu-checks-budget
   rm -rf "$brun"
   $CLI train --data "$data" --out "$brun" --recipe imagenette_128_20ep --budget 90s --set data.workers=16 \

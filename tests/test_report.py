@@ -99,6 +99,10 @@ def test_tensorboard_events_follow_the_metrics_and_a_resume(tmp_path, tiny_data)
     run = tmp_path / "run"
     with pytest.raises(RunStopped):
         train_tiny(tiny_data, run, "train.checkpoint_every_steps=3", "train.stop_at_step=10")
+    # TensorBoard reads event files in name order: ...tfevents.<second>.<host>.<pid>.<a per-process counter>. A resume
+    # in a new process (as users run it) has a later second; in this process, within the same second, a counter past
+    # 9 from earlier tests would sort "10" before "9".
+    time.sleep(1.1)
     train_tiny(tiny_data, run, resume=True)
     events = event_accumulator.EventAccumulator(str(run / "tensorboard"))
     events.Reload()

@@ -23,7 +23,7 @@ from pathlib import Path
 from . import __version__
 from .bench import commands as bench_commands
 from .config import MODEL_NAMES, PIPELINES, RECIPES_DIR, Config, load_config
-from .errors import UserError, check_writable
+from .errors import UserError, check_writable, printable
 from .option_types import int_in, non_negative_float, non_negative_int, port, positive_float, positive_int, workers
 from .storage.urls import is_url, redact
 
@@ -708,7 +708,7 @@ def one_line(error: UserError) -> str:
     """An expected error's message as the one line it promises, and nothing secret in it: a name it quotes from a
     file, a folder or an archive (anyone's) has its control characters (a line break, a terminal's escape) shown
     escaped, and credentials are blanked (storage.urls.redact)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in redact(str(error)))
+    return printable(redact(str(error)))
 
 
 def main(argv: list[str] | None = None) -> int:

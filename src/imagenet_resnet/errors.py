@@ -10,6 +10,12 @@ from pathlib import Path
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over a file-size limit
 
 
+def printable(text: str) -> str:
+    """`text` for a terminal or a one-line record: control characters (a line break, a tab, a terminal's escape)
+    shown escaped, never acted on. Names from anyone's files and archives pass through here."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class UserError(ValueError):
     """A problem with what the user gave (a path, a setting, a file) that they can fix: the command prints
     this one line and exits with status 2. Any other exception is a bug and keeps its traceback.

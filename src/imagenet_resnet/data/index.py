@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, printable
 from ..storage import urls
 from ..storage.atomic import atomic_file
 
@@ -66,7 +66,7 @@ def _too_large(size: int) -> OSError:
 def _printable(name: bytes) -> str:
     """A name for a message or problems.tsv: control characters (a newline, a tab, a terminal's escape) shown
     escaped, never acted on; bytes that are not UTF-8 shown as \\x.. escapes."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name.decode("utf-8", "backslashreplace"))
+    return printable(name.decode("utf-8", "backslashreplace"))
 
 
 _IN_CONTAINER = re.compile(r" \((?:byte|row) \d+: (.*)\)$")  # ImageIndex.describe's "(byte 512: NAME)"
