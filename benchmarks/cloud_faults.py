@@ -30,6 +30,7 @@ from faults import TINY, _descendants, _run, _same, _Watched, _weights, kill_all
 from imagenet_resnet.training import checkpoint
 
 STOP_TIMEOUT_SECONDS = 90  # systemd's default TimeoutStopSec: SIGKILL to what is left after it
+SLOW_STOP_SECONDS = 15  # a run still going this long after the signal has its stacks kept (torchrun kills at 30 s)
 SAVED = re.compile(r"received SIGTERM: saved \S*last\.pt at .*\(global step (\d+)\)")
 RESUMED = re.compile(r"resumed \S*(?:last|previous)\.pt at .*\(global step (\d+)\)")
 
@@ -87,6 +88,7 @@ def whole_job_shutdown(work: Path, data: Path, tries: int, rng: random.Random, e
             time.sleep(0.3)
         if shutdown:
             signal_the_job(watched.proc, rng)
+        stacks = watched.stacks_if_running_after(SLOW_STOP_SECONDS)
         try:
             code, out = watched.finish(timeout=STOP_TIMEOUT_SECONDS)
         except TimeoutError:
@@ -113,7 +115,7 @@ def whole_job_shutdown(work: Path, data: Path, tries: int, rng: random.Random, e
         checks["ended as an uninterrupted run"] = code2 == 0 and _same(_weights(run), _weights(straight))
         failed = [name for name, ok in checks.items() if not ok]
         recovered += not failed
-        failures += [f"{run.name}: not {', '.join(failed)}: {_said(out)!r}"] if failed else []
+        failures += [f"{run.name}: not {', '.join(failed)}: {_said(out)!r}{stacks}"] if failed else []
     what = ("a spot notice, then a machine shutdown: SIGTERM to every process of the job at once" if notice_first
             and shutdown else "a spot notice, polled by local rank 0 alone" if notice_first else
             "a machine shutdown: SIGTERM to every process of the job at once")

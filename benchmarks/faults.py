@@ -161,6 +161,12 @@ class _Watched:
             time.sleep(0.02)
         return self.began_at is not None
 
+    def stacks_if_running_after(self, seconds: float) -> str:
+        """Where every process of the run is (py-spy) when it is still running `seconds` from now: a stop that
+        hangs is seen while it hangs, before torchrun's SIGKILL ends it without a word."""
+        self._reader.join(seconds)
+        return _stacks([self.proc.pid] + _descendants(self.proc.pid)) if self._reader.is_alive() else ""
+
     def finish(self, timeout: float = 600) -> tuple[int, str]:
         self._reader.join(timeout)
         if self._reader.is_alive():

@@ -24,7 +24,8 @@ import faults  # noqa: E402
 
 
 def _all_recovered(row):
-    assert faults.shortfall(row) is None, (faults.shortfall(row), row)
+    # A plain string: pytest prints it whole (a tuple's repr is cut to 240 characters, the run's own lines lost).
+    assert faults.shortfall(row) is None, f"{faults.shortfall(row)}\n{row}"
 
 
 def test_a_machine_shutdown_under_torchrun_saves_after_the_signal_and_resumes(tmp_path, tiny_data):

@@ -113,3 +113,22 @@ def test_loader_workers_end_with_the_process(tiny_data):
               f"next(iter(loader))\n")
     done = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_stop_signal_that_reaches_a_worker_as_it_is_forked_does_not_kill_it(tiny_data):
+    """A machine shutdown signals every process at once: a worker forked a moment before (the validation
+    loader's, at the end of the first epoch) got SIGTERM before it ignored it and died, and the run with it
+    (3 of 60 whole-job shutdowns in benchmarks/faults.py). Here each worker signals itself the instant it is
+    forked, the earliest moment a signal can reach it."""
+    script = (f"import os, signal\n"
+              f"from imagenet_resnet.data.folder import scan_class_folders\n"
+              f"from imagenet_resnet.data.loader import EpochBatchSampler, ImageDataset, build_loader\n"
+              f"from imagenet_resnet.data.presets import EvalPreset\n"
+              f"os.register_at_fork(after_in_child=lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+              f"index = scan_class_folders({str(tiny_data / 'val')!r})\n"
+              f"sampler = EpochBatchSampler(len(index), 8, shuffle=False, drop_last=False)\n"
+              f"loader = build_loader(ImageDataset(index, EvalPreset(16)), sampler, workers=2, pin_memory=False)\n"
+              f"print(sum(len(batch[0]) for batch in loader))\n")
+    done = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(len(list((tiny_data / "val").glob("*/*"))))
