@@ -2,11 +2,13 @@
 browser (Debian's Chromium driven by Playwright), a load test, and the exported Space running on its own."""
 
 import asyncio
+import importlib.metadata
 import importlib.util
 import io
 import json
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -366,11 +368,71 @@ def test_gradio_analytics_are_off_by_default(checkpoint, monkeypatch):
 
 
 @needs_gradio
-def test_space_installs_the_cpu_only_torch(checkpoint, tmp_path):
-    """Issue 14: `torch>=2.1` from PyPI is the CUDA build on Linux, 5.7 GB for a CPU demo."""
+def test_a_cpu_space_installs_the_cpu_only_torch(checkpoint, tmp_path):
+    """Issue 14: `torch>=2.1` from PyPI is the CUDA build on Linux, 5.7 GB for a CPU demo. Issue 36: a CPU Space
+    (a paid account's since July 2026) is asked for with --hardware cpu."""
     from imagenet_resnet.serving.space import CPU_TORCH_INDEX
 
-    run_cli("export", "--checkpoint", str(checkpoint), "--format", "space", "--out", str(tmp_path / "space"))
+    summary = json.loads(run_cli("export", "--checkpoint", str(checkpoint), "--format", "space", "--hardware", "cpu",
+                                 "--out", str(tmp_path / "space")).stdout)
     lines = (tmp_path / "space" / "requirements.txt").read_text().split("\n")
     assert lines[0] == f"--extra-index-url {CPU_TORCH_INDEX}"
     assert [line for line in lines if line.startswith("torch")] == [f"torch=={torch.__version__.split('+')[0]}+cpu"]
+    front_matter = yaml.safe_load((tmp_path / "space" / "README.md").read_text().split("---")[1])
+    assert front_matter["suggested_hardware"] == summary["hardware"] == "cpu-basic"
+    assert front_matter["python_version"] == f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+@needs_gradio
+def test_a_space_is_made_for_zero_gpu_by_default(checkpoint, tmp_path):
+    """Issue 36: since July 2026 a free account's Gradio Space runs on ZeroGPU only, which runs the Gradio, PyTorch
+    and Python versions its doc lists (space.py holds that list) and needs PyTorch's CUDA build."""
+    from imagenet_resnet.serving.space import ZERO_GPU_GRADIO_MAJOR, ZERO_GPU_PYTHON, ZERO_GPU_TORCH
+
+    space = tmp_path / "space"
+    summary = json.loads(run_cli("export", "--checkpoint", str(checkpoint), "--format", "space",
+                                 "--out", str(space)).stdout)
+    front_matter = yaml.safe_load((space / "README.md").read_text().split("---")[1])
+    assert front_matter["suggested_hardware"] == summary["hardware"] == "zero-a10g"
+    assert front_matter["python_version"] == ZERO_GPU_PYTHON
+    assert int(front_matter["sdk_version"].split(".")[0]) >= ZERO_GPU_GRADIO_MAJOR
+    lines = (space / "requirements.txt").read_text().split()
+    torch_pins = [line for line in lines if line.startswith("torch")]
+    assert len(torch_pins) == 1 and torch_pins[0].removeprefix("torch==") in ZERO_GPU_TORCH
+    assert not any(line.startswith("--") for line in lines)  # PyPI's index alone: its torch is the CUDA build
+    assert f"spaces=={importlib.metadata.version('spaces')}" in lines
+
+
+@needs_gradio
+def test_the_space_runs_the_model_under_spaces_gpu(checkpoint, tmp_path, monkeypatch):
+    """Issue 36: ZeroGPU lends a GPU only to a function decorated with @spaces.GPU (a Space with none does not
+    start): app.py hands the model's work on each image to spaces.GPU, and a request runs through what it gives back.
+    spaces.GPU here is the real one, watched: outside ZeroGPU it returns the function unchanged."""
+    import spaces
+    from starlette.testclient import TestClient
+
+    space = tmp_path / "space"
+    summary = json.loads(run_cli("export", "--checkpoint", str(checkpoint), "--format", "space",
+                                 "--out", str(space)).stdout)
+    wrapped, calls, real_gpu = [], [], spaces.GPU
+
+    def watched_gpu(*args, **options):
+        decorate = real_gpu(*args, **options)
+
+        def watched_decorate(task):
+            wrapped.append((task.__name__, options))
+            on_gpu = decorate(task)
+
+            def counted(*call_args):
+                calls.append(task.__name__)
+                return on_gpu(*call_args)
+            return counted
+        return watched_decorate
+
+    monkeypatch.setattr(spaces, "GPU", watched_gpu)
+    app_module = runpy.run_path(str(space / "app.py"))  # imported, not run as __main__: no server
+    assert [name for name, _ in wrapped] == ["model_outputs"]
+    assert wrapped[0][1] == {"duration": app_module["GPU_SECONDS"]}
+    answer = TestClient(app_module["app"]).post("/api/classify", content=Path(summary["examples"][0]).read_bytes())
+    assert answer.status_code == 200 and len(answer.json()["top"]) == 5
+    assert calls == ["model_outputs"]

@@ -200,7 +200,7 @@ def test_exported_card_names_its_data_and_limits_and_no_local_path(loaded, run, 
 def test_space_readme_says_the_data_and_names_imagenet_terms_only_for_imagenet(loaded, tmp_path):
     from imagenet_resnet.serving import space
 
-    readme = space._readme(loaded, "6.0.0")
+    readme = space._readme(loaded, "6.0.0", "3.10.13", "zero-a10g")
     assert '"10-class classifier, ' in readme and 'top-1 on 40 val images"' in readme
     assert "trained and validated on `" + loaded.card["data"] + "` (generated shapes" in readme
     assert "on 40 validation images of that data" in readme and "**limitations**: Trained on generated" in readme
@@ -208,8 +208,15 @@ def test_space_readme_says_the_data_and_names_imagenet_terms_only_for_imagenet(l
     wordnet_ids = [f"n0{1440764 + k}" for k in range(10)]
     imagenet_like = dataclasses.replace(loaded, classes=wordnet_ids, card=model_card(
         loaded.cfg, wordnet_ids, {"val_top1": 0.8, "val_images": 500}, None, loaded.card["parameters"]))
-    readme = space._readme(imagenet_like, "6.0.0")
+    readme = space._readme(imagenet_like, "6.0.0", "3.10.13", "zero-a10g")
     assert "(ImageNet photos, 10 of its classes)" in readme and space.IMAGENET_TERMS in readme
+    # the Static Space's README says the same (issue 36)
+    from imagenet_resnet.serving import static_space
+
+    meta = {"model": {"bytes": 10**6, "weights_stored_as": "fp16"}}
+    assert "ImageNet" not in static_space._readme(loaded, meta)
+    static = static_space._readme(imagenet_like, meta)
+    assert "(ImageNet photos, 10 of its classes)" in static and space.IMAGENET_TERMS in static
 
 
 @needs_gradio

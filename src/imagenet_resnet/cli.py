@@ -252,18 +252,25 @@ def _add_shipping_commands(sub) -> None:
                    "224 px)")
 
     p = _command(sub, "export", cmd_export,
-                 "safetensors + JSON sidecar, ONNX, TorchScript, or a Hugging Face Space folder",
+                 "safetensors + JSON sidecar, ONNX, TorchScript, or a Hugging Face Space folder (Gradio, or static: the "
+                 "model runs in the visitor's browser)",
                  "Each export is read back and its logits compared with PyTorch's before it counts as written; "
                  'prints a JSON summary (pip install "imagenet-resnet[export]").')
     p.add_argument("--checkpoint", required=True, help="one of our checkpoints (.pt) or a .safetensors export")
     _ema_option(p)
-    p.add_argument("--format", required=True, choices=["safetensors", "onnx", "torchscript", "space"],
+    p.add_argument("--format", required=True, choices=["safetensors", "onnx", "torchscript", "space", "static-space"],
                    help="what to write")
     p.add_argument("--out", required=True, help="the file to write (the format sets its suffix; the JSON sidecar "
-                   "goes beside it), or for space the folder")
+                   "goes beside it), or for space and static-space the folder")
     p.add_argument("--check-images", nargs="+", metavar="IMAGE|DIR", help="images to compare the export's logits "
-                   "with PyTorch's on (default: a few synthetic ones); for space, the example images")
+                   "with PyTorch's on (default: a few synthetic ones); for space and static-space, the example images")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16",
+                   help="static-space: how model.onnx stores its weights (computed in fp32 either way); ResNet-50: "
+                   "102, 51 or 26 MB for the visitor to download")
     p.add_argument("--opset", type=positive_int, help="ONNX opset (default: the one the export is tested with)")
+    p.add_argument("--hardware", choices=["zero-gpu", "cpu"], default="zero-gpu",
+                   help="space: the hardware it is made for: zero-gpu (ZeroGPU, which a free account may host a "
+                   "Gradio Space on) or cpu (CPU basic, a paid account's, with PyTorch's CPU-only build)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -536,13 +543,16 @@ def cmd_export(args) -> int:
     from .serving import export
     from .serving.inference import image_files, load_model
     from .serving.space import write_space
+    from .serving.static_space import write_static_space
 
     # before the checkpoint loads, to fail fast; a Space (safetensors weights, Gradio's page) needs [serve] alone
-    needs = {"safetensors": ["safetensors"], "onnx": ["onnx", "onnxscript", "onnxruntime"]}
+    needs = {"safetensors": ["safetensors"], "onnx": ["onnx", "onnxscript", "onnxruntime"],
+             "static-space": ["onnx", "onnxscript", "onnxruntime"]}
     if args.format == "space":
-        export.require("safetensors", "gradio", extra="serve")
+        export.require("safetensors", "gradio", "spaces", extra="serve")
     export.require(*needs.get(args.format, []))
-    check_writable(Path(args.out) if args.format == "space" else Path(args.out).parent, "--out")
+    folder = args.format in ("space", "static-space")
+    check_writable(Path(args.out) if folder else Path(args.out).parent, "--out")
     images = image_files(args.check_images) if args.check_images else None
     if args.check_images and not images:
         raise UserError(f"no images in {' '.join(args.check_images)}: give --check-images image files "
@@ -554,8 +564,10 @@ def cmd_export(args) -> int:
         summary = export.export_onnx(loaded, args.out, args.opset or export.ONNX_OPSET, images)
     elif args.format == "torchscript":
         summary = export.export_torchscript(loaded, args.out, images)
+    elif args.format == "static-space":
+        summary = write_static_space(loaded, Path(args.out), args.precision, images)
     else:
-        summary = write_space(loaded, Path(args.out), images)
+        summary = write_space(loaded, Path(args.out), images, args.hardware)
     written = [Path(v) for v in summary.values() if isinstance(v, str) and Path(v).exists()]
     sizes = {str(path): sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir()
              else path.stat().st_size for path in written}

@@ -121,8 +121,10 @@ def onnx_session(path: str | Path, threads: int | None = None):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def write_onnx(model: torch.nn.Module, size: int, out: Path, opset: int = ONNX_OPSET) -> None:
-    """`model` (CPU fp32) as one ONNX file, weights inside, with a dynamic batch dimension."""
+def write_onnx(model: torch.nn.Module, size: int, out: Path, opset: int = ONNX_OPSET,
+               output_names: list[str] | None = None) -> None:
+    """`model` (CPU fp32) as one ONNX file, weights inside, with a dynamic batch dimension; its outputs named
+    `output_names` (default: the one `logits`)."""
     require("onnx", "onnxscript")
     example = torch.randn(2, 3, size, size)  # not 1: torch.export specialises dimensions of size 1
     # The exporter logs that torchvision's detection ops are skipped, and torch warns about its own internals:
@@ -133,7 +135,7 @@ def write_onnx(model: torch.nn.Module, size: int, out: Path, opset: int = ONNX_O
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            torch.onnx.export(model, (example,), out, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+            torch.onnx.export(model, (example,), out, input_names=[ONNX_INPUT], output_names=output_names or [ONNX_OUTPUT],
                               opset_version=opset, dynamo=True, external_data=False, verbose=False,
                               dynamic_shapes=({0: torch.export.Dim("batch")},))
     finally:

@@ -3,6 +3,10 @@
 Written here in a few dozen lines because the common package pulls in torchvision and OpenCV. The class
 score's gradient with respect to a layer's activations, averaged over space, weights the activation
 channels; their ReLU'd sum, upsampled to the input, is the map.
+
+At a ResNet's last stage no backward pass is needed: global average pooling and one linear layer follow it, so
+the gradient of class c's score is that layer's row W[c] divided by the number of positions, at every position,
+and Grad-CAM there is CAM (Zhou et al. 2016), computed from the forward pass alone (`heat_maps`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.classes import model_labels
+from ..models import ResNet
 
 
 def cam_layer(input_size: int) -> str:
@@ -31,25 +36,80 @@ def cam_layer(input_size: int) -> str:
 def grad_cam(model: torch.nn.Module, images: torch.Tensor, classes: torch.Tensor, layer: str = "layer4") -> torch.Tensor:
     """Maps (N, H, W) in [0, 1] for `classes` (N,) on normalised `images` (N, 3, H, W), at `layer` (a
     module name, e.g. "layer4" (the last stage, the default), "layer3.5", "layer4.2.conv3")."""
-    target = model.get_submodule(layer)
+    return _grad_cam(model, images, classes, layer)[1]
+
+
+def heat_maps(model: torch.nn.Module, images: torch.Tensor, layer: str,
+              classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits (N, K) and the Grad-CAM maps at `layer` (N, H, W) of `classes` (N,), by default each image's top
+    class, from one forward pass: computed as CAM, without a backward pass, where that is the same map."""
+    if cam_is_grad_cam(model, layer):
+        return class_activation_maps(model, images, classes)
+    return _grad_cam(model, images, classes, layer)
+
+
+def cam_is_grad_cam(model: torch.nn.Module, layer: str) -> bool:
+    """Whether CAM equals Grad-CAM at `layer`: the model is our ResNet, whose forward pass ends in global average
+    pooling and one linear layer, and the layer's output is what that pooling reads (the last stage, or its last
+    block)."""
+    if type(model) is not ResNet:  # a subclass may change the forward pass
+        return False
+    # Checked, not assumed: a fine-tuning script may have swapped the head for another
+    pooled = isinstance(model.avgpool, torch.nn.AdaptiveAvgPool2d) and model.avgpool.output_size in (1, (1, 1))
+    return pooled and type(model.fc) is torch.nn.Linear and layer in ("layer4", f"layer4.{len(model.layer4) - 1}")
+
+
+def class_activation_maps(model: ResNet, images: torch.Tensor,
+                          classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAM (Zhou et al. 2016) of a ResNet: the logits (N, K) and, for `classes` (N,) (by default each image's top
+    class), ReLU(W[class] . A / positions) of the last stage's output A, upsampled to the image and scaled to
+    peak at 1: one forward pass, no autograd graph. Equal to grad_cam(..., "layer4") (see cam_is_grad_cam)."""
+    # no_grad, not inference_mode: its tensors could not be changed in place by callers outside it
+    with torch.no_grad():
+        logits, features = _forward_capturing(model, images, "layer4")
+        if classes is None:
+            classes = logits.argmax(1)
+        # Divided by the positions as Grad-CAM's averaged gradient is, so that even a map whose peak is below
+        # _to_image's floor comes out the same.
+        weights = model.fc.weight[classes.to(logits.device)].float() / features[0, 0].numel()
+        cam = torch.einsum("nc,nchw->nhw", weights, features.float())
+        return logits, _to_image(cam, images.shape[-2:])
+
+
+def _forward_capturing(model: torch.nn.Module, images: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of one forward pass and the output of the module named `layer` in it."""
     captured, caller = {}, threading.get_ident()
 
     def capture(module, inputs, output):
         if threading.get_ident() == caller:  # a server runs several requests' forward passes at once
             captured["activations"] = output
 
-    handle = target.register_forward_hook(capture)
+    handle = model.get_submodule(layer).register_forward_hook(capture)
     try:
-        with torch.enable_grad():
-            logits = model(images)
-            score = logits.gather(1, classes.view(-1, 1).to(logits.device)).sum()
-            activations = captured["activations"]
-            (gradients,) = torch.autograd.grad(score, activations)
+        logits = model(images)
     finally:
         handle.remove()
+    return logits, captured["activations"]
+
+
+def _grad_cam(model: torch.nn.Module, images: torch.Tensor, classes: torch.Tensor | None,
+              layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and the Grad-CAM maps of `classes` (by default each image's top class) at `layer`."""
+    with torch.enable_grad():
+        logits, activations = _forward_capturing(model, images, layer)
+        if classes is None:
+            classes = logits.argmax(1)
+        score = logits.gather(1, classes.view(-1, 1).to(logits.device)).sum()
+        (gradients,) = torch.autograd.grad(score, activations)
     weights = gradients.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * activations).sum(dim=1, keepdim=True)).detach().float()
-    cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    cam = (weights * activations).sum(dim=1).detach().float()
+    return logits.detach(), _to_image(cam, images.shape[-2:])
+
+
+def _to_image(cam: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """Weighted sums of activations (N, h, w) as maps (N, H, W): ReLU'd, upsampled to the image, each scaled to
+    peak at 1."""
+    cam = F.interpolate(F.relu(cam)[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
     return cam / peak
 
@@ -113,9 +173,9 @@ def explain_images(loaded, sources: list[tuple[Path, str | None]], out: str | Pa
         except (OSError, ValueError) as e:
             results.append({"file": str(file), "error": str(e)})
             continue
-        probs = _scores(loaded, pixels[None])[0]
+        logits, cam = heat_maps(loaded.model, loaded.normalize(torch.from_numpy(pixels[None])), layer)
+        probs = logits.float().softmax(1)[0]
         top = int(probs.argmax())
-        cam = grad_cam(loaded.model, loaded.normalize(torch.from_numpy(pixels[None])), torch.tensor([top]), layer)
         entries.append({"image": pixels, "panels": [(file.name, None),
                                                     (f"predicted: {loaded.names[top][:18]} {float(probs[top]):.0%}",
                                                      cam[0].cpu().numpy())]})
@@ -170,7 +230,7 @@ def explain_mistakes(loaded, index, out: str | Path, num_show: int = 20, layer: 
     entries = []
     for m in shown:
         x = loaded.normalize(torch.from_numpy(np.stack([m["pixels"], m["pixels"]])))
-        cams = grad_cam(loaded.model, x, torch.tensor([m["predicted"], m["label"]]), layer).cpu().numpy()
+        cams = heat_maps(loaded.model, x, layer, torch.tensor([m["predicted"], m["label"]]))[1].cpu().numpy()
         entries.append({"image": m["pixels"], "panels": [
             (index.names[m["i"]].decode(errors="replace").rsplit("/", 1)[-1][:28], None),
             (f"predicted: {loaded.names[m['predicted']][:18]} {m['p_pred']:.0%}", cams[0]),

@@ -19,7 +19,7 @@ import socket
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from ..data.presets import EvalPreset
 from ..data.untrusted_images import MAX_PIXELS
 from ..errors import UserError
 from .card import describe_source
-from .gradcam import cam_layer, grad_cam
+from .gradcam import cam_layer, heat_maps
 from .images import (MAX_UPLOAD_BYTES, ImageRejected, read_image_bytes, safe_open_image,  # noqa: F401
                      too_large)  # (ImageRejected, safe_open_image: re-exported for the tests)
 from .inference import LoadedModel, top_k_records
@@ -45,9 +45,11 @@ def jet(values: np.ndarray) -> np.ndarray:
 
 class Classifier:
     """Top-k classes and a Grad-CAM overlay for uploads, thread-safe, at most `concurrency` at a time.
-    `layer`: the module Grad-CAM looks at (default: cam_layer of the model's input size)."""
+    `layer`: the module Grad-CAM looks at (default: cam_layer of the model's input size); at a ResNet's last
+    stage the map is computed as CAM, the same map without a backward pass (gradcam.heat_maps)."""
 
-    def __init__(self, loaded: LoadedModel, concurrency: int = 2, layer: str | None = None, top_k: int = 5):
+    def __init__(self, loaded: LoadedModel, concurrency: int = 2, layer: str | None = None, top_k: int = 5,
+                 model_work_wrapper: Callable[[Callable], Callable] | None = None):
         self.loaded, self.top_k = loaded, min(top_k, len(loaded.classes))
         self.preset = loaded.preset()
         self.layer = layer or cam_layer(self.preset.size)
@@ -63,20 +65,31 @@ class Classifier:
         repeated = {name for name, count in Counter(loaded.names).items() if count > 1}  # ImageNet has two "crane"s
         self.labels = [f"{name} ({cls})" if name in repeated else name
                        for name, cls in zip(loaded.names, loaded.classes)]
+        # A ZeroGPU Space wraps the model's work in @spaces.GPU, which runs it in a forked process lent a GPU for the
+        # call: so it takes and gives back arrays and tensors (they cross between the processes) and takes no lock.
+        self.run_model = self.model_outputs if model_work_wrapper is None else model_work_wrapper(self.model_outputs)
 
     def __call__(self, source: bytes | str | Path, explain: bool = False) -> tuple[list[dict], np.ndarray | None]:
         """The top-k (class, name, probability) and, with `explain`, the Grad-CAM overlay of the top class."""
         with self.slots:
             data = read_image_bytes(source)
-            images = self.loaded.normalize(torch.from_numpy(self.loaded.input_pixels(data)[None]))
-            with torch.no_grad():
-                probs = self.loaded.model(images).float().softmax(1).cpu()
+            probs, cam = self.run_model(self.loaded.input_pixels(data), explain)
             ranked = top_k_records(probs, self.loaded.classes, self.labels, self.top_k)[0]
             if not explain:
                 return ranked, None
-            cam = grad_cam(self.loaded.model, images, probs.argmax(1), self.layer)
             # The overlay only shows where the evidence lies: a larger picture of the same centre crop.
             return ranked, self._overlay(self.overlay_preset.from_pixels(safe_open_image(data, self.decode_side)), cam)
+
+    def model_outputs(self, pixels: np.ndarray, explain: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's work on one image's input pixels (HxWx3 uint8): the class probabilities (1, K) and, with
+        `explain`, the Grad-CAM map of the top class (1, h, w), both on the CPU."""
+        images = self.loaded.normalize(torch.from_numpy(pixels[None]))
+        if explain:  # one forward pass gives both the probabilities and the map
+            logits, cam = heat_maps(self.loaded.model, images, self.layer)
+        else:
+            with torch.no_grad():
+                logits = self.loaded.model(images)
+        return logits.float().softmax(1).cpu(), cam.cpu() if explain else None
 
     @staticmethod
     def _overlay(pixels: np.ndarray, cam: torch.Tensor) -> np.ndarray:
@@ -148,13 +161,14 @@ def model_card_markdown(loaded: LoadedModel) -> str:
 
 
 def build_app(loaded: LoadedModel, examples: list[Path] | None = None, concurrency: int = 2, max_queue: int = 32,
-              layer: str | None = None):
+              layer: str | None = None, model_work_wrapper: Callable[[Callable], Callable] | None = None):
     """The FastAPI app: the Gradio page at /, POST /api/classify, GET /api/health. Serve it with `run_server`.
-    Gradio's usage analytics stay off unless GRADIO_ANALYTICS_ENABLED says otherwise."""
+    Gradio's usage analytics stay off unless GRADIO_ANALYTICS_ENABLED says otherwise. `model_work_wrapper`: a
+    decorator for the model's work on each image (Classifier.model_outputs), as a Space's spaces.GPU(...)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read by Gradio as it is imported
     import gradio as gr  # optional: `serve` checks it is installed first
 
-    classifier = Classifier(loaded, concurrency, layer)
+    classifier = Classifier(loaded, concurrency, layer, model_work_wrapper=model_work_wrapper)
     page = _page(classifier, loaded, examples)
     page.queue(max_size=max_queue, default_concurrency_limit=concurrency)
     app = gr.mount_gradio_app(_json_api(classifier, loaded, concurrency, max_queue), page, path="/",

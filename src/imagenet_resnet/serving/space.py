@@ -3,6 +3,11 @@
 The folder holds a copy of this package's source, so its app.py serves the model with the very page and checks
 that `imagenet-resnet serve` uses, the weights as safetensors with their JSON sidecar, a few example images,
 requirements.txt and the README.md whose YAML header configures the Space. `python app.py` runs it locally.
+
+By default the Space is made for ZeroGPU, the hardware a free account may host a Gradio Space on (since July 2026
+the Hub refuses a free account's Gradio Space on CPU basic): the model's work runs under @spaces.GPU, with the
+PyTorch and Python ZeroGPU supports. `hardware="cpu"` makes it for a paid account's CPU Space, with PyTorch's
+CPU-only build.
 """
 
 from __future__ import annotations
@@ -22,12 +27,21 @@ from .images import MAX_UPLOAD_BYTES, safe_open_image
 from .serve import example_images, model_card_markdown
 
 # What app.py imports: the package's core dependencies less matplotlib (only for plots), plus safetensors and
-# Gradio (pinned to the version the Space's `sdk_version` names, so that local runs match the Space).
+# Gradio (pinned to the version the Space's `sdk_version` names, so that local runs match the Space) and spaces
+# (pinned to the version installed here, as Gradio is).
 SPACE_REQUIREMENTS = ["numpy>=1.24", "pillow>=10.0.1", "pyyaml>=6.0", "simplejpeg>=1.7", "tqdm>=4.60",
                       "safetensors>=0.4"]
 # PyPI's torch for Linux is the CUDA build (about 5.7 GB with its CUDA libraries); a Space on CPU hardware
 # wants PyTorch's CPU-only wheel (about 0.2 GB), which PyTorch serves from its own index.
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+
+# What ZeroGPU runs, as huggingface/hub-docs docs/hub/spaces-zerogpu.md lists it under "Supported Versions" (read
+# 2026-12-07): Gradio 4+, these PyTorch versions, Python 3.10.13. The one place to update when that list changes.
+ZERO_GPU_GRADIO_MAJOR = 4
+ZERO_GPU_TORCH = ("2.1.0", "2.1.1", "2.1.2", "2.2.0", "2.2.2", "2.4.0", "2.5.1", "2.6.0", "2.7.1", "2.8.0")
+ZERO_GPU_PYTHON = "3.10.13"
+# --hardware: the Space's hardware id (README's suggested_hardware; the Hub's names) for each choice
+SPACE_HARDWARE = {"zero-gpu": "zero-a10g", "cpu": "cpu-basic"}
 
 
 def cpu_torch_requirement() -> str:
@@ -46,17 +60,35 @@ classes, a Grad-CAM overlay and the model card. On a Hugging Face Space it runs 
     pip install -r requirements.txt && python app.py      # then open http://127.0.0.1:7860
 """
 
+import spaces  # first: on ZeroGPU it stands in for CUDA until a GPU is lent, so it must come before any CUDA use
+
 import os
 from pathlib import Path
 
 from imagenet_resnet.serving.inference import load_model  # the package's source, copied beside this file
 from imagenet_resnet.serving.serve import build_app, run_server
 
+# The most GPU time ZeroGPU lends one call, in seconds (its default is 60; a shorter one is queued sooner). One
+# image takes a small fraction of it: the forward pass and the Grad-CAM map, and at a worker's first call the move
+# of the weights to the GPU.
+GPU_SECONDS = 20
+
 HERE = Path(__file__).resolve().parent
 examples = sorted(path for path in (HERE / "examples").glob("*") if path.is_file())
-app = build_app(load_model(HERE / "model.safetensors"), examples)
+# auto: CUDA where there is a GPU, else the CPU. On ZeroGPU the weights go to "cuda" here, outside any @spaces.GPU
+# function, as its doc shows.
+loaded = load_model(HERE / "model.safetensors", "auto")
+# The model's work on each image runs under @spaces.GPU: on ZeroGPU in a process lent a GPU for the call; anywhere
+# else spaces.GPU hands the function back unchanged.
+app = build_app(loaded, examples, model_work_wrapper=spaces.GPU(duration=GPU_SECONDS))
 
 if __name__ == "__main__":
+    # ZeroGPU's start-up (it sets aside the weights put on "cuda" and tells the Space that @spaces.GPU functions
+    # exist) runs in the first gr.Blocks.launch, which spaces patches to do so. This app is mounted on FastAPI and
+    # served by uvicorn, which never calls launch: so it runs that step itself (spaces has it on ZeroGPU only).
+    zero_gpu_startup = getattr(spaces.zero, "startup", None)
+    if zero_gpu_startup is not None:
+        zero_gpu_startup()
     # A Space's proxy reaches the app on 0.0.0.0 (Spaces set GRADIO_SERVER_NAME); elsewhere it stays on this machine.
     host = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
     run_server(app, host, int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
@@ -67,13 +99,25 @@ GITATTRIBUTES = "".join(f"*.{ext} filter=lfs diff=lfs merge=lfs -text\n"
                         for ext in ("safetensors", "jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"))
 
 
-def write_space(loaded: LoadedModel, out: Path, examples: list[Path] | None = None) -> dict:
+def write_space(loaded: LoadedModel, out: Path, examples: list[Path] | None = None, hardware: str = "zero-gpu") -> dict:
     """Write the Space into `out` (created, or updated in place: a clone of the Space's repository keeps its
-    .git). `examples`: images to offer (default: one per class from the model's validation data, if here)."""
-    try:  # the version only: importing Gradio takes seconds
+    .git). `examples`: images to offer (default: one per class from the model's validation data, if here).
+    `hardware`: zero-gpu (a free account's Gradio Space) or cpu (CPU basic, for a paid account)."""
+    suggested_hardware = SPACE_HARDWARE[hardware]
+    try:  # the versions only: importing Gradio takes seconds
         gradio_version = importlib.metadata.version("gradio")
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError('a Space needs Gradio: pip install "imagenet-resnet[serve]"') from None
+        spaces_version = importlib.metadata.version("spaces")
+    except importlib.metadata.PackageNotFoundError as e:
+        raise UserError(f'a Space needs {e.name}: pip install "imagenet-resnet[serve]"') from None
+    if hardware == "zero-gpu":
+        if int(gradio_version.split(".")[0]) < ZERO_GPU_GRADIO_MAJOR:
+            raise UserError(f"ZeroGPU runs Gradio {ZERO_GPU_GRADIO_MAJOR} or later, and the Space would pin the Gradio "
+                            f'here, {gradio_version}: pip install -U "imagenet-resnet[serve]"')
+        # PyPI's torch for Linux: the CUDA build, which ZeroGPU needs, at the newest version ZeroGPU lists
+        torch_requirements, python_version = [f"torch=={ZERO_GPU_TORCH[-1]}"], ZERO_GPU_PYTHON
+    else:  # this machine's torch and Python, the CPU-only build
+        torch_requirements = [f"--extra-index-url {CPU_TORCH_INDEX}", cpu_torch_requirement()]
+        python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
     for image in examples or []:  # a Space whose example cannot be read would show an error on the first click
         try:
             safe_open_image(image)
@@ -97,15 +141,16 @@ def write_space(loaded: LoadedModel, out: Path, examples: list[Path] | None = No
         shipped = example_images(loaded, example_dir)
 
     (out / "app.py").write_text(APP_PY)
-    (out / "requirements.txt").write_text("\n".join([f"--extra-index-url {CPU_TORCH_INDEX}", cpu_torch_requirement(),
-                                                     *SPACE_REQUIREMENTS, f"gradio=={gradio_version}"]) + "\n")
+    (out / "requirements.txt").write_text("\n".join([*torch_requirements, *SPACE_REQUIREMENTS,
+                                                     f"gradio=={gradio_version}", f"spaces=={spaces_version}"]) + "\n")
     if not (out / ".gitattributes").exists():  # a clone of the Space keeps the Hub's own, which covers more
         (out / ".gitattributes").write_text(GITATTRIBUTES)
-    (out / "README.md").write_text(_readme(loaded, gradio_version))
-    return {"space": str(out), "weights": written["weights"], "sidecar": written["sidecar"],
-            "parity": written["parity"],
+    (out / "README.md").write_text(_readme(loaded, gradio_version, python_version, suggested_hardware))
+    return {"space": str(out), "hardware": suggested_hardware, "weights": written["weights"],
+            "sidecar": written["sidecar"], "parity": written["parity"],
             "examples": [str(path) for path in shipped],
-            "next": f"run it here: cd {out} && python app.py; push it: hf upload USER/SPACE {out} --repo-type space"}
+            "next": f"run it here: cd {out} && python app.py; push it: hf repos create USER/SPACE --repo-type space "
+                    f"--space-sdk gradio --flavor {suggested_hardware} && hf upload USER/SPACE {out} --repo-type space"}
 
 
 def _copy_package(target: Path) -> None:
@@ -118,28 +163,35 @@ def _copy_package(target: Path) -> None:
                 shutil.copyfile(file, target / relative)
 
 
-def _readme(loaded: LoadedModel, gradio_version: str) -> str:
+# The README's line on the hardware the Space is made for, and on the other choice
+HARDWARE_NOTES = {
+    "zero-a10g": "Hardware: ZeroGPU (`zero-a10g`; the model's work on each image runs under `@spaces.GPU`), which a "
+                 "free account may host: pick it in the Space's settings, or create the Space with `hf repos create "
+                 "USER/SPACE --repo-type space --space-sdk gradio --flavor zero-a10g`. For a paid account's CPU Space, "
+                 "export with `--hardware cpu`.",
+    "cpu-basic": "Hardware: CPU basic, which takes a paid (PRO) account for a Gradio Space; a free account's runs on "
+                 "ZeroGPU: export without `--hardware cpu` for that.",
+}
+
+
+def front_matter(title: str, summary: str, settings: list[str]) -> str:
+    """The YAML header of a Space's README.md: its title, `settings` (the SDK's lines), and `summary` as its short
+    description (the Hub allows 60 characters). JSON strings are YAML strings: quoted, whatever they hold."""
+    return "\n".join(["---", f"title: {json.dumps(title)}", "emoji: 🔎", "colorFrom: blue", "colorTo: indigo",
+                      *settings, "pinned: false", "license: mit", f"short_description: {json.dumps(summary[:60])}",
+                      "---"])
+
+
+def _readme(loaded: LoadedModel, gradio_version: str, python_version: str, suggested_hardware: str) -> str:
     card = loaded.card
     terms = f" {IMAGENET_TERMS}" if card.get("data_source") == IMAGENET else ""
     title = f"{card['architecture']} classifier"
     val = f" on {card['val_images']:,} val images" if card.get("val_images") else ""
     top1 = f", {card['val_top1']:.1%} top-1{val}" if card.get("val_top1") is not None else ""
     summary = f"{card['num_classes']}-class classifier{top1}"  # at most 55 characters, under the Hub's 60
-    header = "\n".join([  # JSON strings are YAML strings: quoted, whatever characters they hold
-        "---",
-        f"title: {json.dumps(title)}",
-        "emoji: 🔎",
-        "colorFrom: blue",
-        "colorTo: indigo",
-        "sdk: gradio",
-        f"sdk_version: {gradio_version}",
-        f'python_version: "{sys.version_info.major}.{sys.version_info.minor}"',
-        "app_file: app.py",
-        "pinned: false",
-        "license: mit",
-        f"short_description: {json.dumps(summary[:60])}",  # the Hub allows 60 characters
-        "---",
-    ])
+    header = front_matter(title, summary, ["sdk: gradio", f"sdk_version: {gradio_version}",
+                                           f'python_version: "{python_version}"', "app_file: app.py",
+                                           f"suggested_hardware: {suggested_hardware}"])
     return f"""{header}
 
 # {title}
@@ -161,6 +213,7 @@ Trained with imagenet-resnet; `imagenet_resnet/` is a copy of its source (MIT li
 | `examples/` | example images offered on the page |
 
 Run it locally: `pip install -r requirements.txt && python app.py`.
+{HARDWARE_NOTES[suggested_hardware]}
 Push it to a Space: `hf upload USER/SPACE . --repo-type space` from this folder (huggingface_hub's command line),
 or copy these files into a clone of the Space's repository and `git push` (`.gitattributes` sends the weights
 and images through Git LFS, as the Hub requires).
