@@ -170,7 +170,8 @@ def main() -> None:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
         started = time.time()
         record = {"command": " ".join(["python", "benchmarks/static_space.py", *sys.argv[1:]]),
-                  "environment": environment(), "cpu_count": os.cpu_count(), "chromium": browser.version, "onnxruntime_web": runtime_version(),
+                  "environment": environment(), "cpu_count": os.cpu_count(), "chromium": browser.version,
+                  "onnxruntime_web": runtime_version(),
                   "resnet50_imagenet": weight_and_time(browser, Path(tmp), photos[0], photos[1], args.repeats)}
         if args.checkpoint:
             record["agreement"] = agreement(browser, Path(tmp), args.checkpoint, photos)

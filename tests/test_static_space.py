@@ -88,7 +88,7 @@ def odd_images(photo: Path, folder: Path) -> list[Path]:
     made = {"rotated.jpg": lambda p: image.save(p, quality=92, exif=exif),
             "transparent.png": lambda p: _with_hole(image).save(p),
             "grey.png": lambda p: image.convert("L").save(p),
-            "sixteen_bit.png": lambda p: Image.fromarray(np.asarray(image.convert("L")).astype(np.uint16) * 257).save(p),
+            "sixteen_bit.png": lambda p: Image.fromarray(np.asarray(image.convert("L"), np.uint16) * 257).save(p),
             "palette.gif": lambda p: image.convert("P", palette=Image.Palette.ADAPTIVE).save(p)}
     for name, save in made.items():
         save(folder / name)
@@ -271,7 +271,8 @@ def test_the_page_says_what_is_wrong_with_a_file_or_the_browser(host, browser, t
     assert message_for(page, tmp_path / "empty.png") == "empty.png is empty (0 bytes): not an image."
     with open(tmp_path / "huge.jpg", "wb") as f:
         f.truncate(21 * 2**20)
-    assert message_for(page, tmp_path / "huge.jpg") == "huge.jpg is 21.0 MiB, over the 20 MiB limit: use a smaller image."
+    assert message_for(page, tmp_path / "huge.jpg") == (
+        "huge.jpg is 21.0 MiB, over the 20 MiB limit: use a smaller image.")
     Image.new("RGB", (8000, 5001), (90, 140, 200)).save(tmp_path / "poster.png")  # 40.008 megapixels, 0.1 MB
     assert message_for(page, tmp_path / "poster.png") == (
         "poster.png has 40.0 megapixels, over the 40 megapixel limit: use a smaller image.")

@@ -135,7 +135,8 @@ def write_onnx(model: torch.nn.Module, size: int, out: Path, opset: int = ONNX_O
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            torch.onnx.export(model, (example,), out, input_names=[ONNX_INPUT], output_names=output_names or [ONNX_OUTPUT],
+            torch.onnx.export(model, (example,), out, input_names=[ONNX_INPUT],
+                              output_names=output_names or [ONNX_OUTPUT],
                               opset_version=opset, dynamo=True, external_data=False, verbose=False,
                               dynamic_shapes=({0: torch.export.Dim("batch")},))
     finally:
