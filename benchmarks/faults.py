@@ -180,8 +180,9 @@ def _stacks(pids: list[int]) -> str:
     """Where each of these processes is stuck, by py-spy where it is installed (a hang's report says where)."""
     if shutil.which("py-spy") is None:
         return ""
-    dumps = [subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60).stdout
-             for pid in pids]
+    # --native: a process stuck in C (a forked loader worker inside os.fork, seen once) shows where in it
+    dumps = [subprocess.run(["py-spy", "dump", "--native", "--pid", str(pid)], capture_output=True, text=True,
+                            timeout=60).stdout for pid in pids]
     return "\nstacks (py-spy dump):\n" + "\n".join(dumps)
 
 
