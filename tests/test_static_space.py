@@ -279,6 +279,9 @@ def test_the_page_says_what_is_wrong_with_a_file_or_the_browser(host, browser, t
     page.goto(f"{host}/?image=examples/no-such-file.jpg")
     page.wait_for_function("document.body.dataset.state === 'error'", timeout=120_000)
     assert page.locator("#status").inner_text().endswith("no-such-file.jpg: the server answered HTTP 404.")
+    page.goto(f"{host}/?image=javascript:alert(1)")  # a shared link may hold anything
+    page.wait_for_function("document.body.dataset.state === 'error'", timeout=120_000)
+    assert page.locator("#status").inner_text() == "javascript: links cannot be read: give an http(s) address."
 
     without = open_page(browser, host, requests, init_script="delete globalThis.WebAssembly")
     without.wait_for_function("document.body.dataset.state === 'error'", timeout=60_000)
