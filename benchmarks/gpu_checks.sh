@@ -5,7 +5,8 @@
 #    by SIGTERM and resumed, each bitwise equal to an uninterrupted run (EMA, Mixup/CutMix, clipping, mid-epoch
 #    checkpoints on); a bf16 run resumed in fp16 with the fused SGD and AdamW (the scaler afresh, the optimizer's
 #    build flags this machine's); 20 steps of the loop's step with EMA and Mixup under
-#    torch.cuda.set_sync_debug_mode("error"); bf16 and fp16 steps; torch.compile at two resolutions. Then the
+#    torch.cuda.set_sync_debug_mode("error"); bf16 and fp16 steps; torch.compile at two resolutions; the class
+#    heat map computed as CAM (no backward pass, as serve and the ZeroGPU Space do) equal to Grad-CAM on the GPU. Then the
 #    CPU-side tests that use torchvision where it imports (the device image has it).
 # 2. bench train: the loop's step alone and with EMA + Mixup + CutMix, ResNet-50 at 224 px, eager: the cost of
 #    the per-step extras, which used to sync the host every step.

@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,13 +34,13 @@ from imagenet_resnet.data.presets import EvalPreset
 from imagenet_resnet.models import build_model_from_config
 from imagenet_resnet.runtime import DeviceNormalize
 from imagenet_resnet.serving.inference import LoadedModel, load_model, model_card
-from imagenet_resnet.serving.static_space import _page_loads, runtime_version, write_static_space
+from imagenet_resnet.serving.static_space import first_visit_files, runtime_version, write_static_space
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import CHROMIUM, CHROMIUM_FLAGS, hosted, page_answer  # noqa: E402 (the tests' loopback host)
 
 HERE = Path(__file__).resolve().parent
-HOST = HERE.parent / "tests" / "static_host.py"
 SAMPLES = HERE.parents[1] / "shared" / "data" / "imagenet-samples-200"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -58,36 +55,6 @@ def imagenet_resnet50() -> LoadedModel:
                        DeviceNormalize(torch.device("cpu"), cfg.model.channels_last), card)
 
 
-class Host:
-    """tests/static_host.py serving `folder` on a free loopback port, in a process group of its own."""
-
-    def __init__(self, folder: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.process = subprocess.Popen([sys.executable, str(HOST), str(folder), str(port)], stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-        self.process.stdout.readline()
-        self.url = f"http://127.0.0.1:{port}"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        os.killpg(self.process.pid, signal.SIGTERM)
-        self.process.wait(timeout=20)
-
-
-def wait_answer(page, name: str) -> dict:
-    page.wait_for_function("([name]) => document.body.dataset.state === 'error' || (document.body.dataset.state === "
-                           "'answered' && document.getElementById('status').textContent.startsWith(name + ':'))",
-                           arg=[name], timeout=600_000)
-    status = page.locator("#status").inner_text()
-    if page.evaluate("document.body.dataset.state") != "answered":
-        raise RuntimeError(status)
-    return {"answer": page.evaluate("lastAnswer()"), "status": status}
-
-
 def model_ms(status: str) -> float:
     return float(status.split("(the model ")[1].split(" ms")[0])
 
@@ -99,21 +66,21 @@ def weight_and_time(browser, work: Path, photo: Path, second: Path, repeats: int
         summary = write_static_space(loaded, site, precision, [photo, second])
         meta = json.loads((site / "model.json").read_text())
         first, model = [], []
-        with Host(site) as host:
+        with hosted(site) as url:
             for _ in range(repeats):
                 context = browser.new_context()  # a first visit: nothing cached
                 page = context.new_page()
                 example = meta["examples"][0]
-                page.goto(f"{host.url}/?image=examples/{example}")
-                wait_answer(page, example)
+                page.goto(f"{url}/?image=examples/{example}")
+                page_answer(page, example, 600_000)
                 first.append(float(page.evaluate("document.body.dataset.firstAnswerMs")))
                 page.locator("#examples button").nth(1).click()
-                model.append(model_ms(wait_answer(page, meta["examples"][1])["status"]))
+                model.append(model_ms(page_answer(page, meta["examples"][1], 600_000)[1]))
                 context.close()
         rows[precision] = {
             "model_onnx_bytes": summary["model_bytes"],
-            "page_bytes": sum(f.stat().st_size for f in _page_loads(site, meta)),
-            "page_files": {str(f.relative_to(site)): f.stat().st_size for f in _page_loads(site, meta)},
+            "page_bytes": sum(f.stat().st_size for f in first_visit_files(site, meta)),
+            "page_files": {str(f.relative_to(site)): f.stat().st_size for f in first_visit_files(site, meta)},
             "first_answer_ms": {"median": statistics.median(first), "runs": first},
             "model_ms_second_image": {"median": statistics.median(model), "runs": model},
             "parity_with_pytorch": summary["parity"],
@@ -134,13 +101,13 @@ def agreement(browser, work: Path, checkpoint: Path, photos: list[Path]) -> dict
         site = work / f"trained-{precision}"
         summary = write_static_space(loaded, site, precision, photos[:4])
         same, diffs = {"as_stored": [], "scaled": []}, {"as_stored": [], "scaled": []}
-        with Host(site) as host:
+        with hosted(site) as url:
             page = browser.new_page()
-            page.goto(host.url)
+            page.goto(url)
             page.wait_for_function("document.body.dataset.state === 'ready'", timeout=600_000)
             for photo in photos:
                 page.set_input_files("#file", str(photo))
-                got = np.array(wait_answer(page, photo.name)["answer"]["probabilities"])
+                got = np.array(page_answer(page, photo.name, 600_000)[0]["probabilities"])
                 kind = "scaled" if photo in scaled else "as_stored"
                 same[kind].append(bool(got.argmax() == predicted[photo].argmax()))
                 diffs[kind].append(float(np.abs(got - predicted[photo]).max()))
@@ -167,7 +134,7 @@ def main() -> None:
 
     photos = sorted(p for folder in args.photos for p in folder.iterdir() if p.is_file())
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         started = time.time()
         record = {"command": " ".join(["python", "benchmarks/static_space.py", *sys.argv[1:]]),
                   "environment": environment(), "cpu_count": os.cpu_count(), "chromium": browser.version,

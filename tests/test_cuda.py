@@ -157,3 +157,17 @@ def test_compiled_training_at_two_resolutions(tiny_data, tmp_path):
     assert all(r["val_top1"] is not None for r in records)
     assert not any(k.startswith("_orig_mod.") for k in checkpoint.load(out / "last.pt")["model"])
 
+
+
+def test_the_heat_map_without_a_backward_pass_is_grad_cams_on_the_device():
+    """Issue 36: serve, the Gradio Space (whose weights sit on cuda on ZeroGPU) and explain compute the map as CAM
+    from one forward pass on the model's device: it must equal Grad-CAM there too (cudnn's and cuBLAS's kernels,
+    the einsum on the device), and come back on that device."""
+    from imagenet_resnet.serving.gradcam import grad_cam, heat_maps
+
+    torch.manual_seed(0)
+    model = build_model("resnet50", num_classes=10, width=16).to(DEVICE).eval()
+    images = torch.randn(3, 3, 224, 224, device=DEVICE)
+    logits, cam = heat_maps(model, images, "layer4")
+    assert cam.device.type == DEVICE.type and cam.shape == (3, 224, 224) and not cam.requires_grad
+    torch.testing.assert_close(cam, grad_cam(model, images, logits.argmax(1), "layer4"), atol=1e-3, rtol=1e-3)

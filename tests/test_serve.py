@@ -9,7 +9,6 @@ import json
 import os
 import re
 import runpy
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -22,15 +21,12 @@ import yaml
 from PIL import Image
 
 from conftest import run_cli, train_tiny
-from helpers import free_port, png_header, start_server, stop
+from helpers import CHROMIUM, CHROMIUM_FLAGS, free_port, png_header, start_server, stop
 from imagenet_resnet.serving import export as onnx_export
 from imagenet_resnet.serving.inference import load_model
 from imagenet_resnet.serving.serve import MAX_UPLOAD_BYTES, Classifier, ImageRejected, example_images, safe_open_image
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 needs_gradio = pytest.mark.skipif(importlib.util.find_spec("gradio") is None,
                                   reason='needs Gradio: pip install "imagenet-resnet[serve]"')
 

@@ -3,16 +3,10 @@ Web. The page is served from loopback as Hugging Face serves it (tests/static_ho
 Chromium through Playwright: its answers are compared with `predict`'s on real photos, its heat maps with the
 class activation maps PyTorch computes, and every request it makes is checked to stay on loopback."""
 
-import contextlib
 import hashlib
 import importlib.util
 import json
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,7 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import train_tiny
-from helpers import free_port
+from helpers import CHROMIUM, CHROMIUM_FLAGS, hosted, page_answer
 from imagenet_resnet.data.presets import EvalPreset
 from imagenet_resnet.errors import UserError
 from imagenet_resnet.serving import static_space
@@ -34,9 +28,6 @@ pytestmark = pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("o
 HERE = Path(__file__).resolve().parent
 PAGE = HERE.parent / "src" / "imagenet_resnet" / "serving" / "browser_demo"
 SAMPLES = HERE.parents[1] / "shared" / "data" / "imagenet-samples-200"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 needs_chromium = pytest.mark.skipif(importlib.util.find_spec("playwright") is None or not Path(CHROMIUM).exists(),
                                     reason="needs playwright (pip) and Chromium (apt-get install chromium)")
 # `predict` decodes a JPEG whose centre crop is at least twice the input size at a reduced DCT scale (libjpeg's),
@@ -104,18 +95,6 @@ def _with_hole(image: Image.Image) -> Image.Image:
     return rgba
 
 
-@contextlib.contextmanager
-def hosted(folder: Path):
-    """`folder` on a loopback port, with the headers the Space's README asks for; the whole group ended after."""
-    process = subprocess.Popen([sys.executable, str(HERE / "static_host.py"), str(folder), str(free_port())],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    try:
-        yield "http://" + process.stdout.readline().split("http://")[1].strip()
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-
-
 @pytest.fixture(scope="module")
 def host(site):
     with hosted(site) as url:
@@ -144,11 +123,7 @@ def open_page(browser, url: str, requests: list[str], init_script: str | None = 
 
 
 def answer_for(page, name: str) -> dict:
-    page.wait_for_function("([name]) => document.body.dataset.state === 'error' || (document.body.dataset.state === "
-                           "'answered' && document.getElementById('status').textContent.startsWith(name + ':'))",
-                           arg=[name], timeout=120_000)
-    assert page.evaluate("document.body.dataset.state") == "answered", page.locator("#status").inner_text()
-    return page.evaluate("lastAnswer()")
+    return page_answer(page, name)[0]
 
 
 def message_for(page, path: Path) -> str:

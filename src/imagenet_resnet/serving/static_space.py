@@ -102,7 +102,7 @@ def write_static_space(loaded: LoadedModel, out: str | Path, precision: str = "f
         _move_into(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    weight = sum(f.stat().st_size for f in _page_loads(out, meta))
+    weight = sum(f.stat().st_size for f in first_visit_files(out, meta))
     return {"space": str(out), "precision": precision, "model_bytes": meta["model"]["bytes"], "page_bytes": weight,
             "parity": parity, "examples": [str(out / "examples" / name) for name in meta["examples"]],
             "next": f"try it here: python -m http.server --directory {out} --bind 127.0.0.1 8000, then open "
@@ -196,7 +196,7 @@ def _copy_page(target: Path) -> None:
         (target / RUNTIME_DIR / name).write_bytes((page / RUNTIME_DIR / name).read_bytes())
 
 
-def _page_loads(folder: Path, meta: dict) -> list[Path]:
+def first_visit_files(folder: Path, meta: dict) -> list[Path]:
     """The files a visitor's browser downloads before the first answer (the examples load only when clicked)."""
     runtime = [folder / RUNTIME_DIR / name for name in RUNTIME_FILES[:2]]
     return [folder / name for name in PAGE_FILES] + runtime + [folder / "model.json", folder / meta["model"]["file"]]
